@@ -1,0 +1,56 @@
+//! An optional additive bias on the scores (ALiBi, relative positions, a soft mask),
+//! broadcast like a dense mask over `[B or 1, H or 1, L_q or 1, L_k or 1]`.
+
+use crate::error::{AttnError, Result};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Bias<'a> {
+    data: &'a [f32],
+    dims: [usize; 4],
+}
+
+impl<'a> Bias<'a> {
+    pub fn new(data: &'a [f32], dims: [usize; 4]) -> Result<Self> {
+        let n: usize = dims.iter().product();
+        if data.len() != n {
+            return Err(AttnError::ShapeMismatch {
+                what: format!(
+                    "bias holds {} values, its dims {dims:?} need {n}",
+                    data.len()
+                ),
+            });
+        }
+        Ok(Bias { data, dims })
+    }
+
+    pub fn dims(&self) -> [usize; 4] {
+        self.dims
+    }
+
+    /// Checks that the bias broadcasts to `[batch, heads, lq, lk]`.
+    pub(crate) fn check(&self, want: [usize; 4]) -> Result<()> {
+        for (&got, &n) in self.dims.iter().zip(want.iter()) {
+            if got != 1 && got != n {
+                return Err(AttnError::ShapeMismatch {
+                    what: format!("bias dims {:?} do not broadcast to {want:?}", self.dims),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The bias row of `(b, h, i)`: `L_k` values, or one value when broadcast over keys.
+    #[inline]
+    pub(crate) fn row(&self, b: usize, h: usize, i: usize) -> &'a [f32] {
+        let [db, dh, dq, dk] = self.dims;
+        let pick = |x: usize, n: usize| if n == 1 { 0 } else { x };
+        let start = ((pick(b, db) * dh + pick(h, dh)) * dq + pick(i, dq)) * dk;
+        &self.data[start..start + dk]
+    }
+
+    #[inline]
+    pub(crate) fn get(&self, b: usize, h: usize, i: usize, j: usize) -> f32 {
+        let row = self.row(b, h, i);
+        row[if row.len() == 1 { 0 } else { j }]
+    }
+}

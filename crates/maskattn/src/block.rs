@@ -1,0 +1,283 @@
+//! Block masks: a mask compiled once per shape into one class per (query tile, key tile),
+//! plus a bitmap for each `Partial` tile. This is what lets a mask that hides most pairs
+//! save most of the work: kernels skip `Empty` tiles outright and never test `Full` ones.
+
+use rayon::prelude::*;
+
+use crate::classify::{Classifier, Grid, TileClass};
+use crate::error::{AttnError, Result};
+use crate::mask::{Mask, MaskShape};
+
+/// Default tile sizes (rows of queries × columns of keys).
+pub const DEFAULT_TILE_Q: usize = 64;
+pub const DEFAULT_TILE_K: usize = 64;
+
+/// One tile as a kernel sees it.
+#[derive(Clone, Copy, Debug)]
+pub enum Tile<'a> {
+    Empty,
+    Full,
+    /// `tile_q` rows of `words` `u64`s: bit `c % 64` of word `c / 64` of row `r` says whether
+    /// the pair (tile row `r`, tile column `c`) is allowed.
+    Partial(&'a [u64]),
+}
+
+/// Counts that say how much a block mask saves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    /// Tiles over all batch rows and heads.
+    pub tiles: u64,
+    pub empty: u64,
+    pub full: u64,
+    pub partial: u64,
+    /// Allowed (query, key) pairs over all batch rows and heads.
+    pub allowed_pairs: u64,
+    /// `B · H · L_q · L_k`.
+    pub total_pairs: u64,
+}
+
+impl BlockStats {
+    /// Fraction of tiles the kernels skip.
+    pub fn skipped_tile_fraction(&self) -> f64 {
+        self.empty as f64 / self.tiles.max(1) as f64
+    }
+
+    /// Fraction of (query, key) pairs the mask hides.
+    pub fn hidden_pair_fraction(&self) -> f64 {
+        1.0 - self.allowed_pairs as f64 / self.total_pairs.max(1) as f64
+    }
+}
+
+/// A mask compiled for one shape and one tile size.
+#[derive(Clone, Debug)]
+pub struct BlockMask {
+    shape: MaskShape,
+    tile_q: usize,
+    tile_k: usize,
+    nq: usize,
+    nk: usize,
+    /// 1 when the mask is the same for every batch row (or head), else B (or H).
+    rows_b: usize,
+    rows_h: usize,
+    /// `[rows_b, rows_h, nq, nk]`: `EMPTY`, `FULL`, or the index of the tile's bitmap.
+    tiles: Vec<u32>,
+    words: usize,
+    bits: Vec<u64>,
+    stats: BlockStats,
+}
+
+const EMPTY: u32 = u32::MAX;
+const FULL: u32 = u32::MAX - 1;
+
+/// What one tile compiles to: its class, and its bitmap and allowed count when partial.
+struct Compiled {
+    class: TileClass,
+    bits: Vec<u64>,
+    allowed: u64,
+}
+
+impl BlockMask {
+    /// Compiles `mask` for `shape` with the default tile sizes.
+    pub fn new(mask: &Mask, shape: MaskShape) -> Result<Self> {
+        Self::with_tiles(mask, shape, DEFAULT_TILE_Q, DEFAULT_TILE_K)
+    }
+
+    pub fn with_tiles(mask: &Mask, shape: MaskShape, tile_q: usize, tile_k: usize) -> Result<Self> {
+        if tile_q == 0 || tile_k == 0 {
+            return Err(AttnError::BadTiles { tile_q, tile_k });
+        }
+        mask.validate(&shape)?;
+        let grid = Grid {
+            shape,
+            tile_q,
+            tile_k,
+            nq: shape.lq.div_ceil(tile_q),
+            nk: shape.lk.div_ceil(tile_k),
+        };
+        let rows_b = if mask.varies_with_batch() {
+            shape.batch
+        } else {
+            1
+        };
+        let rows_h = if mask.varies_with_head() {
+            shape.heads
+        } else {
+            1
+        };
+        let words = tile_k.div_ceil(64);
+        let classifier = Classifier::build(mask, &grid);
+
+        // One task per (batch row, head, query tile); each returns its row of tiles.
+        let rows: Vec<Vec<Compiled>> = (0..rows_b * rows_h * grid.nq)
+            .into_par_iter()
+            .map(|task| {
+                let (bh, qt) = (task / grid.nq, task % grid.nq);
+                let (b, h) = (bh / rows_h, bh % rows_h);
+                (0..grid.nk)
+                    .map(|kt| compile_tile(mask, &classifier, &grid, words, b, h, qt, kt))
+                    .collect()
+            })
+            .collect();
+
+        let repeat = ((shape.batch / rows_b) * (shape.heads / rows_h)) as u64;
+        let mut stats = BlockStats {
+            total_pairs: (shape.batch * shape.heads * shape.lq * shape.lk) as u64,
+            ..Default::default()
+        };
+        let mut tiles = Vec::with_capacity(rows.len() * grid.nk);
+        let mut bits = Vec::new();
+        for c in rows.into_iter().flatten() {
+            stats.tiles += repeat;
+            stats.allowed_pairs += repeat * c.allowed;
+            tiles.push(match c.class {
+                TileClass::Empty => {
+                    stats.empty += repeat;
+                    EMPTY
+                }
+                TileClass::Full => {
+                    stats.full += repeat;
+                    FULL
+                }
+                TileClass::Partial => {
+                    stats.partial += repeat;
+                    let index = bits.len() / (tile_q * words);
+                    bits.extend_from_slice(&c.bits);
+                    u32::try_from(index)
+                        .ok()
+                        .filter(|&x| x < FULL)
+                        .ok_or_else(|| AttnError::Mask("too many partial tiles".into()))?
+                }
+            });
+        }
+        Ok(BlockMask {
+            shape,
+            tile_q,
+            tile_k,
+            nq: grid.nq,
+            nk: grid.nk,
+            rows_b,
+            rows_h,
+            tiles,
+            words,
+            bits,
+            stats,
+        })
+    }
+
+    pub fn shape(&self) -> MaskShape {
+        self.shape
+    }
+
+    pub fn tile_q(&self) -> usize {
+        self.tile_q
+    }
+
+    pub fn tile_k(&self) -> usize {
+        self.tile_k
+    }
+
+    /// Number of query tiles and key tiles.
+    pub fn grid(&self) -> (usize, usize) {
+        (self.nq, self.nk)
+    }
+
+    /// `u64` words per bitmap row of a partial tile.
+    pub fn words(&self) -> usize {
+        self.words
+    }
+
+    pub fn stats(&self) -> BlockStats {
+        self.stats
+    }
+
+    #[inline]
+    fn index(&self, b: usize, h: usize, qt: usize, kt: usize) -> u32 {
+        let b = if self.rows_b == 1 { 0 } else { b };
+        let h = if self.rows_h == 1 { 0 } else { h };
+        self.tiles[((b * self.rows_h + h) * self.nq + qt) * self.nk + kt]
+    }
+
+    #[inline]
+    pub fn tile(&self, b: usize, h: usize, qt: usize, kt: usize) -> Tile<'_> {
+        match self.index(b, h, qt, kt) {
+            EMPTY => Tile::Empty,
+            FULL => Tile::Full,
+            p => {
+                let n = self.tile_q * self.words;
+                let start = p as usize * n;
+                Tile::Partial(&self.bits[start..start + n])
+            }
+        }
+    }
+
+    pub fn class(&self, b: usize, h: usize, qt: usize, kt: usize) -> TileClass {
+        match self.tile(b, h, qt, kt) {
+            Tile::Empty => TileClass::Empty,
+            Tile::Full => TileClass::Full,
+            Tile::Partial(_) => TileClass::Partial,
+        }
+    }
+
+    /// Checks that this block mask was compiled for `shape`.
+    pub(crate) fn check_shape(&self, shape: MaskShape) -> Result<()> {
+        if self.shape != shape {
+            return Err(AttnError::BlockMaskShape {
+                compiled: format!("{:?}", self.shape),
+                call: format!("{shape:?}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compile_tile(
+    mask: &Mask,
+    classifier: &Classifier,
+    g: &Grid,
+    words: usize,
+    b: usize,
+    h: usize,
+    qt: usize,
+    kt: usize,
+) -> Compiled {
+    let r = g.rect(qt, kt);
+    let area = ((r.i1 - r.i0) * (r.j1 - r.j0)) as u64;
+    let class = classifier.class(g, b, h, qt, kt);
+    if class != TileClass::Partial {
+        let allowed = if class == TileClass::Full { area } else { 0 };
+        return Compiled {
+            class,
+            bits: Vec::new(),
+            allowed,
+        };
+    }
+    let mut bits = vec![0u64; g.tile_q * words];
+    let mut allowed = 0u64;
+    for i in r.i0..r.i1 {
+        let row = &mut bits[(i - r.i0) * words..(i - r.i0 + 1) * words];
+        for j in r.j0..r.j1 {
+            if mask.allowed(&g.shape, b, h, i, j) {
+                let c = j - r.j0;
+                row[c / 64] |= 1 << (c % 64);
+                allowed += 1;
+            }
+        }
+    }
+    // Composite masks can be classified Partial when they are not; the scan settles it.
+    let class = if allowed == 0 {
+        TileClass::Empty
+    } else if allowed == area {
+        TileClass::Full
+    } else {
+        TileClass::Partial
+    };
+    if class != TileClass::Partial {
+        bits = Vec::new();
+    }
+    Compiled {
+        class,
+        bits,
+        allowed,
+    }
+}

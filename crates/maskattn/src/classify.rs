@@ -1,0 +1,362 @@
+//! Per-tile classification of a mask: is every pair of a (query tile, key tile) rectangle
+//! allowed, none, or some? Structured masks answer from a few numbers per tile (no
+//! `L_q × L_k` pass); dense and function masks answer by scanning.
+//!
+//! The answer for structured masks is exact. For `&`, `|` and `!` it can say `Partial`
+//! where the truth is `Empty` or `Full`; the block mask fixes that when it builds the tile's
+//! bitmap, so the compiled classes are exact for every mask.
+
+use crate::mask::{window_band, CausalAlign, Mask, MaskShape};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TileClass {
+    /// No pair is allowed: the kernels skip the tile (no loads, no FLOPs).
+    Empty,
+    /// Every pair is allowed: the kernels never test the mask.
+    Full,
+    /// Some pairs: the kernels test each element against the tile's bitmap.
+    Partial,
+}
+
+use TileClass::*;
+
+/// The rectangle `[i0, i1) × [j0, j1)` of one tile.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Rect {
+    pub i0: usize,
+    pub i1: usize,
+    pub j0: usize,
+    pub j1: usize,
+}
+
+/// A mask prepared for classification: per-tile summaries computed once.
+pub(crate) enum Classifier<'m> {
+    Const(TileClass),
+    /// `lo ≤ j − i ≤ hi` (causal and sliding windows).
+    Band {
+        lo: i64,
+        hi: i64,
+    },
+    KeyLengths(&'m [usize]),
+    QueryLengths(&'m [usize]),
+    /// Allowed keys per (row, key tile).
+    KeyKeep {
+        counts: Vec<usize>,
+        nk: usize,
+    },
+    /// Sorted distinct ids per (row, query tile) and per (row, key tile).
+    Documents {
+        q_sets: Vec<Vec<i64>>,
+        k_sets: Vec<Vec<i64>>,
+        rows: usize,
+        nq: usize,
+        nk: usize,
+    },
+    Prefix {
+        p: &'m [usize],
+        offset: i64,
+    },
+    /// Classes per (dense batch row, dense head, query tile, key tile), from one scan.
+    Dense {
+        classes: Vec<TileClass>,
+        dims: [usize; 2],
+    },
+    Scan(&'m Mask),
+    PerHead(Vec<Classifier<'m>>),
+    And(Box<Classifier<'m>>, Box<Classifier<'m>>),
+    Or(Box<Classifier<'m>>, Box<Classifier<'m>>),
+    Not(Box<Classifier<'m>>),
+}
+
+pub(crate) struct Grid {
+    pub shape: MaskShape,
+    pub tile_q: usize,
+    pub tile_k: usize,
+    pub nq: usize,
+    pub nk: usize,
+}
+
+impl Grid {
+    pub fn rect(&self, qt: usize, kt: usize) -> Rect {
+        let i0 = qt * self.tile_q;
+        let j0 = kt * self.tile_k;
+        Rect {
+            i0,
+            i1: (i0 + self.tile_q).min(self.shape.lq),
+            j0,
+            j1: (j0 + self.tile_k).min(self.shape.lk),
+        }
+    }
+}
+
+fn from_bool(all: bool, none: bool) -> TileClass {
+    if none {
+        Empty
+    } else if all {
+        Full
+    } else {
+        Partial
+    }
+}
+
+/// Exact class of `lo ≤ j − i ≤ hi` over a rectangle: `j − i` takes every value between its
+/// extremes on a rectangle, so comparing the extremes with the band is enough.
+fn band_class(r: Rect, lo: i64, hi: i64) -> TileClass {
+    let dmin = r.j0 as i64 - (r.i1 as i64 - 1);
+    let dmax = r.j1 as i64 - 1 - r.i0 as i64;
+    from_bool(lo <= dmin && dmax <= hi, dmax < lo || dmin > hi)
+}
+
+/// Class of "index < len" over the index range `[x0, x1)`.
+fn prefix_class(x0: usize, x1: usize, len: usize) -> TileClass {
+    from_bool(x1 <= len, x0 >= len)
+}
+
+fn pick(v: &[usize], b: usize) -> usize {
+    v[if v.len() == 1 { 0 } else { b }]
+}
+
+fn sorted_ids(ids: &[i64]) -> Vec<i64> {
+    let mut v = ids.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+fn sorted_intersect(a: &[i64], b: &[i64]) -> bool {
+    let (mut x, mut y) = (0, 0);
+    while x < a.len() && y < b.len() {
+        match a[x].cmp(&b[y]) {
+            std::cmp::Ordering::Less => x += 1,
+            std::cmp::Ordering::Greater => y += 1,
+            std::cmp::Ordering::Equal => return true,
+        }
+    }
+    false
+}
+
+/// Scans a rectangle, stopping as soon as both an allowed and a hidden pair were seen.
+pub(crate) fn scan_class(r: Rect, allowed: impl Fn(usize, usize) -> bool) -> TileClass {
+    let (mut any, mut all) = (false, true);
+    for i in r.i0..r.i1 {
+        for j in r.j0..r.j1 {
+            if allowed(i, j) {
+                any = true;
+            } else {
+                all = false;
+            }
+            if any && !all {
+                return Partial;
+            }
+        }
+    }
+    from_bool(all, !any)
+}
+
+impl<'m> Classifier<'m> {
+    pub fn build(mask: &'m Mask, g: &Grid) -> Self {
+        let s = &g.shape;
+        match mask {
+            Mask::Full => Classifier::Const(Full),
+            Mask::Causal(align) => Classifier::Band {
+                lo: i64::MIN / 2,
+                hi: match align {
+                    CausalAlign::BottomRight => s.bottom_right_offset(),
+                    CausalAlign::TopLeft => 0,
+                },
+            },
+            Mask::Window { left, right } => {
+                let (lo, hi) = window_band(s, *left, *right);
+                Classifier::Band { lo, hi }
+            }
+            Mask::KeyLengths(v) => Classifier::KeyLengths(v),
+            Mask::QueryLengths(v) => Classifier::QueryLengths(v),
+            Mask::KeyKeep { keep, rows } => {
+                let counts = (0..*rows)
+                    .flat_map(|b| {
+                        (0..g.nk).map(move |kt| {
+                            let r = g.rect(0, kt);
+                            keep[b * s.lk + r.j0..b * s.lk + r.j1]
+                                .iter()
+                                .filter(|&&x| x)
+                                .count()
+                        })
+                    })
+                    .collect();
+                Classifier::KeyKeep { counts, nk: g.nk }
+            }
+            Mask::Documents {
+                query_ids,
+                key_ids,
+                rows,
+            } => {
+                let sets = |ids: &[i64], len: usize, tile: usize, n: usize| -> Vec<Vec<i64>> {
+                    (0..*rows)
+                        .flat_map(|b| {
+                            (0..n).map(move |t| {
+                                b * len + t * tile..b * len + ((t + 1) * tile).min(len)
+                            })
+                        })
+                        .map(|range| sorted_ids(&ids[range]))
+                        .collect()
+                };
+                Classifier::Documents {
+                    q_sets: sets(query_ids, s.lq, g.tile_q, g.nq),
+                    k_sets: sets(key_ids, s.lk, g.tile_k, g.nk),
+                    rows: *rows,
+                    nq: g.nq,
+                    nk: g.nk,
+                }
+            }
+            Mask::Prefix(p) => Classifier::Prefix {
+                p,
+                offset: s.bottom_right_offset(),
+            },
+            Mask::Dense(m) => {
+                let [db, dh, _, _] = m.dims();
+                let mut classes = Vec::with_capacity(db * dh * g.nq * g.nk);
+                for b in 0..db {
+                    for h in 0..dh {
+                        for qt in 0..g.nq {
+                            for kt in 0..g.nk {
+                                classes.push(scan_class(g.rect(qt, kt), |i, j| m.get(b, h, i, j)));
+                            }
+                        }
+                    }
+                }
+                Classifier::Dense {
+                    classes,
+                    dims: [db, dh],
+                }
+            }
+            Mask::Func { .. } => Classifier::Scan(mask),
+            Mask::PerHead(m) => Classifier::PerHead(m.iter().map(|x| Self::build(x, g)).collect()),
+            Mask::And(a, b) => {
+                Classifier::And(Box::new(Self::build(a, g)), Box::new(Self::build(b, g)))
+            }
+            Mask::Or(a, b) => {
+                Classifier::Or(Box::new(Self::build(a, g)), Box::new(Self::build(b, g)))
+            }
+            Mask::Not(a) => Classifier::Not(Box::new(Self::build(a, g))),
+        }
+    }
+
+    pub fn class(&self, g: &Grid, b: usize, h: usize, qt: usize, kt: usize) -> TileClass {
+        let r = g.rect(qt, kt);
+        match self {
+            Classifier::Const(c) => *c,
+            Classifier::Band { lo, hi } => band_class(r, *lo, *hi),
+            Classifier::KeyLengths(v) => prefix_class(r.j0, r.j1, pick(v, b)),
+            Classifier::QueryLengths(v) => prefix_class(r.i0, r.i1, pick(v, b)),
+            Classifier::KeyKeep { counts, nk } => {
+                let row = if counts.len() == *nk { 0 } else { b };
+                let n = counts[row * nk + kt];
+                from_bool(n == r.j1 - r.j0, n == 0)
+            }
+            Classifier::Documents {
+                q_sets,
+                k_sets,
+                rows,
+                nq,
+                nk,
+            } => {
+                let row = if *rows == 1 { 0 } else { b };
+                let (qs, ks) = (&q_sets[row * nq + qt], &k_sets[row * nk + kt]);
+                let one_doc = qs.len() == 1 && ks.len() == 1 && qs[0] == ks[0];
+                from_bool(one_doc, !sorted_intersect(qs, ks))
+            }
+            Classifier::Prefix { p, offset } => {
+                // Columns below the prefix are all allowed; the rest follow the causal band,
+                // whose rightmost column is `j1 − 1` either way.
+                let p = pick(p, b);
+                let causal = band_class(r, i64::MIN / 2, *offset);
+                from_bool(r.j1 <= p || causal == Full, r.j0 >= p && causal == Empty)
+            }
+            Classifier::Dense { classes, dims } => {
+                let db = if dims[0] == 1 { 0 } else { b };
+                let dh = if dims[1] == 1 { 0 } else { h };
+                classes[((db * dims[1] + dh) * g.nq + qt) * g.nk + kt]
+            }
+            Classifier::Scan(m) => scan_class(r, |i, j| m.allowed(&g.shape, b, h, i, j)),
+            Classifier::PerHead(c) => c[h].class(g, b, h, qt, kt),
+            Classifier::And(x, y) => match (x.class(g, b, h, qt, kt), y.class(g, b, h, qt, kt)) {
+                (Empty, _) | (_, Empty) => Empty,
+                (Full, Full) => Full,
+                _ => Partial,
+            },
+            Classifier::Or(x, y) => match (x.class(g, b, h, qt, kt), y.class(g, b, h, qt, kt)) {
+                (Full, _) | (_, Full) => Full,
+                (Empty, Empty) => Empty,
+                _ => Partial,
+            },
+            Classifier::Not(x) => match x.class(g, b, h, qt, kt) {
+                Empty => Full,
+                Full => Empty,
+                Partial => Partial,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The analytic classes of structured masks must be exact on their own (not only after
+    /// the block mask's bitmap scan tightens them): that is what keeps compilation cheap.
+    #[test]
+    fn structured_masks_classify_exactly_without_scanning() {
+        let ids = |n: usize, docs: usize| (0..n).map(|x| (x * docs / n) as i64).collect::<Vec<_>>();
+        for &(lq, lk) in &[(50, 50), (37, 91), (91, 37), (1, 70)] {
+            let s = MaskShape::new(2, 1, lq, lk);
+            let masks = [
+                Mask::causal(),
+                Mask::causal_top_left(),
+                Mask::window(9, 2),
+                Mask::window(0, 0),
+                Mask::key_lengths(vec![lk / 3, lk]),
+                Mask::query_lengths(vec![0, lq / 2]),
+                Mask::key_keep(
+                    (0..2 * lk)
+                        .map(|j| j % 5 != 0 || j > lk)
+                        .collect::<Vec<_>>(),
+                    2,
+                ),
+                Mask::documents_cross(ids(lq, 3), ids(lk, 3), 1),
+                Mask::documents_cross(
+                    (0..lq).map(|i| (i % 4) as i64).collect::<Vec<_>>(),
+                    (0..lk).map(|j| (j / 7 % 3) as i64 * 2).collect::<Vec<_>>(),
+                    1,
+                ),
+                Mask::prefix(lk / 4),
+                Mask::prefix_per_batch(vec![0, lk]),
+            ];
+            for mask in masks {
+                for (tq, tk) in [(8, 8), (1, 1), (7, 13), (64, 64)] {
+                    let g = Grid {
+                        shape: s,
+                        tile_q: tq,
+                        tile_k: tk,
+                        nq: lq.div_ceil(tq),
+                        nk: lk.div_ceil(tk),
+                    };
+                    let c = Classifier::build(&mask, &g);
+                    assert!(!matches!(c, Classifier::Scan(_)));
+                    for b in 0..2 {
+                        for qt in 0..g.nq {
+                            for kt in 0..g.nk {
+                                let want =
+                                    scan_class(g.rect(qt, kt), |i, j| mask.allowed(&s, b, 0, i, j));
+                                assert_eq!(
+                                    c.class(&g, b, 0, qt, kt),
+                                    want,
+                                    "{mask:?} {tq}x{tk} b{b} ({qt},{kt})"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

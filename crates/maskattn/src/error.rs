@@ -1,0 +1,52 @@
+//! Typed errors: every bad input is reported before a kernel starts, never as a panic inside one.
+
+use thiserror::Error;
+
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum AttnError {
+    /// A tensor view whose shape and strides reach past the end of its buffer.
+    #[error("{name}: shape {shape:?} with strides {strides:?} needs {needed} elements but the buffer holds {len}")]
+    ViewOutOfBounds {
+        name: &'static str,
+        shape: [usize; 4],
+        strides: [usize; 4],
+        needed: usize,
+        len: usize,
+    },
+
+    /// Two tensors disagree on a dimension they must share.
+    #[error("shape mismatch: {what}")]
+    ShapeMismatch { what: String },
+
+    /// Grouped-query attention needs every key/value head to serve the same number of query heads.
+    #[error("query heads ({q_heads}) must be a non-zero multiple of key/value heads ({kv_heads})")]
+    HeadRatio { q_heads: usize, kv_heads: usize },
+
+    /// A dimension that must be non-zero is zero.
+    #[error("{what} must be at least 1")]
+    ZeroDim { what: &'static str },
+
+    #[error("scale must be finite, got {0}")]
+    NonFiniteScale(f32),
+
+    /// A mask's data does not fit the attention shape (wrong length, does not broadcast, ...).
+    #[error("mask does not fit the attention shape: {0}")]
+    Mask(String),
+
+    /// A block mask compiled for another shape or tile size than the call it is used with.
+    #[error("block mask was compiled for {compiled}, but the call has {call}")]
+    BlockMaskShape { compiled: String, call: String },
+
+    #[error("tile sizes must be at least 1, got {tile_q} x {tile_k}")]
+    BadTiles { tile_q: usize, tile_k: usize },
+
+    /// The backward was handed an LSE of the wrong length.
+    #[error("lse has {got} entries, expected {expected} (B * H_q * L_q)")]
+    LseLength { got: usize, expected: usize },
+}
+
+pub type Result<T> = std::result::Result<T, AttnError>;
+
+pub(crate) fn mismatch(what: impl Into<String>) -> AttnError {
+    AttnError::ShapeMismatch { what: what.into() }
+}

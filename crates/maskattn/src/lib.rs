@@ -1,0 +1,45 @@
+//! Exact masked multi-head attention on the CPU: masks, block masks, a fused forward
+//! (online softmax) and backward, and an f64 reference. No ML framework inside.
+//!
+//! ```
+//! use maskattn::{BlockMask, Mask, View};
+//!
+//! let (b, h, l, d) = (1, 2, 5, 4);
+//! let q: Vec<f32> = (0..b * h * l * d).map(|x| (x as f32 * 0.37).sin()).collect();
+//! let (k, v) = (q.clone(), q.clone());
+//! let shape = [b, h, l, d];
+//! let (q, k, v) = (
+//!     View::bhld("q", &q, shape)?,
+//!     View::bhld("k", &k, shape)?,
+//!     View::bhld("v", &v, shape)?,
+//! );
+//! // Causal, and the last key of the sequence is padding.
+//! let mask = Mask::causal() & Mask::key_lengths(vec![4]);
+//! let block = BlockMask::new(&mask, maskattn::MaskShape::new(b, h, l, l))?;
+//! let fwd = maskattn::forward(&q, &k, &v, None, &block, None)?;
+//! assert_eq!(fwd.out.len(), b * h * l * d);
+//! assert!(fwd.lse.iter().all(|x| x.is_finite()));
+//! # Ok::<(), maskattn::AttnError>(())
+//! ```
+
+mod backward;
+mod bias;
+mod block;
+mod classify;
+mod error;
+mod forward;
+mod mask;
+pub mod reference;
+mod shape;
+mod tile;
+mod view;
+
+pub use backward::{backward, Grads};
+pub use bias::Bias;
+pub use block::{BlockMask, BlockStats, Tile, DEFAULT_TILE_K, DEFAULT_TILE_Q};
+pub use classify::TileClass;
+pub use error::{AttnError, Result};
+pub use forward::{forward, Forward};
+pub use mask::{CausalAlign, DenseMask, Mask, MaskFn, MaskShape};
+pub use shape::AttnDims;
+pub use view::{Element, View};

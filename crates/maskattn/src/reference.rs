@@ -1,0 +1,224 @@
+//! The oracle: DESIGN.md section 1 written out literally, materialising the `L_q × L_k`
+//! score matrix for one (batch row, head) at a time. Generic over the float type, so the
+//! same code gives the f64 golden result and the "naive, same storage type" result whose
+//! rounding error sets the tolerance of every kernel test. Never used for speed.
+//!
+//! It evaluates the mask pair by pair with [`Mask::allowed`], not through a block mask, so it
+//! also checks block classification. Hidden pairs are *selected* away (never multiplied by
+//! zero), so NaN in hidden keys or values cannot reach the result.
+
+use num_traits::Float;
+
+use crate::bias::Bias;
+use crate::error::Result;
+use crate::mask::Mask;
+use crate::shape::AttnDims;
+use crate::view::View;
+
+/// Reference forward results: `out [B, H_q, L_q, d]`, `lse [B, H_q, L_q]` (−∞ for empty rows).
+#[derive(Clone, Debug)]
+pub struct RefForward<T> {
+    pub out: Vec<T>,
+    pub lse: Vec<T>,
+}
+
+/// Reference gradients: `dq` like q, `dk` and `dv` like k and v.
+#[derive(Clone, Debug)]
+pub struct RefGrads<T> {
+    pub dq: Vec<T>,
+    pub dk: Vec<T>,
+    pub dv: Vec<T>,
+}
+
+/// Everything one (b, h) needs: scores, probabilities and the row statistics.
+struct HeadProbs<T> {
+    /// `P [L_q, L_k]`, 0 where hidden.
+    p: Vec<T>,
+    allowed: Vec<bool>,
+    lse: Vec<T>,
+}
+
+fn to<T: Float>(x: f32) -> T {
+    T::from(x).expect("f32 fits every float type")
+}
+
+struct Inputs<'a, 'b> {
+    q: &'a View<'b>,
+    k: &'a View<'b>,
+    v: &'a View<'b>,
+    bias: Option<&'a Bias<'b>>,
+    mask: &'a Mask,
+    dims: AttnDims,
+    scale: f32,
+}
+
+impl Inputs<'_, '_> {
+    fn head_probs<T: Float>(&self, b: usize, h: usize) -> HeadProbs<T> {
+        let AttnDims { lq, lk, d, .. } = self.dims;
+        let hk = h / self.dims.group();
+        let shape = self.dims.mask_shape();
+        let mut x = vec![T::neg_infinity(); lq * lk];
+        let mut allowed = vec![false; lq * lk];
+        for i in 0..lq {
+            for j in 0..lk {
+                if !self.mask.allowed(&shape, b, h, i, j) {
+                    continue;
+                }
+                allowed[i * lk + j] = true;
+                let mut dot = T::zero();
+                for c in 0..d {
+                    dot = dot + to::<T>(self.q.get(b, h, i, c)) * to::<T>(self.k.get(b, hk, j, c));
+                }
+                let bias = self.bias.map_or(T::zero(), |bs| to(bs.get(b, h, i, j)));
+                x[i * lk + j] = to::<T>(self.scale) * dot + bias;
+            }
+        }
+        let mut p = vec![T::zero(); lq * lk];
+        let mut lse = vec![T::neg_infinity(); lq];
+        for i in 0..lq {
+            let row = &x[i * lk..(i + 1) * lk];
+            let m = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+            if m == T::neg_infinity() {
+                continue; // nothing visible: P = 0, LSE = −∞
+            }
+            let sum = row.iter().fold(T::zero(), |a, &xv| a + (xv - m).exp());
+            lse[i] = m + sum.ln();
+            for j in 0..lk {
+                if allowed[i * lk + j] {
+                    p[i * lk + j] = (row[j] - lse[i]).exp();
+                }
+            }
+        }
+        HeadProbs { p, allowed, lse }
+    }
+
+    fn forward<T: Float>(&self) -> RefForward<T> {
+        let AttnDims {
+            batch,
+            q_heads,
+            lq,
+            lk,
+            d,
+            ..
+        } = self.dims;
+        let mut out = vec![T::zero(); batch * q_heads * lq * d];
+        let mut lse = vec![T::zero(); batch * q_heads * lq];
+        for b in 0..batch {
+            for h in 0..q_heads {
+                let hk = h / self.dims.group();
+                let hp = self.head_probs::<T>(b, h);
+                let bh = b * q_heads + h;
+                lse[bh * lq..(bh + 1) * lq].copy_from_slice(&hp.lse);
+                for i in 0..lq {
+                    for j in (0..lk).filter(|&j| hp.allowed[i * lk + j]) {
+                        for c in 0..d {
+                            let o = &mut out[(bh * lq + i) * d + c];
+                            *o = *o + hp.p[i * lk + j] * to::<T>(self.v.get(b, hk, j, c));
+                        }
+                    }
+                }
+            }
+        }
+        RefForward { out, lse }
+    }
+
+    fn backward<T: Float>(&self, dout: &View) -> RefGrads<T> {
+        let AttnDims {
+            batch,
+            q_heads,
+            kv_heads,
+            lq,
+            lk,
+            d,
+        } = self.dims;
+        let s = to::<T>(self.scale);
+        let fwd = self.forward::<T>();
+        let mut dq = vec![T::zero(); batch * q_heads * lq * d];
+        let mut dk = vec![T::zero(); batch * kv_heads * lk * d];
+        let mut dv = vec![T::zero(); batch * kv_heads * lk * d];
+        for b in 0..batch {
+            for h in 0..q_heads {
+                let hk = h / self.dims.group();
+                let hp = self.head_probs::<T>(b, h);
+                let (bh, bhk) = (b * q_heads + h, b * kv_heads + hk);
+                let d_o = |i: usize, c: usize| to::<T>(dout.get(b, h, i, c));
+                for i in 0..lq {
+                    // D_i = dO_i · O_i
+                    let mut di = T::zero();
+                    for c in 0..d {
+                        di = di + d_o(i, c) * fwd.out[(bh * lq + i) * d + c];
+                    }
+                    for j in (0..lk).filter(|&j| hp.allowed[i * lk + j]) {
+                        let pij = hp.p[i * lk + j];
+                        // dV_j += P_ij dO_i ; dP_ij = dO_i · v_j
+                        let mut dp = T::zero();
+                        for c in 0..d {
+                            let g = &mut dv[(bhk * lk + j) * d + c];
+                            *g = *g + pij * d_o(i, c);
+                            dp = dp + d_o(i, c) * to::<T>(self.v.get(b, hk, j, c));
+                        }
+                        // dS_ij = P_ij (dP_ij − D_i); dQ_i += s dS k_j; dK_j += s dS q_i
+                        let ds = pij * (dp - di);
+                        for c in 0..d {
+                            let g = &mut dq[(bh * lq + i) * d + c];
+                            *g = *g + s * ds * to::<T>(self.k.get(b, hk, j, c));
+                            let g = &mut dk[(bhk * lk + j) * d + c];
+                            *g = *g + s * ds * to::<T>(self.q.get(b, h, i, c));
+                        }
+                    }
+                }
+            }
+        }
+        RefGrads { dq, dk, dv }
+    }
+}
+
+/// Reference forward in float type `T`.
+pub fn forward<T: Float>(
+    q: &View,
+    k: &View,
+    v: &View,
+    bias: Option<&Bias>,
+    mask: &Mask,
+    scale: Option<f32>,
+) -> Result<RefForward<T>> {
+    Ok(inputs(q, k, v, bias, mask, scale)?.forward())
+}
+
+/// Reference gradients in float type `T`, given the output gradient `dout` (shaped like q).
+pub fn backward<T: Float>(
+    q: &View,
+    k: &View,
+    v: &View,
+    bias: Option<&Bias>,
+    mask: &Mask,
+    scale: Option<f32>,
+    dout: &View,
+) -> Result<RefGrads<T>> {
+    let inp = inputs(q, k, v, bias, mask, scale)?;
+    inp.dims.check_like_q("dout", dout)?;
+    Ok(inp.backward(dout))
+}
+
+fn inputs<'a, 'b>(
+    q: &'a View<'b>,
+    k: &'a View<'b>,
+    v: &'a View<'b>,
+    bias: Option<&'a Bias<'b>>,
+    mask: &'a Mask,
+    scale: Option<f32>,
+) -> Result<Inputs<'a, 'b>> {
+    let dims = AttnDims::of(q, k, v)?;
+    dims.check_bias(bias)?;
+    mask.validate(&dims.mask_shape())?;
+    let scale = dims.scale(scale)?;
+    Ok(Inputs {
+        q,
+        k,
+        v,
+        bias,
+        mask,
+        dims,
+        scale,
+    })
+}

@@ -1,0 +1,126 @@
+//! Strided read-only views of 4-d tensors, so that `[B, H, L, d]` and `[B, L, H, d]` buffers
+//! (and any other layout a framework hands us) reach the kernels without a copy.
+
+use crate::error::{AttnError, Result};
+
+/// A storage type the kernels can read. Values are widened to `f32` when a tile is loaded,
+/// so every kernel computes in `f32` whatever the storage.
+pub trait Element: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+/// A view of a 4-d tensor indexed logically as `[batch, head, position, feature]`.
+///
+/// `strides` are in elements. The view is checked once at construction: every index inside
+/// `shape` lands inside `data`, so kernels index without further checks.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a, T = f32> {
+    data: &'a [T],
+    shape: [usize; 4],
+    strides: [usize; 4],
+}
+
+impl<'a, T: Element> View<'a, T> {
+    /// A view with explicit strides (in elements), named for error messages.
+    pub fn strided(
+        name: &'static str,
+        data: &'a [T],
+        shape: [usize; 4],
+        strides: [usize; 4],
+    ) -> Result<Self> {
+        let needed = if shape.contains(&0) {
+            0
+        } else {
+            1 + shape
+                .iter()
+                .zip(strides.iter())
+                .map(|(&n, &s)| (n - 1) * s)
+                .sum::<usize>()
+        };
+        if needed > data.len() {
+            return Err(AttnError::ViewOutOfBounds {
+                name,
+                shape,
+                strides,
+                needed,
+                len: data.len(),
+            });
+        }
+        Ok(View {
+            data,
+            shape,
+            strides,
+        })
+    }
+
+    /// A contiguous `[B, H, L, d]` tensor.
+    pub fn bhld(name: &'static str, data: &'a [T], shape: [usize; 4]) -> Result<Self> {
+        let [b, h, l, d] = shape;
+        Self::checked_exact(name, data, shape, b * h * l * d)?;
+        Self::strided(name, data, shape, [h * l * d, l * d, d, 1])
+    }
+
+    /// A contiguous `[B, L, H, d]` tensor (the layout after a projection and a reshape),
+    /// viewed as `[B, H, L, d]`. `shape` is given in the logical order `[B, H, L, d]`.
+    pub fn blhd(name: &'static str, data: &'a [T], shape: [usize; 4]) -> Result<Self> {
+        let [b, h, l, d] = shape;
+        Self::checked_exact(name, data, shape, b * h * l * d)?;
+        Self::strided(name, data, shape, [l * h * d, d, h * d, 1])
+    }
+
+    fn checked_exact(name: &'static str, data: &[T], shape: [usize; 4], n: usize) -> Result<()> {
+        if data.len() != n {
+            return Err(AttnError::ShapeMismatch {
+                what: format!(
+                    "{name}: buffer holds {} elements, shape {shape:?} needs {n}",
+                    data.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn shape(&self) -> [usize; 4] {
+        self.shape
+    }
+
+    pub fn strides(&self) -> [usize; 4] {
+        self.strides
+    }
+
+    #[inline(always)]
+    pub fn get(&self, b: usize, h: usize, l: usize, x: usize) -> T {
+        self.data[self.offset(b, h, l) + x * self.strides[3]]
+    }
+
+    #[inline(always)]
+    fn offset(&self, b: usize, h: usize, l: usize) -> usize {
+        b * self.strides[0] + h * self.strides[1] + l * self.strides[2]
+    }
+
+    /// Copies rows `start..start + out.len() / d` of `(b, h)` into `out` as contiguous `f32`.
+    /// Rows are contiguous in the common layouts, so this is a plain copy per row.
+    #[inline]
+    pub(crate) fn load_rows(&self, b: usize, h: usize, start: usize, out: &mut [f32]) {
+        let d = self.shape[3];
+        for (r, dst) in out.chunks_exact_mut(d).enumerate() {
+            let base = self.offset(b, h, start + r);
+            if self.strides[3] == 1 {
+                for (o, s) in dst.iter_mut().zip(&self.data[base..base + d]) {
+                    *o = s.to_f32();
+                }
+            } else {
+                for (x, o) in dst.iter_mut().enumerate() {
+                    *o = self.data[base + x * self.strides[3]].to_f32();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! Shared test helpers: random data, random masks, layouts, and the accuracy rule of
+//! DESIGN.md section 4.
+#![allow(dead_code)]
+
+use maskattn::{reference, BlockMask, DenseMask, Mask, MaskShape, View};
+use proptest::prelude::*;
+
+/// SplitMix64: reproducible data from a seed drawn by proptest.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [−1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    pub fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.uniform()).collect()
+    }
+}
+
+/// Memory layout of a `[B, H, L, d]` tensor handed to the kernels.
+#[derive(Clone, Copy, Debug)]
+pub enum Layout {
+    Bhld,
+    Blhd,
+}
+
+pub fn view<'a>(
+    name: &'static str,
+    data: &'a [f32],
+    shape: [usize; 4],
+    layout: Layout,
+) -> View<'a> {
+    match layout {
+        Layout::Bhld => View::bhld(name, data, shape).unwrap(),
+        Layout::Blhd => View::blhd(name, data, shape).unwrap(),
+    }
+}
+
+/// Reads a `[B, H, L, d]` view into a contiguous `[B, H, L, d]` vector.
+pub fn to_bhld(v: &View) -> Vec<f32> {
+    let [b, h, l, d] = v.shape();
+    let mut out = Vec::with_capacity(b * h * l * d);
+    for bi in 0..b {
+        for hi in 0..h {
+            for li in 0..l {
+                for x in 0..d {
+                    out.push(v.get(bi, hi, li, x));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The accuracy rule: |kernel − golden|max ≤ 2 |naive − golden|max + eps, over finite golden
+/// entries; where golden is −∞ (an empty row's LSE) the kernel must be exactly −∞.
+pub fn assert_close(what: &str, kernel: &[f32], golden: &[f64], naive: &[f32], eps: f64) {
+    assert_eq!(kernel.len(), golden.len(), "{what}: length");
+    let (mut k_err, mut n_err) = (0f64, 0f64);
+    let mut worst = 0;
+    for (idx, ((&k, &g), &n)) in kernel.iter().zip(golden).zip(naive).enumerate() {
+        if g == f64::NEG_INFINITY {
+            assert_eq!(
+                k,
+                f32::NEG_INFINITY,
+                "{what}[{idx}]: expected -inf, got {k}"
+            );
+            continue;
+        }
+        assert!(k.is_finite(), "{what}[{idx}]: kernel gave {k}, golden {g}");
+        let e = (k as f64 - g).abs();
+        if e > k_err {
+            k_err = e;
+            worst = idx;
+        }
+        n_err = n_err.max((n as f64 - g).abs());
+    }
+    let bound = 2.0 * n_err + eps;
+    assert!(
+        k_err <= bound,
+        "{what}: kernel error {k_err:e} at [{worst}] exceeds bound {bound:e} (naive f32 error {n_err:e})"
+    );
+}
+
+pub const EPS_F32: f64 = 1e-5;
+
+/// A random mask over `s`, built from the whole vocabulary and composed up to `depth` deep.
+pub fn random_mask(rng: &mut Rng, s: &MaskShape, depth: usize) -> Mask {
+    let kinds = if depth == 0 { 12 } else { 15 };
+    match rng.below(kinds) {
+        0 => Mask::full(),
+        1 => Mask::causal(),
+        2 => Mask::causal_top_left(),
+        3 => Mask::window(rng.below(s.lk + 2), rng.below(4)),
+        4 => {
+            let rows = if rng.below(2) == 0 { 1 } else { s.batch };
+            // Lengths of 0 make whole batch rows see nothing.
+            Mask::key_lengths((0..rows).map(|_| rng.below(s.lk + 1)).collect::<Vec<_>>())
+        }
+        5 => {
+            let rows = if rng.below(2) == 0 { 1 } else { s.batch };
+            let keep: Vec<bool> = (0..rows * s.lk).map(|_| rng.below(4) != 0).collect();
+            Mask::key_keep(keep, rows)
+        }
+        6 => Mask::query_lengths(
+            (0..s.batch)
+                .map(|_| rng.below(s.lq + 1))
+                .collect::<Vec<_>>(),
+        ),
+        7 => {
+            let rows = if rng.below(2) == 0 { 1 } else { s.batch };
+            let sorted = rng.below(2) == 0;
+            let docs = 1 + rng.below(4) as i64;
+            let ids = |n: usize, rng: &mut Rng| -> Vec<i64> {
+                let mut v: Vec<i64> = (0..n).map(|_| rng.below(docs as usize) as i64).collect();
+                if sorted {
+                    v.sort();
+                }
+                v
+            };
+            let mut q = Vec::new();
+            let mut k = Vec::new();
+            for _ in 0..rows {
+                q.extend(ids(s.lq, rng));
+                k.extend(ids(s.lk, rng));
+            }
+            Mask::documents_cross(q, k, rows)
+        }
+        8 => {
+            if rng.below(2) == 0 {
+                Mask::prefix(rng.below(s.lk + 1))
+            } else {
+                Mask::prefix_per_batch(
+                    (0..s.batch)
+                        .map(|_| rng.below(s.lk + 1))
+                        .collect::<Vec<_>>(),
+                )
+            }
+        }
+        9 => Mask::dense(random_dense(rng, s)),
+        10 => {
+            let m = 2 + rng.below(5);
+            Mask::from_fn(move |b, h, i, j| (i * 7 + j * 3 + h + b) % m != 0)
+        }
+        11 => {
+            let m = 2 + rng.below(5);
+            Mask::from_fn_ij(move |i, j| (i + 2 * j) % m != 1)
+        }
+        12 => random_mask(rng, s, depth - 1) & random_mask(rng, s, depth - 1),
+        13 => random_mask(rng, s, depth - 1) | random_mask(rng, s, depth - 1),
+        _ => {
+            if rng.below(2) == 0 {
+                !random_mask(rng, s, depth - 1)
+            } else {
+                Mask::per_head(
+                    (0..s.heads)
+                        .map(|_| random_mask(rng, s, depth - 1))
+                        .collect::<Vec<_>>(),
+                )
+            }
+        }
+    }
+}
+
+/// A dense mask in a random broadcast form `[1|B, 1|H, L_q, L_k]`, density between 0 and 1.
+pub fn random_dense(rng: &mut Rng, s: &MaskShape) -> DenseMask {
+    let dims = [
+        if rng.below(2) == 0 { 1 } else { s.batch },
+        if rng.below(2) == 0 { 1 } else { s.heads },
+        s.lq,
+        s.lk,
+    ];
+    let keep = rng.below(5); // out of 4: 0 = nothing allowed, 4 = everything
+    let n: usize = dims.iter().product();
+    let data: Vec<bool> = (0..n).map(|_| rng.below(4) < keep).collect();
+    DenseMask::new(data, dims).unwrap()
+}
+
+/// Proptest strategy for tile sizes, including 1 and sizes that leave ragged edges and
+/// bitmaps of more than one word.
+pub fn tiles() -> impl Strategy<Value = (usize, usize)> {
+    (
+        prop_oneof![Just(64usize), Just(1), Just(7), Just(16), 1usize..80],
+        prop_oneof![Just(64usize), Just(1), Just(13), Just(100), 1usize..140],
+    )
+}
+
+/// Everything one kernel-vs-reference case needs.
+#[derive(Clone)]
+pub struct Case {
+    pub dims: [usize; 6], // b, hq, hkv, lq, lk, d
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub dout: Vec<f32>,
+    pub layouts: [Layout; 3],
+    pub mask: Mask,
+    pub bias: Option<(Vec<f32>, [usize; 4])>,
+    pub scale: Option<f32>,
+    pub tiles: (usize, usize),
+}
+
+impl Case {
+    pub fn q_shape(&self) -> [usize; 4] {
+        let [b, hq, _, lq, _, d] = self.dims;
+        [b, hq, lq, d]
+    }
+
+    pub fn kv_shape(&self) -> [usize; 4] {
+        let [b, _, hkv, _, lk, d] = self.dims;
+        [b, hkv, lk, d]
+    }
+
+    pub fn mask_shape(&self) -> MaskShape {
+        let [b, hq, _, lq, lk, _] = self.dims;
+        MaskShape::new(b, hq, lq, lk)
+    }
+
+    pub fn block(&self) -> BlockMask {
+        BlockMask::with_tiles(&self.mask, self.mask_shape(), self.tiles.0, self.tiles.1).unwrap()
+    }
+
+    pub fn views(&self) -> (View<'_>, View<'_>, View<'_>) {
+        (
+            view("q", &self.q, self.q_shape(), self.layouts[0]),
+            view("k", &self.k, self.kv_shape(), self.layouts[1]),
+            view("v", &self.v, self.kv_shape(), self.layouts[2]),
+        )
+    }
+
+    pub fn bias(&self) -> Option<maskattn::Bias<'_>> {
+        self.bias
+            .as_ref()
+            .map(|(data, dims)| maskattn::Bias::new(data, *dims).unwrap())
+    }
+
+    pub fn dout_view(&self) -> View<'_> {
+        View::bhld("dout", &self.dout, self.q_shape()).unwrap()
+    }
+
+    /// Runs the kernel forward and backward, and returns (out, lse, dq, dk, dv).
+    pub fn run_kernel(&self) -> [Vec<f32>; 5] {
+        let block = self.block();
+        let (q, k, v) = self.views();
+        let bias = self.bias();
+        let fwd = maskattn::forward(&q, &k, &v, bias.as_ref(), &block, self.scale).unwrap();
+        let out = View::bhld("out", &fwd.out, self.q_shape()).unwrap();
+        let g = maskattn::backward(
+            &q,
+            &k,
+            &v,
+            &out,
+            &fwd.lse,
+            &self.dout_view(),
+            bias.as_ref(),
+            &block,
+            self.scale,
+        )
+        .unwrap();
+        [fwd.out, fwd.lse, g.dq, g.dk, g.dv]
+    }
+
+    /// Checks forward and backward of the kernel against the f64 reference with the rule.
+    pub fn check(&self) {
+        let [out, lse, dq, dk, dv] = self.run_kernel();
+        let (q, k, v) = self.views();
+        let bias = self.bias();
+        let b = bias.as_ref();
+        let gold = reference::forward::<f64>(&q, &k, &v, b, &self.mask, self.scale).unwrap();
+        let naive = reference::forward::<f32>(&q, &k, &v, b, &self.mask, self.scale).unwrap();
+        assert_close("out", &out, &gold.out, &naive.out, EPS_F32);
+        assert_close("lse", &lse, &gold.lse, &naive.lse, EPS_F32);
+        let dout = self.dout_view();
+        let gg = reference::backward::<f64>(&q, &k, &v, b, &self.mask, self.scale, &dout).unwrap();
+        let ng = reference::backward::<f32>(&q, &k, &v, b, &self.mask, self.scale, &dout).unwrap();
+        assert_close("dq", &dq, &gg.dq, &ng.dq, EPS_F32);
+        assert_close("dk", &dk, &gg.dk, &ng.dk, EPS_F32);
+        assert_close("dv", &dv, &gg.dv, &ng.dv, EPS_F32);
+    }
+}
+
+/// Builds a random case from a seed and the drawn shape.
+pub fn random_case(seed: u64, dims: [usize; 6], tiles: (usize, usize), with_bias: bool) -> Case {
+    let mut rng = Rng::new(seed);
+    let [b, hq, hkv, lq, lk, d] = dims;
+    let s = MaskShape::new(b, hq, lq, lk);
+    let layout = |rng: &mut Rng| {
+        if rng.below(2) == 0 {
+            Layout::Bhld
+        } else {
+            Layout::Blhd
+        }
+    };
+    let layouts = [layout(&mut rng), layout(&mut rng), layout(&mut rng)];
+    let mask = random_mask(&mut rng, &s, 2);
+    let bias = with_bias.then(|| {
+        let bd = [
+            if rng.below(2) == 0 { 1 } else { b },
+            if rng.below(2) == 0 { 1 } else { hq },
+            if rng.below(2) == 0 { 1 } else { lq },
+            lk,
+        ];
+        (rng.vec(bd.iter().product()), bd)
+    });
+    let scale = if rng.below(3) == 0 {
+        Some(0.5 + rng.uniform())
+    } else {
+        None
+    };
+    // Data laid out in the drawn layout: a `[B, L, H, d]` buffer has the same size.
+    Case {
+        dims,
+        q: rng.vec(b * hq * lq * d),
+        k: rng.vec(b * hkv * lk * d),
+        v: rng.vec(b * hkv * lk * d),
+        dout: rng.vec(b * hq * lq * d),
+        layouts,
+        mask,
+        bias,
+        scale,
+        tiles,
+    }
+}

@@ -1,0 +1,51 @@
+//! Forward and backward kernels against the f64 reference (DESIGN.md section 4), on random
+//! shapes, layouts, tile sizes, biases and masks drawn from the whole vocabulary.
+
+mod common;
+
+use common::{random_case, tiles};
+use proptest::prelude::*;
+
+fn lengths() -> impl Strategy<Value = usize> {
+    prop_oneof![Just(1usize), 1usize..70, Just(113), Just(203)]
+}
+
+fn head_dims() -> impl Strategy<Value = usize> {
+    prop_oneof![Just(1usize), 1usize..20, Just(59), Just(64), Just(111)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_shapes_and_masks(
+        seed in any::<u64>(),
+        b in 1usize..=2,
+        hkv in 1usize..=2,
+        group in 1usize..=3,
+        lq in lengths(),
+        lk in lengths(),
+        d in head_dims(),
+        tiles in tiles(),
+        with_bias in any::<bool>(),
+    ) {
+        random_case(seed, [b, hkv * group, hkv, lq, lk, d], tiles, with_bias).check();
+    }
+}
+
+/// The shapes DESIGN.md names, each with several random masks.
+#[test]
+fn named_shapes() {
+    let shapes: &[[usize; 6]] = &[
+        [1, 2, 2, 113, 203, 59],  // odd lengths, odd head dim
+        [1, 2, 2, 203, 113, 111], // swapped
+        [2, 4, 2, 113, 113, 64],  // GQA
+        [1, 3, 1, 1, 203, 64],    // MQA decode step
+        [2, 2, 1, 67, 1, 16],     // one key
+    ];
+    for (n, &dims) in shapes.iter().enumerate() {
+        for seed in 0..4u64 {
+            random_case(1000 * n as u64 + seed, dims, (64, 64), seed % 2 == 1).check();
+        }
+    }
+}
