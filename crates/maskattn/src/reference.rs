@@ -222,3 +222,54 @@ fn inputs<'a, 'b>(
         scale,
     })
 }
+
+/// How a kernel's result compares with the golden one under the accuracy rule of
+/// DESIGN.md section 4: `|kernel − golden|max ≤ 2 · |naive − golden|max + eps`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Accuracy {
+    /// `|kernel − golden|max` over finite golden entries.
+    pub kernel_err: f64,
+    /// `|naive − golden|max`: the ordinary rounding of the storage type.
+    pub naive_err: f64,
+    pub bound: f64,
+    /// Index of the kernel's worst entry.
+    pub worst: usize,
+    /// The rule holds, and every −∞ of golden (an empty row's LSE) is exactly −∞ in the
+    /// kernel, and every other kernel entry is finite.
+    pub ok: bool,
+}
+
+/// Applies the accuracy rule to one result.
+pub fn accuracy(kernel: &[f32], golden: &[f64], naive: &[f32], eps: f64) -> Accuracy {
+    assert_eq!(
+        kernel.len(),
+        golden.len(),
+        "kernel and golden lengths differ"
+    );
+    assert_eq!(naive.len(), golden.len(), "naive and golden lengths differ");
+    let (mut kernel_err, mut naive_err, mut worst, mut ok) = (0f64, 0f64, 0, true);
+    for (idx, ((&k, &g), &n)) in kernel.iter().zip(golden).zip(naive).enumerate() {
+        if g == f64::NEG_INFINITY {
+            ok &= k == f32::NEG_INFINITY;
+            continue;
+        }
+        ok &= k.is_finite();
+        let e = (k as f64 - g).abs();
+        if e > kernel_err || !k.is_finite() {
+            kernel_err = if k.is_finite() { e } else { f64::INFINITY };
+            worst = idx;
+        }
+        naive_err = naive_err.max((n as f64 - g).abs());
+    }
+    let bound = 2.0 * naive_err + eps;
+    Accuracy {
+        kernel_err,
+        naive_err,
+        bound,
+        worst,
+        ok: ok && kernel_err <= bound,
+    }
+}
+
+/// `ε` of the accuracy rule for `f32` storage.
+pub const EPS_F32: f64 = 1e-5;

@@ -70,37 +70,17 @@ pub fn to_bhld(v: &View) -> Vec<f32> {
     out
 }
 
-/// The accuracy rule: |kernel − golden|max ≤ 2 |naive − golden|max + eps, over finite golden
-/// entries; where golden is −∞ (an empty row's LSE) the kernel must be exactly −∞.
+/// The accuracy rule of DESIGN.md section 4, asserted.
 pub fn assert_close(what: &str, kernel: &[f32], golden: &[f64], naive: &[f32], eps: f64) {
-    assert_eq!(kernel.len(), golden.len(), "{what}: length");
-    let (mut k_err, mut n_err) = (0f64, 0f64);
-    let mut worst = 0;
-    for (idx, ((&k, &g), &n)) in kernel.iter().zip(golden).zip(naive).enumerate() {
-        if g == f64::NEG_INFINITY {
-            assert_eq!(
-                k,
-                f32::NEG_INFINITY,
-                "{what}[{idx}]: expected -inf, got {k}"
-            );
-            continue;
-        }
-        assert!(k.is_finite(), "{what}[{idx}]: kernel gave {k}, golden {g}");
-        let e = (k as f64 - g).abs();
-        if e > k_err {
-            k_err = e;
-            worst = idx;
-        }
-        n_err = n_err.max((n as f64 - g).abs());
-    }
-    let bound = 2.0 * n_err + eps;
+    let a = reference::accuracy(kernel, golden, naive, eps);
     assert!(
-        k_err <= bound,
-        "{what}: kernel error {k_err:e} at [{worst}] exceeds bound {bound:e} (naive f32 error {n_err:e})"
+        a.ok,
+        "{what}: kernel error {:e} at [{}] (kernel {}, golden {}) exceeds bound {:e} (naive error {:e})",
+        a.kernel_err, a.worst, kernel[a.worst], golden[a.worst], a.bound, a.naive_err
     );
 }
 
-pub const EPS_F32: f64 = 1e-5;
+pub const EPS_F32: f64 = reference::EPS_F32;
 
 /// A random mask over `s`, built from the whole vocabulary and composed up to `depth` deep.
 pub fn random_mask(rng: &mut Rng, s: &MaskShape, depth: usize) -> Mask {

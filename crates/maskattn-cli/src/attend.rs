@@ -1,0 +1,161 @@
+//! `maskattn attend`: masked attention (and its gradients) on tensors from a safetensors file.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use maskattn::{BlockMask, DenseMask, Mask, View};
+use safetensors::SafeTensors;
+
+use crate::mask_expr::{self, MaskData};
+use crate::tensors::{self, Tensor};
+
+#[derive(Args, Debug)]
+pub struct AttendArgs {
+    /// Input safetensors file: `q` [B, H_q, L_q, d], `k`, `v` [B, H_kv, L_k, d] (f32); optional
+    /// `dout` (like q), `key_lengths` (i64 [B]), `doc_ids` (i64 [B or 1, L], self-attention)
+    /// or `q_doc_ids` + `k_doc_ids` (cross attention), `mask` (u8 [B|1, H|1, L_q, L_k],
+    /// non-zero = may attend).
+    pub input: PathBuf,
+    /// Output safetensors file: `out`, `lse` (f32 [B, H_q, L_q], -inf for rows that see
+    /// nothing) and, when `dout` was given, `dq`, `dk`, `dv`.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Mask expression: `full`, or an &-joined list of causal, causal-top-left,
+    /// window(LEFT,RIGHT), key-padding, documents, prefix(P), dense.
+    #[arg(long, default_value = "full")]
+    pub mask: String,
+    /// Score scale (default 1/sqrt(d)).
+    #[arg(long)]
+    pub scale: Option<f32>,
+}
+
+/// Mask data read from the input file, looked up only when the expression names it.
+struct FileMaskData<'a> {
+    st: &'a SafeTensors<'a>,
+    batch: usize,
+    lq: usize,
+    lk: usize,
+}
+
+impl MaskData for FileMaskData<'_> {
+    fn key_lengths(&self) -> Result<Mask> {
+        let t = tensors::i64(self.st, "key_lengths", 1)
+            .context("--mask key-padding needs `key_lengths`")?;
+        if t.shape[0] != self.batch {
+            bail!(
+                "key_lengths has {} entries, expected B = {}",
+                t.shape[0],
+                self.batch
+            );
+        }
+        let lens = t
+            .data
+            .iter()
+            .map(|&x| {
+                usize::try_from(x)
+                    .with_context(|| format!("key_lengths holds {x}; lengths are >= 0"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Mask::key_lengths(lens))
+    }
+
+    fn documents(&self) -> Result<Mask> {
+        let ids = |name: &str, len: usize| -> Result<(Vec<i64>, usize)> {
+            let t = tensors::i64(self.st, name, 2)?;
+            if (t.shape[0] != 1 && t.shape[0] != self.batch) || t.shape[1] != len {
+                bail!(
+                    "{name} has shape {:?}, expected [{} or 1, {len}]",
+                    t.shape,
+                    self.batch
+                );
+            }
+            Ok((t.data, t.shape[0]))
+        };
+        if tensors::has(self.st, "doc_ids") {
+            if self.lq != self.lk {
+                bail!("doc_ids is for self-attention (L_q = L_k); with L_q = {} and L_k = {} give q_doc_ids and k_doc_ids", self.lq, self.lk);
+            }
+            let (d, rows) = ids("doc_ids", self.lq)?;
+            return Ok(Mask::documents(d, rows));
+        }
+        let (q, qrows) = ids("q_doc_ids", self.lq)
+            .context("--mask documents needs `doc_ids` (or `q_doc_ids` and `k_doc_ids`)")?;
+        let (k, krows) = ids("k_doc_ids", self.lk)?;
+        if qrows != krows {
+            bail!("q_doc_ids has {qrows} rows but k_doc_ids has {krows}");
+        }
+        Ok(Mask::documents_cross(q, k, qrows))
+    }
+
+    fn dense(&self) -> Result<Mask> {
+        let t = tensors::u8(self.st, "mask", 4).context("--mask dense needs `mask`")?;
+        let dims: [usize; 4] = t.shape[..].try_into().unwrap();
+        let allowed: Vec<bool> = t.data.iter().map(|&x| x != 0).collect();
+        Ok(Mask::dense(DenseMask::new(allowed, dims)?))
+    }
+}
+
+fn shape4(t: &Tensor<f32>, name: &str) -> Result<[usize; 4]> {
+    t.shape[..]
+        .try_into()
+        .with_context(|| format!("{name} must be 4-d [B, H, L, d]"))
+}
+
+pub fn run(args: &AttendArgs) -> Result<()> {
+    let terms = mask_expr::parse(&args.mask)?;
+    let bytes =
+        std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{} is not a safetensors file", args.input.display()))?;
+    let (q, k, v) = (
+        tensors::f32(&st, "q", 4)?,
+        tensors::f32(&st, "k", 4)?,
+        tensors::f32(&st, "v", 4)?,
+    );
+    let (qs, ks, vs) = (shape4(&q, "q")?, shape4(&k, "k")?, shape4(&v, "v")?);
+    let (qv, kv, vv) = (
+        View::bhld("q", &q.data, qs)?,
+        View::bhld("k", &k.data, ks)?,
+        View::bhld("v", &v.data, vs)?,
+    );
+    let dims = maskattn::AttnDims::of(&qv, &kv, &vv)?;
+    let data = FileMaskData {
+        st: &st,
+        batch: dims.batch,
+        lq: dims.lq,
+        lk: dims.lk,
+    };
+    let mask = mask_expr::build(&terms, &data)?;
+    let block = BlockMask::new(&mask, dims.mask_shape())?;
+
+    let t0 = Instant::now();
+    let fwd = maskattn::forward(&qv, &kv, &vv, None, &block, args.scale)?;
+    let lse_shape = vec![dims.batch, dims.q_heads, dims.lq];
+    let mut outputs: Vec<(&str, Vec<usize>, &[f32])> =
+        vec![("out", qs.to_vec(), &fwd.out), ("lse", lse_shape, &fwd.lse)];
+    let grads;
+    if tensors::has(&st, "dout") {
+        let dout = tensors::f32(&st, "dout", 4)?;
+        let dv = View::bhld("dout", &dout.data, shape4(&dout, "dout")?)?;
+        let ov = View::bhld("out", &fwd.out, qs)?;
+        grads = maskattn::backward(&qv, &kv, &vv, &ov, &fwd.lse, &dv, None, &block, args.scale)?;
+        outputs.push(("dq", qs.to_vec(), &grads.dq));
+        outputs.push(("dk", ks.to_vec(), &grads.dk));
+        outputs.push(("dv", vs.to_vec(), &grads.dv));
+    }
+    let elapsed = t0.elapsed();
+    tensors::write_f32(&args.output, &outputs)?;
+
+    let st = block.stats();
+    eprintln!(
+        "attend: q {qs:?} k {ks:?} mask {mask:?}: {:.1}% of pairs hidden, {:.1}% of tiles skipped; {} in {:.2} ms -> {}",
+        100.0 * st.hidden_pair_fraction(),
+        100.0 * st.skipped_tile_fraction(),
+        if outputs.len() > 2 { "forward+backward" } else { "forward" },
+        elapsed.as_secs_f64() * 1e3,
+        args.output.display()
+    );
+    Ok(())
+}

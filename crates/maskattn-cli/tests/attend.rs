@@ -1,0 +1,253 @@
+//! `maskattn attend` end to end: a file in, a file out, checked against the f64 reference.
+
+use std::path::Path;
+use std::process::Command;
+
+use maskattn::{reference, DenseMask, Mask, View};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_maskattn"))
+}
+
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1 << 24) as f32
+                * 2.0
+                - 1.0
+        })
+        .collect()
+}
+
+fn le<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+    v.iter().flat_map(|&x| f(x)).collect()
+}
+
+fn write(path: &Path, tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)>) {
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(n, dt, s, b)| (*n, TensorView::new(*dt, s.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+fn read_f32(st: &SafeTensors, name: &str) -> Vec<f32> {
+    st.tensor(name)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+/// The accuracy rule of DESIGN.md section 4.
+fn assert_close(what: &str, got: &[f32], golden: &[f64], naive: &[f32]) {
+    let a = reference::accuracy(got, golden, naive, reference::EPS_F32);
+    assert!(a.ok, "{what}: {a:?}");
+}
+
+#[test]
+fn attend_writes_outputs_and_gradients_that_match_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, hq, hkv, l, d) = (2usize, 4usize, 2usize, 45usize, 24usize);
+    let q = values(b * hq * l * d, 1);
+    let k = values(b * hkv * l * d, 2);
+    let v = values(b * hkv * l * d, 3);
+    let dout = values(b * hq * l * d, 4);
+    let key_lengths: Vec<i64> = vec![45, 30];
+    let doc_ids: Vec<i64> = (0..b * l).map(|x| ((x % l) / 20) as i64).collect();
+    // Dense [1, H, L, L]: head 1 hides the first key from everyone.
+    let mask_u8: Vec<u8> = (0..hq * l * l)
+        .map(|x| !(x / (l * l) == 1 && x % l == 0) as u8)
+        .collect();
+    let input = dir.path().join("in.safetensors");
+    write(
+        &input,
+        vec![
+            ("q", Dtype::F32, vec![b, hq, l, d], le(&q, f32::to_le_bytes)),
+            (
+                "k",
+                Dtype::F32,
+                vec![b, hkv, l, d],
+                le(&k, f32::to_le_bytes),
+            ),
+            (
+                "v",
+                Dtype::F32,
+                vec![b, hkv, l, d],
+                le(&v, f32::to_le_bytes),
+            ),
+            (
+                "dout",
+                Dtype::F32,
+                vec![b, hq, l, d],
+                le(&dout, f32::to_le_bytes),
+            ),
+            (
+                "key_lengths",
+                Dtype::I64,
+                vec![b],
+                le(&key_lengths, i64::to_le_bytes),
+            ),
+            (
+                "doc_ids",
+                Dtype::I64,
+                vec![b, l],
+                le(&doc_ids, i64::to_le_bytes),
+            ),
+            ("mask", Dtype::U8, vec![1, hq, l, l], mask_u8.clone()),
+        ],
+    );
+    let output = dir.path().join("out.safetensors");
+    let expr = "causal & key-padding&documents & dense & window(12, 0)";
+    let run = bin()
+        .args([
+            "attend",
+            input.to_str().unwrap(),
+            "-o",
+            output.to_str().unwrap(),
+            "--mask",
+            expr,
+            "--scale",
+            "0.3",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let bytes = std::fs::read(&output).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("lse").unwrap().shape(), &[b, hq, l]);
+    assert_eq!(st.tensor("dk").unwrap().shape(), &[b, hkv, l, d]);
+
+    // The same mask built by hand, evaluated by the reference.
+    let allowed: Vec<bool> = mask_u8.iter().map(|&x| x != 0).collect();
+    let mask = Mask::causal()
+        & Mask::key_lengths(vec![45, 30])
+        & Mask::documents(doc_ids, b)
+        & Mask::dense(DenseMask::new(allowed, [1, hq, l, l]).unwrap())
+        & Mask::window(12, 0);
+    let (qv, kv, vv) = (
+        View::bhld("q", &q, [b, hq, l, d]).unwrap(),
+        View::bhld("k", &k, [b, hkv, l, d]).unwrap(),
+        View::bhld("v", &v, [b, hkv, l, d]).unwrap(),
+    );
+    let dv = View::bhld("dout", &dout, [b, hq, l, d]).unwrap();
+    let s = Some(0.3);
+    let g = reference::forward::<f64>(&qv, &kv, &vv, None, &mask, s).unwrap();
+    let n = reference::forward::<f32>(&qv, &kv, &vv, None, &mask, s).unwrap();
+    assert_close("out", &read_f32(&st, "out"), &g.out, &n.out);
+    let lse = read_f32(&st, "lse");
+    assert_close("lse", &lse, &g.lse, &n.lse);
+    // Head 1 of every batch row: query 0 sees only key 0, which the dense mask hides.
+    assert_eq!(lse[l], f32::NEG_INFINITY);
+    let gg = reference::backward::<f64>(&qv, &kv, &vv, None, &mask, s, &dv).unwrap();
+    let ng = reference::backward::<f32>(&qv, &kv, &vv, None, &mask, s, &dv).unwrap();
+    assert_close("dq", &read_f32(&st, "dq"), &gg.dq, &ng.dq);
+    assert_close("dk", &read_f32(&st, "dk"), &gg.dk, &ng.dk);
+    assert_close("dv", &read_f32(&st, "dv"), &gg.dv, &ng.dv);
+}
+
+#[test]
+fn attend_without_dout_writes_only_the_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    let x = values(3 * 8, 9);
+    write(
+        &input,
+        vec![
+            ("q", Dtype::F32, vec![1, 1, 3, 8], le(&x, f32::to_le_bytes)),
+            ("k", Dtype::F32, vec![1, 1, 3, 8], le(&x, f32::to_le_bytes)),
+            ("v", Dtype::F32, vec![1, 1, 3, 8], le(&x, f32::to_le_bytes)),
+        ],
+    );
+    let output = dir.path().join("out.safetensors");
+    let run = bin()
+        .args([
+            "attend",
+            input.to_str().unwrap(),
+            "-o",
+            output.to_str().unwrap(),
+            "--mask",
+            "causal-top-left",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let bytes = std::fs::read(&output).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut names = st.names();
+    names.sort();
+    assert_eq!(names, vec!["lse", "out"]);
+    // Query 0 sees only key 0: its output is v_0 exactly (up to rounding of 1.0 · v).
+    let out = read_f32(&st, "out");
+    for c in 0..8 {
+        assert!((out[c] - x[c]).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn attend_reports_bad_input_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = values(2 * 4 * 8, 5);
+    let good = dir.path().join("in.safetensors");
+    let bad_v = dir.path().join("bad_v.safetensors");
+    let bad_dtype = dir.path().join("bad_dtype.safetensors");
+    for (path, v_shape, k_dtype) in [
+        (&good, vec![1, 2, 4, 8], Dtype::F32),
+        (&bad_v, vec![1, 1, 4, 8], Dtype::F32),
+        (&bad_dtype, vec![1, 2, 4, 8], Dtype::I32),
+    ] {
+        let n: usize = v_shape.iter().product();
+        write(
+            path,
+            vec![
+                ("q", Dtype::F32, vec![1, 2, 4, 8], le(&x, f32::to_le_bytes)),
+                ("k", k_dtype, vec![1, 2, 4, 8], le(&x, f32::to_le_bytes)),
+                ("v", Dtype::F32, v_shape, le(&x[..n], f32::to_le_bytes)),
+            ],
+        );
+    }
+    let garbage = dir.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"not a tensor file").unwrap();
+    let out = dir.path().join("o.safetensors");
+    let cases: Vec<(&Path, &str, &str)> = vec![
+        (&bad_v, "full", "must have the same shape"),
+        (&bad_dtype, "full", "tensor `k` is I32, expected F32"),
+        (&good, "key-padding", "key_lengths"),
+        (&good, "documents", "doc_ids"),
+        (&good, "dense", "`mask` is missing"),
+        (&good, "causal & sideways", "unknown mask term"),
+        (&garbage, "full", "not a safetensors file"),
+        (Path::new("/nonexistent/x.safetensors"), "full", "reading"),
+    ];
+    for (input, expr, want) in cases {
+        let run = bin()
+            .args([
+                "attend",
+                input.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--mask",
+                expr,
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{expr}: should fail");
+        assert!(err.contains(want), "{expr}: expected `{want}` in: {err}");
+        assert!(err.starts_with("error: "), "{expr}: {err}");
+        assert!(!err.contains("panicked"), "{expr}: {err}");
+    }
+    assert!(!out.exists(), "no output may be written on error");
+}
