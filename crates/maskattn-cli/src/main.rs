@@ -1,11 +1,16 @@
 //! The `maskattn` command-line program.
 
+mod alloc_count;
 mod attend;
+mod bench;
 mod demo;
 mod mask_expr;
 mod tensors;
 
 use std::process::ExitCode;
+
+#[global_allocator]
+static ALLOC: alloc_count::Counting = alloc_count::Counting;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -31,6 +36,9 @@ enum Command {
     /// Every mask kind on a built-in shape: fast kernels against the f64 reference, with
     /// the accuracy rule, the work each mask saves, and the time taken.
     Demo(demo::DemoArgs),
+    /// Time the kernels: median ms, GFLOP/s, fraction of the machine's practical peak,
+    /// tiles skipped, extra memory (`--suite` for the whole grid).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,5 +61,6 @@ fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Attend(a) => attend::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }

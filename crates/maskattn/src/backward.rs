@@ -1,21 +1,22 @@
 //! The backward kernel: recomputes `P` tile by tile from the forward's `LSE`.
 //!
-//! Two passes, each owning what it writes, so no thread ever adds into another's result:
-//! 1. over key tiles (per `(b, kv head)`): `dK`, `dV` of that tile, summed over the query
-//!    heads that share the kv head (GQA) and over the non-empty query tiles;
-//! 2. over query tiles (per `(b, q head)`): `dQ` of that tile, over the non-empty key tiles.
-//!
-//! Every sum runs in a fixed order that does not depend on scheduling, so the gradients are
-//! bit-identical run to run and for any number of threads (the deterministic mode is the only
-//! mode). The price is recomputing `Q·Kᵀ` and `dO·Vᵀ` in the second pass.
+//! Work is split into tasks of (batch row, kv head, chunk of key tiles). A task owns the
+//! `dK`, `dV` of its key tiles outright and accumulates `dQ` of the query heads it serves in
+//! a buffer of its own; the chunks' `dQ` buffers are added in chunk order at the end. The
+//! number of chunks depends on the shape only, and every sum runs in a fixed order, so the
+//! gradients are bit-identical run to run and for any number of threads: the deterministic
+//! mode is the only mode.
 
 use rayon::prelude::*;
 
 use crate::bias::Bias;
 use crate::block::{BlockMask, Tile};
 use crate::error::{AttnError, Result};
+use crate::gemm::{gemm, Strided};
+use crate::pack::{self, pad16};
 use crate::shape::AttnDims;
-use crate::tile::{axpy, dot, scores, visible, TilePos};
+use crate::simd::{current_isa, dispatch, Simd};
+use crate::tile::{axpy, exp_row, lane_bits, mask_row, visible};
 use crate::view::{Element, View};
 
 /// `dq` like q `[B, H_q, L_q, d]`; `dk`, `dv` like k and v `[B, H_kv, L_k, d]`.
@@ -26,7 +27,13 @@ pub struct Grads {
     pub dv: Vec<f32>,
 }
 
-/// What both passes share: inputs, shape, scale and `D_i = dO_i · O_i`.
+/// Chunks of key tiles per (b, kv head) aim for this many tasks in all, so that a call with
+/// few heads still spreads over the cores...
+const TARGET_TASKS: usize = 16;
+/// ...but their private `dQ` buffers stay under this many bytes per (b, kv head).
+const CHUNK_DQ_BYTES: usize = 32 << 20;
+
+/// Everything the tasks share.
 struct Ctx<'a, 'b, T> {
     q: &'a View<'b, T>,
     k: &'a View<'b, T>,
@@ -38,31 +45,39 @@ struct Ctx<'a, 'b, T> {
     delta: Vec<f32>,
     dims: AttnDims,
     scale: f32,
+    g: Geom,
 }
 
-/// Per-thread scratch for one (query tile, key tile) pair.
+#[derive(Clone, Copy)]
+struct Geom {
+    d: usize,
+    d_pad: usize,
+    tk: usize,
+    tk_pad: usize,
+    words: usize,
+}
+
+/// Scratch of one task: one key tile in three layouts, its gradients, one query tile and
+/// its `dO`, and the `P`, `dS` tiles.
 struct Scratch {
+    k: Vec<f32>,
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    k_fix: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
     q: Vec<f32>,
     dout: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    /// Scores, then `P`.
     p: Vec<f32>,
-    /// `dS`.
     ds: Vec<f32>,
+    bias: Vec<f32>,
+    seen: Vec<u64>,
 }
 
-impl Scratch {
-    fn new(tq: usize, tk: usize, d: usize) -> Self {
-        Scratch {
-            q: vec![0.0; tq * d],
-            dout: vec![0.0; tq * d],
-            k: vec![0.0; tk * d],
-            v: vec![0.0; tk * d],
-            p: vec![0.0; tq * tk],
-            ds: vec![0.0; tq * tk],
-        }
-    }
+/// What one task hands back: its `dQ` buffer (`group · L_q × d_pad`) and its key tiles' gradients.
+struct ChunkResult {
+    dq: Vec<f32>,
+    tiles: Vec<(usize, Vec<f32>, Vec<f32>)>,
 }
 
 /// Masked attention backward: gradients of `q`, `k`, `v` given the forward's `out` and `lse`
@@ -102,16 +117,24 @@ pub fn backward<T: Element>(
 
     // D_i = dO_i · O_i, one per query row.
     let mut delta = vec![0f32; batch * q_heads * lq];
+    let isa = current_isa();
     delta.par_chunks_mut(lq).enumerate().for_each(|(bh, dl)| {
         let (b, h) = (bh / q_heads, bh % q_heads);
         let (mut o, mut g) = (vec![0f32; d], vec![0f32; d]);
         for (i, x) in dl.iter_mut().enumerate() {
             out.load_rows(b, h, i, &mut o);
             dout.load_rows(b, h, i, &mut g);
-            *x = dot(&o, &g);
+            *x = dispatch!(isa => dot_in_order(a: &[f32] = &o, b: &[f32] = &g) -> f32);
         }
     });
 
+    let g = Geom {
+        d,
+        d_pad: pad16(d),
+        tk: block.tile_k(),
+        tk_pad: pad16(block.tile_k()),
+        words: block.words(),
+    };
     let ctx = Ctx {
         q,
         k,
@@ -123,162 +146,307 @@ pub fn backward<T: Element>(
         delta,
         dims,
         scale,
+        g,
     };
-    let (tq, tk) = (block.tile_q(), block.tile_k());
-
-    let mut dk = vec![0f32; batch * kv_heads * lk * d];
-    let mut dv = vec![0f32; batch * kv_heads * lk * d];
-    dk.par_chunks_mut(lk * d)
-        .zip(dv.par_chunks_mut(lk * d))
-        .enumerate()
-        .flat_map(|(bhk, (dk, dv))| {
-            dk.par_chunks_mut(tk * d)
-                .zip(dv.par_chunks_mut(tk * d))
-                .enumerate()
-                .map(move |(kt, (dk, dv))| (bhk, kt, dk, dv))
-        })
-        .for_each_init(
-            || Scratch::new(tq, tk, d),
-            |sc, (bhk, kt, dk, dv)| ctx.key_tile(bhk / kv_heads, bhk % kv_heads, kt, dk, dv, sc),
-        );
+    let group = dims.group();
+    let nk = block.grid().1;
+    let dq_bytes = group * lq * g.d_pad * 4;
+    let chunks = TARGET_TASKS
+        .div_ceil(batch * kv_heads)
+        .min(CHUNK_DQ_BYTES / dq_bytes.max(1))
+        .clamp(1, nk);
 
     let mut dq = vec![0f32; batch * q_heads * lq * d];
-    dq.par_chunks_mut(lq * d)
+    let mut dk = vec![0f32; batch * kv_heads * lk * d];
+    let mut dv = vec![0f32; batch * kv_heads * lk * d];
+    dq.par_chunks_mut(group * lq * d)
+        .zip(dk.par_chunks_mut(lk * d))
+        .zip(dv.par_chunks_mut(lk * d))
         .enumerate()
-        .flat_map(|(bh, dq)| {
-            dq.par_chunks_mut(tq * d)
-                .enumerate()
-                .map(move |(qt, dq)| (bh, qt, dq))
-        })
-        .for_each_init(
-            || Scratch::new(tq, tk, d),
-            |sc, (bh, qt, dq)| ctx.query_tile(bh / q_heads, bh % q_heads, qt, dq, sc),
-        );
-
+        .for_each(|(bhk, ((dq, dk), dv))| {
+            let (b, hk) = (bhk / kv_heads, bhk % kv_heads);
+            let results: Vec<ChunkResult> = (0..chunks)
+                .into_par_iter()
+                .map(|c| ctx.chunk(b, hk, c, chunks))
+                .collect();
+            // dQ = s · Σ_chunks (dS · K), summed in chunk order.
+            for (r, dst) in dq.chunks_exact_mut(d).enumerate() {
+                let row = r * g.d_pad;
+                for (x, o) in dst.iter_mut().enumerate() {
+                    let sum = results.iter().fold(0f32, |a, c| a + c.dq[row + x]);
+                    *o = scale * sum;
+                }
+            }
+            for (kt, dkt, dvt) in results.iter().flat_map(|c| &c.tiles) {
+                let j0 = kt * g.tk;
+                let cols = (lk - j0).min(g.tk);
+                for c in 0..cols {
+                    let src = c * g.d_pad..c * g.d_pad + d;
+                    dk[(j0 + c) * d..(j0 + c + 1) * d].copy_from_slice(&dkt[src.clone()]);
+                    dv[(j0 + c) * d..(j0 + c + 1) * d].copy_from_slice(&dvt[src]);
+                }
+            }
+        });
     Ok(Grads { dq, dk, dv })
 }
 
 impl<T: Element> Ctx<'_, '_, T> {
-    /// Fills `sc.p` with `P` and `sc.ds` with `dS` for query tile `qt` of head `h` against the
-    /// key tile already in `sc.k`, `sc.v`. Hidden pairs and rows that see nothing get exactly 0.
-    fn probs_and_ds(&self, tile: Tile, pos: &TilePos, sc: &mut Scratch) {
-        let d = self.dims.d;
-        let (tk, words) = (self.block.tile_k(), self.block.words());
-        let row0 = (pos.b * self.dims.q_heads + pos.h) * self.dims.lq + pos.i0;
-        self.q
-            .load_rows(pos.b, pos.h, pos.i0, &mut sc.q[..pos.rows * d]);
-        self.dout
-            .load_rows(pos.b, pos.h, pos.i0, &mut sc.dout[..pos.rows * d]);
-        // x_ij, −∞ where hidden
-        scores(
-            &sc.q, &sc.k, d, self.scale, self.bias, tile, words, pos, tk, &mut sc.p,
-        );
-        for r in 0..pos.rows {
-            let (lse, delta) = (self.lse[row0 + r], self.delta[row0 + r]);
-            let p = &mut sc.p[r * tk..r * tk + pos.cols];
-            let ds = &mut sc.ds[r * tk..r * tk + pos.cols];
-            if lse == f32::NEG_INFINITY {
-                p.fill(0.0); // the row sees nothing: no gradient flows through it
-                ds.fill(0.0);
-                continue;
-            }
-            let g = &sc.dout[r * d..(r + 1) * d];
-            for c in 0..pos.cols {
-                if visible(tile, words, r, c) {
-                    // P_ij = exp(x_ij − LSE_i); dS_ij = P_ij (dO_i · v_j − D_i)
-                    p[c] = (p[c] - lse).exp();
-                    ds[c] = p[c] * (dot(g, &sc.v[c * d..(c + 1) * d]) - delta);
-                } else {
-                    p[c] = 0.0;
-                    ds[c] = 0.0;
-                }
-            }
-        }
-    }
-
-    /// Pass 1: `dK`, `dV` for key tile `kt` of kv head `(b, hk)`; `dk`, `dv` are `cols × d`.
-    fn key_tile(
-        &self,
-        b: usize,
-        hk: usize,
-        kt: usize,
-        dk: &mut [f32],
-        dv: &mut [f32],
-        sc: &mut Scratch,
-    ) {
-        let AttnDims { lq, d, .. } = self.dims;
-        let (tq, tk, words) = (self.block.tile_q(), self.block.tile_k(), self.block.words());
-        let j0 = kt * tk;
-        let cols = dk.len() / d;
-        self.k.load_rows(b, hk, j0, &mut sc.k[..cols * d]);
-        self.v.load_rows(b, hk, j0, &mut sc.v[..cols * d]);
+    /// Key tiles `c, c + chunks, …` of kv head `(b, hk)` (interleaved, so that a causal
+    /// mask's work is shared evenly).
+    fn chunk(&self, b: usize, hk: usize, c: usize, chunks: usize) -> ChunkResult {
+        let g = self.g;
+        let (tq, lq, lk) = (self.block.tile_q(), self.dims.lq, self.dims.lk);
         let group = self.dims.group();
-        for h in hk * group..(hk + 1) * group {
-            for qt in 0..self.block.grid().0 {
-                let tile = self.block.tile(b, h, qt, kt);
-                if let Tile::Empty = tile {
-                    continue;
+        let (nq, nk) = self.block.grid();
+        let tile = g.tk_pad * g.d_pad;
+        let mut sc = Scratch {
+            k: vec![0.0; tile],
+            kt: vec![0.0; tile],
+            vt: vec![0.0; tile],
+            k_fix: vec![0.0; tile],
+            dk: vec![0.0; tile],
+            dv: vec![0.0; tile],
+            q: vec![0.0; tq * g.d_pad],
+            dout: vec![0.0; tq * g.d_pad],
+            p: vec![0.0; tq * g.tk_pad],
+            ds: vec![0.0; tq * g.tk_pad],
+            bias: vec![
+                0.0;
+                if self.bias.is_some() {
+                    tq * g.tk_pad
+                } else {
+                    0
                 }
-                let i0 = qt * tq;
-                let pos = TilePos {
-                    b,
-                    h,
-                    i0,
-                    j0,
-                    rows: (lq - i0).min(tq),
-                    cols,
-                };
-                self.probs_and_ds(tile, &pos, sc);
-                for r in 0..pos.rows {
-                    let (qr, gr) = (&sc.q[r * d..(r + 1) * d], &sc.dout[r * d..(r + 1) * d]);
-                    for c in 0..cols {
-                        if visible(tile, words, r, c) {
-                            // dV_j += P_ij dO_i ; dK_j += s dS_ij q_i
-                            axpy(sc.p[r * tk + c], gr, &mut dv[c * d..(c + 1) * d]);
-                            axpy(
-                                self.scale * sc.ds[r * tk + c],
-                                qr,
-                                &mut dk[c * d..(c + 1) * d],
-                            );
-                        }
-                    }
+            ],
+            seen: vec![0; g.words],
+        };
+        let mut dq = vec![0f32; group * lq * g.d_pad];
+        let mut tiles = Vec::new();
+        for kt in (c..nk).step_by(chunks) {
+            let j0 = kt * g.tk;
+            let cols = (lk - j0).min(g.tk);
+            pack::rows(self.k, b, hk, j0, cols, g.d_pad, 1.0, &mut sc.k);
+            sc.k[cols * g.d_pad..].fill(0.0);
+            pack::transposed(self.k, b, hk, j0, cols, g.tk_pad, g.d_pad, &mut sc.kt);
+            pack::transposed(self.v, b, hk, j0, cols, g.tk_pad, g.d_pad, &mut sc.vt);
+            let k_finite = pack::all_finite(&sc.k);
+            sc.dk.fill(0.0);
+            sc.dv.fill(0.0);
+            for hi in 0..group {
+                let h = hk * group + hi;
+                for qt in 0..nq {
+                    let bits = match self.block.tile(b, h, qt, kt) {
+                        Tile::Empty => continue,
+                        Tile::Full => None,
+                        Tile::Partial(bits) => Some(bits),
+                    };
+                    let i0 = qt * tq;
+                    let rows = (lq - i0).min(tq);
+                    self.pair(
+                        &mut sc,
+                        &mut dq[(hi * lq + i0) * g.d_pad..],
+                        b,
+                        h,
+                        i0,
+                        rows,
+                        j0,
+                        cols,
+                        bits,
+                        k_finite,
+                    );
                 }
             }
+            tiles.push((kt, sc.dk.clone(), sc.dv.clone()));
         }
+        ChunkResult { dq, tiles }
     }
 
-    /// Pass 2: `dQ` for query tile `qt` of head `(b, h)`; `dq` is `rows × d`.
-    fn query_tile(&self, b: usize, h: usize, qt: usize, dq: &mut [f32], sc: &mut Scratch) {
-        let AttnDims { lk, d, .. } = self.dims;
-        let (tq, tk, words) = (self.block.tile_q(), self.block.tile_k(), self.block.words());
-        let hk = h / self.dims.group();
-        let i0 = qt * tq;
-        let rows = dq.len() / d;
-        for kt in 0..self.block.grid().1 {
-            let tile = self.block.tile(b, h, qt, kt);
-            if let Tile::Empty = tile {
+    /// One (query tile, key tile) pair: loads the query side, then runs the vector step.
+    #[allow(clippy::too_many_arguments)]
+    fn pair(
+        &self,
+        sc: &mut Scratch,
+        dq: &mut [f32],
+        b: usize,
+        h: usize,
+        i0: usize,
+        rows: usize,
+        j0: usize,
+        cols: usize,
+        bits: Option<&[u64]>,
+        k_finite: bool,
+    ) {
+        let g = &self.g;
+        // s·Q: then x = (s·Q)·Kᵀ and dK = dSᵀ·(s·Q) carry the scale for free.
+        pack::rows(self.q, b, h, i0, rows, g.d_pad, self.scale, &mut sc.q);
+        pack::rows(self.dout, b, h, i0, rows, g.d_pad, 1.0, &mut sc.dout);
+        let tile_bias = self.bias.map(|bs| {
+            bs.tile(b, h, i0, rows, j0, cols, g.tk_pad, &mut sc.bias);
+            &sc.bias[..]
+        });
+        // As in the forward: keys that no row of this tile sees are zeroed before dS·K, and a
+        // non-finite key some rows see and others don't sends dQ down the select path.
+        let mut k_tile = &sc.k[..];
+        let mut exact = false;
+        if let (Some(bits), false) = (bits, k_finite) {
+            pack::seen_columns(bits, g.words, rows, &mut sc.seen);
+            sc.k_fix.copy_from_slice(&sc.k);
+            pack::zero_unseen_rows(&mut sc.k_fix, g.d_pad, cols, &sc.seen);
+            exact = !pack::all_finite(&sc.k_fix);
+            k_tile = &sc.k_fix;
+        }
+        let row0 = (b * self.dims.q_heads + h) * self.dims.lq + i0;
+        let isa = current_isa();
+        dispatch!(isa => step(
+            g: &Geom = g,
+            rows: usize = rows,
+            cols: usize = cols,
+            lse: &[f32] = &self.lse[row0..row0 + rows],
+            delta: &[f32] = &self.delta[row0..row0 + rows],
+            q: &[f32] = &sc.q,
+            dout: &[f32] = &sc.dout,
+            k: &[f32] = k_tile,
+            kt: &[f32] = &sc.kt,
+            vt: &[f32] = &sc.vt,
+            bits: Option<&[u64]> = bits,
+            bias: Option<&[f32]> = tile_bias,
+            exact: bool = exact,
+            p: &mut [f32] = &mut sc.p,
+            ds: &mut [f32] = &mut sc.ds,
+            dk: &mut [f32] = &mut sc.dk,
+            dv: &mut [f32] = &mut sc.dv,
+            dq: &mut [f32] = dq,
+        ));
+    }
+}
+
+/// `a · b` as one fused multiply-add chain in feature order: the rounding of every entry of
+/// the micro-kernel's products. `D_i` computed this way cancels `dP_ij` exactly where the
+/// mathematics says it does (a row with one visible key has `dS = 0`, as in the reference).
+#[inline(always)]
+unsafe fn dot_in_order<S: Simd>(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .fold(0.0, |acc, (&x, &y)| unsafe { S::fma1(x, y, acc) })
+}
+
+/// The five products of one (query tile, key tile) pair. `q` is `s·Q`; `dq` receives
+/// `dS·K` (the caller applies `s`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn step<S: Simd>(
+    g: &Geom,
+    rows: usize,
+    cols: usize,
+    lse: &[f32],
+    delta: &[f32],
+    q: &[f32],
+    dout: &[f32],
+    k: &[f32],
+    kt: &[f32],
+    vt: &[f32],
+    bits: Option<&[u64]>,
+    bias: Option<&[f32]>,
+    exact: bool,
+    p: &mut [f32],
+    ds: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dq: &mut [f32],
+) {
+    let (tk_pad, d_pad, words) = (g.tk_pad, g.d_pad, g.words);
+    let rowwise = |ptr: *const f32, ld: usize| Strided { ptr, rs: ld, cs: 1 };
+    let colwise = |ptr: *const f32, ld: usize| Strided { ptr, rs: 1, cs: ld };
+    unsafe {
+        // x = (s·Q)·Kᵀ ; P = e^(x − LSE), 0 where hidden or where the row sees nothing.
+        gemm::<S>(
+            rows,
+            tk_pad,
+            g.d,
+            rowwise(q.as_ptr(), d_pad),
+            kt.as_ptr(),
+            tk_pad,
+            p.as_mut_ptr(),
+            tk_pad,
+            false,
+        );
+        // dP = dO·Vᵀ
+        gemm::<S>(
+            rows,
+            tk_pad,
+            g.d,
+            rowwise(dout.as_ptr(), d_pad),
+            vt.as_ptr(),
+            tk_pad,
+            ds.as_mut_ptr(),
+            tk_pad,
+            false,
+        );
+        for r in 0..rows {
+            let pr = &mut p[r * tk_pad..(r + 1) * tk_pad];
+            let dsr = &mut ds[r * tk_pad..(r + 1) * tk_pad];
+            if lse[r] == f32::NEG_INFINITY {
+                pr.fill(0.0);
+                dsr.fill(0.0);
                 continue;
             }
-            let j0 = kt * tk;
-            let cols = (lk - j0).min(tk);
-            self.k.load_rows(b, hk, j0, &mut sc.k[..cols * d]);
-            self.v.load_rows(b, hk, j0, &mut sc.v[..cols * d]);
-            let pos = TilePos {
-                b,
-                h,
-                i0,
-                j0,
+            let brow = bias.map(|b| &b[r * tk_pad..(r + 1) * tk_pad]);
+            mask_row::<S>(pr, brow, bits, words, r, cols);
+            exp_row::<S>(pr, lse[r]);
+            // dS = P ∘ (dP − D), selected to 0 where hidden (dP may be NaN there).
+            let dv_ = S::splat(delta[r]);
+            let zero = S::splat(0.0);
+            for c0 in (0..tk_pad).step_by(S::W) {
+                let pv = S::load(pr.as_ptr().add(c0));
+                let x = S::mul(pv, S::sub(S::load(dsr.as_ptr().add(c0)), dv_));
+                let vis = lane_bits::<S>(bits, words, r, c0, cols);
+                S::store(dsr.as_mut_ptr().add(c0), S::select(vis, x, zero));
+            }
+        }
+        // dV += Pᵀ·dO ; dK += dSᵀ·(s·Q)
+        gemm::<S>(
+            cols,
+            d_pad,
+            rows,
+            colwise(p.as_ptr(), tk_pad),
+            dout.as_ptr(),
+            d_pad,
+            dv.as_mut_ptr(),
+            d_pad,
+            true,
+        );
+        gemm::<S>(
+            cols,
+            d_pad,
+            rows,
+            colwise(ds.as_ptr(), tk_pad),
+            q.as_ptr(),
+            d_pad,
+            dk.as_mut_ptr(),
+            d_pad,
+            true,
+        );
+        // dQ += dS·K
+        if !exact {
+            gemm::<S>(
                 rows,
+                d_pad,
                 cols,
-            };
-            self.probs_and_ds(tile, &pos, sc);
+                rowwise(ds.as_ptr(), tk_pad),
+                k.as_ptr(),
+                d_pad,
+                dq.as_mut_ptr(),
+                d_pad,
+                true,
+            );
+        } else {
             for r in 0..rows {
-                let g = &mut dq[r * d..(r + 1) * d];
-                for c in 0..cols {
-                    if visible(tile, words, r, c) {
-                        // dQ_i += s dS_ij k_j (hidden keys skipped: they may hold NaN)
-                        axpy(self.scale * sc.ds[r * tk + c], &sc.k[c * d..(c + 1) * d], g);
-                    }
+                for c in (0..cols).filter(|&c| visible(bits, words, r, c)) {
+                    axpy::<S>(
+                        ds[r * tk_pad + c],
+                        &k[c * d_pad..(c + 1) * d_pad],
+                        &mut dq[r * d_pad..(r + 1) * d_pad],
+                    );
                 }
             }
         }

@@ -48,6 +48,31 @@ impl<'a> Bias<'a> {
         &self.data[start..start + dk]
     }
 
+    /// The bias of tile rows `i0..i0 + rows` and columns `j0..j0 + cols` into `out`
+    /// (`rows × ld`, padding columns 0).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn tile(
+        &self,
+        b: usize,
+        h: usize,
+        i0: usize,
+        rows: usize,
+        j0: usize,
+        cols: usize,
+        ld: usize,
+        out: &mut [f32],
+    ) {
+        for (r, dst) in out[..rows * ld].chunks_exact_mut(ld).enumerate() {
+            let row = self.row(b, h, i0 + r);
+            if row.len() == 1 {
+                dst[..cols].fill(row[0]);
+            } else {
+                dst[..cols].copy_from_slice(&row[j0..j0 + cols]);
+            }
+            dst[cols..].fill(0.0);
+        }
+    }
+
     #[inline]
     pub(crate) fn get(&self, b: usize, h: usize, i: usize, j: usize) -> f32 {
         let row = self.row(b, h, i);

@@ -1,13 +1,17 @@
 //! The forward kernel: online softmax ("flash") over the non-empty key tiles of each query
-//! tile. Extra memory is a few tiles per thread, never `L_q × L_k`.
+//! tile. Extra memory: the packed keys and values of the kv heads being worked on (O(L_k·d))
+//! and a few tiles per thread — never `L_q × L_k`.
 
 use rayon::prelude::*;
 
 use crate::bias::Bias;
 use crate::block::{BlockMask, Tile};
 use crate::error::Result;
+use crate::gemm::{gemm, Strided};
+use crate::pack::{self, pad16};
 use crate::shape::AttnDims;
-use crate::tile::{axpy, scores, visible, TilePos};
+use crate::simd::{current_isa, dispatch, Simd};
+use crate::tile::{axpy, exp_row, mask_row, scale as scale_row, visible};
 use crate::view::{Element, View};
 
 /// `out [B, H_q, L_q, d]` and `lse [B, H_q, L_q]` (−∞ where a row allows nothing).
@@ -17,15 +21,34 @@ pub struct Forward {
     pub lse: Vec<f32>,
 }
 
-/// Per-thread scratch: one query tile, one key and value tile, one score tile, the running
-/// statistics and the output accumulator.
+/// Keys and values of one `(b, kv head)`, packed once for every query tile that reads them:
+/// `Kᵀ` per key tile (`d_pad × tk_pad`) and `V` rows (`tk_pad × d_pad` per tile).
+struct PackedKv {
+    kt: Vec<f32>,
+    v: Vec<f32>,
+    v_finite: Vec<bool>,
+}
+
+/// Per-thread scratch for one query tile.
 struct Scratch {
     q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
     s: Vec<f32>,
+    o: Vec<f32>,
     m: Vec<f32>,
     l: Vec<f32>,
+    bias: Vec<f32>,
+    v_fix: Vec<f32>,
+    seen: Vec<u64>,
+}
+
+/// Sizes every step needs.
+#[derive(Clone, Copy)]
+struct Geom {
+    d: usize,
+    d_pad: usize,
+    tk: usize,
+    tk_pad: usize,
+    words: usize,
 }
 
 /// Masked attention forward. `q [B, H_q, L_q, d]`, `k, v [B, H_kv, L_k, d]` (any strides),
@@ -46,50 +69,101 @@ pub fn forward<T: Element>(
         batch,
         q_heads,
         lq,
+        lk,
         d,
         ..
     } = dims;
     let (tq, tk) = (block.tile_q(), block.tile_k());
+    let g = Geom {
+        d,
+        d_pad: pad16(d),
+        tk,
+        tk_pad: pad16(tk),
+        words: block.words(),
+    };
+    let nk = block.grid().1;
+    let group = dims.group();
     let mut out = vec![0f32; batch * q_heads * lq * d];
     let mut lse = vec![0f32; batch * q_heads * lq];
 
-    // One task per (b, h, query tile); each owns its slice of `out` and `lse`.
-    let tasks = out
-        .par_chunks_mut(lq * d)
-        .zip(lse.par_chunks_mut(lq))
+    // Outer tasks: one (b, kv head) each, owning the outputs of the query heads it serves.
+    out.par_chunks_mut(group * lq * d)
+        .zip(lse.par_chunks_mut(group * lq))
         .enumerate()
-        .flat_map(|(bh, (o, l))| {
-            o.par_chunks_mut(tq * d)
-                .zip(l.par_chunks_mut(tq))
+        .for_each(|(bhk, (out, lse))| {
+            let (b, hk) = (bhk / dims.kv_heads, bhk % dims.kv_heads);
+            let kv = pack_kv(k, v, b, hk, lk, nk, &g);
+            // Inner tasks: one (query head of the group, query tile) each.
+            out.par_chunks_mut(lq * d)
+                .zip(lse.par_chunks_mut(lq))
                 .enumerate()
-                .map(move |(qt, (o, l))| (bh, qt, o, l))
+                .flat_map(|(hi, (o, l))| {
+                    o.par_chunks_mut(tq * d)
+                        .zip(l.par_chunks_mut(tq))
+                        .enumerate()
+                        .map(move |(qt, (o, l))| (hk * group + hi, qt, o, l))
+                })
+                .for_each_init(
+                    || Scratch {
+                        q: vec![0.0; tq * g.d_pad],
+                        s: vec![0.0; tq * g.tk_pad],
+                        o: vec![0.0; tq * g.d_pad],
+                        m: vec![0.0; tq],
+                        l: vec![0.0; tq],
+                        bias: vec![0.0; if bias.is_some() { tq * g.tk_pad } else { 0 }],
+                        v_fix: vec![0.0; g.tk_pad * g.d_pad],
+                        seen: vec![0; g.words],
+                    },
+                    |sc, (h, qt, o, l)| {
+                        query_tile(q, &kv, bias, block, &g, scale, b, h, qt, o, l, sc)
+                    },
+                );
         });
-    tasks.for_each_init(
-        || Scratch {
-            q: vec![0.0; tq * d],
-            k: vec![0.0; tk * d],
-            v: vec![0.0; tk * d],
-            s: vec![0.0; tq * tk],
-            m: vec![0.0; tq],
-            l: vec![0.0; tq],
-        },
-        |sc, (bh, qt, out, lse)| {
-            let (b, h) = (bh / q_heads, bh % q_heads);
-            query_tile(q, k, v, bias, block, &dims, scale, b, h, qt, out, lse, sc);
-        },
-    );
     Ok(Forward { out, lse })
+}
+
+fn pack_kv<T: Element>(
+    k: &View<T>,
+    v: &View<T>,
+    b: usize,
+    hk: usize,
+    lk: usize,
+    nk: usize,
+    g: &Geom,
+) -> PackedKv {
+    let (kt_len, v_len) = (g.d_pad * g.tk_pad, g.tk_pad * g.d_pad);
+    let mut kv = PackedKv {
+        kt: vec![0.0; nk * kt_len],
+        v: vec![0.0; nk * v_len],
+        v_finite: vec![true; nk],
+    };
+    for t in 0..nk {
+        let (j0, cols) = (t * g.tk, (lk - t * g.tk).min(g.tk));
+        pack::transposed(
+            k,
+            b,
+            hk,
+            j0,
+            cols,
+            g.tk_pad,
+            g.d_pad,
+            &mut kv.kt[t * kt_len..],
+        );
+        let vt = &mut kv.v[t * v_len..(t + 1) * v_len];
+        pack::rows(v, b, hk, j0, cols, g.d_pad, 1.0, vt);
+        kv.v_finite[t] = pack::all_finite(vt);
+    }
+    kv
 }
 
 /// One query tile: rows `qt·tile_q ..` of head `(b, h)`; `out` is `rows × d`, `lse` `rows`.
 #[allow(clippy::too_many_arguments)]
 fn query_tile<T: Element>(
     q: &View<T>,
-    k: &View<T>,
-    v: &View<T>,
+    kv: &PackedKv,
     bias: Option<&Bias>,
     block: &BlockMask,
-    dims: &AttnDims,
+    g: &Geom,
     scale: f32,
     b: usize,
     h: usize,
@@ -98,75 +172,159 @@ fn query_tile<T: Element>(
     lse: &mut [f32],
     sc: &mut Scratch,
 ) {
-    let (d, lk) = (dims.d, dims.lk);
-    let (tk, words) = (block.tile_k(), block.words());
-    let hk = h / dims.group();
     let rows = lse.len();
     let i0 = qt * block.tile_q();
-    q.load_rows(b, h, i0, &mut sc.q[..rows * d]);
-    let (m, l) = (&mut sc.m[..rows], &mut sc.l[..rows]);
-    m.fill(f32::NEG_INFINITY);
-    l.fill(0.0);
-    out.fill(0.0); // the accumulator: Σ_j exp(x_ij − m_i) v_j
+    let lk = block.shape().lk;
+    // The scale is folded into Q: x_ij = (s·q_i) · k_j.
+    pack::rows(q, b, h, i0, rows, g.d_pad, scale, &mut sc.q);
+    sc.m[..rows].fill(f32::NEG_INFINITY);
+    sc.l[..rows].fill(0.0);
+    sc.o[..rows * g.d_pad].fill(0.0); // Σ_j e^(x_ij − m_i) v_j, rescaled as m_i grows
 
     for kt in 0..block.grid().1 {
-        let tile = block.tile(b, h, qt, kt);
-        if let Tile::Empty = tile {
-            continue;
-        }
-        let j0 = kt * tk;
-        let cols = (lk - j0).min(tk);
-        k.load_rows(b, hk, j0, &mut sc.k[..cols * d]);
-        v.load_rows(b, hk, j0, &mut sc.v[..cols * d]);
-        let pos = TilePos {
-            b,
-            h,
-            i0,
-            j0,
-            rows,
-            cols,
+        let bits = match block.tile(b, h, qt, kt) {
+            Tile::Empty => continue,
+            Tile::Full => None,
+            Tile::Partial(bits) => Some(bits),
         };
-        // x_ij = s · (q_i · k_j) + β_ij, −∞ where hidden.
-        scores(
-            &sc.q, &sc.k, d, scale, bias, tile, words, &pos, tk, &mut sc.s,
-        );
-
-        for r in 0..rows {
-            let x = &mut sc.s[r * tk..r * tk + cols];
-            let m_tile = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let m_new = m[r].max(m_tile);
-            if m_new == f32::NEG_INFINITY {
-                continue; // nothing visible yet: no −∞ − −∞ anywhere
-            }
-            // Rescale what was accumulated under the old running max (exp(−∞) = 0 at first).
-            let alpha = (m[r] - m_new).exp();
-            let acc = &mut out[r * d..(r + 1) * d];
-            if alpha != 1.0 {
-                acc.iter_mut().for_each(|a| *a *= alpha);
-            }
-            m[r] = m_new;
-            // P̃_ij = exp(x_ij − m_i): 0 for hidden pairs (x = −∞).
-            let mut sum = 0.0;
-            for (c, xv) in x.iter_mut().enumerate() {
-                *xv = (*xv - m_new).exp();
-                sum += *xv;
-                if visible(tile, words, r, c) {
-                    axpy(*xv, &sc.v[c * d..(c + 1) * d], acc);
-                }
-            }
-            l[r] = l[r] * alpha + sum;
+        let j0 = kt * g.tk;
+        let cols = (lk - j0).min(g.tk);
+        let tile_bias = bias.map(|bs| {
+            bs.tile(b, h, i0, rows, j0, cols, g.tk_pad, &mut sc.bias);
+            &sc.bias[..]
+        });
+        let v_len = g.tk_pad * g.d_pad;
+        let mut v_tile = &kv.v[kt * v_len..(kt + 1) * v_len];
+        // Non-finite values in keys no row of this tile sees must not meet a zero weight in
+        // the product (0 · NaN = NaN): zero those rows; if a non-finite value remains in a
+        // key some rows see and others don't, take the per-element (select) path.
+        let mut exact = false;
+        if let (Some(bits), false) = (bits, kv.v_finite[kt]) {
+            pack::seen_columns(bits, g.words, rows, &mut sc.seen);
+            sc.v_fix.copy_from_slice(v_tile);
+            pack::zero_unseen_rows(&mut sc.v_fix, g.d_pad, cols, &sc.seen);
+            exact = !pack::all_finite(&sc.v_fix);
+            v_tile = &sc.v_fix;
         }
+        let kt_tile = &kv.kt[kt * g.d_pad * g.tk_pad..(kt + 1) * g.d_pad * g.tk_pad];
+        let isa = current_isa();
+        dispatch!(isa => step(
+            g: &Geom = g,
+            rows: usize = rows,
+            cols: usize = cols,
+            q: &[f32] = &sc.q,
+            kt: &[f32] = kt_tile,
+            v: &[f32] = v_tile,
+            bits: Option<&[u64]> = bits,
+            bias: Option<&[f32]> = tile_bias,
+            exact: bool = exact,
+            s: &mut [f32] = &mut sc.s,
+            o: &mut [f32] = &mut sc.o,
+            m: &mut [f32] = &mut sc.m,
+            l: &mut [f32] = &mut sc.l,
+        ));
     }
 
-    // O_i = acc / l_i and LSE_i = m_i + ln l_i; a row that saw nothing keeps O = 0, LSE = −∞.
+    // O_i = acc_i / l_i, LSE_i = m_i + ln l_i; a row that saw nothing keeps O = 0, LSE = −∞.
     for r in 0..rows {
-        if l[r] > 0.0 {
-            let inv = 1.0 / l[r];
-            out[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= inv);
-            lse[r] = m[r] + l[r].ln();
+        let dst = &mut out[r * g.d..(r + 1) * g.d];
+        if sc.l[r] > 0.0 {
+            let inv = 1.0 / sc.l[r];
+            for (o, a) in dst.iter_mut().zip(&sc.o[r * g.d_pad..]) {
+                *o = a * inv;
+            }
+            lse[r] = sc.m[r] + sc.l[r].ln();
         } else {
-            out[r * d..(r + 1) * d].fill(0.0);
+            dst.fill(0.0);
             lse[r] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// One (query tile, key tile) step of the online softmax.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn step<S: Simd>(
+    g: &Geom,
+    rows: usize,
+    cols: usize,
+    q: &[f32],
+    kt: &[f32],
+    v: &[f32],
+    bits: Option<&[u64]>,
+    bias: Option<&[f32]>,
+    exact: bool,
+    s: &mut [f32],
+    o: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+) {
+    let (tk_pad, d_pad) = (g.tk_pad, g.d_pad);
+    unsafe {
+        // x = (s·Q) · Kᵀ over the real features (the padding is zero).
+        let qa = Strided {
+            ptr: q.as_ptr(),
+            rs: d_pad,
+            cs: 1,
+        };
+        gemm::<S>(
+            rows,
+            tk_pad,
+            g.d,
+            qa,
+            kt.as_ptr(),
+            tk_pad,
+            s.as_mut_ptr(),
+            tk_pad,
+            false,
+        );
+        for r in 0..rows {
+            let x = &mut s[r * tk_pad..(r + 1) * tk_pad];
+            let brow = bias.map(|b| &b[r * tk_pad..(r + 1) * tk_pad]);
+            let m_tile = mask_row::<S>(x, brow, bits, g.words, r, cols);
+            let m_new = m[r].max(m_tile);
+            if m_new == f32::NEG_INFINITY {
+                x.fill(0.0); // nothing visible yet: P̃ = 0, and no −∞ − −∞
+                continue;
+            }
+            // P̃_ij = e^(x_ij − m_new); rescale what was summed under the old max.
+            let alpha = (m[r] - m_new).exp();
+            let sum = exp_row::<S>(x, m_new);
+            l[r] = l[r] * alpha + sum;
+            if alpha != 1.0 {
+                scale_row::<S>(alpha, &mut o[r * d_pad..(r + 1) * d_pad]);
+            }
+            m[r] = m_new;
+        }
+        // acc += P̃ · V
+        if !exact {
+            let pa = Strided {
+                ptr: s.as_ptr(),
+                rs: tk_pad,
+                cs: 1,
+            };
+            gemm::<S>(
+                rows,
+                d_pad,
+                cols,
+                pa,
+                v.as_ptr(),
+                d_pad,
+                o.as_mut_ptr(),
+                d_pad,
+                true,
+            );
+        } else {
+            for r in 0..rows {
+                for c in (0..cols).filter(|&c| visible(bits, g.words, r, c)) {
+                    let p = s[r * tk_pad + c];
+                    axpy::<S>(
+                        p,
+                        &v[c * d_pad..(c + 1) * d_pad],
+                        &mut o[r * d_pad..(r + 1) * d_pad],
+                    );
+                }
+            }
         }
     }
 }

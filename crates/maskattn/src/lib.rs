@@ -28,9 +28,12 @@ mod block;
 mod classify;
 mod error;
 mod forward;
+mod gemm;
 mod mask;
+mod pack;
 pub mod reference;
 mod shape;
+mod simd;
 mod tile;
 mod view;
 
@@ -40,6 +43,9 @@ pub use block::{BlockMask, BlockStats, Tile, DEFAULT_TILE_K, DEFAULT_TILE_Q};
 pub use classify::TileClass;
 pub use error::{AttnError, Result};
 pub use forward::{forward, Forward};
+/// The `half` crate, whose `bf16` and `f16` are storage types the kernels read.
+pub use half;
 pub use mask::{CausalAlign, DenseMask, Mask, MaskFn, MaskShape};
 pub use shape::AttnDims;
+pub use simd::{current_isa, set_isa, Isa};
 pub use view::{Element, View};

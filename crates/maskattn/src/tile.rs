@@ -1,103 +1,115 @@
-//! Tile-level building blocks shared by the forward and backward kernels: the scaled,
-//! biased and masked score tile, and the two vector primitives everything else is made of.
-//!
-//! A tile holds up to `tile_q` query rows and `tile_k` key columns, each row of `d` features
-//! contiguous in a scratch buffer (loaded from the strided views).
+//! Row operations on a score tile shared by the forward and backward steps: bias, mask
+//! (select, never multiply), row max, exponentials. A score tile is `rows × tk_pad`;
+//! columns at or past `cols` are padding and count as hidden.
 
-use crate::bias::Bias;
-use crate::block::Tile;
+use crate::simd::Simd;
 
-/// `Σ a[x] b[x]`, with independent partial sums so the compiler can keep them in vector
-/// registers instead of one serial chain.
-#[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0f32; LANES];
-    let (a_main, a_tail) = a.split_at(a.len() - a.len() % LANES);
-    let (b_main, b_tail) = b.split_at(a_main.len());
-    for (x, y) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut tail = 0f32;
-    for (x, y) in a_tail.iter().zip(b_tail) {
-        tail += x * y;
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// `y += alpha · x`.
-#[inline]
-pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (yv, xv) in y.iter_mut().zip(x) {
-        *yv += alpha * xv;
-    }
-}
-
-/// Whether column `c` of tile row `r` is allowed, given a partial tile's bitmap.
+/// Visibility bits of lanes `c0 .. c0 + W` of tile row `r`: from the partial tile's bitmap
+/// (all visible in a full tile), and never past the tile's real columns.
 #[inline(always)]
-pub(crate) fn bit(bits: &[u64], words: usize, r: usize, c: usize) -> bool {
-    bits[r * words + c / 64] >> (c % 64) & 1 == 1
-}
-
-/// Where a score tile sits: the (b, h) it belongs to and its first query and key.
-pub(crate) struct TilePos {
-    pub b: usize,
-    pub h: usize,
-    pub i0: usize,
-    pub j0: usize,
-    pub rows: usize,
-    pub cols: usize,
-}
-
-/// `s[r][c] = scale · (q_r · k_c) + bias`, and `−∞` where the tile's bitmap hides the pair.
-/// Hidden pairs are overwritten, not multiplied, so NaN in a hidden key cannot survive.
-/// `s` is `rows × tile_k` (row stride `tile_k`).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn scores(
-    q: &[f32],
-    k: &[f32],
-    d: usize,
-    scale: f32,
-    bias: Option<&Bias>,
-    tile: Tile,
+pub(crate) fn lane_bits<S: Simd>(
+    bits: Option<&[u64]>,
     words: usize,
-    pos: &TilePos,
-    tile_k: usize,
+    r: usize,
+    c0: usize,
+    cols: usize,
+) -> u32 {
+    let all = (1u32 << S::W) - 1;
+    let mut m = match bits {
+        Some(b) => (b[r * words + c0 / 64] >> (c0 % 64)) as u32 & all,
+        None => all,
+    };
+    if c0 + S::W > cols {
+        m &= (1u32 << cols.saturating_sub(c0)) - 1;
+    }
+    m
+}
+
+/// Adds the bias row, sets hidden and padding columns to `−∞` (overwriting whatever a NaN
+/// key produced) and returns the row's maximum.
+///
+/// # Safety
+/// `s` (and `bias`) hold `tk_pad` values; `tk_pad % S::W == 0`.
+#[inline(always)]
+pub(crate) unsafe fn mask_row<S: Simd>(
     s: &mut [f32],
-) {
-    for r in 0..pos.rows {
-        let qr = &q[r * d..(r + 1) * d];
-        let srow = &mut s[r * tile_k..r * tile_k + pos.cols];
-        for (c, sv) in srow.iter_mut().enumerate() {
-            *sv = scale * dot(qr, &k[c * d..(c + 1) * d]);
-        }
-        if let Some(bias) = bias {
-            let brow = bias.row(pos.b, pos.h, pos.i0 + r);
-            if brow.len() == 1 {
-                srow.iter_mut().for_each(|sv| *sv += brow[0]);
-            } else {
-                let brow = &brow[pos.j0..pos.j0 + pos.cols];
-                srow.iter_mut().zip(brow).for_each(|(sv, bv)| *sv += bv);
+    bias: Option<&[f32]>,
+    bits: Option<&[u64]>,
+    words: usize,
+    r: usize,
+    cols: usize,
+) -> f32 {
+    unsafe {
+        let ninf = S::splat(f32::NEG_INFINITY);
+        let mut mx = ninf;
+        for c0 in (0..s.len()).step_by(S::W) {
+            let p = s.as_mut_ptr().add(c0);
+            let mut x = S::load(p);
+            if let Some(bias) = bias {
+                x = S::add(x, S::load(bias.as_ptr().add(c0)));
             }
-        }
-        if let Tile::Partial(bits) = tile {
-            for (c, sv) in srow.iter_mut().enumerate() {
-                if !bit(bits, words, r, c) {
-                    *sv = f32::NEG_INFINITY;
-                }
+            let vis = lane_bits::<S>(bits, words, r, c0, cols);
+            if vis != (1u32 << S::W) - 1 {
+                x = S::select(vis, x, ninf);
             }
+            S::store(p, x);
+            mx = S::max(mx, x);
+        }
+        S::reduce_max(mx)
+    }
+}
+
+/// `s[c] = e^(s[c] − sub)` in place (0 where `s[c] = −∞`); returns the row sum.
+///
+/// # Safety
+/// As for [`mask_row`].
+#[inline(always)]
+pub(crate) unsafe fn exp_row<S: Simd>(s: &mut [f32], sub: f32) -> f32 {
+    unsafe {
+        let subv = S::splat(sub);
+        let mut sum = S::splat(0.0);
+        for c0 in (0..s.len()).step_by(S::W) {
+            let p = s.as_mut_ptr().add(c0);
+            let e = S::exp(S::sub(S::load(p), subv));
+            S::store(p, e);
+            sum = S::add(sum, e);
+        }
+        S::reduce_add(sum)
+    }
+}
+
+/// `y += a · x` over whole vectors (`x.len() % S::W == 0`).
+///
+/// # Safety
+/// `y` is at least as long as `x`.
+#[inline(always)]
+pub(crate) unsafe fn axpy<S: Simd>(a: f32, x: &[f32], y: &mut [f32]) {
+    unsafe {
+        let av = S::splat(a);
+        for c0 in (0..x.len()).step_by(S::W) {
+            let yp = y.as_mut_ptr().add(c0);
+            S::store(yp, S::fma(av, S::load(x.as_ptr().add(c0)), S::load(yp)));
         }
     }
 }
 
-/// Whether pair (r, c) takes part in the products of this tile: always in a full tile,
-/// per bit in a partial one. Products skip the rest (select, never multiply by zero).
+/// `y *= a` over whole vectors.
+///
+/// # Safety
+/// `y.len() % S::W == 0`.
 #[inline(always)]
-pub(crate) fn visible(tile: Tile, words: usize, r: usize, c: usize) -> bool {
-    match tile {
-        Tile::Partial(bits) => bit(bits, words, r, c),
-        _ => true,
+pub(crate) unsafe fn scale<S: Simd>(a: f32, y: &mut [f32]) {
+    unsafe {
+        let av = S::splat(a);
+        for c0 in (0..y.len()).step_by(S::W) {
+            let yp = y.as_mut_ptr().add(c0);
+            S::store(yp, S::mul(av, S::load(yp)));
+        }
     }
+}
+
+/// Whether pair (r, c) is visible in a tile with optional bitmap.
+#[inline(always)]
+pub(crate) fn visible(bits: Option<&[u64]>, words: usize, r: usize, c: usize) -> bool {
+    bits.is_none_or(|b| b[r * words + c / 64] >> (c % 64) & 1 == 1)
 }

@@ -16,6 +16,22 @@ impl Element for f32 {
     }
 }
 
+/// bf16 storage: widened exactly (a bf16 is the top half of an f32).
+impl Element for half::bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+
+/// f16 storage: widened exactly.
+impl Element for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
 /// A view of a 4-d tensor indexed logically as `[batch, head, position, feature]`.
 ///
 /// `strides` are in elements. The view is checked once at construction: every index inside

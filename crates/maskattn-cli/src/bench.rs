@@ -1,0 +1,473 @@
+//! `maskattn bench`: times the kernels on one shape and mask (or the suite of the speed
+//! issue), and reports them as DESIGN.md section 5 asks: median ms, dense and useful
+//! GFLOP/s, the fraction of this machine's practical peak (a large f32 matrix product,
+//! measured on the spot with the same threads), tiles skipped and extra memory.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use maskattn::half::{bf16, f16};
+use maskattn::{BlockMask, DenseMask, Element, Mask, View};
+use serde::Serialize;
+
+use crate::alloc_count;
+use crate::mask_expr::{self, MaskData};
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Shape B,H,L,d (H query heads, L queries).
+    #[arg(long, default_value = "1,8,1024,64", value_parser = parse_shape)]
+    pub shape: [usize; 4],
+    /// Key length (default: L, or the KV cache length for decode).
+    #[arg(long)]
+    pub lk: Option<usize>,
+    /// Key/value heads (grouped-query attention; default: H).
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    /// Mask expression as for `attend`; key-padding hides the last 25% of keys, documents
+    /// packs 4 equal documents, dense is a random half of the pairs.
+    #[arg(long, default_value = "full")]
+    pub mask: String,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Dtype,
+    #[arg(long, value_enum, default_value = "fwd")]
+    pub pass: Pass,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Run the grid of the speed issue (shapes × masks × passes, plus bf16 and decode).
+    #[arg(long)]
+    pub suite: bool,
+    /// Also time the naive path (the f32 reference: materialised scores, one thread).
+    #[arg(long)]
+    pub naive: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Pass {
+    #[value(name = "fwd")]
+    #[serde(rename = "fwd")]
+    Fwd,
+    #[value(name = "fwd+bwd")]
+    #[serde(rename = "fwd+bwd")]
+    FwdBwd,
+    #[value(name = "decode")]
+    #[serde(rename = "decode")]
+    Decode,
+}
+
+fn parse_shape(s: &str) -> Result<[usize; 4], String> {
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|x| {
+            x.trim()
+                .parse()
+                .map_err(|_| format!("`{x}` is not a number"))
+        })
+        .collect::<Result<_, _>>()?;
+    v.try_into()
+        .map_err(|_| "expected four numbers B,H,L,d".to_string())
+}
+
+/// One measured case.
+#[derive(Serialize, Debug)]
+pub struct Row {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub d: usize,
+    pub mask: String,
+    pub dtype: Dtype,
+    pub pass: Pass,
+    pub threads: usize,
+    pub isa: String,
+    pub median_ms: f64,
+    pub dense_gflops: f64,
+    pub useful_gflops: f64,
+    pub peak_fraction: f64,
+    pub tiles_skipped: f64,
+    pub pairs_hidden: f64,
+    pub extra_mib: f64,
+    /// Decode only: bytes of K and V read per second.
+    pub gb_per_s: Option<f64>,
+    pub naive_ms: Option<f64>,
+}
+
+struct SynthData {
+    batch: usize,
+    lq: usize,
+    lk: usize,
+}
+
+impl MaskData for SynthData {
+    fn key_lengths(&self) -> Result<Mask> {
+        Ok(Mask::key_lengths(vec![self.lk - self.lk / 4; self.batch]))
+    }
+    fn documents(&self) -> Result<Mask> {
+        let ids = |n: usize| (0..n).map(|i| (i * 4 / n) as i64).collect::<Vec<_>>();
+        Ok(Mask::documents_cross(ids(self.lq), ids(self.lk), 1))
+    }
+    fn dense(&self) -> Result<Mask> {
+        let keep = data(self.lq * self.lk, 9)
+            .iter()
+            .map(|&x| x < 0.0)
+            .collect::<Vec<_>>();
+        Ok(Mask::dense(DenseMask::new(keep, [1, 1, self.lq, self.lk])?))
+    }
+}
+
+/// Deterministic data in [−1, 1).
+pub fn data(n: usize, seed: u64) -> Vec<f32> {
+    (0..n as u64)
+        .map(|i| {
+            let x = (i ^ (seed << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Times `f` `reps` times after one warm-up; returns the median in ms.
+fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    median(
+        (0..reps.max(1))
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect(),
+    )
+}
+
+/// The practical peak: GFLOP/s of a 2048³ f32 matrix product (the `gemm` crate, which candle
+/// also uses) on the same threads.
+pub fn practical_peak() -> f64 {
+    let n = 2048;
+    let a = data(n * n, 1);
+    let b = data(n * n, 2);
+    let mut c = vec![0f32; n * n];
+    let threads = rayon::current_num_threads();
+    let ms = time(3, || unsafe {
+        gemm::gemm(
+            n,
+            n,
+            n,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            n as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(threads),
+        )
+    });
+    2.0 * (n * n * n) as f64 / ms / 1e6
+}
+
+struct Case {
+    shape: [usize; 4],
+    lk: usize,
+    kv_heads: usize,
+    mask: String,
+    dtype: Dtype,
+    pass: Pass,
+}
+
+fn convert<T: Element>(x: &[f32], f: impl Fn(f32) -> T) -> Vec<T> {
+    x.iter().map(|&v| f(v)).collect()
+}
+
+fn run_case(c: &Case, reps: usize, naive: bool, peak: f64) -> Result<Row> {
+    match c.dtype {
+        Dtype::F32 => run_typed::<f32>(c, reps, naive, peak, |x| x),
+        Dtype::Bf16 => run_typed::<bf16>(c, reps, naive, peak, bf16::from_f32),
+        Dtype::F16 => run_typed::<f16>(c, reps, naive, peak, f16::from_f32),
+    }
+}
+
+fn run_typed<T: Element>(
+    c: &Case,
+    reps: usize,
+    naive: bool,
+    peak: f64,
+    to: impl Fn(f32) -> T,
+) -> Result<Row> {
+    let [b, h, l, d] = c.shape;
+    let lq = if c.pass == Pass::Decode { 1 } else { l };
+    let (lk, hkv) = (c.lk, c.kv_heads);
+    let (qs, ks) = ([b, h, lq, d], [b, hkv, lk, d]);
+    let (q32, k32, v32) = (
+        data(b * h * lq * d, 1),
+        data(b * hkv * lk * d, 2),
+        data(b * hkv * lk * d, 3),
+    );
+    let (q, k, v) = (convert(&q32, &to), convert(&k32, &to), convert(&v32, &to));
+    let dout = data(b * h * lq * d, 4);
+    let (qv, kv, vv) = (
+        View::bhld("q", &q, qs)?,
+        View::bhld("k", &k, ks)?,
+        View::bhld("v", &v, ks)?,
+    );
+    let terms = mask_expr::parse(&c.mask)?;
+    let mask = mask_expr::build(&terms, &SynthData { batch: b, lq, lk })?;
+    let dims = maskattn::AttnDims::of(&qv, &kv, &vv)?;
+    let block = BlockMask::new(&mask, dims.mask_shape())?;
+    let st = block.stats();
+
+    // Extra memory: the highest allocation level during one call, less what was live before
+    // it and less its outputs (O and LSE; and dQ, dK, dV for the backward).
+    let out_bytes = 4 * (b * h * lq * d + b * h * lq);
+    let grad_bytes = 4 * (b * h * lq * d + 2 * b * hkv * lk * d);
+    let fwd = maskattn::forward(&qv, &kv, &vv, None, &block, None)?;
+    let ov = View::bhld("out", &fwd.out, qs)?;
+    let dv = View::bhld("dout", &dout, qs)?;
+    let before = alloc_count::live();
+    alloc_count::reset_peak();
+    let extra = match c.pass {
+        Pass::FwdBwd => {
+            let f = maskattn::forward(&qv, &kv, &vv, None, &block, None)?;
+            let fo = View::bhld("out", &f.out, qs)?;
+            let g = maskattn::backward(&qv, &kv, &vv, &fo, &f.lse, &dv, None, &block, None)?;
+            drop(g);
+            alloc_count::peak() - before - out_bytes - grad_bytes
+        }
+        _ => {
+            let f = maskattn::forward(&qv, &kv, &vv, None, &block, None)?;
+            drop(f);
+            alloc_count::peak() - before - out_bytes
+        }
+    };
+
+    let ms = match c.pass {
+        Pass::FwdBwd => time(reps, || {
+            let f = maskattn::forward(&qv, &kv, &vv, None, &block, None).unwrap();
+            let fo = View::bhld("out", &f.out, qs).unwrap();
+            maskattn::backward(&qv, &kv, &vv, &fo, &f.lse, &dv, None, &block, None).unwrap();
+        }),
+        _ => time(reps, || {
+            maskattn::forward(&qv, &kv, &vv, None, &block, None).unwrap();
+        }),
+    };
+    let _ = ov;
+    let naive_ms = if naive {
+        let (q, k, v) = (
+            View::bhld("q", &q32, qs)?,
+            View::bhld("k", &k32, ks)?,
+            View::bhld("v", &v32, ks)?,
+        );
+        Some(match c.pass {
+            Pass::FwdBwd => time(1, || {
+                maskattn::reference::forward::<f32>(&q, &k, &v, None, &mask, None).unwrap();
+                maskattn::reference::backward::<f32>(&q, &k, &v, None, &mask, None, &dv).unwrap();
+            }),
+            _ => time(1, || {
+                maskattn::reference::forward::<f32>(&q, &k, &v, None, &mask, None).unwrap();
+            }),
+        })
+    } else {
+        None
+    };
+
+    let factor = if c.pass == Pass::FwdBwd { 3.5 } else { 1.0 };
+    let dense = factor * 4.0 * (b * h * lq * lk * d) as f64;
+    let useful = factor * 4.0 * st.allowed_pairs as f64 * d as f64;
+    let useful_gflops = useful / ms / 1e6;
+    let elem = std::mem::size_of::<T>();
+    let gb_per_s =
+        (c.pass == Pass::Decode).then(|| (2 * b * hkv * lk * d * elem) as f64 / ms / 1e6);
+    Ok(Row {
+        batch: b,
+        heads: h,
+        kv_heads: hkv,
+        lq,
+        lk,
+        d,
+        mask: c.mask.clone(),
+        dtype: c.dtype,
+        pass: c.pass,
+        threads: rayon::current_num_threads(),
+        isa: format!("{:?}", maskattn::current_isa()),
+        median_ms: ms,
+        dense_gflops: dense / ms / 1e6,
+        useful_gflops,
+        peak_fraction: useful_gflops / peak,
+        tiles_skipped: st.skipped_tile_fraction(),
+        pairs_hidden: st.hidden_pair_fraction(),
+        extra_mib: extra as f64 / (1 << 20) as f64,
+        gb_per_s,
+        naive_ms,
+    })
+}
+
+/// The grid of the speed issue.
+fn suite() -> Vec<Case> {
+    let masks = [
+        "full",
+        "causal",
+        "key-padding",
+        "window(256,0)",
+        "documents",
+    ];
+    let mut cases = Vec::new();
+    let mut add = |shape: [usize; 4], dtype: Dtype| {
+        for pass in [Pass::Fwd, Pass::FwdBwd] {
+            for m in masks {
+                cases.push(Case {
+                    shape,
+                    lk: shape[2],
+                    kv_heads: shape[1],
+                    mask: m.to_string(),
+                    dtype,
+                    pass,
+                });
+            }
+        }
+    };
+    for shape in [
+        [1, 8, 1024, 64],
+        [1, 8, 2048, 64],
+        [1, 8, 4096, 64],
+        [4, 8, 512, 64],
+    ] {
+        add(shape, Dtype::F32);
+    }
+    add([1, 8, 2048, 64], Dtype::Bf16);
+    for (lk, kvh) in [(4096, 8), (32768, 8), (32768, 2)] {
+        cases.push(Case {
+            shape: [1, 32, 1, 128],
+            lk,
+            kv_heads: kvh,
+            mask: "full".into(),
+            dtype: Dtype::F32,
+            pass: Pass::Decode,
+        });
+    }
+    cases
+}
+
+fn print_header() {
+    println!(
+        "{:<18} {:<14} {:<5} {:<7} {:>9} {:>8} {:>8} {:>6} {:>7} {:>8} {:>9}",
+        "B,Hq/Hkv,Lq,Lk,d",
+        "mask",
+        "dtype",
+        "pass",
+        "ms",
+        "dense",
+        "useful",
+        "%peak",
+        "skipped",
+        "extraMiB",
+        "GB/s"
+    );
+}
+
+fn print_row(r: &Row) {
+    let dt = format!("{:?}", r.dtype).to_lowercase();
+    let pass = match r.pass {
+        Pass::Fwd => "fwd",
+        Pass::FwdBwd => "fwd+bwd",
+        Pass::Decode => "decode",
+    };
+    println!(
+        "{:<18} {:<14} {:<5} {:<7} {:>9.2} {:>8.1} {:>8.1} {:>5.0}% {:>6.1}% {:>8.1} {:>9}{}",
+        format!(
+            "{},{}/{},{},{},{}",
+            r.batch, r.heads, r.kv_heads, r.lq, r.lk, r.d
+        ),
+        r.mask,
+        dt,
+        pass,
+        r.median_ms,
+        r.dense_gflops,
+        r.useful_gflops,
+        100.0 * r.peak_fraction,
+        100.0 * r.tiles_skipped,
+        r.extra_mib,
+        r.gb_per_s.map_or(String::new(), |g| format!("{g:.1}")),
+        r.naive_ms.map_or(String::new(), |n| format!(
+            "  naive {n:.1} ms ({:.1}x)",
+            n / r.median_ms
+        )),
+    );
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let [b, h, l, d] = args.shape;
+    if b == 0 || h == 0 || l == 0 || d == 0 {
+        bail!(
+            "--shape {:?}: every dimension must be at least 1",
+            args.shape
+        );
+    }
+    let cases = if args.suite {
+        suite()
+    } else {
+        let kv_heads = args.kv_heads.unwrap_or(h);
+        vec![Case {
+            shape: args.shape,
+            lk: args.lk.unwrap_or(l),
+            kv_heads,
+            mask: args.mask.clone(),
+            dtype: args.dtype,
+            pass: args.pass,
+        }]
+    };
+    let peak = practical_peak();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"practical_peak_gflops": peak, "threads": rayon::current_num_threads(), "isa": format!("{:?}", maskattn::current_isa())})
+        );
+    } else {
+        println!(
+            "practical peak: {peak:.1} GFLOP/s (2048^3 f32 matrix product, {} threads); kernels on {:?}; GFLOP/s columns: dense counts every pair, useful only allowed ones (fwd+bwd = 3.5x fwd)",
+            rayon::current_num_threads(),
+            maskattn::current_isa()
+        );
+        print_header();
+    }
+    for c in &cases {
+        let row = run_case(c, args.reps, args.naive, peak).with_context(|| {
+            format!(
+                "shape {:?} mask {:?} {:?} {:?}",
+                c.shape, c.mask, c.dtype, c.pass
+            )
+        })?;
+        if args.json {
+            println!("{}", serde_json::to_string(&row)?);
+        } else {
+            print_row(&row);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,32 @@
+//! Constants of the vectorised `e^x` (Cephes `expf`): `x = n ln 2 + r`, `|r| ≤ ln 2 / 2`,
+//! `e^r` by a degree-6 polynomial, `e^x = e^r · 2^n`. About 1 ulp on the range used here.
+
+pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// `ln 2` split in two so that `x − n ln 2` is exact for the `n` that occur.
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+pub(crate) const P0: f32 = 1.987_569_1e-4;
+pub(crate) const P1: f32 = 1.398_199_9e-3;
+pub(crate) const P2: f32 = 8.333_452e-3;
+pub(crate) const P3: f32 = 4.166_579_6e-2;
+pub(crate) const P4: f32 = 1.666_666_5e-1;
+pub(crate) const P5: f32 = 0.5;
+/// Below this, `e^x` is under the smallest normal float: the result is 0.
+pub(crate) const MIN_X: f32 = -87.336_55;
+/// Above this, `e^x` overflows (kept for completeness; scores minus their max are ≤ 0).
+pub(crate) const MAX_X: f32 = 88.376_26;
+
+/// The scalar form of the same computation; the portable set uses it lane by lane.
+#[inline(always)]
+pub(crate) fn exp_scalar(x: f32) -> f32 {
+    if x < MIN_X {
+        return 0.0; // also −∞
+    }
+    let x = x.min(MAX_X);
+    let n = (x * LOG2E).round();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = ((((P0 * r + P1) * r + P2) * r + P3) * r + P4) * r + P5;
+    let y = p * r * r + r + 1.0;
+    // 2^n for n in [−126, 127]
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}

@@ -1,0 +1,159 @@
+//! The one place where the kernels meet the vector unit.
+//!
+//! Kernels are written once, generic over [`Simd`], and instantiated per instruction set
+//! inside a `#[target_feature]` function so that every vector op inlines into straight-line
+//! machine code. [`Isa::detect`] picks the widest set the CPU has at run time, so one binary
+//! is fast on any x86-64; elsewhere (and as the reference path) the portable set is plain
+//! arrays that the compiler vectorises for the target (NEON on aarch64).
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod exp;
+mod portable;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::Avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx512::Avx512;
+pub(crate) use portable::Portable;
+
+/// Vector operations on `W` lanes of `f32`.
+///
+/// # Safety
+/// Implementations use instructions that exist only when the matching CPU feature is
+/// present; callers reach them only through [`Isa::detect`]. Pointer arguments must be
+/// valid for `W` elements.
+pub(crate) unsafe trait Simd: Copy + 'static {
+    const W: usize;
+    /// Vectors per row of the matrix-product register tile (what the register file holds).
+    const NV_MAX: usize;
+    type V: Copy;
+    unsafe fn splat(x: f32) -> Self::V;
+    unsafe fn load(p: *const f32) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// `a · b + c`, fused.
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `a · b + c` on one lane, fused exactly when [`Simd::fma`] is, so that a scalar dot
+    /// product can reproduce the micro-kernel's rounding.
+    unsafe fn fma1(a: f32, b: f32, c: f32) -> f32;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn reduce_max(v: Self::V) -> f32;
+    unsafe fn reduce_add(v: Self::V) -> f32;
+    /// `e^x`, within a few ulp; exactly 0 for `x < −87.3` (so `e^−∞ = 0`, and a hidden
+    /// score never turns into a tiny non-zero weight).
+    unsafe fn exp(x: Self::V) -> Self::V;
+    /// Lane `l` from `a` where bit `l` of `bits` is set, else from `b`.
+    unsafe fn select(bits: u32, a: Self::V, b: Self::V) -> Self::V;
+}
+
+/// The instruction sets the kernels are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512F (16 lanes).
+    Avx512,
+    /// AVX2 with FMA (8 lanes).
+    Avx2,
+    /// Plain arrays, vectorised by the compiler for the build target.
+    Portable,
+}
+
+impl Isa {
+    /// The widest set this CPU supports; `MASKATTN_ISA=avx2|portable` forces a narrower one
+    /// (for testing and comparison).
+    pub fn detect() -> Isa {
+        let best = Self::best();
+        match std::env::var("MASKATTN_ISA").as_deref() {
+            Ok("portable") => Isa::Portable,
+            Ok("avx2") if best != Isa::Portable => Isa::Avx2,
+            _ => best,
+        }
+    }
+
+    fn best() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    }
+
+    /// Every set this CPU can run, widest first (tests compare them).
+    pub fn available() -> Vec<Isa> {
+        let best = Self::best();
+        [Isa::Avx512, Isa::Avx2, Isa::Portable]
+            .into_iter()
+            .filter(|&i| match best {
+                Isa::Avx512 => true,
+                Isa::Avx2 => i != Isa::Avx512,
+                Isa::Portable => i == Isa::Portable,
+            })
+            .collect()
+    }
+}
+
+/// Calls `$f::<S>(args)` with `S` the [`Simd`] set of `$isa`, from inside a function compiled
+/// with that set's target features, so that `$f` (which must be `#[inline(always)]` and
+/// generic over `S` alone) and every vector op in it inline into one function per set.
+/// Arguments are listed with their types because the wrappers are real functions.
+macro_rules! dispatch {
+    ($isa:expr => $f:ident ( $($a:ident : $t:ty = $v:expr),* $(,)? ) $(-> $r:ty)?) => {{
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn on_avx512($($a: $t),*) $(-> $r)? {
+            unsafe { $f::<$crate::simd::Avx512>($($a),*) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn on_avx2($($a: $t),*) $(-> $r)? {
+            unsafe { $f::<$crate::simd::Avx2>($($a),*) }
+        }
+        match $isa {
+            // SAFETY: `Isa::detect` only returns a set the CPU supports.
+            #[cfg(target_arch = "x86_64")]
+            $crate::simd::Isa::Avx512 => unsafe { on_avx512($($v),*) },
+            #[cfg(target_arch = "x86_64")]
+            $crate::simd::Isa::Avx2 => unsafe { on_avx2($($v),*) },
+            _ => unsafe { $f::<$crate::simd::Portable>($($v),*) },
+        }
+    }};
+}
+pub(crate) use dispatch;
+
+static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+/// 0 = no override, else 1 + the index of the forced set.
+static FORCED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// The instruction set the kernels use now: the one forced by [`set_isa`], or else
+/// [`Isa::detect`]'s choice (made once).
+pub fn current_isa() -> Isa {
+    match FORCED.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => Isa::Avx512,
+        2 => Isa::Avx2,
+        3 => Isa::Portable,
+        _ => *DETECTED.get_or_init(Isa::detect),
+    }
+}
+
+/// Forces the kernels onto one instruction set (process-wide), or back to the detected one
+/// with `None`. For tests and benchmarks; a set the CPU lacks is refused.
+pub fn set_isa(isa: Option<Isa>) -> Result<(), Isa> {
+    let code = match isa {
+        None => 0,
+        Some(i) if !Isa::available().contains(&i) => return Err(i),
+        Some(Isa::Avx512) => 1,
+        Some(Isa::Avx2) => 2,
+        Some(Isa::Portable) => 3,
+    };
+    FORCED.store(code, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
