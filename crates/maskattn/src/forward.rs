@@ -73,6 +73,9 @@ pub fn forward<T: Element>(
         d,
         ..
     } = dims;
+    if lq <= crate::decode::DECODE_MAX_LQ {
+        return Ok(crate::decode::forward(q, k, v, bias, block, &dims, scale));
+    }
     let (tq, tk) = (block.tile_q(), block.tile_k());
     let g = Geom {
         d,

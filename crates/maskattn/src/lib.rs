@@ -26,6 +26,7 @@ mod backward;
 mod bias;
 mod block;
 mod classify;
+mod decode;
 mod error;
 mod forward;
 mod gemm;

@@ -49,3 +49,28 @@ fn named_shapes() {
         }
     }
 }
+
+/// The decode path (a few queries against many keys): every query row of a GQA group in
+/// the lanes of one vector, more than one block of rows, keys split into chunks.
+#[test]
+fn decode_shapes() {
+    let shapes: &[[usize; 6]] = &[
+        [1, 8, 1, 1, 700, 64],   // MQA, one block of 8 rows
+        [2, 16, 2, 1, 333, 128], // GQA 8
+        [1, 24, 2, 2, 129, 59],  // 24 rows: two blocks
+        [3, 4, 4, 4, 1000, 16],
+        [1, 6, 3, 3, 5, 111],
+        [1, 1, 1, 1, 1, 1],
+    ];
+    for (n, &dims) in shapes.iter().enumerate() {
+        for seed in 0..6u64 {
+            random_case(
+                7000 + 10 * n as u64 + seed,
+                dims,
+                [(64, 64), (1, 16), (16, 100)][seed as usize % 3],
+                seed % 2 == 1,
+            )
+            .check();
+        }
+    }
+}
