@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Side-by-side: `maskattn bench --suite` against PyTorch's scaled_dot_product_attention
+on the CPU, same shapes, masks, dtypes, passes and thread count, in one run.
+
+    python3 -m venv ~/venv-torch && ~/venv-torch/bin/pip install torch
+    cargo build --release
+    ~/venv-torch/bin/python bench/compare_torch.py --threads 2
+
+PyTorch is never a dependency of the project or its tests; this script is for measuring.
+Ratios are PyTorch time / maskattn time (above 1: maskattn is faster).
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bin", default="target/release/maskattn", help="the maskattn binary")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    return p.parse_args()
+
+
+def torch_case(torch, F, row, reps):
+    """Times one suite row with PyTorch; returns median ms."""
+    b, h, hkv, lq, lk, d = (row[k] for k in ("batch", "heads", "kv_heads", "lq", "lk", "d"))
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[row["dtype"]]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, h, lq, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
+    mask, causal = None, False
+    m = row["mask"]
+    i = torch.arange(lq)[:, None] + (lk - lq)  # bottom-right aligned query positions
+    j = torch.arange(lk)[None, :]
+    if m == "full":
+        pass
+    elif m == "causal":
+        if lq == lk:
+            causal = True
+        else:
+            mask = j <= i
+    elif m == "key-padding":
+        mask = (j < lk - lk // 4).expand(lq, lk)
+    elif m.startswith("window("):
+        left, right = (int(x) for x in m[len("window("):-1].split(","))
+        mask = (j >= i - left) & (j <= i + right)
+    elif m == "documents":
+        doc_q = torch.arange(lq) * 4 // lq
+        doc_k = torch.arange(lk) * 4 // lk
+        mask = doc_q[:, None] == doc_k[None, :]
+    else:
+        raise SystemExit(f"compare_torch.py: no PyTorch equivalent for mask {m!r}")
+    gqa = {"enable_gqa": True} if hkv != h else {}
+    fwd_bwd = row["pass"] == "fwd+bwd"
+    if fwd_bwd:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        dout = torch.randn(b, h, lq, d, generator=g).to(dtype)
+
+    def once():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **gqa)
+        if fwd_bwd:
+            out.backward(dout)
+
+    once()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        once()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def main():
+    args = parse_args()
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        sys.exit("compare_torch.py needs PyTorch: pip install torch (in a virtual environment outside the repo)")
+    torch.set_num_threads(args.threads)
+    cmd = [args.bin, "--threads", str(args.threads), "bench", "--suite", "--json", "--reps", str(args.reps)]
+    print("running:", " ".join(cmd), file=sys.stderr)
+    lines = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()
+    head = json.loads(lines[0])
+    rows = [json.loads(x) for x in lines[1:]]
+    print(
+        f"threads {args.threads}; maskattn on {head['isa']}, practical peak {head['practical_peak_gflops']:.0f} GFLOP/s; "
+        f"PyTorch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})"
+    )
+    sep = " | " if args.markdown else "  "
+    cols = ["B,H/Hkv,Lq,Lk,d", "mask", "dtype", "pass", "maskattn ms", "PyTorch ms", "ratio", "useful GF/s", "% peak", "tiles skipped"]
+    widths = [20, 14, 5, 7, 11, 10, 6, 11, 6, 13]
+    if args.markdown:
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "|".join(" --- " for _ in cols) + "|")
+    else:
+        print(sep.join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        t = torch_case(torch, F, r, args.reps)
+        cells = [
+            f"{r['batch']},{r['heads']}/{r['kv_heads']},{r['lq']},{r['lk']},{r['d']}",
+            r["mask"],
+            r["dtype"],
+            r["pass"],
+            f"{r['median_ms']:.2f}",
+            f"{t:.2f}",
+            f"{t / r['median_ms']:.2f}",
+            f"{r['useful_gflops']:.0f}",
+            f"{100 * r['peak_fraction']:.0f}%",
+            f"{100 * r['tiles_skipped']:.0f}%",
+        ]
+        if args.markdown:
+            print("| " + " | ".join(cells) + " |")
+        else:
+            print(sep.join(c.ljust(w) for c, w in zip(cells, widths)))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
