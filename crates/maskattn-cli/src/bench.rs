@@ -102,8 +102,10 @@ pub struct Row {
     pub tiles_skipped: f64,
     pub pairs_hidden: f64,
     pub extra_mib: f64,
-    /// Decode only: bytes of K and V read per second.
+    /// Decode only: bytes of K and V read per second, and that as a fraction of the
+    /// machine's measured read bandwidth.
     pub gb_per_s: Option<f64>,
+    pub bandwidth_fraction: Option<f64>,
     pub naive_ms: Option<f64>,
 }
 
@@ -193,6 +195,21 @@ pub fn practical_peak() -> f64 {
     2.0 * (n * n * n) as f64 / ms / 1e6
 }
 
+/// The practical memory bandwidth: GB/s of a parallel read of 256 MiB (the same threads),
+/// the ceiling of the memory-bound decode step.
+pub fn practical_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let v = data(64 << 20, 3);
+    let ms = time(3, || {
+        let m = v
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)))
+            .reduce(|| f32::NEG_INFINITY, f32::max);
+        std::hint::black_box(m);
+    });
+    (v.len() * 4) as f64 / ms / 1e6
+}
+
 struct Case {
     shape: [usize; 4],
     lk: usize,
@@ -206,19 +223,21 @@ fn convert<T: Element>(x: &[f32], f: impl Fn(f32) -> T) -> Vec<T> {
     x.iter().map(|&v| f(v)).collect()
 }
 
-fn run_case(c: &Case, reps: usize, naive: bool, peak: f64) -> Result<Row> {
+fn run_case(c: &Case, reps: usize, naive: bool, peak: f64, bw: f64) -> Result<Row> {
     match c.dtype {
-        Dtype::F32 => run_typed::<f32>(c, reps, naive, peak, |x| x),
-        Dtype::Bf16 => run_typed::<bf16>(c, reps, naive, peak, bf16::from_f32),
-        Dtype::F16 => run_typed::<f16>(c, reps, naive, peak, f16::from_f32),
+        Dtype::F32 => run_typed::<f32>(c, reps, naive, peak, bw, |x| x),
+        Dtype::Bf16 => run_typed::<bf16>(c, reps, naive, peak, bw, bf16::from_f32),
+        Dtype::F16 => run_typed::<f16>(c, reps, naive, peak, bw, f16::from_f32),
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_typed<T: Element>(
     c: &Case,
     reps: usize,
     naive: bool,
     peak: f64,
+    bw: f64,
     to: impl Fn(f32) -> T,
 ) -> Result<Row> {
     let [b, h, l, d] = c.shape;
@@ -324,6 +343,7 @@ fn run_typed<T: Element>(
         pairs_hidden: st.hidden_pair_fraction(),
         extra_mib: extra as f64 / (1 << 20) as f64,
         gb_per_s,
+        bandwidth_fraction: gb_per_s.map(|g| g / bw),
         naive_ms,
     })
 }
@@ -413,7 +433,10 @@ fn print_row(r: &Row) {
         100.0 * r.peak_fraction,
         100.0 * r.tiles_skipped,
         r.extra_mib,
-        r.gb_per_s.map_or(String::new(), |g| format!("{g:.1}")),
+        r.gb_per_s.map_or(String::new(), |g| format!(
+            "{g:.1} ({:.0}%)",
+            100.0 * r.bandwidth_fraction.unwrap_or(f64::NAN)
+        )),
         r.naive_ms.map_or(String::new(), |n| format!(
             "  naive {n:.1} ms ({:.1}x)",
             n / r.median_ms
@@ -443,10 +466,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }]
     };
     let peak = practical_peak();
+    let decoding = cases.iter().any(|c| c.pass == Pass::Decode);
+    let bw = if decoding {
+        practical_bandwidth()
+    } else {
+        f64::NAN
+    };
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"practical_peak_gflops": peak, "threads": rayon::current_num_threads(), "isa": format!("{:?}", maskattn::current_isa())})
+            serde_json::json!({"practical_peak_gflops": peak, "bandwidth_gb_per_s": bw, "threads": rayon::current_num_threads(), "isa": format!("{:?}", maskattn::current_isa())})
         );
     } else {
         println!(
@@ -454,10 +483,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             rayon::current_num_threads(),
             maskattn::current_isa()
         );
+        if decoding {
+            println!(
+                "practical read bandwidth: {bw:.1} GB/s (256 MiB, {} threads)",
+                rayon::current_num_threads()
+            );
+        }
         print_header();
     }
     for c in &cases {
-        let row = run_case(c, args.reps, args.naive, peak).with_context(|| {
+        let row = run_case(c, args.reps, args.naive, peak, bw).with_context(|| {
             format!(
                 "shape {:?} mask {:?} {:?} {:?}",
                 c.shape, c.mask, c.dtype, c.pass

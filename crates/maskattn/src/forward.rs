@@ -43,12 +43,12 @@ struct Scratch {
 
 /// Sizes every step needs.
 #[derive(Clone, Copy)]
-struct Geom {
-    d: usize,
-    d_pad: usize,
-    tk: usize,
-    tk_pad: usize,
-    words: usize,
+pub(crate) struct Geom {
+    pub d: usize,
+    pub d_pad: usize,
+    pub tk: usize,
+    pub tk_pad: usize,
+    pub words: usize,
 }
 
 /// Masked attention forward. `q [B, H_q, L_q, d]`, `k, v [B, H_kv, L_k, d]` (any strides),
@@ -281,6 +281,30 @@ unsafe fn step<S: Simd>(
             tk_pad,
             false,
         );
+        softmax_pv::<S>(g, rows, cols, v, d_pad, bits, bias, exact, s, o, m, l);
+    }
+}
+
+/// The online-softmax update of one score tile `s` (`rows × tk_pad`, raw `x`) and the
+/// product `acc += P̃ · V` (`v` rows `v_ld` apart). Shared with the decode path.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn softmax_pv<S: Simd>(
+    g: &Geom,
+    rows: usize,
+    cols: usize,
+    v: &[f32],
+    v_ld: usize,
+    bits: Option<&[u64]>,
+    bias: Option<&[f32]>,
+    exact: bool,
+    s: &mut [f32],
+    o: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+) {
+    let (tk_pad, d_pad) = (g.tk_pad, g.d_pad);
+    unsafe {
         for r in 0..rows {
             let x = &mut s[r * tk_pad..(r + 1) * tk_pad];
             let brow = bias.map(|b| &b[r * tk_pad..(r + 1) * tk_pad]);
@@ -312,7 +336,7 @@ unsafe fn step<S: Simd>(
                 cols,
                 pa,
                 v.as_ptr(),
-                d_pad,
+                v_ld,
                 o.as_mut_ptr(),
                 d_pad,
                 true,
@@ -323,7 +347,7 @@ unsafe fn step<S: Simd>(
                     let p = s[r * tk_pad + c];
                     axpy::<S>(
                         p,
-                        &v[c * d_pad..(c + 1) * d_pad],
+                        &v[c * v_ld..c * v_ld + d_pad],
                         &mut o[r * d_pad..(r + 1) * d_pad],
                     );
                 }

@@ -7,12 +7,21 @@ use crate::error::{AttnError, Result};
 /// so every kernel computes in `f32` whatever the storage.
 pub trait Element: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
+    /// The same memory as `f32`, when the storage type is `f32` (lets memory-bound paths
+    /// read a view in place instead of copying it).
+    fn as_f32(data: &[Self]) -> Option<&[f32]> {
+        let _ = data;
+        None
+    }
 }
 
 impl Element for f32 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
+    }
+    fn as_f32(data: &[f32]) -> Option<&[f32]> {
+        Some(data)
     }
 }
 
@@ -119,6 +128,13 @@ impl<'a, T: Element> View<'a, T> {
     #[inline(always)]
     fn offset(&self, b: usize, h: usize, l: usize) -> usize {
         b * self.strides[0] + h * self.strides[1] + l * self.strides[2]
+    }
+
+    /// Rows from `start` of `(b, h)` in place, with their row stride, when the storage is
+    /// `f32` and features are contiguous.
+    pub(crate) fn f32_rows(&self, b: usize, h: usize, start: usize) -> Option<(&'a [f32], usize)> {
+        let data = T::as_f32(self.data)?;
+        (self.strides[3] == 1).then(|| (&data[self.offset(b, h, start)..], self.strides[2]))
     }
 
     /// Copies rows `start..start + out.len() / d` of `(b, h)` into `out` as contiguous `f32`.

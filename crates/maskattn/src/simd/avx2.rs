@@ -103,14 +103,6 @@ unsafe impl Simd for Avx2 {
     }
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn ninf_bits(v: __m256) -> u32 {
-        _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(
-            v,
-            _mm256_set1_ps(f32::NEG_INFINITY),
-        )) as u32
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
     unsafe fn select(bits: u32, a: __m256, b: __m256) -> __m256 {
         let lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
         let m = _mm256_cmpeq_epi32(

@@ -91,11 +91,6 @@ unsafe impl Simd for Avx512 {
     }
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn ninf_bits(v: __m512) -> u32 {
-        _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(v, _mm512_set1_ps(f32::NEG_INFINITY)) as u32
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f")]
     unsafe fn select(bits: u32, a: __m512, b: __m512) -> __m512 {
         _mm512_mask_mov_ps(b, bits as u16, a)
     }

@@ -47,8 +47,6 @@ pub(crate) unsafe trait Simd: Copy + 'static {
     /// `e^x`, within a few ulp; exactly 0 for `x < −87.3` (so `e^−∞ = 0`, and a hidden
     /// score never turns into a tiny non-zero weight).
     unsafe fn exp(x: Self::V) -> Self::V;
-    /// Bit `l` set where lane `l` of `v` is −∞.
-    unsafe fn ninf_bits(v: Self::V) -> u32;
     /// Lane `l` from `a` where bit `l` of `bits` is set, else from `b`.
     unsafe fn select(bits: u32, a: Self::V, b: Self::V) -> Self::V;
 }

@@ -82,10 +82,6 @@ unsafe impl Simd for Portable {
         x.map(exp_scalar)
     }
     #[inline(always)]
-    unsafe fn ninf_bits(v: V) -> u32 {
-        (0..W).fold(0, |m, l| m | ((v[l] == f32::NEG_INFINITY) as u32) << l)
-    }
-    #[inline(always)]
     unsafe fn select(bits: u32, a: V, b: V) -> V {
         let mut o = b;
         for l in 0..W {
