@@ -131,7 +131,11 @@ pub fn run(args: &AttendArgs) -> Result<()> {
     let block = BlockMask::new(&mask, dims.mask_shape())?;
 
     let t0 = Instant::now();
-    let fwd = maskattn::forward(&qv, &kv, &vv, None, &block, args.scale)?;
+    let params = maskattn::Params {
+        scale: args.scale,
+        ..Default::default()
+    };
+    let fwd = maskattn::forward(&qv, &kv, &vv, &block, &params)?;
     let lse_shape = vec![dims.batch, dims.q_heads, dims.lq];
     let mut outputs: Vec<(&str, Vec<usize>, &[f32])> =
         vec![("out", qs.to_vec(), &fwd.out), ("lse", lse_shape, &fwd.lse)];
@@ -140,7 +144,7 @@ pub fn run(args: &AttendArgs) -> Result<()> {
         let dout = tensors::f32(&st, "dout", 4)?;
         let dv = View::bhld("dout", &dout.data, shape4(&dout, "dout")?)?;
         let ov = View::bhld("out", &fwd.out, qs)?;
-        grads = maskattn::backward(&qv, &kv, &vv, &ov, &fwd.lse, &dv, None, &block, args.scale)?;
+        grads = maskattn::backward(&qv, &kv, &vv, &ov, &fwd.lse, &dv, &block, &params)?;
         outputs.push(("dq", qs.to_vec(), &grads.dq));
         outputs.push(("dk", ks.to_vec(), &grads.dk));
         outputs.push(("dv", vs.to_vec(), &grads.dv));

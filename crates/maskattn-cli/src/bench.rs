@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use maskattn::half::{bf16, f16};
-use maskattn::{BlockMask, DenseMask, Element, Mask, View};
+use maskattn::{BlockMask, DenseMask, Element, Mask, Params, View};
 use serde::Serialize;
 
 use crate::alloc_count;
@@ -266,21 +266,22 @@ fn run_typed<T: Element>(
     // it and less its outputs (O and LSE; and dQ, dK, dV for the backward).
     let out_bytes = 4 * (b * h * lq * d + b * h * lq);
     let grad_bytes = 4 * (b * h * lq * d + 2 * b * hkv * lk * d);
-    let fwd = maskattn::forward(&qv, &kv, &vv, None, &block, None)?;
+    let fwd = maskattn::forward(&qv, &kv, &vv, &block, &Params::default())?;
     let ov = View::bhld("out", &fwd.out, qs)?;
     let dv = View::bhld("dout", &dout, qs)?;
     let before = alloc_count::live();
     alloc_count::reset_peak();
     let extra = match c.pass {
         Pass::FwdBwd => {
-            let f = maskattn::forward(&qv, &kv, &vv, None, &block, None)?;
+            let f = maskattn::forward(&qv, &kv, &vv, &block, &Params::default())?;
             let fo = View::bhld("out", &f.out, qs)?;
-            let g = maskattn::backward(&qv, &kv, &vv, &fo, &f.lse, &dv, None, &block, None)?;
+            let g =
+                maskattn::backward(&qv, &kv, &vv, &fo, &f.lse, &dv, &block, &Params::default())?;
             drop(g);
             alloc_count::peak() - before - out_bytes - grad_bytes
         }
         _ => {
-            let f = maskattn::forward(&qv, &kv, &vv, None, &block, None)?;
+            let f = maskattn::forward(&qv, &kv, &vv, &block, &Params::default())?;
             drop(f);
             alloc_count::peak() - before - out_bytes
         }
@@ -288,12 +289,13 @@ fn run_typed<T: Element>(
 
     let ms = match c.pass {
         Pass::FwdBwd => time(reps, || {
-            let f = maskattn::forward(&qv, &kv, &vv, None, &block, None).unwrap();
+            let f = maskattn::forward(&qv, &kv, &vv, &block, &Params::default()).unwrap();
             let fo = View::bhld("out", &f.out, qs).unwrap();
-            maskattn::backward(&qv, &kv, &vv, &fo, &f.lse, &dv, None, &block, None).unwrap();
+            maskattn::backward(&qv, &kv, &vv, &fo, &f.lse, &dv, &block, &Params::default())
+                .unwrap();
         }),
         _ => time(reps, || {
-            maskattn::forward(&qv, &kv, &vv, None, &block, None).unwrap();
+            maskattn::forward(&qv, &kv, &vv, &block, &Params::default()).unwrap();
         }),
     };
     let _ = ov;
@@ -305,11 +307,12 @@ fn run_typed<T: Element>(
         );
         Some(match c.pass {
             Pass::FwdBwd => time(1, || {
-                maskattn::reference::forward::<f32>(&q, &k, &v, None, &mask, None).unwrap();
-                maskattn::reference::backward::<f32>(&q, &k, &v, None, &mask, None, &dv).unwrap();
+                maskattn::reference::forward::<f32>(&q, &k, &v, &mask, &Params::default()).unwrap();
+                maskattn::reference::backward::<f32>(&q, &k, &v, &mask, &Params::default(), &dv)
+                    .unwrap();
             }),
             _ => time(1, || {
-                maskattn::reference::forward::<f32>(&q, &k, &v, None, &mask, None).unwrap();
+                maskattn::reference::forward::<f32>(&q, &k, &v, &mask, &Params::default()).unwrap();
             }),
         })
     } else {

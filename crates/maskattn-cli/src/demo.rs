@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use maskattn::{reference, BlockMask, DenseMask, Mask, View};
+use maskattn::{reference, BlockMask, DenseMask, Mask, Params, View};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -98,17 +98,26 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     for (name, mask) in &masks {
         let block = BlockMask::new(mask, dims.mask_shape())?;
         let t0 = Instant::now();
-        let fwd = maskattn::forward(&qv, &kv, &vv, None, &block, None)?;
+        let fwd = maskattn::forward(&qv, &kv, &vv, &block, &Params::default())?;
         let t_fwd = t0.elapsed();
         let ov = View::bhld("out", &fwd.out, qs)?;
         let t1 = Instant::now();
-        let g = maskattn::backward(&qv, &kv, &vv, &ov, &fwd.lse, &dv, None, &block, None)?;
+        let g = maskattn::backward(
+            &qv,
+            &kv,
+            &vv,
+            &ov,
+            &fwd.lse,
+            &dv,
+            &block,
+            &Params::default(),
+        )?;
         let t_bwd = t1.elapsed();
 
-        let gold = reference::backward::<f64>(&qv, &kv, &vv, None, mask, None, &dv)?;
-        let naive = reference::backward::<f32>(&qv, &kv, &vv, None, mask, None, &dv)?;
-        let gold_f = reference::forward::<f64>(&qv, &kv, &vv, None, mask, None)?;
-        let naive_f = reference::forward::<f32>(&qv, &kv, &vv, None, mask, None)?;
+        let gold = reference::backward::<f64>(&qv, &kv, &vv, mask, &Params::default(), &dv)?;
+        let naive = reference::backward::<f32>(&qv, &kv, &vv, mask, &Params::default(), &dv)?;
+        let gold_f = reference::forward::<f64>(&qv, &kv, &vv, mask, &Params::default())?;
+        let naive_f = reference::forward::<f32>(&qv, &kv, &vv, mask, &Params::default())?;
         let eps = reference::EPS_F32;
         let acc = [
             reference::accuracy(&fwd.out, &gold_f.out, &naive_f.out, eps),

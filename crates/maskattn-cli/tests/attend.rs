@@ -139,16 +139,16 @@ fn attend_writes_outputs_and_gradients_that_match_the_reference() {
         View::bhld("v", &v, [b, hkv, l, d]).unwrap(),
     );
     let dv = View::bhld("dout", &dout, [b, hq, l, d]).unwrap();
-    let s = Some(0.3);
-    let g = reference::forward::<f64>(&qv, &kv, &vv, None, &mask, s).unwrap();
-    let n = reference::forward::<f32>(&qv, &kv, &vv, None, &mask, s).unwrap();
+    let s = maskattn::Params::scale(0.3);
+    let g = reference::forward::<f64>(&qv, &kv, &vv, &mask, &s).unwrap();
+    let n = reference::forward::<f32>(&qv, &kv, &vv, &mask, &s).unwrap();
     assert_close("out", &read_f32(&st, "out"), &g.out, &n.out);
     let lse = read_f32(&st, "lse");
     assert_close("lse", &lse, &g.lse, &n.lse);
     // Head 1 of every batch row: query 0 sees only key 0, which the dense mask hides.
     assert_eq!(lse[l], f32::NEG_INFINITY);
-    let gg = reference::backward::<f64>(&qv, &kv, &vv, None, &mask, s, &dv).unwrap();
-    let ng = reference::backward::<f32>(&qv, &kv, &vv, None, &mask, s, &dv).unwrap();
+    let gg = reference::backward::<f64>(&qv, &kv, &vv, &mask, &s, &dv).unwrap();
+    let ng = reference::backward::<f32>(&qv, &kv, &vv, &mask, &s, &dv).unwrap();
     assert_close("dq", &read_f32(&st, "dq"), &gg.dq, &ng.dq);
     assert_close("dk", &read_f32(&st, "dk"), &gg.dk, &ng.dk);
     assert_close("dv", &read_f32(&st, "dv"), &gg.dv, &ng.dv);

@@ -14,6 +14,7 @@ use crate::block::{BlockMask, Tile};
 use crate::error::{AttnError, Result};
 use crate::gemm::{gemm, Strided};
 use crate::pack::{self, pad16};
+use crate::params::{DropTile, Dropout, Params};
 use crate::shape::AttnDims;
 use crate::simd::{current_isa, dispatch, Simd};
 use crate::tile::{axpy, exp_row, lane_bits, mask_row, visible};
@@ -40,6 +41,7 @@ struct Ctx<'a, 'b, T> {
     v: &'a View<'b, T>,
     dout: &'a View<'b, f32>,
     bias: Option<&'a Bias<'b>>,
+    dropout: Option<Dropout>,
     block: &'a BlockMask,
     lse: &'a [f32],
     delta: Vec<f32>,
@@ -69,6 +71,9 @@ struct Scratch {
     q: Vec<f32>,
     dout: Vec<f32>,
     p: Vec<f32>,
+    /// `P ∘ z` under dropout.
+    pz: Vec<f32>,
+    drop_keys: Vec<u32>,
     ds: Vec<f32>,
     bias: Vec<f32>,
     seen: Vec<u64>,
@@ -81,7 +86,8 @@ struct ChunkResult {
 }
 
 /// Masked attention backward: gradients of `q`, `k`, `v` given the forward's `out` and `lse`
-/// and the output gradient `dout` (shaped like q). Same mask, bias and scale as the forward.
+/// and the output gradient `dout` (shaped like q). Same block mask and [`Params`] (scale,
+/// bias, dropout) as the forward.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Element>(
     q: &View<T>,
@@ -90,11 +96,11 @@ pub fn backward<T: Element>(
     out: &View<f32>,
     lse: &[f32],
     dout: &View<f32>,
-    bias: Option<&Bias>,
     block: &BlockMask,
-    scale: Option<f32>,
+    params: &Params,
 ) -> Result<Grads> {
     let dims = AttnDims::of(q, k, v)?;
+    let bias = params.bias.as_ref();
     dims.check_bias(bias)?;
     dims.check_like_q("out", out)?;
     dims.check_like_q("dout", dout)?;
@@ -113,7 +119,7 @@ pub fn backward<T: Element>(
             expected: batch * q_heads * lq,
         });
     }
-    let scale = dims.scale(scale)?;
+    let scale = dims.scale(params.scale)?;
 
     // D_i = dO_i · O_i, one per query row.
     let mut delta = vec![0f32; batch * q_heads * lq];
@@ -141,6 +147,7 @@ pub fn backward<T: Element>(
         v,
         dout,
         bias,
+        dropout: params.dropout,
         block,
         lse,
         delta,
@@ -209,6 +216,15 @@ impl<T: Element> Ctx<'_, '_, T> {
             q: vec![0.0; tq * g.d_pad],
             dout: vec![0.0; tq * g.d_pad],
             p: vec![0.0; tq * g.tk_pad],
+            pz: vec![
+                0.0;
+                if self.dropout.is_some() {
+                    tq * g.tk_pad
+                } else {
+                    0
+                }
+            ],
+            drop_keys: vec![0; tq],
             ds: vec![0.0; tq * g.tk_pad],
             bias: vec![
                 0.0;
@@ -296,6 +312,11 @@ impl<T: Element> Ctx<'_, '_, T> {
             k_tile = &sc.k_fix;
         }
         let row0 = (b * self.dims.q_heads + h) * self.dims.lq + i0;
+        if let Some(dr) = &self.dropout {
+            for (r, key) in sc.drop_keys[..rows].iter_mut().enumerate() {
+                *key = dr.row_key(b, h, i0 + r, self.dims.q_heads, self.dims.lq);
+            }
+        }
         let isa = current_isa();
         dispatch!(isa => step(
             g: &Geom = g,
@@ -310,8 +331,15 @@ impl<T: Element> Ctx<'_, '_, T> {
             vt: &[f32] = &sc.vt,
             bits: Option<&[u64]> = bits,
             bias: Option<&[f32]> = tile_bias,
+            drop: Option<DropTile> = self.dropout.map(|dr| DropTile {
+                rows: &sc.drop_keys[..rows],
+                j0,
+                threshold: dr.threshold(),
+                scale: dr.keep_scale(),
+            }),
             exact: bool = exact,
             p: &mut [f32] = &mut sc.p,
+            pz: &mut [f32] = &mut sc.pz,
             ds: &mut [f32] = &mut sc.ds,
             dk: &mut [f32] = &mut sc.dk,
             dv: &mut [f32] = &mut sc.dv,
@@ -347,8 +375,10 @@ unsafe fn step<S: Simd>(
     vt: &[f32],
     bits: Option<&[u64]>,
     bias: Option<&[f32]>,
+    drop: Option<DropTile>,
     exact: bool,
     p: &mut [f32],
+    pz: &mut [f32],
     ds: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
@@ -388,11 +418,24 @@ unsafe fn step<S: Simd>(
             if lse[r] == f32::NEG_INFINITY {
                 pr.fill(0.0);
                 dsr.fill(0.0);
+                if drop.is_some() {
+                    pz[r * tk_pad..(r + 1) * tk_pad].fill(0.0);
+                }
                 continue;
             }
             let brow = bias.map(|b| &b[r * tk_pad..(r + 1) * tk_pad]);
             mask_row::<S>(pr, brow, bits, words, r, cols);
             exp_row::<S>(pr, lse[r]);
+            // Dropout: dP' = z ∘ dP, and dV takes P ∘ z; the z of padding columns is 0.
+            if let Some(dt) = drop {
+                let pzr = &mut pz[r * tk_pad..(r + 1) * tk_pad];
+                dt.fill(r, &mut pzr[..cols]);
+                pzr[cols..].fill(0.0);
+                for c in 0..tk_pad {
+                    dsr[c] *= pzr[c];
+                    pzr[c] *= pr[c];
+                }
+            }
             // dS = P ∘ (dP − D), selected to 0 where hidden (dP may be NaN there).
             let dv_ = S::splat(delta[r]);
             let zero = S::splat(0.0);
@@ -404,11 +447,16 @@ unsafe fn step<S: Simd>(
             }
         }
         // dV += Pᵀ·dO ; dK += dSᵀ·(s·Q)
+        let pv = if drop.is_some() {
+            pz.as_ptr()
+        } else {
+            p.as_ptr()
+        };
         gemm::<S>(
             cols,
             d_pad,
             rows,
-            colwise(p.as_ptr(), tk_pad),
+            colwise(pv, tk_pad),
             dout.as_ptr(),
             d_pad,
             dv.as_mut_ptr(),

@@ -16,6 +16,7 @@ use crate::block::{BlockMask, Tile};
 use crate::forward::{softmax_pv, Forward, Geom};
 use crate::gemm::{gemm, Strided};
 use crate::pack::{self, pad16};
+use crate::params::{DropTile, Dropout};
 use crate::shape::AttnDims;
 use crate::simd::{current_isa, dispatch, Simd};
 use crate::view::{Element, View};
@@ -43,6 +44,7 @@ pub(crate) fn forward<T: Element>(
     k: &View<T>,
     v: &View<T>,
     bias: Option<&Bias>,
+    dropout: Option<&Dropout>,
     block: &BlockMask,
     dims: &AttnDims,
     scale: f32,
@@ -77,7 +79,18 @@ pub(crate) fn forward<T: Element>(
                 .into_par_iter()
                 .map(|c| {
                     let tiles = c * per_chunk..((c + 1) * per_chunk).min(nk);
-                    chunk(q, k, v, bias, block, dims, &g, scale, b, hk, tiles)
+                    let io = Io {
+                        q,
+                        k,
+                        v,
+                        bias,
+                        dropout,
+                        block,
+                        dims,
+                        g: &g,
+                        scale,
+                    };
+                    chunk(&io, b, hk, tiles)
                 })
                 .collect();
             merge(&states, &g, out, lse);
@@ -108,21 +121,32 @@ fn merge(states: &[State], g: &Geom, out: &mut [f32], lse: &mut [f32]) {
     }
 }
 
-/// Streams key tiles `tiles` of kv head `(b, hk)` past every query row of its group.
-#[allow(clippy::too_many_arguments)]
-fn chunk<T: Element>(
-    q: &View<T>,
-    k: &View<T>,
-    v: &View<T>,
-    bias: Option<&Bias>,
-    block: &BlockMask,
-    dims: &AttnDims,
-    g: &Geom,
+/// Inputs and settings every chunk shares.
+struct Io<'a, 'b, T> {
+    q: &'a View<'b, T>,
+    k: &'a View<'b, T>,
+    v: &'a View<'b, T>,
+    bias: Option<&'a Bias<'b>>,
+    dropout: Option<&'a Dropout>,
+    block: &'a BlockMask,
+    dims: &'a AttnDims,
+    g: &'a Geom,
     scale: f32,
-    b: usize,
-    hk: usize,
-    tiles: std::ops::Range<usize>,
-) -> State {
+}
+
+/// Streams key tiles `tiles` of kv head `(b, hk)` past every query row of its group.
+fn chunk<T: Element>(io: &Io<T>, b: usize, hk: usize, tiles: std::ops::Range<usize>) -> State {
+    let Io {
+        q,
+        k,
+        v,
+        bias,
+        dropout,
+        block,
+        dims,
+        g,
+        scale,
+    } = *io;
     let (lq, lk, group, tq) = (dims.lq, dims.lk, dims.group(), block.tile_q());
     let rows = group * lq;
     // Row r of the group is query i = r % lq of head hk·group + r / lq.
@@ -138,6 +162,15 @@ fn chunk<T: Element>(
         let (h, i) = head_row(r);
         pack::rows(q, b, h, i, 1, g.d_pad, scale, dst);
     }
+    let drop_keys: Vec<u32> = match dropout {
+        Some(dr) => (0..rows)
+            .map(|r| {
+                let (h, i) = head_row(r);
+                dr.row_key(b, h, i, dims.q_heads, lq)
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     let rows_pad = pad16(rows);
     let product = rows >= PRODUCT_MIN_ROWS;
     let mut qt = vec![0f32; if product { g.d_pad * rows_pad } else { 0 }];
@@ -223,6 +256,12 @@ fn chunk<T: Element>(
             v_ld: usize = v_ld,
             bits: Option<&[u64]> = (!all).then_some(&bits[..]),
             bias: Option<&[f32]> = bias.map(|_| &bias_tile[..]),
+            drop: Option<DropTile> = dropout.map(|dr| DropTile {
+                rows: &drop_keys,
+                j0,
+                threshold: dr.threshold(),
+                scale: dr.keep_scale(),
+            }),
             exact: bool = exact,
             s: &mut [f32] = &mut s,
             qt: Option<&[f32]> = product.then_some(&qt[..]),
@@ -251,6 +290,7 @@ unsafe fn step<S: Simd>(
     v_ld: usize,
     bits: Option<&[u64]>,
     bias: Option<&[f32]>,
+    drop: Option<DropTile>,
     exact: bool,
     s: &mut [f32],
     qt: Option<&[f32]>,
@@ -284,7 +324,7 @@ unsafe fn step<S: Simd>(
                     *s.get_unchecked_mut(r * tk_pad + c) = *st.get_unchecked(c * rows_pad + r);
                 }
             }
-            softmax_pv::<S>(g, rows, cols, v, v_ld, bits, bias, exact, s, o, m, l);
+            softmax_pv::<S>(g, rows, cols, v, v_ld, bits, bias, drop, exact, s, o, m, l);
             return;
         }
         for c in 0..cols {
@@ -298,6 +338,6 @@ unsafe fn step<S: Simd>(
                 *s.get_unchecked_mut(r * tk_pad + c) = S::reduce_add(acc);
             }
         }
-        softmax_pv::<S>(g, rows, cols, v, v_ld, bits, bias, exact, s, o, m, l);
+        softmax_pv::<S>(g, rows, cols, v, v_ld, bits, bias, drop, exact, s, o, m, l);
     }
 }

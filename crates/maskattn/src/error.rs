@@ -40,6 +40,9 @@ pub enum AttnError {
     #[error("tile sizes must be at least 1, got {tile_q} x {tile_k}")]
     BadTiles { tile_q: usize, tile_k: usize },
 
+    #[error("dropout probability must be in [0, 1), got {0}")]
+    BadDropout(f32),
+
     /// The backward was handed an LSE of the wrong length.
     #[error("lse has {got} entries, expected {expected} (B * H_q * L_q)")]
     LseLength { got: usize, expected: usize },

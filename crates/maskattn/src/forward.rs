@@ -9,6 +9,7 @@ use crate::block::{BlockMask, Tile};
 use crate::error::Result;
 use crate::gemm::{gemm, Strided};
 use crate::pack::{self, pad16};
+use crate::params::{keep_hash, DropTile, Dropout, Params};
 use crate::shape::AttnDims;
 use crate::simd::{current_isa, dispatch, Simd};
 use crate::tile::{axpy, exp_row, mask_row, scale as scale_row, visible};
@@ -39,6 +40,18 @@ struct Scratch {
     bias: Vec<f32>,
     v_fix: Vec<f32>,
     seen: Vec<u64>,
+    drop_keys: Vec<u32>,
+}
+
+/// What every query tile of one (b, kv head) shares.
+struct TileCtx<'a, 'b, T> {
+    q: &'a View<'b, T>,
+    kv: &'a PackedKv,
+    bias: Option<&'a Bias<'b>>,
+    dropout: Option<&'a Dropout>,
+    block: &'a BlockMask,
+    g: &'a Geom,
+    scale: f32,
 }
 
 /// Sizes every step needs.
@@ -52,19 +65,20 @@ pub(crate) struct Geom {
 }
 
 /// Masked attention forward. `q [B, H_q, L_q, d]`, `k, v [B, H_kv, L_k, d]` (any strides),
-/// `block` compiled for `(B, H_q, L_q, L_k)`; `scale` defaults to `1/sqrt(d)`.
+/// `block` compiled for `(B, H_q, L_q, L_k)`; see [`Params`] for scale, bias and dropout.
 pub fn forward<T: Element>(
     q: &View<T>,
     k: &View<T>,
     v: &View<T>,
-    bias: Option<&Bias>,
     block: &BlockMask,
-    scale: Option<f32>,
+    params: &Params,
 ) -> Result<Forward> {
     let dims = AttnDims::of(q, k, v)?;
+    let bias = params.bias.as_ref();
     dims.check_bias(bias)?;
     block.check_shape(dims.mask_shape())?;
-    let scale = dims.scale(scale)?;
+    let scale = dims.scale(params.scale)?;
+    let dropout = params.dropout.as_ref();
     let AttnDims {
         batch,
         q_heads,
@@ -74,7 +88,9 @@ pub fn forward<T: Element>(
         ..
     } = dims;
     if lq <= crate::decode::DECODE_MAX_LQ {
-        return Ok(crate::decode::forward(q, k, v, bias, block, &dims, scale));
+        return Ok(crate::decode::forward(
+            q, k, v, bias, dropout, block, &dims, scale,
+        ));
     }
     let (tq, tk) = (block.tile_q(), block.tile_k());
     let g = Geom {
@@ -116,9 +132,19 @@ pub fn forward<T: Element>(
                         bias: vec![0.0; if bias.is_some() { tq * g.tk_pad } else { 0 }],
                         v_fix: vec![0.0; g.tk_pad * g.d_pad],
                         seen: vec![0; g.words],
+                        drop_keys: vec![0; tq],
                     },
                     |sc, (h, qt, o, l)| {
-                        query_tile(q, &kv, bias, block, &g, scale, b, h, qt, o, l, sc)
+                        let ctx = TileCtx {
+                            q,
+                            kv: &kv,
+                            bias,
+                            dropout,
+                            block,
+                            g: &g,
+                            scale,
+                        };
+                        query_tile(&ctx, b, h, qt, o, l, sc)
                     },
                 );
         });
@@ -160,14 +186,8 @@ fn pack_kv<T: Element>(
 }
 
 /// One query tile: rows `qt·tile_q ..` of head `(b, h)`; `out` is `rows × d`, `lse` `rows`.
-#[allow(clippy::too_many_arguments)]
 fn query_tile<T: Element>(
-    q: &View<T>,
-    kv: &PackedKv,
-    bias: Option<&Bias>,
-    block: &BlockMask,
-    g: &Geom,
-    scale: f32,
+    ctx: &TileCtx<T>,
     b: usize,
     h: usize,
     qt: usize,
@@ -175,11 +195,26 @@ fn query_tile<T: Element>(
     lse: &mut [f32],
     sc: &mut Scratch,
 ) {
+    let TileCtx {
+        q,
+        kv,
+        bias,
+        dropout,
+        block,
+        g,
+        scale,
+    } = *ctx;
     let rows = lse.len();
     let i0 = qt * block.tile_q();
     let lk = block.shape().lk;
     // The scale is folded into Q: x_ij = (s·q_i) · k_j.
     pack::rows(q, b, h, i0, rows, g.d_pad, scale, &mut sc.q);
+    let shape = block.shape();
+    if let Some(dr) = dropout {
+        for (r, key) in sc.drop_keys[..rows].iter_mut().enumerate() {
+            *key = dr.row_key(b, h, i0 + r, shape.heads, shape.lq);
+        }
+    }
     sc.m[..rows].fill(f32::NEG_INFINITY);
     sc.l[..rows].fill(0.0);
     sc.o[..rows * g.d_pad].fill(0.0); // Σ_j e^(x_ij − m_i) v_j, rescaled as m_i grows
@@ -220,6 +255,12 @@ fn query_tile<T: Element>(
             v: &[f32] = v_tile,
             bits: Option<&[u64]> = bits,
             bias: Option<&[f32]> = tile_bias,
+            drop: Option<DropTile> = dropout.map(|dr| DropTile {
+                rows: &sc.drop_keys[..rows],
+                j0,
+                threshold: dr.threshold(),
+                scale: dr.keep_scale(),
+            }),
             exact: bool = exact,
             s: &mut [f32] = &mut sc.s,
             o: &mut [f32] = &mut sc.o,
@@ -256,6 +297,7 @@ unsafe fn step<S: Simd>(
     v: &[f32],
     bits: Option<&[u64]>,
     bias: Option<&[f32]>,
+    drop: Option<DropTile>,
     exact: bool,
     s: &mut [f32],
     o: &mut [f32],
@@ -281,7 +323,7 @@ unsafe fn step<S: Simd>(
             tk_pad,
             false,
         );
-        softmax_pv::<S>(g, rows, cols, v, d_pad, bits, bias, exact, s, o, m, l);
+        softmax_pv::<S>(g, rows, cols, v, d_pad, bits, bias, drop, exact, s, o, m, l);
     }
 }
 
@@ -297,6 +339,7 @@ pub(crate) unsafe fn softmax_pv<S: Simd>(
     v_ld: usize,
     bits: Option<&[u64]>,
     bias: Option<&[f32]>,
+    drop: Option<DropTile>,
     exact: bool,
     s: &mut [f32],
     o: &mut [f32],
@@ -322,6 +365,17 @@ pub(crate) unsafe fn softmax_pv<S: Simd>(
                 scale_row::<S>(alpha, &mut o[r * d_pad..(r + 1) * d_pad]);
             }
             m[r] = m_new;
+            // Dropout weights the values, not the normaliser: l keeps the undropped sum.
+            if let Some(dt) = drop {
+                let key = dt.rows[r];
+                for (c, xv) in x[..cols].iter_mut().enumerate() {
+                    if keep_hash(key, dt.j0 + c) >= dt.threshold {
+                        *xv *= dt.scale;
+                    } else {
+                        *xv = 0.0;
+                    }
+                }
+            }
         }
         // acc += P̃ · V
         if !exact {

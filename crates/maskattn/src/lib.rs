@@ -16,7 +16,7 @@
 //! // Causal, and the last key of the sequence is padding.
 //! let mask = Mask::causal() & Mask::key_lengths(vec![4]);
 //! let block = BlockMask::new(&mask, maskattn::MaskShape::new(b, h, l, l))?;
-//! let fwd = maskattn::forward(&q, &k, &v, None, &block, None)?;
+//! let fwd = maskattn::forward(&q, &k, &v, &block, &maskattn::Params::default())?;
 //! assert_eq!(fwd.out.len(), b * h * l * d);
 //! assert!(fwd.lse.iter().all(|x| x.is_finite()));
 //! # Ok::<(), maskattn::AttnError>(())
@@ -32,6 +32,7 @@ mod forward;
 mod gemm;
 mod mask;
 mod pack;
+mod params;
 pub mod reference;
 mod shape;
 mod simd;
@@ -47,6 +48,7 @@ pub use forward::{forward, Forward};
 /// The `half` crate, whose `bf16` and `f16` are storage types the kernels read.
 pub use half;
 pub use mask::{CausalAlign, DenseMask, Mask, MaskFn, MaskShape};
+pub use params::{Dropout, Params};
 pub use shape::AttnDims;
 pub use simd::{current_isa, set_isa, Isa};
 pub use view::{Element, View};

@@ -12,6 +12,7 @@ use num_traits::Float;
 use crate::bias::Bias;
 use crate::error::Result;
 use crate::mask::Mask;
+use crate::params::{Dropout, Params};
 use crate::shape::AttnDims;
 use crate::view::View;
 
@@ -47,12 +48,24 @@ struct Inputs<'a, 'b> {
     k: &'a View<'b>,
     v: &'a View<'b>,
     bias: Option<&'a Bias<'b>>,
+    dropout: Option<Dropout>,
     mask: &'a Mask,
     dims: AttnDims,
     scale: f32,
 }
 
 impl Inputs<'_, '_> {
+    /// The dropout weight `z_ij` (1 without dropout).
+    fn z<T: Float>(&self, b: usize, h: usize, i: usize, j: usize) -> T {
+        match &self.dropout {
+            None => T::one(),
+            Some(dr) if dr.keep(b, h, i, j, self.dims.q_heads, self.dims.lq) => {
+                T::one() / (T::one() - to::<T>(dr.p()))
+            }
+            Some(_) => T::zero(),
+        }
+    }
+
     fn head_probs<T: Float>(&self, b: usize, h: usize) -> HeadProbs<T> {
         let AttnDims { lq, lk, d, .. } = self.dims;
         let hk = h / self.dims.group();
@@ -111,9 +124,10 @@ impl Inputs<'_, '_> {
                 lse[bh * lq..(bh + 1) * lq].copy_from_slice(&hp.lse);
                 for i in 0..lq {
                     for j in (0..lk).filter(|&j| hp.allowed[i * lk + j]) {
+                        let w = hp.p[i * lk + j] * self.z::<T>(b, h, i, j);
                         for c in 0..d {
                             let o = &mut out[(bh * lq + i) * d + c];
-                            *o = *o + hp.p[i * lk + j] * to::<T>(self.v.get(b, hk, j, c));
+                            *o = *o + w * to::<T>(self.v.get(b, hk, j, c));
                         }
                     }
                 }
@@ -150,15 +164,16 @@ impl Inputs<'_, '_> {
                     }
                     for j in (0..lk).filter(|&j| hp.allowed[i * lk + j]) {
                         let pij = hp.p[i * lk + j];
-                        // dV_j += P_ij dO_i ; dP_ij = dO_i · v_j
+                        let z = self.z::<T>(b, h, i, j);
+                        // dV_j += P_ij z_ij dO_i ; dP_ij = z_ij (dO_i · v_j)
                         let mut dp = T::zero();
                         for c in 0..d {
                             let g = &mut dv[(bhk * lk + j) * d + c];
-                            *g = *g + pij * d_o(i, c);
+                            *g = *g + pij * z * d_o(i, c);
                             dp = dp + d_o(i, c) * to::<T>(self.v.get(b, hk, j, c));
                         }
                         // dS_ij = P_ij (dP_ij − D_i); dQ_i += s dS k_j; dK_j += s dS q_i
-                        let ds = pij * (dp - di);
+                        let ds = pij * (z * dp - di);
                         for c in 0..d {
                             let g = &mut dq[(bh * lq + i) * d + c];
                             *g = *g + s * ds * to::<T>(self.k.get(b, hk, j, c));
@@ -178,11 +193,10 @@ pub fn forward<T: Float>(
     q: &View,
     k: &View,
     v: &View,
-    bias: Option<&Bias>,
     mask: &Mask,
-    scale: Option<f32>,
+    params: &Params,
 ) -> Result<RefForward<T>> {
-    Ok(inputs(q, k, v, bias, mask, scale)?.forward())
+    Ok(inputs(q, k, v, mask, params)?.forward())
 }
 
 /// Reference gradients in float type `T`, given the output gradient `dout` (shaped like q).
@@ -190,12 +204,11 @@ pub fn backward<T: Float>(
     q: &View,
     k: &View,
     v: &View,
-    bias: Option<&Bias>,
     mask: &Mask,
-    scale: Option<f32>,
+    params: &Params,
     dout: &View,
 ) -> Result<RefGrads<T>> {
-    let inp = inputs(q, k, v, bias, mask, scale)?;
+    let inp = inputs(q, k, v, mask, params)?;
     inp.dims.check_like_q("dout", dout)?;
     Ok(inp.backward(dout))
 }
@@ -204,19 +217,20 @@ fn inputs<'a, 'b>(
     q: &'a View<'b>,
     k: &'a View<'b>,
     v: &'a View<'b>,
-    bias: Option<&'a Bias<'b>>,
     mask: &'a Mask,
-    scale: Option<f32>,
+    params: &'a Params<'b>,
 ) -> Result<Inputs<'a, 'b>> {
     let dims = AttnDims::of(q, k, v)?;
+    let bias = params.bias.as_ref();
     dims.check_bias(bias)?;
     mask.validate(&dims.mask_shape())?;
-    let scale = dims.scale(scale)?;
+    let scale = dims.scale(params.scale)?;
     Ok(Inputs {
         q,
         k,
         v,
         bias,
+        dropout: params.dropout,
         mask,
         dims,
         scale,

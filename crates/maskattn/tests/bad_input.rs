@@ -1,6 +1,6 @@
 //! Bad input is a typed error that names the problem, never a panic inside a kernel.
 
-use maskattn::{AttnError, Bias, BlockMask, DenseMask, Mask, MaskShape, View};
+use maskattn::{AttnError, Bias, BlockMask, DenseMask, Dropout, Mask, MaskShape, Params, View};
 
 fn views<'a>(
     q: &'a [f32],
@@ -20,7 +20,11 @@ fn run(qs: [usize; 4], ks: [usize; 4], mask: &Mask, scale: Option<f32>) -> Resul
     let kv = vec![0.25f32; ks.iter().product()];
     let (q, k, v) = views(&q, &kv, qs, ks);
     let block = BlockMask::new(mask, MaskShape::new(qs[0], qs[1], qs[2], ks[2]))?;
-    maskattn::forward(&q, &k, &v, None, &block, scale).map(|_| ())
+    let params = Params {
+        scale,
+        ..Default::default()
+    };
+    maskattn::forward(&q, &k, &v, &block, &params).map(|_| ())
 }
 
 #[test]
@@ -86,7 +90,7 @@ fn block_mask_for_another_shape() {
     let q = vec![0.0f32; 2 * 4 * 8];
     let (q, k, v) = views(&q, &q, [1, 2, 4, 8], [1, 2, 4, 8]);
     let block = BlockMask::new(&Mask::causal(), MaskShape::new(1, 2, 4, 5)).unwrap();
-    let e = maskattn::forward(&q, &k, &v, None, &block, None).unwrap_err();
+    let e = maskattn::forward(&q, &k, &v, &block, &Params::default()).unwrap_err();
     assert!(matches!(e, AttnError::BlockMaskShape { .. }), "{e}");
 }
 
@@ -105,13 +109,22 @@ fn bad_views_bias_lse_and_tiles() {
     let (qv, k, v) = views(&q, &q, [1, 2, 4, 8], [1, 2, 4, 8]);
     let bias = Bias::new(&data[..8], [1, 1, 2, 4]).unwrap();
     let block = BlockMask::new(&Mask::full(), MaskShape::new(1, 2, 4, 4)).unwrap();
-    let e = maskattn::forward(&qv, &k, &v, Some(&bias), &block, None).unwrap_err();
+    let e = maskattn::forward(&qv, &k, &v, &block, &Params::default().with_bias(bias)).unwrap_err();
     assert!(e.to_string().contains("bias"), "{e}");
 
-    let fwd = maskattn::forward(&qv, &k, &v, None, &block, None).unwrap();
+    let fwd = maskattn::forward(&qv, &k, &v, &block, &Params::default()).unwrap();
     let out = View::bhld("out", &fwd.out, [1, 2, 4, 8]).unwrap();
-    let e =
-        maskattn::backward(&qv, &k, &v, &out, &fwd.lse[..3], &out, None, &block, None).unwrap_err();
+    let e = maskattn::backward(
+        &qv,
+        &k,
+        &v,
+        &out,
+        &fwd.lse[..3],
+        &out,
+        &block,
+        &Params::default(),
+    )
+    .unwrap_err();
     assert_eq!(
         e,
         AttnError::LseLength {
@@ -120,10 +133,27 @@ fn bad_views_bias_lse_and_tiles() {
         }
     );
     let short = View::bhld("dout", &q[..32], [1, 1, 4, 8]).unwrap();
-    let e =
-        maskattn::backward(&qv, &k, &v, &out, &fwd.lse, &short, None, &block, None).unwrap_err();
+    let e = maskattn::backward(
+        &qv,
+        &k,
+        &v,
+        &out,
+        &fwd.lse,
+        &short,
+        &block,
+        &Params::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("dout"), "{e}");
 
+    let e = BlockMask::with_tiles(&Mask::full(), MaskShape::new(1, 1, 4, 4), 0, 8).unwrap_err();
+    assert!(matches!(e, AttnError::BadTiles { .. }));
+    for p in [-0.1, 1.0, f32::NAN] {
+        assert!(Dropout::new(p, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("dropout"));
+    }
     let e = BlockMask::with_tiles(&Mask::full(), MaskShape::new(1, 1, 4, 4), 0, 8).unwrap_err();
     assert!(matches!(e, AttnError::BadTiles { .. }));
 }

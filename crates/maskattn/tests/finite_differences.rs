@@ -17,7 +17,7 @@ fn loss(c: &Case, which: usize, data: &[f32]) -> f64 {
     }
     let (q, k, v) = c2.views();
     let bias = c2.bias();
-    let out = reference::forward::<f64>(&q, &k, &v, bias.as_ref(), &c2.mask, c2.scale)
+    let out = reference::forward::<f64>(&q, &k, &v, &c2.mask, &c2.params())
         .unwrap()
         .out;
     let dout = common::to_bhld(&c2.dout_view());
@@ -91,8 +91,7 @@ fn gradients_match_finite_differences() {
         let (q, k, v) = c.views();
         let bias = c.bias();
         let rg =
-            reference::backward::<f64>(&q, &k, &v, bias.as_ref(), &c.mask, c.scale, &c.dout_view())
-                .unwrap();
+            reference::backward::<f64>(&q, &k, &v, &c.mask, &c.params(), &c.dout_view()).unwrap();
         let [_, _, dq, dk, dv] = c.run_kernel();
         for (which, (name, r, kernel)) in [
             ("dq", &rg.dq, &dq),

@@ -109,11 +109,13 @@ macro_rules! dispatch {
     ($isa:expr => $f:ident ( $($a:ident : $t:ty = $v:expr),* $(,)? ) $(-> $r:ty)?) => {{
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
         unsafe fn on_avx512($($a: $t),*) $(-> $r)? {
             unsafe { $f::<$crate::simd::Avx512>($($a),*) }
         }
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
         unsafe fn on_avx2($($a: $t),*) $(-> $r)? {
             unsafe { $f::<$crate::simd::Avx2>($($a),*) }
         }

@@ -2,7 +2,7 @@
 //! DESIGN.md section 4.
 #![allow(dead_code)]
 
-use maskattn::{reference, BlockMask, DenseMask, Mask, MaskShape, View};
+use maskattn::{reference, BlockMask, DenseMask, Dropout, Mask, MaskShape, Params, View};
 use proptest::prelude::*;
 
 /// SplitMix64: reproducible data from a seed drawn by proptest.
@@ -195,6 +195,7 @@ pub struct Case {
     pub mask: Mask,
     pub bias: Option<(Vec<f32>, [usize; 4])>,
     pub scale: Option<f32>,
+    pub dropout: Option<Dropout>,
     pub tiles: (usize, usize),
 }
 
@@ -232,6 +233,14 @@ impl Case {
             .map(|(data, dims)| maskattn::Bias::new(data, *dims).unwrap())
     }
 
+    pub fn params(&self) -> Params<'_> {
+        Params {
+            scale: self.scale,
+            bias: self.bias(),
+            dropout: self.dropout,
+        }
+    }
+
     pub fn dout_view(&self) -> View<'_> {
         View::bhld("dout", &self.dout, self.q_shape()).unwrap()
     }
@@ -240,8 +249,7 @@ impl Case {
     pub fn run_kernel(&self) -> [Vec<f32>; 5] {
         let block = self.block();
         let (q, k, v) = self.views();
-        let bias = self.bias();
-        let fwd = maskattn::forward(&q, &k, &v, bias.as_ref(), &block, self.scale).unwrap();
+        let fwd = maskattn::forward(&q, &k, &v, &block, &self.params()).unwrap();
         let out = View::bhld("out", &fwd.out, self.q_shape()).unwrap();
         let g = maskattn::backward(
             &q,
@@ -250,9 +258,8 @@ impl Case {
             &out,
             &fwd.lse,
             &self.dout_view(),
-            bias.as_ref(),
             &block,
-            self.scale,
+            &self.params(),
         )
         .unwrap();
         [fwd.out, fwd.lse, g.dq, g.dk, g.dv]
@@ -262,15 +269,14 @@ impl Case {
     pub fn check(&self) {
         let [out, lse, dq, dk, dv] = self.run_kernel();
         let (q, k, v) = self.views();
-        let bias = self.bias();
-        let b = bias.as_ref();
-        let gold = reference::forward::<f64>(&q, &k, &v, b, &self.mask, self.scale).unwrap();
-        let naive = reference::forward::<f32>(&q, &k, &v, b, &self.mask, self.scale).unwrap();
+        let p = self.params();
+        let gold = reference::forward::<f64>(&q, &k, &v, &self.mask, &p).unwrap();
+        let naive = reference::forward::<f32>(&q, &k, &v, &self.mask, &p).unwrap();
         assert_close("out", &out, &gold.out, &naive.out, EPS_F32);
         assert_close("lse", &lse, &gold.lse, &naive.lse, EPS_F32);
         let dout = self.dout_view();
-        let gg = reference::backward::<f64>(&q, &k, &v, b, &self.mask, self.scale, &dout).unwrap();
-        let ng = reference::backward::<f32>(&q, &k, &v, b, &self.mask, self.scale, &dout).unwrap();
+        let gg = reference::backward::<f64>(&q, &k, &v, &self.mask, &p, &dout).unwrap();
+        let ng = reference::backward::<f32>(&q, &k, &v, &self.mask, &p, &dout).unwrap();
         assert_close("dq", &dq, &gg.dq, &ng.dq, EPS_F32);
         assert_close("dk", &dk, &gg.dk, &ng.dk, EPS_F32);
         assert_close("dv", &dv, &gg.dv, &ng.dv, EPS_F32);
@@ -305,6 +311,8 @@ pub fn random_case(seed: u64, dims: [usize; 6], tiles: (usize, usize), with_bias
     } else {
         None
     };
+    let dropout = (rng.below(4) == 0)
+        .then(|| Dropout::new(0.4 * rng.uniform().abs(), rng.next_u64()).unwrap());
     // Data laid out in the drawn layout: a `[B, L, H, d]` buffer has the same size.
     Case {
         dims,
@@ -316,6 +324,7 @@ pub fn random_case(seed: u64, dims: [usize; 6], tiles: (usize, usize), with_bias
         mask,
         bias,
         scale,
+        dropout,
         tiles,
     }
 }
