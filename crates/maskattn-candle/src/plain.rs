@@ -1,0 +1,72 @@
+//! Attention written with plain candle ops (matmul, mask, softmax): the comparison every
+//! test and benchmark of this crate measures against. Materialises `L_q × L_k` scores.
+//!
+//! Hidden pairs get a large negative score before the softmax and the probabilities are
+//! multiplied by the 0/1 mask after it, so a row that sees nothing gives 0 instead of NaN.
+
+use candle_core::{DType, Result, Tensor};
+use maskattn::{Mask, MaskShape};
+
+/// The mask as a 0/1 tensor `[B, H_q, L_q, L_k]` in `dtype`.
+pub fn dense_mask(
+    mask: &Mask,
+    shape: MaskShape,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    mask.validate(&shape).map_err(candle_core::Error::wrap)?;
+    let MaskShape {
+        batch,
+        heads,
+        lq,
+        lk,
+    } = shape;
+    let mut v = Vec::with_capacity(batch * heads * lq * lk);
+    for b in 0..batch {
+        for h in 0..heads {
+            for i in 0..lq {
+                for j in 0..lk {
+                    v.push(if mask.allowed(&shape, b, h, i, j) {
+                        1f32
+                    } else {
+                        0.0
+                    });
+                }
+            }
+        }
+    }
+    Tensor::from_vec(v, (batch, heads, lq, lk), device)?.to_dtype(dtype)
+}
+
+/// `k [B, H_kv, L, d]` repeated to `[B, H_q, L, d]`: query head h reads kv head h / group.
+pub fn repeat_kv(k: &Tensor, group: usize) -> Result<Tensor> {
+    if group == 1 {
+        return Ok(k.clone());
+    }
+    let (b, hkv, l, d) = k.dims4()?;
+    k.unsqueeze(2)?
+        .expand((b, hkv, group, l, d))?
+        .reshape((b, hkv * group, l, d))
+}
+
+/// `softmax(s · Q Kᵀ, masked) V` with plain candle ops; the result and every gradient flow
+/// through candle's own autograd.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Mask,
+    scale: Option<f32>,
+) -> Result<Tensor> {
+    let (b, hq, lq, d) = q.dims4()?;
+    let (_, hkv, lk, _) = k.dims4()?;
+    let scale = scale.unwrap_or(1.0 / (d as f32).sqrt()) as f64;
+    let (k, v) = (repeat_kv(k, hq / hkv)?, repeat_kv(v, hq / hkv)?);
+    let keep = dense_mask(mask, MaskShape::new(b, hq, lq, lk), q.dtype(), q.device())?;
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    // −1e30 where hidden (finite, so a fully hidden row is uniform, not NaN, before the
+    // multiplication by the mask zeroes it).
+    let hidden = ((keep.ones_like()? - &keep)? * -1e30)?;
+    let p = candle_nn::ops::softmax(&(scores + hidden)?, 3)?;
+    (p * keep)?.matmul(&v.contiguous()?)
+}
