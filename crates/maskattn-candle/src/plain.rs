@@ -61,9 +61,13 @@ pub fn attention(
     let (b, hq, lq, d) = q.dims4()?;
     let (_, hkv, lk, _) = k.dims4()?;
     let scale = scale.unwrap_or(1.0 / (d as f32).sqrt()) as f64;
-    let (k, v) = (repeat_kv(k, hq / hkv)?, repeat_kv(v, hq / hkv)?);
+    let q = q.contiguous()?;
+    let (k, v) = (
+        repeat_kv(k, hq / hkv)?.contiguous()?,
+        repeat_kv(v, hq / hkv)?,
+    );
     let keep = dense_mask(mask, MaskShape::new(b, hq, lq, lk), q.dtype(), q.device())?;
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
     // −1e30 where hidden (finite, so a fully hidden row is uniform, not NaN, before the
     // multiplication by the mask zeroes it).
     let hidden = ((keep.ones_like()? - &keep)? * -1e30)?;

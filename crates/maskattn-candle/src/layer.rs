@@ -1,0 +1,381 @@
+//! `MaskedMultiHeadAttention`: projections, heads (grouped-query or multi-query), optional
+//! rotary positions, masked attention through the maskattn kernels, output projection.
+//!
+//! Shapes: `x_q [B, L_q, d_model]`, `x_kv [B, L_k, kdim]` → `[B, L_q, d_model]`.
+//! Inside: `q [B, H_q, L_q, head_dim]`, `k, v [B, H_kv, L_k, head_dim]`.
+//! Every op on the training path has a backward (no fused candle-nn softmax/norm/rotary op).
+
+use std::sync::Arc;
+
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::{Linear, Module, VarBuilder};
+use maskattn::{BlockMask, Dropout, Mask, MaskShape};
+
+use crate::kv_cache::KvCache;
+use crate::op::{attention_with_block, AttnOptions};
+use crate::plain;
+use crate::rope::Rope;
+
+/// The layer's hyper-parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MhaConfig {
+    pub d_model: usize,
+    pub num_heads: usize,
+    /// Key/value heads: `num_heads` for multi-head, 1 for multi-query, else grouped-query.
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Feature size of the keys' input (cross attention).
+    pub kdim: usize,
+    /// Feature size of the values' input.
+    pub vdim: usize,
+    /// Biases on the four projections.
+    pub bias: bool,
+    /// Rotary position embedding base (`θ`, 10 000 in most models); `None` for none.
+    pub rope_theta: Option<f32>,
+    /// Attention dropout probability, applied in [`Mode::Train`].
+    pub dropout: f32,
+}
+
+impl MhaConfig {
+    /// Multi-head attention with `head_dim = d_model / num_heads`, biases, no rotary
+    /// positions, no dropout.
+    pub fn new(d_model: usize, num_heads: usize) -> Self {
+        MhaConfig {
+            d_model,
+            num_heads,
+            num_kv_heads: num_heads,
+            head_dim: d_model / num_heads.max(1),
+            kdim: d_model,
+            vdim: d_model,
+            bias: true,
+            rope_theta: None,
+            dropout: 0.0,
+        }
+    }
+
+    pub fn with_kv_heads(mut self, n: usize) -> Self {
+        self.num_kv_heads = n;
+        self
+    }
+
+    pub fn with_head_dim(mut self, n: usize) -> Self {
+        self.head_dim = n;
+        self
+    }
+
+    pub fn with_kdim_vdim(mut self, kdim: usize, vdim: usize) -> Self {
+        self.kdim = kdim;
+        self.vdim = vdim;
+        self
+    }
+
+    pub fn with_bias(mut self, bias: bool) -> Self {
+        self.bias = bias;
+        self
+    }
+
+    pub fn with_rope(mut self, theta: f32) -> Self {
+        self.rope_theta = Some(theta);
+        self
+    }
+
+    pub fn with_dropout(mut self, p: f32) -> Self {
+        self.dropout = p;
+        self
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let err = |m: String| Err(candle_core::Error::Msg(format!("MhaConfig: {m}")));
+        for (n, what) in [
+            (self.d_model, "d_model"),
+            (self.num_heads, "num_heads"),
+            (self.num_kv_heads, "num_kv_heads"),
+            (self.head_dim, "head_dim"),
+            (self.kdim, "kdim"),
+            (self.vdim, "vdim"),
+        ] {
+            if n == 0 {
+                return err(format!("{what} must be at least 1"));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return err(format!(
+                "num_heads ({}) must be a multiple of num_kv_heads ({})",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.rope_theta.is_some() && self.head_dim % 2 != 0 {
+            return err(format!(
+                "rotary positions need an even head_dim, got {}",
+                self.head_dim
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return err(format!("dropout must be in [0, 1), got {}", self.dropout));
+        }
+        Ok(())
+    }
+}
+
+/// Evaluation (no dropout) or a training step whose dropout pattern comes from `seed`
+/// (pass a different seed each step; the same seed reproduces the step).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Eval,
+    Train { seed: u64 },
+}
+
+/// Masked multi-head attention. Weights are named `q_proj`, `k_proj`, `v_proj`, `o_proj`
+/// (`.weight [out, in]`, `.bias [out]`) under the [`VarBuilder`] it is built from.
+#[derive(Clone, Debug)]
+pub struct MaskedMultiHeadAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    rope: Option<Rope>,
+    cfg: MhaConfig,
+}
+
+/// Which attention computes the heads: the maskattn kernels, or plain candle ops (the
+/// comparison the tests and benchmarks measure against).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Kernels,
+    Plain,
+}
+
+impl MaskedMultiHeadAttention {
+    pub fn new(cfg: MhaConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let lin = |i: usize, o: usize, name: &str| {
+            if cfg.bias {
+                candle_nn::linear(i, o, vb.pp(name))
+            } else {
+                candle_nn::linear_no_bias(i, o, vb.pp(name))
+            }
+        };
+        let (hq, hkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        Ok(MaskedMultiHeadAttention {
+            q_proj: lin(cfg.d_model, hq * hd, "q_proj")?,
+            k_proj: lin(cfg.kdim, hkv * hd, "k_proj")?,
+            v_proj: lin(cfg.vdim, hkv * hd, "v_proj")?,
+            o_proj: lin(hq * hd, cfg.d_model, "o_proj")?,
+            rope: cfg.rope_theta.map(|t| Rope::new(hd, t)),
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &MhaConfig {
+        &self.cfg
+    }
+
+    /// The four projections, in the order q, k, v, o.
+    pub fn projections(&self) -> [&Linear; 4] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+    }
+
+    /// `[B, L, in] → [B, H, L, head_dim]` (a strided view of the projection, not a copy),
+    /// with rotary positions from `offset` when configured.
+    fn heads(
+        &self,
+        x: &Tensor,
+        proj: &Linear,
+        heads: usize,
+        offset: Option<usize>,
+    ) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let y = proj
+            .forward(x)?
+            .reshape((b, l, heads, self.cfg.head_dim))?
+            .transpose(1, 2)?;
+        match (&self.rope, offset) {
+            (Some(rope), Some(off)) => rope.apply(&y, off),
+            _ => Ok(y),
+        }
+    }
+
+    fn check_inputs(&self, x_q: &Tensor, x_k: &Tensor, x_v: &Tensor) -> Result<()> {
+        let (b, _, dq) = x_q.dims3()?;
+        let (bk, lk, dk) = x_k.dims3()?;
+        let (bv, lv, dv) = x_v.dims3()?;
+        let bad = |m: String| {
+            Err(candle_core::Error::Msg(format!(
+                "MaskedMultiHeadAttention: {m}"
+            )))
+        };
+        if dq != self.cfg.d_model {
+            return bad(format!(
+                "x_q has {dq} features, d_model is {}",
+                self.cfg.d_model
+            ));
+        }
+        if dk != self.cfg.kdim || dv != self.cfg.vdim {
+            return bad(format!(
+                "keys/values inputs have {dk}/{dv} features, kdim/vdim are {}/{}",
+                self.cfg.kdim, self.cfg.vdim
+            ));
+        }
+        if bk != b || bv != b || lk != lv {
+            return bad(format!(
+                "batch/length mismatch: x_q batch {b}, x_k [{bk}, {lk}], x_v [{bv}, {lv}]"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Self- or cross-attention: `x_q [B, L_q, d_model]` attends to `x_kv [B, L_k, kdim]`
+    /// (used for both keys and values) under `mask` (compiled for `[B, H_q, L_q, L_k]`).
+    pub fn forward(&self, x_q: &Tensor, x_kv: &Tensor, mask: &Mask, mode: Mode) -> Result<Tensor> {
+        self.forward_qkv(x_q, x_kv, x_kv, mask, mode)
+    }
+
+    /// As [`forward`](Self::forward) with separate key and value inputs.
+    pub fn forward_qkv(
+        &self,
+        x_q: &Tensor,
+        x_k: &Tensor,
+        x_v: &Tensor,
+        mask: &Mask,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        Ok(self
+            .run(x_q, x_k, x_v, mask, mode, Backend::Kernels, false)?
+            .0)
+    }
+
+    /// The forward and the attention weights `[B, H_q, L_q, L_k]` (f32, recomputed from the
+    /// kernel's LSE, without dropout; detached — for inspection and pictures, not training).
+    pub fn forward_with_weights(
+        &self,
+        x_q: &Tensor,
+        x_kv: &Tensor,
+        mask: &Mask,
+    ) -> Result<(Tensor, Tensor)> {
+        let (out, weights) = self.run(x_q, x_kv, x_kv, mask, Mode::Eval, Backend::Kernels, true)?;
+        Ok((out, weights.expect("asked for weights")))
+    }
+
+    /// The same forward with attention in plain candle ops (for comparisons; no dropout).
+    pub fn forward_plain(&self, x_q: &Tensor, x_kv: &Tensor, mask: &Mask) -> Result<Tensor> {
+        Ok(self
+            .run(x_q, x_kv, x_kv, mask, Mode::Eval, Backend::Plain, false)?
+            .0)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        x_q: &Tensor,
+        x_k: &Tensor,
+        x_v: &Tensor,
+        mask: &Mask,
+        mode: Mode,
+        backend: Backend,
+        weights: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.check_inputs(x_q, x_k, x_v)?;
+        let (hq, hkv) = (self.cfg.num_heads, self.cfg.num_kv_heads);
+        let q = self.heads(x_q, &self.q_proj, hq, Some(0))?;
+        let k = self.heads(x_k, &self.k_proj, hkv, Some(0))?;
+        let v = self.heads(x_v, &self.v_proj, hkv, None)?;
+        self.attend(&q, &k, &v, mask, mode, backend, weights)
+    }
+
+    /// Heads → attention → output projection.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Mask,
+        mode: Mode,
+        backend: Backend,
+        weights: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, hq, lq, hd) = q.dims4()?;
+        let lk = k.dim(2)?;
+        let (out, w) = match backend {
+            Backend::Plain => (plain::attention(q, k, v, mask, None)?, None),
+            Backend::Kernels => {
+                let shape = MaskShape::new(b, hq, lq, lk);
+                let block = BlockMask::new(mask, shape).map_err(candle_core::Error::wrap)?;
+                let dropout = match mode {
+                    Mode::Train { seed } if self.cfg.dropout > 0.0 => Some(
+                        Dropout::new(self.cfg.dropout, seed).map_err(candle_core::Error::wrap)?,
+                    ),
+                    _ => None,
+                };
+                let opts = AttnOptions {
+                    scale: None,
+                    dropout,
+                };
+                let a = attention_with_block(q, k, v, Arc::new(block), opts)?;
+                let w = if weights {
+                    Some(attention_weights(q, k, &a.lse, mask, shape)?)
+                } else {
+                    None
+                };
+                (a.out, w)
+            }
+        };
+        // [B, H, L_q, hd] → [B, L_q, H·hd] → output projection.
+        let out = out
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, lq, hq * hd))?;
+        Ok((self.o_proj.forward(&out)?, w))
+    }
+
+    /// One decoding step: `x [B, L_new, d_model]` (usually `L_new = 1`) attends to everything
+    /// in `cache` plus itself, causally (bottom-right aligned), and is appended to the cache.
+    /// `extra` further restricts the mask (for example key padding of the prompt), evaluated
+    /// over `[B, H_q, L_new, L_cache + L_new]`.
+    pub fn forward_step(
+        &self,
+        x: &Tensor,
+        cache: &mut KvCache,
+        extra: Option<&Mask>,
+    ) -> Result<Tensor> {
+        if self.cfg.kdim != self.cfg.d_model || self.cfg.vdim != self.cfg.d_model {
+            return Err(candle_core::Error::Msg(
+                "forward_step decodes self-attention: kdim and vdim must equal d_model".into(),
+            ));
+        }
+        self.check_inputs(x, x, x)?;
+        let offset = cache.len();
+        let (hq, hkv) = (self.cfg.num_heads, self.cfg.num_kv_heads);
+        let q = self.heads(x, &self.q_proj, hq, Some(offset))?;
+        let k = self.heads(x, &self.k_proj, hkv, Some(offset))?;
+        let v = self.heads(x, &self.v_proj, hkv, None)?;
+        let (k, v) = cache.append(&k, &v)?;
+        let mask = match extra {
+            Some(m) => Mask::causal() & m.clone(),
+            None => Mask::causal(),
+        };
+        Ok(self
+            .attend(&q, &k, &v, &mask, Mode::Eval, Backend::Kernels, false)?
+            .0)
+    }
+}
+
+/// `P = e^(s·q·kᵀ − LSE)` where allowed, 0 elsewhere: `[B, H_q, L_q, L_k]`, f32, detached.
+fn attention_weights(
+    q: &Tensor,
+    k: &Tensor,
+    lse: &Tensor,
+    mask: &Mask,
+    shape: MaskShape,
+) -> Result<Tensor> {
+    let (q, k) = (
+        q.detach().to_dtype(DType::F32)?,
+        k.detach().to_dtype(DType::F32)?,
+    );
+    let hd = q.dim(D::Minus1)?;
+    let k = plain::repeat_kv(&k, shape.heads / k.dim(1)?)?;
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
+    let p = scores.broadcast_sub(&lse.unsqueeze(3)?)?.exp()?;
+    let keep = plain::dense_mask(mask, shape, DType::U8, q.device())?;
+    keep.where_cond(&p, &p.zeros_like()?)
+}
