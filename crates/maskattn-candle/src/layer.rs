@@ -138,11 +138,12 @@ pub struct MaskedMultiHeadAttention {
 }
 
 /// Which attention computes the heads: the maskattn kernels, or plain candle ops (the
-/// comparison the tests and benchmarks measure against).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
+/// comparison the tests and benchmarks measure against), optionally with the mask as a
+/// ready 0/1 tensor.
+#[derive(Clone, Copy, Debug)]
+enum Backend<'a> {
     Kernels,
-    Plain,
+    Plain(Option<&'a Tensor>),
 }
 
 impl MaskedMultiHeadAttention {
@@ -259,7 +260,36 @@ impl MaskedMultiHeadAttention {
     /// The same forward with attention in plain candle ops (for comparisons; no dropout).
     pub fn forward_plain(&self, x_q: &Tensor, x_kv: &Tensor, mask: &Mask) -> Result<Tensor> {
         Ok(self
-            .run(x_q, x_kv, x_kv, mask, Mode::Eval, Backend::Plain, false)?
+            .run(
+                x_q,
+                x_kv,
+                x_kv,
+                mask,
+                Mode::Eval,
+                Backend::Plain(None),
+                false,
+            )?
+            .0)
+    }
+
+    /// [`forward_plain`](Self::forward_plain) with the mask as a ready 0/1 tensor
+    /// ([`plain::dense_mask`]), as a benchmark of candle's own ops wants it.
+    pub fn forward_plain_with_keep(
+        &self,
+        x_q: &Tensor,
+        x_kv: &Tensor,
+        keep: &Tensor,
+    ) -> Result<Tensor> {
+        Ok(self
+            .run(
+                x_q,
+                x_kv,
+                x_kv,
+                &Mask::full(),
+                Mode::Eval,
+                Backend::Plain(Some(keep)),
+                false,
+            )?
             .0)
     }
 
@@ -297,7 +327,8 @@ impl MaskedMultiHeadAttention {
         let (b, hq, lq, hd) = q.dims4()?;
         let lk = k.dim(2)?;
         let (out, w) = match backend {
-            Backend::Plain => (plain::attention(q, k, v, mask, None)?, None),
+            Backend::Plain(None) => (plain::attention(q, k, v, mask, None)?, None),
+            Backend::Plain(Some(keep)) => (plain::attention_with_keep(q, k, v, keep, None)?, None),
             Backend::Kernels => {
                 let shape = MaskShape::new(b, hq, lq, lk);
                 let block = BlockMask::new(mask, shape).map_err(candle_core::Error::wrap)?;
@@ -376,6 +407,6 @@ fn attention_weights(
     let k = plain::repeat_kv(&k, shape.heads / k.dim(1)?)?;
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
     let p = scores.broadcast_sub(&lse.unsqueeze(3)?)?.exp()?;
-    let keep = plain::dense_mask(mask, shape, DType::U8, q.device())?;
+    let keep = plain::dense_mask(mask, shape, DType::U8, q.device())?.broadcast_as(p.shape())?;
     keep.where_cond(&p, &p.zeros_like()?)
 }

@@ -3,6 +3,39 @@
 //! cross attention, rotary positions, dropout), a KV cache for decoding, weight interop
 //! with PyTorch and Hugging Face BERT, and explicit conversions from other mask
 //! conventions. The kernel crate knows nothing of candle; this crate is the adapter.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+//! use maskattn::Mask;
+//! use maskattn_candle::{mask_convert, MaskedMultiHeadAttention, MhaConfig, Mode};
+//!
+//! # fn main() -> candle_core::Result<()> {
+//! let dev = Device::Cpu;
+//! let vars = VarMap::new();
+//! // 64 features, 8 query heads sharing 2 key/value heads, rotary positions, dropout 0.1.
+//! let cfg = MhaConfig::new(64, 8).with_kv_heads(2).with_rope(10_000.0).with_dropout(0.1);
+//! let attn = MaskedMultiHeadAttention::new(cfg, VarBuilder::from_varmap(&vars, DType::F32, &dev).pp("attn"))?;
+//!
+//! // Two sequences of length 10; the second has 3 padding positions at the end.
+//! let x = Tensor::randn(0f32, 1.0, (2, 10, 64), &dev)?;
+//! let padding = Mask::key_lengths(vec![10, 7]);
+//! // The same mask from PyTorch's convention (true = ignore), converted explicitly:
+//! let ignore = Tensor::new(&[[0u8; 10], [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]], &dev)?;
+//! let same = mask_convert::from_torch_key_padding(&ignore)?;
+//!
+//! // Forward (causal and padded), a loss, backward, one AdamW step.
+//! let y = attn.forward(&x, &x, &(Mask::causal() & padding), Mode::Train { seed: 1 })?;
+//! let loss = y.sqr()?.mean_all()?;
+//! let mut opt = AdamW::new(vars.all_vars(), ParamsAdamW { lr: 1e-3, ..Default::default() })?;
+//! opt.backward_step(&loss)?;
+//!
+//! // Inference with the attention weights, for inspection.
+//! let (_, weights) = attn.forward_with_weights(&x, &x, &(Mask::causal() & same))?;
+//! assert_eq!(weights.dims(), &[2, 8, 10, 10]);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod interop;
 mod kv_cache;
@@ -14,6 +47,6 @@ mod rope;
 
 pub use interop::WeightFormat;
 pub use kv_cache::KvCache;
-pub use layer::{Backend, MaskedMultiHeadAttention, MhaConfig, Mode};
+pub use layer::{MaskedMultiHeadAttention, MhaConfig, Mode};
 pub use op::{attention, attention_with_block, Attention, AttnOptions};
 pub use rope::Rope;

@@ -3,6 +3,7 @@
 mod alloc_count;
 mod attend;
 mod bench;
+mod bench_layer;
 mod demo;
 mod mask_expr;
 mod tensors;
@@ -39,6 +40,8 @@ enum Command {
     /// Time the kernels: median ms, GFLOP/s, fraction of the machine's practical peak,
     /// tiles skipped, extra memory (`--suite` for the whole grid).
     Bench(bench::BenchArgs),
+    /// The candle layer and attention op against the same in plain candle ops.
+    BenchLayer(bench_layer::BenchLayerArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,5 +65,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Attend(a) => attend::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::BenchLayer(a) => bench_layer::run(a),
     }
 }
