@@ -98,13 +98,13 @@ impl MhaConfig {
                 return err(format!("{what} must be at least 1"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return err(format!(
                 "num_heads ({}) must be a multiple of num_kv_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.rope_theta.is_some() && self.head_dim % 2 != 0 {
+        if self.rope_theta.is_some() && !self.head_dim.is_multiple_of(2) {
             return err(format!(
                 "rotary positions need an even head_dim, got {}",
                 self.head_dim
