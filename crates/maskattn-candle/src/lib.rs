@@ -41,6 +41,7 @@ pub mod interop;
 mod kv_cache;
 mod layer;
 pub mod mask_convert;
+pub mod model;
 mod op;
 pub mod plain;
 mod rope;

@@ -16,7 +16,6 @@ fn loss(c: &Case, which: usize, data: &[f32]) -> f64 {
         _ => c2.v = data.to_vec(),
     }
     let (q, k, v) = c2.views();
-    let bias = c2.bias();
     let out = reference::forward::<f64>(&q, &k, &v, &c2.mask, &c2.params())
         .unwrap()
         .out;
@@ -89,7 +88,6 @@ fn gradients_match_finite_differences() {
         ];
         let c = random_case(seed, dims, (2, 3), seed % 2 == 0);
         let (q, k, v) = c.views();
-        let bias = c.bias();
         let rg =
             reference::backward::<f64>(&q, &k, &v, &c.mask, &c.params(), &c.dout_view()).unwrap();
         let [_, _, dq, dk, dv] = c.run_kernel();

@@ -1,0 +1,258 @@
+//! A small transformer language model built on [`MaskedMultiHeadAttention`]: token embedding
+//! (+ learned positions, or rotary positions inside attention), N pre-norm blocks
+//! (attention + GELU MLP, residuals), a final norm, and an LM head tied to the embedding.
+//! The same model trains with a bidirectional (masked-token) or a causal objective; the
+//! mask decides which.
+//!
+//! Shapes: `tokens [B, L]` (u32) → logits `[B, L, vocab]`.
+//! Every op on the training path has a backward: the layer norm is written with plain ops
+//! (candle-nn's `LayerNorm` fast path and `ops::layer_norm` drop gradients).
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Embedding, Linear, VarBuilder};
+use maskattn::Mask;
+use serde::{Deserialize, Serialize};
+
+use crate::kv_cache::KvCache;
+use crate::layer::{MaskedMultiHeadAttention, MhaConfig, Mode};
+
+/// How the model knows positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Positions {
+    /// A learned embedding per position, added to the token embedding.
+    Learned,
+    /// Rotary embedding of queries and keys inside every attention layer.
+    Rotary,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LmConfig {
+    pub vocab: usize,
+    pub d_model: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    /// Hidden size of the MLP.
+    pub d_ff: usize,
+    /// Longest sequence (learned positions need it; rotary ones do not).
+    pub max_len: usize,
+    pub positions: Positions,
+    pub dropout: f32,
+}
+
+impl LmConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.vocab == 0 || self.d_model == 0 || self.layers == 0 || self.d_ff == 0 || self.max_len == 0 {
+            return Err(candle_core::Error::Msg(format!("LmConfig: every size must be at least 1: {self:?}")));
+        }
+        if self.heads == 0 || !self.d_model.is_multiple_of(self.heads) {
+            return Err(candle_core::Error::Msg(format!(
+                "LmConfig: d_model ({}) must be a multiple of heads ({})",
+                self.d_model, self.heads
+            )));
+        }
+        self.attention().validate()
+    }
+
+    fn attention(&self) -> MhaConfig {
+        let c = MhaConfig::new(self.d_model, self.heads)
+            .with_kv_heads(self.kv_heads)
+            .with_dropout(self.dropout);
+        match self.positions {
+            Positions::Rotary => c.with_rope(10_000.0),
+            Positions::Learned => c,
+        }
+    }
+}
+
+/// Layer normalisation over the last dimension, with plain (differentiable) ops.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?,
+            eps: 1e-5,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// One pre-norm block: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
+#[derive(Clone, Debug)]
+pub struct Block {
+    ln1: LayerNorm,
+    attn: MaskedMultiHeadAttention,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Block {
+    fn new(cfg: &LmConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Block {
+            ln1: LayerNorm::new(cfg.d_model, vb.pp("ln1"))?,
+            attn: MaskedMultiHeadAttention::new(cfg.attention(), vb.pp("attn"))?,
+            ln2: LayerNorm::new(cfg.d_model, vb.pp("ln2"))?,
+            fc1: candle_nn::linear(cfg.d_model, cfg.d_ff, vb.pp("fc1"))?,
+            fc2: candle_nn::linear(cfg.d_ff, cfg.d_model, vb.pp("fc2"))?,
+        })
+    }
+
+    fn mlp(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.fc1.forward(&self.ln2.forward(x)?)?.gelu()?)
+    }
+
+    pub fn attention(&self) -> &MaskedMultiHeadAttention {
+        &self.attn
+    }
+}
+
+/// What a forward pass can also hand back.
+pub struct Outputs {
+    pub logits: Tensor,
+    /// Per layer `[B, H, L, L]`, when asked for.
+    pub weights: Vec<Tensor>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TinyLm {
+    tok: Embedding,
+    pos: Option<Embedding>,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    cfg: LmConfig,
+}
+
+impl TinyLm {
+    pub fn new(cfg: LmConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let tok = candle_nn::embedding(cfg.vocab, cfg.d_model, vb.pp("tok_emb"))?;
+        let pos = match cfg.positions {
+            Positions::Learned => Some(candle_nn::embedding(cfg.max_len, cfg.d_model, vb.pp("pos_emb"))?),
+            Positions::Rotary => None,
+        };
+        let blocks = (0..cfg.layers)
+            .map(|i| Block::new(&cfg, vb.pp(format!("blocks.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TinyLm {
+            tok,
+            pos,
+            blocks,
+            ln_f: LayerNorm::new(cfg.d_model, vb.pp("ln_f"))?,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &LmConfig {
+        &self.cfg
+    }
+
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    fn embed(&self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
+        let x = self.tok.forward(tokens)?;
+        match &self.pos {
+            None => Ok(x),
+            Some(pos) => {
+                let l = tokens.dim(1)?;
+                if offset + l > self.cfg.max_len {
+                    return Err(candle_core::Error::Msg(format!(
+                        "sequence of {} positions exceeds the model's max_len {}",
+                        offset + l,
+                        self.cfg.max_len
+                    )));
+                }
+                let ids = Tensor::arange(offset as u32, (offset + l) as u32, tokens.device())?;
+                x.broadcast_add(&pos.forward(&ids)?)
+            }
+        }
+    }
+
+    /// Tied LM head: `h · E_tokᵀ`.
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let h = self.ln_f.forward(h)?;
+        h.broadcast_matmul(&self.tok.embeddings().t()?)
+    }
+
+    /// Logits `[B, L, vocab]` for `tokens [B, L]` under `mask` (`[B, heads, L, L]`).
+    pub fn forward(&self, tokens: &Tensor, mask: &Mask, mode: Mode) -> Result<Tensor> {
+        Ok(self.run(tokens, mask, mode, false)?.logits)
+    }
+
+    /// The forward and every layer's attention weights (for pictures).
+    pub fn forward_with_weights(&self, tokens: &Tensor, mask: &Mask) -> Result<Outputs> {
+        self.run(tokens, mask, Mode::Eval, true)
+    }
+
+    fn run(&self, tokens: &Tensor, mask: &Mask, mode: Mode, weights: bool) -> Result<Outputs> {
+        let mut x = self.embed(tokens, 0)?;
+        let mut all = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            let h = b.ln1.forward(&x)?;
+            // Each layer draws its own dropout pattern from the step's seed.
+            let layer_mode = match mode {
+                Mode::Train { seed } => Mode::Train {
+                    seed: seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                },
+                Mode::Eval => Mode::Eval,
+            };
+            let a = if weights {
+                let (a, w) = b.attn.forward_with_weights(&h, &h, mask)?;
+                all.push(w);
+                a
+            } else {
+                b.attn.forward(&h, &h, mask, layer_mode)?
+            };
+            x = (x + a)?;
+            x = (&x + b.mlp(&x)?)?;
+        }
+        Ok(Outputs {
+            logits: self.head(&x)?,
+            weights: all,
+        })
+    }
+
+    /// Fresh KV caches, one per layer.
+    pub fn caches(&self) -> Vec<KvCache> {
+        self.blocks.iter().map(|_| KvCache::new(256)).collect()
+    }
+
+    /// Causal decoding: `tokens [B, L_new]` after everything in `caches`; logits `[B, L_new, vocab]`.
+    pub fn step(&self, tokens: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
+        let offset = caches.first().map_or(0, KvCache::len);
+        let mut x = self.embed(tokens, offset)?;
+        for (b, cache) in self.blocks.iter().zip(caches.iter_mut()) {
+            let a = b.attn.forward_step(&b.ln1.forward(&x)?, cache, None)?;
+            x = (x + a)?;
+            x = (&x + b.mlp(&x)?)?;
+        }
+        self.head(&x)
+    }
+
+    /// Parameter count.
+    pub fn parameters(vars: &candle_nn::VarMap) -> usize {
+        vars.all_vars().iter().map(|v| v.elem_count()).sum()
+    }
+}
+
+
+
