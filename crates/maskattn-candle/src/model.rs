@@ -43,8 +43,15 @@ pub struct LmConfig {
 
 impl LmConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.vocab == 0 || self.d_model == 0 || self.layers == 0 || self.d_ff == 0 || self.max_len == 0 {
-            return Err(candle_core::Error::Msg(format!("LmConfig: every size must be at least 1: {self:?}")));
+        if self.vocab == 0
+            || self.d_model == 0
+            || self.layers == 0
+            || self.d_ff == 0
+            || self.max_len == 0
+        {
+            return Err(candle_core::Error::Msg(format!(
+                "LmConfig: every size must be at least 1: {self:?}"
+            )));
         }
         if self.heads == 0 || !self.d_model.is_multiple_of(self.heads) {
             return Err(candle_core::Error::Msg(format!(
@@ -90,7 +97,9 @@ impl Module for LayerNorm {
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
     }
 }
 
@@ -116,7 +125,8 @@ impl Block {
     }
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(&self.ln2.forward(x)?)?.gelu()?)
+        self.fc2
+            .forward(&self.fc1.forward(&self.ln2.forward(x)?)?.gelu()?)
     }
 
     pub fn attention(&self) -> &MaskedMultiHeadAttention {
@@ -138,6 +148,8 @@ pub struct TinyLm {
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     cfg: LmConfig,
+    /// Attention in plain candle ops instead of the kernels (for comparisons only).
+    plain: bool,
 }
 
 impl TinyLm {
@@ -145,7 +157,11 @@ impl TinyLm {
         cfg.validate()?;
         let tok = candle_nn::embedding(cfg.vocab, cfg.d_model, vb.pp("tok_emb"))?;
         let pos = match cfg.positions {
-            Positions::Learned => Some(candle_nn::embedding(cfg.max_len, cfg.d_model, vb.pp("pos_emb"))?),
+            Positions::Learned => Some(candle_nn::embedding(
+                cfg.max_len,
+                cfg.d_model,
+                vb.pp("pos_emb"),
+            )?),
             Positions::Rotary => None,
         };
         let blocks = (0..cfg.layers)
@@ -157,7 +173,14 @@ impl TinyLm {
             blocks,
             ln_f: LayerNorm::new(cfg.d_model, vb.pp("ln_f"))?,
             cfg,
+            plain: false,
         })
+    }
+
+    /// Runs attention with plain candle ops (matmul, mask, softmax) instead of the maskattn
+    /// kernels: the same model, for measuring what the kernels change. No dropout there.
+    pub fn set_plain_attention(&mut self, plain: bool) {
+        self.plain = plain;
     }
 
     pub fn config(&self) -> &LmConfig {
@@ -219,6 +242,8 @@ impl TinyLm {
                 let (a, w) = b.attn.forward_with_weights(&h, &h, mask)?;
                 all.push(w);
                 a
+            } else if self.plain {
+                b.attn.forward_plain(&h, &h, mask)?
             } else {
                 b.attn.forward(&h, &h, mask, layer_mode)?
             };
@@ -253,6 +278,3 @@ impl TinyLm {
         vars.all_vars().iter().map(|v| v.elem_count()).sum()
     }
 }
-
-
-

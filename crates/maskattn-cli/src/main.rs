@@ -5,8 +5,10 @@ mod attend;
 mod bench;
 mod bench_layer;
 mod demo;
+mod infer;
 mod mask_expr;
 mod tensors;
+mod train;
 
 use std::process::ExitCode;
 
@@ -32,6 +34,15 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Pre-train a small transformer self-supervised (masked-token or next-token) on the
+    /// built-in task or a text file, with checkpoints, evaluation and a loss curve.
+    Train(train::TrainArgs),
+    /// Top candidates for each [MASK] in a text (an mlm checkpoint).
+    FillMask(infer::FillMaskArgs),
+    /// Continue a prompt with the KV cache (a clm checkpoint).
+    Generate(infer::GenerateArgs),
+    /// Heat maps of every layer's and head's attention weights on a text.
+    AttentionMap(infer::AttentionMapArgs),
     /// Masked attention forward (and backward, given `dout`) on tensors from a safetensors file.
     Attend(attend::AttendArgs),
     /// Every mask kind on a built-in shape: fast kernels against the f64 reference, with
@@ -62,6 +73,10 @@ fn run(cli: Cli) -> Result<()> {
             .build_global()?;
     }
     match &cli.command {
+        Command::Train(a) => train::run(a),
+        Command::FillMask(a) => infer::fill_mask(a),
+        Command::Generate(a) => infer::generate(a),
+        Command::AttentionMap(a) => infer::attention_map(a),
         Command::Attend(a) => attend::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),

@@ -1,0 +1,251 @@
+//! Using a trained checkpoint: `fill-mask`, `generate` (with the KV cache) and
+//! `attention-map` (what every head attends to, and what the mask hides).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::Args;
+use maskattn::{Mask, MaskShape};
+
+use crate::train::batch::Objective;
+use crate::train::rng::Rng;
+use crate::train::{self, plot};
+
+#[derive(Args, Debug)]
+pub struct FillMaskArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Text with one or more [MASK].
+    pub text: String,
+    /// Candidates per mask.
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// 0: greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Sample among the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct AttentionMapArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long)]
+    pub text: String,
+    /// Picture to write (.png or .svg).
+    #[arg(long, default_value = "attention-map.png")]
+    pub out: PathBuf,
+}
+
+fn softmax(v: &[f32]) -> Vec<f32> {
+    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = v.iter().map(|x| (x - m).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.into_iter().map(|x| x / s).collect()
+}
+
+pub fn fill_mask(a: &FillMaskArgs) -> Result<()> {
+    let (model, vocab, state) = train::open(&a.checkpoint)?;
+    if state.run.objective != Objective::Mlm {
+        bail!(
+            "{} was trained with the clm objective; fill-mask needs an mlm checkpoint",
+            a.checkpoint.display()
+        );
+    }
+    let ids = vocab.encode(&a.text)?;
+    let slots: Vec<usize> = ids
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t == vocab.mask())
+        .map(|(i, _)| i)
+        .collect();
+    if slots.is_empty() {
+        bail!("the text has no [MASK]");
+    }
+    if ids.len() > state.model.max_len {
+        bail!(
+            "the text is {} tokens; the model takes at most {}",
+            ids.len(),
+            state.model.max_len
+        );
+    }
+    let tokens = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu)?;
+    let logits = model
+        .forward(&tokens, &Mask::full(), maskattn_candle::Mode::Eval)?
+        .squeeze(0)?;
+    for (n, &p) in slots.iter().enumerate() {
+        let probs = softmax(&logits.get(p)?.to_vec1::<f32>()?);
+        let mut order: Vec<usize> = (0..probs.len()).collect();
+        order.sort_by(|&x, &y| probs[y].total_cmp(&probs[x]));
+        println!("[MASK] #{} (position {p}):", n + 1);
+        for &t in order.iter().take(a.top_k) {
+            println!(
+                "  {:<12} {:>6.2}%",
+                format!("{:?}", vocab.token(t as u32)),
+                100.0 * probs[t]
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn generate(a: &GenerateArgs) -> Result<()> {
+    let (model, vocab, state) = train::open(&a.checkpoint)?;
+    if state.run.objective != Objective::Clm {
+        bail!(
+            "{} was trained with the mlm objective; generate needs a clm checkpoint",
+            a.checkpoint.display()
+        );
+    }
+    let prompt = vocab.encode(&a.prompt)?;
+    if prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let mut caches = model.caches();
+    let mut rng = Rng::new(a.seed);
+    let mut out = Vec::new();
+    let start = Instant::now();
+    let mut logits = model.step(
+        &Tensor::from_slice(&prompt, (1, prompt.len()), &Device::Cpu)?,
+        &mut caches,
+    )?;
+    let limit = state
+        .model
+        .max_len
+        .saturating_sub(prompt.len())
+        .min(a.max_tokens);
+    if state.model.positions == maskattn_candle::model::Positions::Learned && limit < a.max_tokens {
+        eprintln!(
+            "note: learned positions stop at {} tokens",
+            state.model.max_len
+        );
+    }
+    let limit = if state.model.positions == maskattn_candle::model::Positions::Learned {
+        limit
+    } else {
+        a.max_tokens
+    };
+    for _ in 0..limit {
+        let last = logits.squeeze(0)?.get(logits.dim(1)? - 1)?;
+        let next = pick(&last.to_vec1::<f32>()?, a.temperature, a.top_k, &mut rng);
+        if next == vocab.sep() {
+            break;
+        }
+        out.push(next);
+        logits = model.step(
+            &Tensor::from_slice(&[next], (1, 1), &Device::Cpu)?,
+            &mut caches,
+        )?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("{}{}", a.prompt, vocab.decode(&out));
+    eprintln!(
+        "{} tokens in {:.2} s ({:.0} tokens/s, KV cache)",
+        out.len(),
+        secs,
+        out.len() as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}
+
+/// Greedy at temperature 0; otherwise sampling from the top `k` (0 = all) at `temperature`.
+fn pick(logits: &[f32], temperature: f64, k: usize, rng: &mut Rng) -> u32 {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&x, &y| logits[y].total_cmp(&logits[x]));
+    if temperature <= 0.0 {
+        return order[0] as u32;
+    }
+    let keep = if k == 0 {
+        order.len()
+    } else {
+        k.min(order.len())
+    };
+    let scaled: Vec<f32> = order[..keep]
+        .iter()
+        .map(|&i| logits[i] / temperature as f32)
+        .collect();
+    let p = softmax(&scaled);
+    let mut u = rng.unit() as f32;
+    for (i, &pi) in p.iter().enumerate() {
+        if u < pi {
+            return order[i] as u32;
+        }
+        u -= pi;
+    }
+    order[keep - 1] as u32
+}
+
+pub fn attention_map(a: &AttentionMapArgs) -> Result<()> {
+    let (model, vocab, state) = train::open(&a.checkpoint)?;
+    let ids = vocab.encode(&a.text)?;
+    if ids.is_empty() || ids.len() > state.model.max_len {
+        bail!(
+            "the text must have 1 to {} tokens, it has {}",
+            state.model.max_len,
+            ids.len()
+        );
+    }
+    let mask = match state.run.objective {
+        Objective::Clm => Mask::causal(),
+        Objective::Mlm => Mask::full(),
+    };
+    let tokens = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu)?;
+    let outs = model
+        .forward_with_weights(&tokens, &mask)
+        .context("running the model")?;
+    let n = ids.len();
+    // [layer][head][query][key]
+    let grid: Vec<Vec<Vec<Vec<f32>>>> = outs
+        .weights
+        .iter()
+        .map(|w| -> Result<_> {
+            let heads: Vec<Vec<f32>> = w.squeeze(0)?.flatten_from(1)?.to_vec2()?;
+            Ok(heads
+                .iter()
+                .map(|flat| flat.chunks(n).map(<[f32]>::to_vec).collect())
+                .collect())
+        })
+        .collect::<Result<_>>()?;
+    let labels: Vec<String> = ids.iter().map(|&t| vocab.token(t)).collect();
+    let shape = MaskShape::new(1, state.model.heads, n, n);
+    let allowed = |i: usize, j: usize| mask.allowed(&shape, 0, 0, i, j);
+    let maps = plot::Maps {
+        tokens: &labels,
+        weights: &grid,
+        allowed: &allowed,
+        title: format!(
+            "attention weights ({:?} model, {:?} mask; hatched = hidden by the mask)",
+            state.run.objective,
+            if state.run.objective == Objective::Clm {
+                "causal"
+            } else {
+                "full"
+            }
+        ),
+    };
+    plot::attention_maps(&maps, &a.out)?;
+    println!(
+        "wrote {} ({} layers × {} heads, {} tokens)",
+        a.out.display(),
+        grid.len(),
+        state.model.heads,
+        n
+    );
+    Ok(())
+}
