@@ -46,8 +46,10 @@ pub struct GenerateArgs {
 pub struct AttentionMapArgs {
     #[arg(long)]
     pub checkpoint: PathBuf,
-    #[arg(long)]
-    pub text: String,
+    /// The text to look at; give it several times to pack several documents into one row,
+    /// kept apart by the documents mask (as in training).
+    #[arg(long, required = true)]
+    pub text: Vec<String>,
     /// Picture to write (.png or .svg).
     #[arg(long, default_value = "attention-map.png")]
     pub out: PathBuf,
@@ -193,7 +195,18 @@ fn pick(logits: &[f32], temperature: f64, k: usize, rng: &mut Rng) -> u32 {
 
 pub fn attention_map(a: &AttentionMapArgs) -> Result<()> {
     let (model, vocab, state) = train::open(&a.checkpoint)?;
-    let ids = vocab.encode(&a.text)?;
+    // One row: the documents one after the other, each closed by the separator when there
+    // are several (as packed in training).
+    let mut ids = Vec::new();
+    let mut doc_ids = Vec::new();
+    for (d, text) in a.text.iter().enumerate() {
+        let mut t = vocab.encode(text)?;
+        if a.text.len() > 1 {
+            t.push(vocab.sep());
+        }
+        doc_ids.extend(std::iter::repeat_n(d as i64, t.len()));
+        ids.extend(t);
+    }
     if ids.is_empty() || ids.len() > state.model.max_len {
         bail!(
             "the text must have 1 to {} tokens, it has {}",
@@ -201,15 +214,16 @@ pub fn attention_map(a: &AttentionMapArgs) -> Result<()> {
             ids.len()
         );
     }
-    let mask = match state.run.objective {
-        Objective::Clm => Mask::causal(),
-        Objective::Mlm => Mask::full(),
+    let n = ids.len();
+    let docs = Mask::documents(doc_ids, 1);
+    let (mask, name) = match state.run.objective {
+        Objective::Clm => (Mask::causal() & docs, "causal & documents"),
+        Objective::Mlm => (docs, "documents"),
     };
-    let tokens = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu)?;
+    let tokens = Tensor::from_slice(&ids, (1, n), &Device::Cpu)?;
     let outs = model
         .forward_with_weights(&tokens, &mask)
         .context("running the model")?;
-    let n = ids.len();
     // [layer][head][query][key]
     let grid: Vec<Vec<Vec<Vec<f32>>>> = outs
         .weights
@@ -225,18 +239,13 @@ pub fn attention_map(a: &AttentionMapArgs) -> Result<()> {
     let labels: Vec<String> = ids.iter().map(|&t| vocab.token(t)).collect();
     let shape = MaskShape::new(1, state.model.heads, n, n);
     let allowed = |i: usize, j: usize| mask.allowed(&shape, 0, 0, i, j);
+    let objective = format!("{:?}", state.run.objective).to_uppercase();
     let maps = plot::Maps {
         tokens: &labels,
         weights: &grid,
         allowed: &allowed,
         title: format!(
-            "attention weights ({:?} model, {:?} mask; hatched = hidden by the mask)",
-            state.run.objective,
-            if state.run.objective == Objective::Clm {
-                "causal"
-            } else {
-                "full"
-            }
+            "attention weights of a {objective} model; mask: {name} (hatched pairs are hidden)"
         ),
     };
     plot::attention_maps(&maps, &a.out)?;

@@ -104,18 +104,22 @@ pub fn lay_out(
     let mut ids = vec![-1i64; rows * len];
     let mut lengths = vec![0usize; rows];
     let mut answers = Vec::new();
-    let (mut row, mut col, mut next_id) = (0usize, 0usize, 0i64);
-    for d in docs {
+    let mut next_row = 0usize;
+    for (id, d) in docs.iter().enumerate() {
         let n = (d.tokens.len() + 1).min(len);
-        let fits = col + n <= len;
-        if (layout == Layout::Padded || !fits) && col > 0 {
-            row += 1;
-            col = 0;
-        }
-        if row >= rows {
-            break;
-        }
-        let base = row * len + col;
+        // Packed: the first row with room (first fit); padded: a row of its own.
+        let row = match layout {
+            Layout::Packed => (0..rows).find(|&r| lengths[r] + n <= len),
+            Layout::Padded => Some(next_row).filter(|&r| r < rows),
+        };
+        let Some(row) = row else {
+            if layout == Layout::Padded || lengths.iter().all(|&l| l + 2 > len) {
+                break;
+            }
+            continue;
+        };
+        next_row += 1;
+        let base = row * len + lengths[row];
         for (i, &t) in d
             .tokens
             .iter()
@@ -124,7 +128,7 @@ pub fn lay_out(
             .enumerate()
         {
             tokens[base + i] = t;
-            ids[base + i] = next_id;
+            ids[base + i] = id as i64;
         }
         answers.extend(
             d.answers
@@ -132,9 +136,7 @@ pub fn lay_out(
                 .filter(|&&a| a < n)
                 .map(|&a| (base + a, d.tokens[a])),
         );
-        next_id += 1;
-        col += n;
-        lengths[row] = col;
+        lengths[row] += n;
     }
     if lengths.iter().all(|&l| l == 0) {
         bail!("no document fits a row of {len} tokens");

@@ -1,10 +1,11 @@
-//! Training data: the built-in key–value recall task (generated, no download) or any UTF-8
-//! text file, split into documents, with a held-out part.
+//! Training data: the built-in majority task (generated, no download) or any UTF-8 text
+//! file, split into documents, with a held-out part.
 //!
-//! The built-in task: a document lists a few keys with digit values, then asks for each of
-//! them again in another order, e.g. `a3 f7 c1|f7 c1 a3`. Each answer digit depends on a token far away (the
-//! definition of its key), so the model has to attend to it — and what it may attend to is
-//! what the mask says. The score is the fraction of answer digits predicted exactly.
+//! The built-in task: a document is a string of letters from `a`–`d`, then `|`, then the
+//! letter that occurs most often in it, e.g. `abddbdcdbadd|d`. The answer depends on every
+//! letter of its own document, however far back — and only on those: packed next to other
+//! documents, a model gets it right only if the documents mask keeps the others out of its
+//! attention. The score is the fraction of answers predicted exactly (chance: 1 in 4).
 
 use std::path::Path;
 
@@ -27,44 +28,46 @@ pub struct Corpus {
     pub has_answers: bool,
 }
 
-/// One document of the key–value recall task, from `rng`.
-pub fn recall_doc(rng: &mut Rng) -> (String, Vec<usize>) {
-    let pairs = 3 + rng.below(4);
-    let mut keys: Vec<u8> = (b'a'..=b'z').collect();
-    rng.shuffle(&mut keys);
-    let keys = &keys[..pairs];
-    let values: Vec<u8> = (0..pairs).map(|_| b'0' + rng.below(10) as u8).collect();
-    let mut s = String::new();
-    for (i, (&k, &v)) in keys.iter().zip(&values).enumerate() {
-        if i > 0 {
-            s.push(' ');
+/// One document of the majority task: (text, position of the answer).
+pub fn majority_doc(rng: &mut Rng) -> (String, Vec<usize>) {
+    loop {
+        let n = 9 + rng.below(22);
+        // One letter is drawn more often, so that a strict majority is common.
+        let favourite = rng.below(4);
+        let letters: Vec<usize> = (0..n)
+            .map(|_| {
+                if rng.unit() < 0.3 {
+                    favourite
+                } else {
+                    rng.below(4)
+                }
+            })
+            .collect();
+        let mut counts = [0usize; 4];
+        letters.iter().for_each(|&l| counts[l] += 1);
+        let top = *counts.iter().max().expect("four letters");
+        if counts.iter().filter(|&&c| c == top).count() > 1 {
+            continue; // a tie has no answer
         }
-        s.push(k as char);
-        s.push(v as char);
+        let answer = counts
+            .iter()
+            .position(|&c| c == top)
+            .expect("a maximum exists");
+        let mut s: String = letters.iter().map(|&l| (b'a' + l as u8) as char).collect();
+        s.push('|');
+        let at = s.len();
+        s.push((b'a' + answer as u8) as char);
+        return (s, vec![at]);
     }
-    s.push('|');
-    // Every key is asked for once, in another order: half the digits are answers.
-    let mut order: Vec<usize> = (0..pairs).collect();
-    rng.shuffle(&mut order);
-    let mut answers = Vec::new();
-    for (q, &i) in order.iter().enumerate() {
-        if q > 0 {
-            s.push(' ');
-        }
-        s.push(keys[i] as char);
-        answers.push(s.len());
-        s.push(values[i] as char);
-    }
-    (s, answers)
 }
 
 /// The built-in task: `train` documents to learn from and `held_out` others, from `seed`.
-pub fn recall(seed: u64, train: usize, held_out: usize) -> Corpus {
+pub fn majority(seed: u64, train: usize, held_out: usize) -> Corpus {
     let make = |seed: u64, n: usize| -> Vec<Doc> {
         let mut rng = Rng::new(seed);
         (0..n)
             .map(|_| {
-                let (s, answers) = recall_doc(&mut rng);
+                let (s, answers) = majority_doc(&mut rng);
                 Doc {
                     tokens: s.bytes().map(u32::from).collect(),
                     answers,

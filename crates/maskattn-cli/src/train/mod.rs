@@ -52,7 +52,7 @@ pub struct TrainArgs {
     /// Continue the run saved in this checkpoint folder (its settings are kept; --steps may extend it).
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Optimisation steps in all [default: 600; on --resume: the checkpoint's, or more to extend it].
+    /// Optimisation steps in all [default: 500; on --resume: the checkpoint's, or more to extend it].
     #[arg(long)]
     pub steps: Option<u64>,
     /// Rows per batch.
@@ -118,13 +118,13 @@ struct Run {
     opt: optim::AdamW,
 }
 
-const DEFAULT_STEPS: u64 = 600;
+const DEFAULT_STEPS: u64 = 500;
 const TRAIN_DOCS: usize = 20_000;
 const HELD_OUT_DOCS: usize = 512;
 
 fn load_corpus(run: &RunSettings, vocab: &Vocab) -> Result<Corpus> {
     match &run.text {
-        None => Ok(corpus::recall(run.seed, TRAIN_DOCS, HELD_OUT_DOCS)),
+        None => Ok(corpus::majority(run.seed, TRAIN_DOCS, HELD_OUT_DOCS)),
         Some(p) => corpus::text(p, vocab, run.seq_len - 1),
     }
 }
@@ -326,7 +326,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         cfg.heads,
         cfg.kv_heads,
         cfg.positions,
-        s.text.as_ref().map_or("built-in key–value recall".to_string(), |p| p.display().to_string()),
+        s.text.as_ref().map_or("built-in majority task".to_string(), |p| p.display().to_string()),
         r.corpus.train.len(),
         r.corpus.held_out.len(),
         s.batch,
@@ -353,9 +353,16 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             .expect("valid template"),
     );
     bar.set_position(r.state.step);
+    if r.state.step == 0 && r.state.evals.is_empty() {
+        // Where the untrained model stands (chance level), the first point of the curve.
+        r.state
+            .evals
+            .push(eval::evaluate(&r.model, &r.corpus, &r.vocab, &s, 0)?);
+    }
     let started = Instant::now();
     let mut tokens_seen = 0usize;
     let mut done_here = 0u64;
+    let mut eval_secs = 0f64;
     while r.state.step < s.steps {
         if stop.load(Ordering::SeqCst) {
             bar.abandon_with_message("interrupted");
@@ -402,12 +409,14 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         r.state.step += 1;
         done_here += 1;
         tokens_seen += b.lengths.iter().sum::<usize>();
-        let tps = tokens_seen as f64 / started.elapsed().as_secs_f64();
+        let tps = tokens_seen as f64 / (started.elapsed().as_secs_f64() - eval_secs).max(1e-9);
         bar.set_position(r.state.step);
         bar.set_message(format!("loss {lv:.3} | lr {lr:.1e} | {tps:.0} tok/s"));
         let last = r.state.step == s.steps;
         if r.state.step % s.eval_every.max(1) == 0 || last {
+            let t_eval = Instant::now();
             let e = eval::evaluate(&r.model, &r.corpus, &r.vocab, &s, r.state.step)?;
+            eval_secs += t_eval.elapsed().as_secs_f64();
             let line = format!(
                 "step {:>5}: train loss {lv:.3}, held-out loss {:.3}, {} {}",
                 e.step,
@@ -437,16 +446,20 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     if todo > 0 {
+        let train_secs = secs - eval_secs;
         eprintln!(
-            "{} steps in {:.1} s ({:.0} ms/step, {:.0} tokens/s)",
-            todo,
-            secs,
-            1e3 * secs / todo as f64,
-            tokens_seen as f64 / secs
+            "{todo} steps in {secs:.1} s: {:.0} ms/step training ({:.0} tokens/s), {eval_secs:.1} s evaluating",
+            1e3 * train_secs / todo as f64,
+            tokens_seen as f64 / train_secs
         );
     }
+    // The pictures are a convenience: a missing font must not fail a finished run.
     let curve = out.join("loss.svg");
-    plot::loss_curve(&r.state, &curve)?;
+    for p in [out.join("loss.png"), curve.clone()] {
+        if let Err(e) = plot::loss_curve(&r.state, &p) {
+            eprintln!("warning: no {}: {e:#}", p.display());
+        }
+    }
     if let Some(e) = r.state.evals.last() {
         println!(
             "held-out {} after {} steps: {} (loss {:.3}); checkpoint {}; loss curve {}",

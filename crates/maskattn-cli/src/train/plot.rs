@@ -80,23 +80,50 @@ where
         bail!("no training steps to draw");
     }
     let top = losses.iter().cloned().fold(0f32, f32::max).max(0.1) * 1.05;
+    let objective = format!("{:?}", state.run.objective).to_uppercase();
+    let metric = state.evals.first().map(|e| e.metric_name.clone());
+    let percent = metric.as_deref().is_some_and(|m| m != "perplexity");
+    let caption = match &metric {
+        Some(m) => {
+            format!("{objective} training loss (blue), held-out loss (red), held-out {m} (green)")
+        }
+        None => format!("{objective} training loss"),
+    };
+    let m_top = if percent {
+        1.0
+    } else {
+        state
+            .evals
+            .iter()
+            .map(|e| e.metric as f32)
+            .fold(1.0, f32::max)
+            * 1.05
+    };
     let mut chart = ChartBuilder::on(root)
-        .caption(
-            format!(
-                "{:?} training loss (held-out loss: dots)",
-                state.run.objective
-            ),
-            ("sans-serif", 22),
-        )
+        .caption(caption, ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(55)
+        .right_y_label_area_size(55)
         .build_cartesian_2d(0f32..losses.len() as f32, 0f32..top)
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(|e| anyhow!("{e}"))?
+        .set_secondary_coord(0f32..losses.len() as f32, 0f32..m_top);
     chart
         .configure_mesh()
         .x_desc("step")
         .y_desc("cross-entropy")
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_secondary_axes()
+        .y_desc(metric.clone().unwrap_or_default())
+        .y_label_formatter(&|v| {
+            if percent {
+                format!("{:.0}%", 100.0 * v)
+            } else {
+                format!("{v:.1}")
+            }
+        })
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
     chart
@@ -124,6 +151,21 @@ where
                 .map(|e| Circle::new((e.step as f32, e.loss as f32), 5, RED.filled())),
         )
         .map_err(|e| anyhow!("{e}"))?;
+    let green = RGBColor(0, 150, 60);
+    chart
+        .draw_secondary_series(LineSeries::new(
+            state.evals.iter().map(|e| (e.step as f32, e.metric as f32)),
+            green.stroke_width(2),
+        ))
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .draw_secondary_series(
+            state
+                .evals
+                .iter()
+                .map(|e| Circle::new((e.step as f32, e.metric as f32), 4, green.filled())),
+        )
+        .map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
 
@@ -141,7 +183,7 @@ pub fn attention_maps(maps: &Maps, path: &Path) -> Result<()> {
     let layers = maps.weights.len();
     let heads = maps.weights.first().map_or(0, Vec::len);
     let n = maps.tokens.len();
-    let cell = (520 / n.max(1)).clamp(6, 28) as u32;
+    let cell = (400 / n.max(1)).clamp(6, 18) as u32;
     let label = if cell >= 10 { 90 } else { 10 };
     let map_px = cell * n as u32;
     let (w, h) = (
