@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use common::tensor;
+use common::{max_diff, tensor};
 use maskattn::Mask;
 use maskattn_candle::interop::{from_native, to_native};
 use maskattn_candle::mask_convert::{from_torch_key_padding, from_torch_mha_attn_mask};
@@ -20,17 +20,6 @@ fn fixture(name: &str) -> HashMap<String, Tensor> {
         .join("tests/fixtures")
         .join(name);
     candle_core::safetensors::load(&p, &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

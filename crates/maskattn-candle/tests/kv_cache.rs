@@ -5,20 +5,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use common::tensor;
+use common::{max_diff, tensor};
 use maskattn::Mask;
 use maskattn_candle::{KvCache, MaskedMultiHeadAttention, MhaConfig, Mode};
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 #[test]
 fn step_by_step_decoding_equals_the_full_forward() {

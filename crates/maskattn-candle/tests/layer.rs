@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use common::{assert_close, tensor};
+use common::{assert_close, max_diff, tensor};
 use maskattn::Mask;
 use maskattn_candle::{MaskedMultiHeadAttention, MhaConfig, Mode};
 
@@ -197,16 +197,7 @@ fn dropout_is_seeded_and_off_in_eval() {
     let c = l.forward(&x, &x, &m, Mode::Train { seed: 2 }).unwrap();
     let e1 = l.forward(&x, &x, &m, Mode::Eval).unwrap();
     let plain = l.forward_plain(&x, &x, &m).unwrap();
-    let diff = |p: &Tensor, q: &Tensor| {
-        (p - q)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let diff = max_diff;
     assert_eq!(diff(&a, &b), 0.0);
     assert!(diff(&a, &c) > 1e-3);
     assert!(diff(&e1, &plain) < 1e-5);
@@ -237,15 +228,7 @@ fn attention_weights_are_the_softmax_and_respect_the_mask() {
         }
     }
     let again = l.forward(&x, &x, &mask, Mode::Eval).unwrap();
-    let d = (out - again)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert_eq!(d, 0.0);
+    assert_eq!(max_diff(&out, &again), 0.0);
 }
 
 #[test]

@@ -119,13 +119,5 @@ fn converted_masks_give_the_same_layer_output_as_our_vocabulary() {
             Mode::Eval,
         )
         .unwrap();
-    let d = (ours - theirs)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert_eq!(d, 0.0);
+    assert_eq!(common::max_diff(&ours, &theirs), 0.0);
 }

@@ -135,14 +135,7 @@ fn bf16_and_f16_tensors_work() {
         });
         for i in 0..4 {
             assert_eq!(low[i].dtype(), dt);
-            let diff = (low[i].to_dtype(DType::F32).unwrap() - &exact[i])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = common::max_diff(&low[i], &exact[i]);
             // Inputs rounded to 8 (bf16) or 11 (f16) bits: errors of a few 1e-2 at most.
             assert!(diff < 0.05, "{dt:?} result {i}: {diff}");
         }

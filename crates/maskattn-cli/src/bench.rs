@@ -17,7 +17,7 @@ use crate::mask_expr::{self, MaskData};
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Shape B,H,L,d (H query heads, L queries).
-    #[arg(long, default_value = "1,8,1024,64", value_parser = parse_shape)]
+    #[arg(long, default_value = "1,8,1024,64", value_parser = parse_dims::<4>)]
     pub shape: [usize; 4],
     /// Key length (default: L, or the KV cache length for decode).
     #[arg(long)]
@@ -68,7 +68,8 @@ pub enum Pass {
     Decode,
 }
 
-fn parse_shape(s: &str) -> Result<[usize; 4], String> {
+/// `N` comma-separated numbers (shape flags such as `--shape B,H,L,d`).
+pub fn parse_dims<const N: usize>(s: &str) -> Result<[usize; N], String> {
     let v: Vec<usize> = s
         .split(',')
         .map(|x| {
@@ -78,7 +79,7 @@ fn parse_shape(s: &str) -> Result<[usize; 4], String> {
         })
         .collect::<Result<_, _>>()?;
     v.try_into()
-        .map_err(|_| "expected four numbers B,H,L,d".to_string())
+        .map_err(|_| format!("expected {N} comma-separated numbers"))
 }
 
 /// One measured case.

@@ -15,7 +15,7 @@ use crate::mask_expr;
 #[derive(Args, Debug)]
 pub struct BenchLayerArgs {
     /// Shapes B,H,L,d to run (repeat the flag for several).
-    #[arg(long, value_parser = parse_shape, default_values = ["4,8,512,64", "4,8,2048,64"])]
+    #[arg(long, value_parser = crate::bench::parse_dims::<4>, default_values = ["4,8,512,64", "4,8,2048,64"])]
     pub shape: Vec<[usize; 4]>,
     /// Mask expression (structured terms only: causal, window(..), prefix(..), full).
     #[arg(long, default_value = "causal")]
@@ -23,19 +23,6 @@ pub struct BenchLayerArgs {
     /// Timed repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
-}
-
-fn parse_shape(s: &str) -> Result<[usize; 4], String> {
-    let v: Vec<usize> = s
-        .split(',')
-        .map(|x| {
-            x.trim()
-                .parse()
-                .map_err(|_| format!("`{x}` is not a number"))
-        })
-        .collect::<Result<_, _>>()?;
-    v.try_into()
-        .map_err(|_| "expected four numbers B,H,L,d".to_string())
 }
 
 fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {

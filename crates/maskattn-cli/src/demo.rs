@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use crate::bench::data;
 use anyhow::{bail, Result};
 use clap::Args;
 use maskattn::{reference, BlockMask, DenseMask, Mask, Params, View};
@@ -10,31 +11,8 @@ use maskattn::{reference, BlockMask, DenseMask, Mask, Params, View};
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Shape B,H_q,H_kv,L,d.
-    #[arg(long, default_value = "2,8,4,256,64", value_parser = parse_shape)]
+    #[arg(long, default_value = "2,8,4,256,64", value_parser = crate::bench::parse_dims::<5>)]
     pub shape: [usize; 5],
-}
-
-fn parse_shape(s: &str) -> Result<[usize; 5], String> {
-    let v: Vec<usize> = s
-        .split(',')
-        .map(|x| {
-            x.trim()
-                .parse()
-                .map_err(|_| format!("`{x}` is not a number"))
-        })
-        .collect::<Result<_, _>>()?;
-    v.try_into()
-        .map_err(|_| "expected five numbers B,H_q,H_kv,L,d".to_string())
-}
-
-/// Deterministic data in [−1, 1) without a random-number crate.
-fn data(n: usize, seed: u64) -> Vec<f32> {
-    (0..n as u64)
-        .map(|i| {
-            let x = (i ^ (seed << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
 }
 
 pub fn run(args: &DemoArgs) -> Result<()> {

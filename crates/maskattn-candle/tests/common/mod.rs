@@ -39,3 +39,15 @@ pub fn assert_close(what: &str, kernel: &Tensor, golden: &Tensor, naive: &Tensor
     let a = reference::accuracy(&k, &g, &n, reference::EPS_F32);
     assert!(a.ok, "{what}: {a:?}");
 }
+
+/// max |a − b| over all elements.
+pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
