@@ -37,6 +37,7 @@
 //! # }
 //! ```
 
+pub mod bert;
 pub mod interop;
 mod kv_cache;
 mod layer;

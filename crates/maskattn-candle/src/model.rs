@@ -83,10 +83,14 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Self::with_eps(dim, 1e-5, vb)
+    }
+
+    pub fn with_eps(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(LayerNorm {
             weight: vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?,
             bias: vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?,
-            eps: 1e-5,
+            eps,
         })
     }
 }

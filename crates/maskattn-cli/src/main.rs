@@ -5,6 +5,7 @@ mod attend;
 mod bench;
 mod bench_layer;
 mod demo;
+mod embed;
 mod infer;
 mod mask_expr;
 mod tensors;
@@ -43,6 +44,10 @@ enum Command {
     Generate(infer::GenerateArgs),
     /// Heat maps of every layer's and head's attention weights on a text.
     AttentionMap(infer::AttentionMapArgs),
+    /// Sentence embeddings from a BERT-family sentence-transformers folder (JSONL or TSV).
+    Embed(embed::EmbedArgs),
+    /// Rank lines by cosine similarity to a query (sentence embeddings).
+    Similarity(embed::SimilarityArgs),
     /// Masked attention forward (and backward, given `dout`) on tensors from a safetensors file.
     Attend(attend::AttendArgs),
     /// Every mask kind on a built-in shape: fast kernels against the f64 reference, with
@@ -78,6 +83,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => infer::generate(a),
         Command::AttentionMap(a) => infer::attention_map(a),
         Command::Attend(a) => attend::run(a),
+        Command::Embed(a) => embed::embed(a),
+        Command::Similarity(a) => embed::similarity(a),
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchLayer(a) => bench_layer::run(a),
