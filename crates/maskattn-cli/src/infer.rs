@@ -127,22 +127,20 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
         &Tensor::from_slice(&prompt, (1, prompt.len()), &Device::Cpu)?,
         &mut caches,
     )?;
-    let limit = state
-        .model
-        .max_len
-        .saturating_sub(prompt.len())
-        .min(a.max_tokens);
-    if state.model.positions == maskattn_candle::model::Positions::Learned && limit < a.max_tokens {
+    // Learned positions end at max_len; rotary ones go on.
+    let learned = state.model.positions == maskattn_candle::model::Positions::Learned;
+    let room = state.model.max_len.saturating_sub(prompt.len());
+    let limit = if learned {
+        a.max_tokens.min(room)
+    } else {
+        a.max_tokens
+    };
+    if limit < a.max_tokens {
         eprintln!(
             "note: learned positions stop at {} tokens",
             state.model.max_len
         );
     }
-    let limit = if state.model.positions == maskattn_candle::model::Positions::Learned {
-        limit
-    } else {
-        a.max_tokens
-    };
     for _ in 0..limit {
         let last = logits.squeeze(0)?.get(logits.dim(1)? - 1)?;
         let next = pick(&last.to_vec1::<f32>()?, a.temperature, a.top_k, &mut rng);

@@ -155,6 +155,40 @@ fn both_objectives_train_and_their_checkpoints_serve() {
 }
 
 #[test]
+fn learned_positions_and_grouped_query_heads_train_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("learned");
+    let log = train(
+        &run,
+        &[
+            "--positions",
+            "learned",
+            "--kv-heads",
+            "1",
+            "--steps",
+            "3",
+            "--eval-every",
+            "3",
+        ],
+    );
+    assert!(log.contains("Learned positions"), "{log}");
+    assert!(log.contains("2 heads / 1 kv heads"), "{log}");
+    let gen = ok(&[
+        "generate",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--prompt",
+        "abba|",
+        "--max-tokens",
+        "100",
+    ]);
+    assert!(
+        gen.contains("learned positions stop at 48 tokens") || gen.starts_with("abba|"),
+        "{gen}"
+    );
+}
+
+#[test]
 fn resume_continues_exactly_where_the_run_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let straight = dir.path().join("straight");
