@@ -182,10 +182,9 @@ fn learned_positions_and_grouped_query_heads_train_too() {
         "--max-tokens",
         "100",
     ]);
-    assert!(
-        gen.contains("learned positions stop at 48 tokens") || gen.starts_with("abba|"),
-        "{gen}"
-    );
+    // 5 prompt tokens + 100 asked for > 48 learned positions: the run says so, and stops there.
+    assert!(gen.contains("learned positions stop at 48 tokens"), "{gen}");
+    assert!(gen.starts_with("abba|"), "{gen}");
 }
 
 #[test]
