@@ -251,7 +251,12 @@ fn run_typed<T: Element>(
         data(b * hkv * lk * d, 3),
     );
     let (q, k, v) = (convert(&q32, &to), convert(&k32, &to), convert(&v32, &to));
-    let dout = data(b * h * lq * d, 4);
+    // The output gradient arrives in the storage type, as a framework training in it (and
+    // PyTorch in the comparison) hands it over; the kernel reads it as f32.
+    let dout: Vec<f32> = data(b * h * lq * d, 4)
+        .into_iter()
+        .map(|x| to(x).to_f32())
+        .collect();
     let (qv, kv, vv) = (
         View::bhld("q", &q, qs)?,
         View::bhld("k", &k, ks)?,

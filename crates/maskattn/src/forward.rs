@@ -24,9 +24,13 @@ pub struct Forward {
 
 /// Keys and values of one `(b, kv head)`, packed once for every query tile that reads them:
 /// `Kᵀ` per key tile (`d_pad × tk_pad`) and `V` rows (`tk_pad × d_pad` per tile).
+/// On the bf16 dot-product path, `kp` and `vp` hold the same tiles as bf16 pairs instead
+/// (see `simd::bf16dot`) and `kt`, `v` stay empty.
 struct PackedKv {
     kt: Vec<f32>,
     v: Vec<f32>,
+    kp: Vec<u32>,
+    vp: Vec<u32>,
     v_finite: Vec<bool>,
 }
 
@@ -41,6 +45,10 @@ struct Scratch {
     v_fix: Vec<f32>,
     seen: Vec<u64>,
     drop_keys: Vec<u32>,
+    /// bf16 path: Q rows and `P̃` rounded to bf16.
+    q16: Vec<u16>,
+    p16: Vec<u16>,
+    vp_fix: Vec<u32>,
 }
 
 /// What every query tile of one (b, kv head) shares.
@@ -52,6 +60,8 @@ struct TileCtx<'a, 'b, T> {
     block: &'a BlockMask,
     g: &'a Geom,
     scale: f32,
+    /// bf16 storage on a CPU with bf16 dot products.
+    dot: bool,
 }
 
 /// Sizes every step needs.
@@ -102,6 +112,7 @@ pub fn forward<T: Element>(
     };
     let nk = block.grid().1;
     let group = dims.group();
+    let dot = T::IS_BF16 && crate::simd::bf16_dot();
     let mut out = vec![0f32; batch * q_heads * lq * d];
     let mut lse = vec![0f32; batch * q_heads * lq];
 
@@ -111,7 +122,7 @@ pub fn forward<T: Element>(
         .enumerate()
         .for_each(|(bhk, (out, lse))| {
             let (b, hk) = (bhk / dims.kv_heads, bhk % dims.kv_heads);
-            let kv = pack_kv(k, v, b, hk, lk, nk, &g);
+            let kv = pack_kv(k, v, b, hk, lk, nk, &g, dot);
             // Inner tasks: one (query head of the group, query tile) each.
             out.par_chunks_mut(lq * d)
                 .zip(lse.par_chunks_mut(lq))
@@ -133,6 +144,9 @@ pub fn forward<T: Element>(
                         v_fix: vec![0.0; g.tk_pad * g.d_pad],
                         seen: vec![0; g.words],
                         drop_keys: vec![0; tq],
+                        q16: vec![0; if dot { tq * g.d_pad } else { 0 }],
+                        p16: vec![0; if dot { tq * g.tk_pad } else { 0 }],
+                        vp_fix: vec![0; if dot { g.tk_pad * g.d_pad / 2 } else { 0 }],
                     },
                     |sc, (h, qt, o, l)| {
                         let ctx = TileCtx {
@@ -143,6 +157,7 @@ pub fn forward<T: Element>(
                             block,
                             g: &g,
                             scale,
+                            dot,
                         };
                         query_tile(&ctx, b, h, qt, o, l, sc)
                     },
@@ -151,6 +166,7 @@ pub fn forward<T: Element>(
     Ok(Forward { out, lse })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn pack_kv<T: Element>(
     k: &View<T>,
     v: &View<T>,
@@ -159,11 +175,32 @@ fn pack_kv<T: Element>(
     lk: usize,
     nk: usize,
     g: &Geom,
+    dot: bool,
 ) -> PackedKv {
     let (kt_len, v_len) = (g.d_pad * g.tk_pad, g.tk_pad * g.d_pad);
+    if dot {
+        let (kp_len, vp_len) = (kt_len / 2, v_len / 2);
+        let mut kv = PackedKv {
+            kt: Vec::new(),
+            v: Vec::new(),
+            kp: vec![0; nk * kp_len],
+            vp: vec![0; nk * vp_len],
+            v_finite: vec![true; nk],
+        };
+        for t in 0..nk {
+            let (j0, cols) = (t * g.tk, (lk - t * g.tk).min(g.tk));
+            let kp = &mut kv.kp[t * kp_len..(t + 1) * kp_len];
+            pack::kt_pairs(k, b, hk, j0, cols, g.tk_pad, g.d_pad, kp);
+            let vp = &mut kv.vp[t * vp_len..(t + 1) * vp_len];
+            kv.v_finite[t] = pack::v_pairs(v, b, hk, j0, cols, g.tk_pad, g.d_pad, vp);
+        }
+        return kv;
+    }
     let mut kv = PackedKv {
         kt: vec![0.0; nk * kt_len],
         v: vec![0.0; nk * v_len],
+        kp: Vec::new(),
+        vp: Vec::new(),
         v_finite: vec![true; nk],
     };
     for t in 0..nk {
@@ -203,12 +240,18 @@ fn query_tile<T: Element>(
         block,
         g,
         scale,
+        dot,
     } = *ctx;
     let rows = lse.len();
     let i0 = qt * block.tile_q();
     let lk = block.shape().lk;
-    // The scale is folded into Q: x_ij = (s·q_i) · k_j.
-    pack::rows(q, b, h, i0, rows, g.d_pad, scale, &mut sc.q);
+    if dot {
+        // bf16 rows as they are; the scale is applied to the f32 scores.
+        pack::rows_bf16(q, b, h, i0, rows, g.d_pad, &mut sc.q16);
+    } else {
+        // The scale is folded into Q: x_ij = (s·q_i) · k_j.
+        pack::rows(q, b, h, i0, rows, g.d_pad, scale, &mut sc.q);
+    }
     let shape = block.shape();
     if let Some(dr) = dropout {
         for (r, key) in sc.drop_keys[..rows].iter_mut().enumerate() {
@@ -231,6 +274,41 @@ fn query_tile<T: Element>(
             bs.tile(b, h, i0, rows, j0, cols, g.tk_pad, &mut sc.bias);
             &sc.bias[..]
         });
+        let drop = dropout.map(|dr| DropTile {
+            rows: &sc.drop_keys[..rows],
+            j0,
+            threshold: dr.threshold(),
+            scale: dr.keep_scale(),
+        });
+        #[cfg(target_arch = "x86_64")]
+        if dot {
+            let (kp_len, vp_len) = (g.d_pad * g.tk_pad / 2, g.tk_pad * g.d_pad / 2);
+            let t = BfTile {
+                rows,
+                cols,
+                bits,
+                bias: tile_bias,
+                drop,
+                scale,
+                kp: &kv.kp[kt * kp_len..(kt + 1) * kp_len],
+                vp: &kv.vp[kt * vp_len..(kt + 1) * vp_len],
+                v_finite: kv.v_finite[kt],
+            };
+            let w = BfWork {
+                q16: &sc.q16,
+                p16: &mut sc.p16,
+                vp_fix: &mut sc.vp_fix,
+                v_fix: &mut sc.v_fix,
+                seen: &mut sc.seen,
+                s: &mut sc.s,
+                o: &mut sc.o,
+                m: &mut sc.m,
+                l: &mut sc.l,
+            };
+            // SAFETY: `dot` is only set where `bf16dot::enabled()` said the CPU has AVX512-BF16.
+            unsafe { step_bf16(g, &t, w) };
+            continue;
+        }
         let v_len = g.tk_pad * g.d_pad;
         let mut v_tile = &kv.v[kt * v_len..(kt + 1) * v_len];
         // Non-finite values in keys no row of this tile sees must not meet a zero weight in
@@ -255,12 +333,7 @@ fn query_tile<T: Element>(
             v: &[f32] = v_tile,
             bits: Option<&[u64]> = bits,
             bias: Option<&[f32]> = tile_bias,
-            drop: Option<DropTile> = dropout.map(|dr| DropTile {
-                rows: &sc.drop_keys[..rows],
-                j0,
-                threshold: dr.threshold(),
-                scale: dr.keep_scale(),
-            }),
+            drop: Option<DropTile> = drop,
             exact: bool = exact,
             s: &mut [f32] = &mut sc.s,
             o: &mut [f32] = &mut sc.o,
@@ -327,6 +400,105 @@ unsafe fn step<S: Simd>(
     }
 }
 
+/// One key tile for [`step_bf16`].
+#[cfg(target_arch = "x86_64")]
+struct BfTile<'a> {
+    rows: usize,
+    cols: usize,
+    bits: Option<&'a [u64]>,
+    bias: Option<&'a [f32]>,
+    drop: Option<DropTile<'a>>,
+    scale: f32,
+    kp: &'a [u32],
+    vp: &'a [u32],
+    v_finite: bool,
+}
+
+/// The scratch [`step_bf16`] writes.
+#[cfg(target_arch = "x86_64")]
+struct BfWork<'a> {
+    q16: &'a [u16],
+    p16: &'a mut [u16],
+    vp_fix: &'a mut [u32],
+    v_fix: &'a mut [f32],
+    seen: &'a mut [u64],
+    s: &'a mut [f32],
+    o: &'a mut [f32],
+    m: &'a mut [f32],
+    l: &'a mut [f32],
+}
+
+/// [`step`] for bf16 storage on AVX512-BF16: both products on bf16 pairs (see
+/// `simd::bf16dot`), the softmax in f32 as everywhere else.
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX512-BF16; `sc` was sized for the bf16 path.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx2,fma")]
+unsafe fn step_bf16(g: &Geom, t: &BfTile, sc: BfWork) {
+    use crate::simd::{bf16dot, Avx512};
+    let (rows, cols, tk_pad, d_pad) = (t.rows, t.cols, g.tk_pad, g.d_pad);
+    let BfWork {
+        q16,
+        p16,
+        vp_fix,
+        v_fix,
+        seen,
+        s,
+        o,
+        m,
+        l,
+    } = sc;
+    unsafe {
+        // x = s · (Q · Kᵀ)
+        bf16dot::gemm(
+            rows,
+            tk_pad,
+            d_pad / 2,
+            q16.as_ptr().cast(),
+            d_pad / 2,
+            t.kp.as_ptr(),
+            tk_pad,
+            s.as_mut_ptr(),
+            tk_pad,
+            false,
+            t.scale,
+        );
+
+        softmax_rows::<Avx512>(g, rows, cols, t.bits, t.bias, t.drop, s, o, m, l);
+        // As on the f32 path: values no row of the tile sees are zeroed before the product
+        // (0 · NaN = NaN); one that is non-finite and seen by some rows only sends the tile
+        // down the per-element path, on the exact f32 values.
+        let mut vp = t.vp;
+        if let (false, Some(bits)) = (t.v_finite, t.bits) {
+            pack::seen_columns(bits, g.words, rows, seen);
+            vp_fix.copy_from_slice(t.vp);
+            pack::zero_unseen_pairs(vp_fix, d_pad, cols, seen);
+            if !pack::pairs_finite(vp_fix) {
+                pack::v_from_pairs(vp_fix, tk_pad, d_pad, v_fix);
+                pv::<Avx512>(g, rows, cols, v_fix, d_pad, t.bits, true, s, o);
+                return;
+            }
+            vp = vp_fix;
+        }
+        // acc += bf16(P̃) · V; P̃ past `cols` is 0 and so are the padding keys of V.
+        bf16dot::round_rows(s, rows, tk_pad, tk_pad, p16);
+        bf16dot::gemm(
+            rows,
+            d_pad,
+            cols.div_ceil(2),
+            p16.as_ptr().cast(),
+            tk_pad / 2,
+            vp.as_ptr(),
+            d_pad,
+            o.as_mut_ptr(),
+            d_pad,
+            true,
+            1.0,
+        );
+    }
+}
+
 /// The online-softmax update of one score tile `s` (`rows × tk_pad`, raw `x`) and the
 /// product `acc += P̃ · V` (`v` rows `v_ld` apart). Shared with the decode path.
 #[inline(always)]
@@ -341,6 +513,28 @@ pub(crate) unsafe fn softmax_pv<S: Simd>(
     bias: Option<&[f32]>,
     drop: Option<DropTile>,
     exact: bool,
+    s: &mut [f32],
+    o: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+) {
+    unsafe {
+        softmax_rows::<S>(g, rows, cols, bits, bias, drop, s, o, m, l);
+        pv::<S>(g, rows, cols, v, v_ld, bits, exact, s, o);
+    }
+}
+
+/// The online-softmax update: `s` becomes `P̃` (zero where hidden and past `cols`), `m` and
+/// `l` move to the new maximum and `o` is rescaled to it.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn softmax_rows<S: Simd>(
+    g: &Geom,
+    rows: usize,
+    cols: usize,
+    bits: Option<&[u64]>,
+    bias: Option<&[f32]>,
+    drop: Option<DropTile>,
     s: &mut [f32],
     o: &mut [f32],
     m: &mut [f32],
@@ -377,7 +571,26 @@ pub(crate) unsafe fn softmax_pv<S: Simd>(
                 }
             }
         }
-        // acc += P̃ · V
+    }
+}
+
+/// `acc += P̃ · V` in f32; `exact` takes the per-element path that never multiplies a
+/// hidden key's value (it may be non-finite) by its zero weight.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv<S: Simd>(
+    g: &Geom,
+    rows: usize,
+    cols: usize,
+    v: &[f32],
+    v_ld: usize,
+    bits: Option<&[u64]>,
+    exact: bool,
+    s: &[f32],
+    o: &mut [f32],
+) {
+    let (tk_pad, d_pad) = (g.tk_pad, g.d_pad);
+    unsafe {
         if !exact {
             let pa = Strided {
                 ptr: s.as_ptr(),

@@ -85,3 +85,142 @@ pub(crate) fn zero_unseen_rows(tile: &mut [f32], ld: usize, cols: usize, seen: &
         }
     }
 }
+
+/// bf16 bits of `view[b, h, l, x]`, or 0 outside the real rows and features (padding).
+#[inline(always)]
+fn bits_or_zero<T: Element>(view: &View<T>, b: usize, h: usize, l: usize, x: usize) -> u32 {
+    let [_, _, len, d] = view.shape();
+    if l < len && x < d {
+        view.get(b, h, l, x).bf16_bits() as u32
+    } else {
+        0
+    }
+}
+
+/// Rows `start..start + rows` of `(b, h)` as bf16 bits into `out` (`rows × d_pad`, zero
+/// padded): the pair-read `A` operand of the bf16 products.
+pub(crate) fn rows_bf16<T: Element>(
+    view: &View<T>,
+    b: usize,
+    h: usize,
+    start: usize,
+    rows: usize,
+    d_pad: usize,
+    out: &mut [u16],
+) {
+    let d = view.shape()[3];
+    for (r, dst) in out[..rows * d_pad].chunks_exact_mut(d_pad).enumerate() {
+        for (x, o) in dst[..d].iter_mut().enumerate() {
+            *o = view.get(b, h, start + r, x).bf16_bits();
+        }
+        dst[d..].fill(0);
+    }
+}
+
+/// Keys `start..start + cols` of `(b, h)` as `Kᵀ` interleaved over features for the bf16
+/// products: `out` is `d_pad / 2` rows of `ld` pairs, entry `(p, c)` = features `2p, 2p+1`
+/// of key `start + c`. Columns past `cols` and features past `d` are zero.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn kt_pairs<T: Element>(
+    view: &View<T>,
+    b: usize,
+    h: usize,
+    start: usize,
+    cols: usize,
+    ld: usize,
+    d_pad: usize,
+    out: &mut [u32],
+) {
+    out[..d_pad / 2 * ld].fill(0);
+    for c in 0..cols {
+        for p in 0..d_pad / 2 {
+            let (lo, hi) = (
+                bits_or_zero(view, b, h, start + c, 2 * p),
+                bits_or_zero(view, b, h, start + c, 2 * p + 1),
+            );
+            out[p * ld + c] = lo | hi << 16;
+        }
+    }
+}
+
+/// Values `start..start + cols` of `(b, h)` interleaved over keys for the bf16 products:
+/// `out` is `rows_pad / 2` rows of `d_pad` pairs, entry `(p, x)` = feature `x` of keys
+/// `start + 2p` and `start + 2p + 1`. Keys past `cols` and features past `d` are zero.
+/// Returns whether every value is finite.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn v_pairs<T: Element>(
+    view: &View<T>,
+    b: usize,
+    h: usize,
+    start: usize,
+    cols: usize,
+    rows_pad: usize,
+    d_pad: usize,
+    out: &mut [u32],
+) -> bool {
+    let d = view.shape()[3];
+    out[..rows_pad / 2 * d_pad].fill(0);
+    let mut finite = true;
+    for c in 0..cols {
+        let (p, half) = (c / 2, 16 * (c % 2));
+        for x in 0..d {
+            let bits = view.get(b, h, start + c, x).bf16_bits();
+            finite &= bits & 0x7f80 != 0x7f80;
+            out[p * d_pad + x] |= (bits as u32) << half;
+        }
+    }
+    finite
+}
+
+/// Unpacks a [`v_pairs`] tile into `f32` rows (`rows_pad × d_pad`), exactly.
+pub(crate) fn v_from_pairs(pairs: &[u32], rows_pad: usize, d_pad: usize, out: &mut [f32]) {
+    for c in 0..rows_pad {
+        let (p, half) = (c / 2, 16 * (c % 2));
+        for x in 0..d_pad {
+            let bits = (pairs[p * d_pad + x] >> half) as u16;
+            out[c * d_pad + x] = half::bf16::from_bits(bits).to_f32();
+        }
+    }
+}
+
+/// Rows `start..start + rows` of `(b, h)` transposed, as bf16 bits, into `out`
+/// (`d_pad × ld`): row `x` holds feature `x` of every row, zero past `rows` and `d`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn transposed_bf16<T: Element>(
+    view: &View<T>,
+    b: usize,
+    h: usize,
+    start: usize,
+    rows: usize,
+    ld: usize,
+    d_pad: usize,
+    out: &mut [u16],
+) {
+    let d = view.shape()[3];
+    out[..d_pad * ld].fill(0);
+    for r in 0..rows {
+        for x in 0..d {
+            out[x * ld + r] = view.get(b, h, start + r, x).bf16_bits();
+        }
+    }
+}
+
+/// In a tile interleaved over keys ([`v_pairs`] layout, rows `ld` pairs long), zeroes the
+/// keys no query of the tile sees (the bf16 counterpart of [`zero_unseen_rows`]).
+pub(crate) fn zero_unseen_pairs(pairs: &mut [u32], ld: usize, cols: usize, seen: &[u64]) {
+    for c in 0..cols {
+        if seen[c / 64] >> (c % 64) & 1 == 0 {
+            let keep = if c % 2 == 0 { 0xffff_0000 } else { 0x0000_ffff };
+            pairs[c / 2 * ld..(c / 2 + 1) * ld]
+                .iter_mut()
+                .for_each(|x| *x &= keep);
+        }
+    }
+}
+
+/// Whether both bf16 halves of every pair are finite.
+pub(crate) fn pairs_finite(pairs: &[u32]) -> bool {
+    pairs.iter().fold(true, |ok, &x| {
+        ok & (x & 0x7f80 != 0x7f80) & (x & 0x7f80_0000 != 0x7f80_0000)
+    })
+}

@@ -13,6 +13,12 @@ pub trait Element: Copy + Send + Sync + 'static {
         let _ = data;
         None
     }
+    /// The storage is bf16, so its bits can go to bf16 dot products unchanged.
+    const IS_BF16: bool = false;
+    /// The value as bf16 bits (exact only when [`Element::IS_BF16`]; the kernels ask only then).
+    fn bf16_bits(self) -> u16 {
+        half::bf16::from_f32(self.to_f32()).to_bits()
+    }
 }
 
 impl Element for f32 {
@@ -30,6 +36,11 @@ impl Element for half::bf16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         half::bf16::to_f32(self)
+    }
+    const IS_BF16: bool = true;
+    #[inline(always)]
+    fn bf16_bits(self) -> u16 {
+        self.to_bits()
     }
 }
 

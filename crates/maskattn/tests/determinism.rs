@@ -43,3 +43,23 @@ fn results_do_not_depend_on_thread_count() {
         }
     }
 }
+
+/// The same for bf16 storage (the AVX512-BF16 path where the CPU has it).
+#[test]
+fn bf16_results_do_not_depend_on_thread_count_or_run() {
+    use maskattn::half::bf16;
+    for seed in 0..4 {
+        let c =
+            random_case(seed, [2, 6, 3, 97, 131, 20], (16, 32), seed % 2 == 0).rounded::<bf16>();
+        let one = in_pool(1, || c.run_kernel_half::<bf16>());
+        for threads in [1, 2, 3] {
+            let many = in_pool(threads, || c.run_kernel_half::<bf16>());
+            for (a, b) in one.iter().zip(&many) {
+                assert!(
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "seed {seed}: {threads} threads differ from 1"
+                );
+            }
+        }
+    }
+}

@@ -128,3 +128,33 @@ proptest! {
         prop_assert_eq!(bits(&clean), bits(&dirty));
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// The same for bf16 storage, whose products (AVX512-BF16 where the CPU has it) take
+    /// keys and values in pairs: a hidden NaN must not reach its visible neighbour.
+    #[test]
+    fn hidden_nan_and_inf_change_nothing_in_bf16(
+        seed in any::<u64>(),
+        b in 1usize..=2,
+        hkv in 1usize..=2,
+        group in 1usize..=2,
+        lq in 1usize..50,
+        lk in 1usize..90,
+        d in 1usize..40,
+        tiles in tiles(),
+        bad in prop_oneof![Just(f32::NAN), Just(f32::INFINITY), Just(f32::NEG_INFINITY)],
+    ) {
+        use maskattn::half::bf16;
+        let c = random_case(seed, [b, hkv * group, hkv, lq, lk, d], tiles, seed % 3 == 0);
+        let mut c = c.rounded::<bf16>();
+        let lens: Vec<usize> = (0..b).map(|x| (seed as usize >> (8 * x)) % lk).collect();
+        c.mask = c.mask.clone() & Mask::key_lengths(lens);
+        let clean = c.run_kernel_half::<bf16>();
+        let n = poison(&mut c, bad);
+        let dirty = c.run_kernel_half::<bf16>();
+        prop_assert!(n >= b);
+        prop_assert_eq!(bits(&clean), bits(&dirty));
+    }
+}

@@ -10,6 +10,8 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod bf16dot;
 mod exp;
 mod portable;
 
@@ -130,6 +132,19 @@ macro_rules! dispatch {
     }};
 }
 pub(crate) use dispatch;
+
+/// Whether bf16 storage goes to the CPU's bf16 dot products (AVX512-BF16) instead of
+/// being widened to f32; see `bf16dot`.
+pub(crate) fn bf16_dot() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        bf16dot::enabled()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
 static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
 /// 0 = no override, else 1 + the index of the forced set.

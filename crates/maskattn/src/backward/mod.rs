@@ -7,6 +7,9 @@
 //! gradients are bit-identical run to run and for any number of threads: the deterministic
 //! mode is the only mode.
 
+#[cfg(target_arch = "x86_64")]
+mod bf16;
+
 use rayon::prelude::*;
 
 use crate::bias::Bias;
@@ -48,6 +51,9 @@ struct Ctx<'a, 'b, T> {
     dims: AttnDims,
     scale: f32,
     g: Geom,
+    /// The bf16 dot-product path's query-side operands, where it is taken.
+    #[cfg(target_arch = "x86_64")]
+    qs: Option<bf16::QuerySide>,
 }
 
 #[derive(Clone, Copy)]
@@ -154,6 +160,9 @@ pub fn backward<T: Element>(
         dims,
         scale,
         g,
+        #[cfg(target_arch = "x86_64")]
+        qs: (T::IS_BF16 && crate::simd::bf16_dot() && exactly_bf16(dout))
+            .then(|| query_side(q, dout, block, &g)),
     };
     let group = dims.group();
     let nk = block.grid().1;
@@ -238,9 +247,43 @@ impl<T: Element> Ctx<'_, '_, T> {
         };
         let mut dq = vec![0f32; group * lq * g.d_pad];
         let mut tiles = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        let mut bf = self
+            .qs
+            .as_ref()
+            .map(|qs| (bf16::KeySide::new(&g), bf16::Work16::new(&g, qs.tq_pad)));
         for kt in (c..nk).step_by(chunks) {
             let j0 = kt * g.tk;
             let cols = (lk - j0).min(g.tk);
+            // Every (query head of the group, query tile) that sees this key tile.
+            let pairs: Vec<(usize, usize, Option<&[u64]>)> = (0..group)
+                .flat_map(|hi| (0..nq).map(move |qt| (hi, qt)))
+                .filter_map(
+                    |(hi, qt)| match self.block.tile(b, hk * group + hi, qt, kt) {
+                        Tile::Empty => None,
+                        Tile::Full => Some((hi, qt, None)),
+                        Tile::Partial(bits) => Some((hi, qt, Some(bits))),
+                    },
+                )
+                .collect();
+            #[cfg(target_arch = "x86_64")]
+            if let (Some(qs), Some((ks, w))) = (&self.qs, &mut bf) {
+                pack::kt_pairs(self.k, b, hk, j0, cols, g.tk_pad, g.d_pad, &mut ks.kt);
+                pack::kt_pairs(self.v, b, hk, j0, cols, g.tk_pad, g.d_pad, &mut ks.vt);
+                ks.k_finite = pack::v_pairs(self.k, b, hk, j0, cols, g.tk_pad, g.d_pad, &mut ks.k);
+                ks.dkt.fill(0.0);
+                ks.dvt.fill(0.0);
+                for &(hi, qt, bits) in &pairs {
+                    let i0 = qt * tq;
+                    let rows = (lq - i0).min(tq);
+                    let dq = &mut dq[(hi * lq + i0) * g.d_pad..];
+                    let h = hk * group + hi;
+                    self.pair16(qs, ks, w, &mut sc, dq, b, h, qt, rows, j0, cols, bits);
+                }
+                ks.transpose_into(&g, self.scale, &mut sc.dk, &mut sc.dv);
+                tiles.push((kt, sc.dk.clone(), sc.dv.clone()));
+                continue;
+            }
             pack::rows(self.k, b, hk, j0, cols, g.d_pad, 1.0, &mut sc.k);
             sc.k[cols * g.d_pad..].fill(0.0);
             pack::transposed(self.k, b, hk, j0, cols, g.tk_pad, g.d_pad, &mut sc.kt);
@@ -248,33 +291,84 @@ impl<T: Element> Ctx<'_, '_, T> {
             let k_finite = pack::all_finite(&sc.k);
             sc.dk.fill(0.0);
             sc.dv.fill(0.0);
-            for hi in 0..group {
+            for &(hi, qt, bits) in &pairs {
                 let h = hk * group + hi;
-                for qt in 0..nq {
-                    let bits = match self.block.tile(b, h, qt, kt) {
-                        Tile::Empty => continue,
-                        Tile::Full => None,
-                        Tile::Partial(bits) => Some(bits),
-                    };
-                    let i0 = qt * tq;
-                    let rows = (lq - i0).min(tq);
-                    self.pair(
-                        &mut sc,
-                        &mut dq[(hi * lq + i0) * g.d_pad..],
-                        b,
-                        h,
-                        i0,
-                        rows,
-                        j0,
-                        cols,
-                        bits,
-                        k_finite,
-                    );
-                }
+                let i0 = qt * tq;
+                let rows = (lq - i0).min(tq);
+                self.pair(
+                    &mut sc,
+                    &mut dq[(hi * lq + i0) * g.d_pad..],
+                    b,
+                    h,
+                    i0,
+                    rows,
+                    j0,
+                    cols,
+                    bits,
+                    k_finite,
+                );
             }
             tiles.push((kt, sc.dk.clone(), sc.dv.clone()));
         }
         ChunkResult { dq, tiles }
+    }
+
+    /// [`Ctx::pair`] on the bf16 dot-product path.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    fn pair16(
+        &self,
+        qs: &bf16::QuerySide,
+        ks: &mut bf16::KeySide,
+        w: &mut bf16::Work16,
+        sc: &mut Scratch,
+        dq: &mut [f32],
+        b: usize,
+        h: usize,
+        qt: usize,
+        rows: usize,
+        j0: usize,
+        cols: usize,
+        bits: Option<&[u64]>,
+    ) {
+        let g = &self.g;
+        let (tq, nq) = (self.block.tile_q(), self.block.grid().0);
+        let i0 = qt * tq;
+        let tile_bias = self.bias.map(|bs| {
+            bs.tile(b, h, i0, rows, j0, cols, g.tk_pad, &mut sc.bias);
+            &sc.bias[..]
+        });
+        let row0 = (b * self.dims.q_heads + h) * self.dims.lq + i0;
+        if let Some(dr) = &self.dropout {
+            for (r, key) in sc.drop_keys[..rows].iter_mut().enumerate() {
+                *key = dr.row_key(b, h, i0 + r, self.dims.q_heads, self.dims.lq);
+            }
+        }
+        let idx = (b * self.dims.q_heads + h) * nq + qt;
+        let (n_rows, n_t) = (tq * g.d_pad, g.d_pad * qs.tq_pad);
+        let t = bf16::QueryTile {
+            rows,
+            cols,
+            lse: &self.lse[row0..row0 + rows],
+            delta: &self.delta[row0..row0 + rows],
+            q: &qs.q[idx * n_rows..(idx + 1) * n_rows],
+            dout: &qs.dout[idx * n_rows..(idx + 1) * n_rows],
+            qt: &qs.qt[idx * n_t..(idx + 1) * n_t],
+            doutt: &qs.doutt[idx * n_t..(idx + 1) * n_t],
+            tq_pad: qs.tq_pad,
+            bits,
+            bias: tile_bias,
+            drop: self.dropout.map(|dr| DropTile {
+                rows: &sc.drop_keys[..rows],
+                j0,
+                threshold: dr.threshold(),
+                scale: dr.keep_scale(),
+            }),
+            scale: self.scale,
+        };
+        // SAFETY: `qs` exists only where `bf16_dot()` found AVX512-BF16; buffers sized by
+        // `QuerySide`, `KeySide::new`, `Work16::new` and `Scratch`.
+        unsafe { bf16::step(g, &t, ks, w, &mut sc.p, &mut sc.pz, &mut sc.ds, dq) };
     }
 
     /// One (query tile, key tile) pair: loads the query side, then runs the vector step.
@@ -348,6 +442,54 @@ impl<T: Element> Ctx<'_, '_, T> {
     }
 }
 
+/// Every value of `dout` is exactly a bf16 (so the bf16 products lose nothing on it).
+#[cfg(target_arch = "x86_64")]
+fn exactly_bf16(dout: &View<f32>) -> bool {
+    let [batch, heads, l, d] = dout.shape();
+    let mut row = vec![0f32; d];
+    (0..batch * heads * l).all(|n| {
+        dout.load_rows(n / (heads * l), n / l % heads, n % l, &mut row);
+        row.iter().all(|&x| half::bf16::from_f32(x).to_f32() == x)
+    })
+}
+
+/// The query-side operands of the bf16 path (see [`bf16::QuerySide`]).
+#[cfg(target_arch = "x86_64")]
+fn query_side<T: Element>(
+    q: &View<T>,
+    dout: &View<f32>,
+    block: &BlockMask,
+    g: &Geom,
+) -> bf16::QuerySide {
+    let [batch, heads, lq, _] = q.shape();
+    let (tq, nq) = (block.tile_q(), block.grid().0);
+    let tq_pad = tq.next_multiple_of(2);
+    let (n_rows, n_t) = (tq * g.d_pad, g.d_pad * tq_pad);
+    let tiles = batch * heads * nq;
+    let mut qs = bf16::QuerySide {
+        q: vec![0; tiles * n_rows],
+        dout: vec![0; tiles * n_rows],
+        qt: vec![0; tiles * n_t],
+        doutt: vec![0; tiles * n_t],
+        tq_pad,
+    };
+    qs.q.par_chunks_mut(n_rows)
+        .zip(qs.dout.par_chunks_mut(n_rows))
+        .zip(qs.qt.par_chunks_mut(n_t))
+        .zip(qs.doutt.par_chunks_mut(n_t))
+        .enumerate()
+        .for_each(|(idx, (((qr, dr), qt), dt))| {
+            let (bh, t) = (idx / nq, idx % nq);
+            let (b, h, i0) = (bh / heads, bh % heads, t * tq);
+            let rows = (lq - i0).min(tq);
+            pack::rows_bf16(q, b, h, i0, rows, g.d_pad, qr);
+            pack::rows_bf16(dout, b, h, i0, rows, g.d_pad, dr);
+            pack::transposed_bf16(q, b, h, i0, rows, tq_pad, g.d_pad, qt);
+            pack::transposed_bf16(dout, b, h, i0, rows, tq_pad, g.d_pad, dt);
+        });
+    qs
+}
+
 /// `a · b` as one fused multiply-add chain in feature order: the rounding of every entry of
 /// the micro-kernel's products. `D_i` computed this way cancels `dP_ij` exactly where the
 /// mathematics says it does (a row with one visible key has `dS = 0`, as in the reference).
@@ -388,7 +530,7 @@ unsafe fn step<S: Simd>(
     let rowwise = |ptr: *const f32, ld: usize| Strided { ptr, rs: ld, cs: 1 };
     let colwise = |ptr: *const f32, ld: usize| Strided { ptr, rs: 1, cs: ld };
     unsafe {
-        // x = (s·Q)·Kᵀ ; P = e^(x − LSE), 0 where hidden or where the row sees nothing.
+        // x = (s·Q)·Kᵀ
         gemm::<S>(
             rows,
             tk_pad,
@@ -412,40 +554,7 @@ unsafe fn step<S: Simd>(
             tk_pad,
             false,
         );
-        for r in 0..rows {
-            let pr = &mut p[r * tk_pad..(r + 1) * tk_pad];
-            let dsr = &mut ds[r * tk_pad..(r + 1) * tk_pad];
-            if lse[r] == f32::NEG_INFINITY {
-                pr.fill(0.0);
-                dsr.fill(0.0);
-                if drop.is_some() {
-                    pz[r * tk_pad..(r + 1) * tk_pad].fill(0.0);
-                }
-                continue;
-            }
-            let brow = bias.map(|b| &b[r * tk_pad..(r + 1) * tk_pad]);
-            mask_row::<S>(pr, brow, bits, words, r, cols);
-            exp_row::<S>(pr, lse[r]);
-            // Dropout: dP' = z ∘ dP, and dV takes P ∘ z; the z of padding columns is 0.
-            if let Some(dt) = drop {
-                let pzr = &mut pz[r * tk_pad..(r + 1) * tk_pad];
-                dt.fill(r, &mut pzr[..cols]);
-                pzr[cols..].fill(0.0);
-                for c in 0..tk_pad {
-                    dsr[c] *= pzr[c];
-                    pzr[c] *= pr[c];
-                }
-            }
-            // dS = P ∘ (dP − D), selected to 0 where hidden (dP may be NaN there).
-            let dv_ = S::splat(delta[r]);
-            let zero = S::splat(0.0);
-            for c0 in (0..tk_pad).step_by(S::W) {
-                let pv = S::load(pr.as_ptr().add(c0));
-                let x = S::mul(pv, S::sub(S::load(dsr.as_ptr().add(c0)), dv_));
-                let vis = lane_bits::<S>(bits, words, r, c0, cols);
-                S::store(dsr.as_mut_ptr().add(c0), S::select(vis, x, zero));
-            }
-        }
+        ds_rows::<S>(g, rows, cols, lse, delta, bits, bias, drop, p, pz, ds);
         // dV += Pᵀ·dO ; dK += dSᵀ·(s·Q)
         let pv = if drop.is_some() {
             pz.as_ptr()
@@ -496,6 +605,63 @@ unsafe fn step<S: Simd>(
                         &mut dq[r * d_pad..(r + 1) * d_pad],
                     );
                 }
+            }
+        }
+    }
+}
+
+/// Turns the score tile `p` (raw `x`) into `P` and the `dP` tile `ds` into `dS`, row by row:
+/// `P = e^(x − LSE)` (0 where hidden or where the row sees nothing), dropout's `z` into
+/// `dP` and into `pz = P ∘ z`, and `dS = P ∘ (dP − D)` selected to 0 where hidden (dP may
+/// be NaN there).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn ds_rows<S: Simd>(
+    g: &Geom,
+    rows: usize,
+    cols: usize,
+    lse: &[f32],
+    delta: &[f32],
+    bits: Option<&[u64]>,
+    bias: Option<&[f32]>,
+    drop: Option<DropTile>,
+    p: &mut [f32],
+    pz: &mut [f32],
+    ds: &mut [f32],
+) {
+    let (tk_pad, words) = (g.tk_pad, g.words);
+    unsafe {
+        for r in 0..rows {
+            let pr = &mut p[r * tk_pad..(r + 1) * tk_pad];
+            let dsr = &mut ds[r * tk_pad..(r + 1) * tk_pad];
+            if lse[r] == f32::NEG_INFINITY {
+                pr.fill(0.0);
+                dsr.fill(0.0);
+                if drop.is_some() {
+                    pz[r * tk_pad..(r + 1) * tk_pad].fill(0.0);
+                }
+                continue;
+            }
+            let brow = bias.map(|b| &b[r * tk_pad..(r + 1) * tk_pad]);
+            mask_row::<S>(pr, brow, bits, words, r, cols);
+            exp_row::<S>(pr, lse[r]);
+            // Dropout: dP' = z ∘ dP, and dV takes P ∘ z; the z of padding columns is 0.
+            if let Some(dt) = drop {
+                let pzr = &mut pz[r * tk_pad..(r + 1) * tk_pad];
+                dt.fill(r, &mut pzr[..cols]);
+                pzr[cols..].fill(0.0);
+                for c in 0..tk_pad {
+                    dsr[c] *= pzr[c];
+                    pzr[c] *= pr[c];
+                }
+            }
+            let dv_ = S::splat(delta[r]);
+            let zero = S::splat(0.0);
+            for c0 in (0..tk_pad).step_by(S::W) {
+                let pv = S::load(pr.as_ptr().add(c0));
+                let x = S::mul(pv, S::sub(S::load(dsr.as_ptr().add(c0)), dv_));
+                let vis = lane_bits::<S>(bits, words, r, c0, cols);
+                S::store(dsr.as_mut_ptr().add(c0), S::select(vis, x, zero));
             }
         }
     }
