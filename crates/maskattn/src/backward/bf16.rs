@@ -164,7 +164,7 @@ pub(super) unsafe fn step(
             1.0,
         );
         ds_rows::<Avx512>(
-            g, rows, cols, t.lse, t.delta, t.bits, t.bias, t.drop, p, pz, ds,
+            g, rows, cols, t.lse, t.delta, 1.0, t.bits, t.bias, t.drop, p, pz, ds,
         );
         let pv = if t.drop.is_some() { &*pz } else { &*p };
         bf16dot::interleave_rows(pv, rows, tk_pad, tk_pad, &mut w.pi);

@@ -308,6 +308,8 @@ impl<T: Element> Ctx<'_, '_, T> {
                     k_finite,
                 );
             }
+            // dK = s · dSᵀ·Q
+            sc.dk.iter_mut().for_each(|x| *x *= self.scale);
             tiles.push((kt, sc.dk.clone(), sc.dv.clone()));
         }
         ChunkResult { dq, tiles }
@@ -387,9 +389,17 @@ impl<T: Element> Ctx<'_, '_, T> {
         k_finite: bool,
     ) {
         let g = &self.g;
-        // s·Q: then x = (s·Q)·Kᵀ and dK = dSᵀ·(s·Q) carry the scale for free.
-        pack::rows(self.q, b, h, i0, rows, g.d_pad, self.scale, &mut sc.q);
-        pack::rows(self.dout, b, h, i0, rows, g.d_pad, 1.0, &mut sc.dout);
+        // Q and dO rows are read in place where they are f32 rows of exactly `d_pad`
+        // features (every (query tile, key tile) pair reads them: no copy per pair), else
+        // copied into padded rows.
+        let (q, q_ld) = in_place(self.q.f32_rows(b, h, i0), g).unwrap_or_else(|| {
+            pack::rows(self.q, b, h, i0, rows, g.d_pad, 1.0, &mut sc.q);
+            (&sc.q[..], g.d_pad)
+        });
+        let (dout, dout_ld) = in_place(self.dout.f32_rows(b, h, i0), g).unwrap_or_else(|| {
+            pack::rows(self.dout, b, h, i0, rows, g.d_pad, 1.0, &mut sc.dout);
+            (&sc.dout[..], g.d_pad)
+        });
         let tile_bias = self.bias.map(|bs| {
             bs.tile(b, h, i0, rows, j0, cols, g.tk_pad, &mut sc.bias);
             &sc.bias[..]
@@ -418,8 +428,11 @@ impl<T: Element> Ctx<'_, '_, T> {
             cols: usize = cols,
             lse: &[f32] = &self.lse[row0..row0 + rows],
             delta: &[f32] = &self.delta[row0..row0 + rows],
-            q: &[f32] = &sc.q,
-            dout: &[f32] = &sc.dout,
+            scale: f32 = self.scale,
+            q: &[f32] = q,
+            q_ld: usize = q_ld,
+            dout: &[f32] = dout,
+            dout_ld: usize = dout_ld,
             k: &[f32] = k_tile,
             kt: &[f32] = &sc.kt,
             vt: &[f32] = &sc.vt,
@@ -440,6 +453,11 @@ impl<T: Element> Ctx<'_, '_, T> {
             dq: &mut [f32] = dq,
         ));
     }
+}
+
+/// Rows read in place when they hold exactly the padded number of features.
+fn in_place<'a>(rows: Option<(&'a [f32], usize)>, g: &Geom) -> Option<(&'a [f32], usize)> {
+    rows.filter(|_| g.d == g.d_pad)
 }
 
 /// Every value of `dout` is exactly a bf16 (so the bf16 products lose nothing on it).
@@ -500,8 +518,8 @@ unsafe fn dot_in_order<S: Simd>(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, |acc, (&x, &y)| unsafe { S::fma1(x, y, acc) })
 }
 
-/// The five products of one (query tile, key tile) pair. `q` is `s·Q`; `dq` receives
-/// `dS·K` (the caller applies `s`).
+/// The five products of one (query tile, key tile) pair. `q` and `dout` rows are `q_ld`
+/// and `dout_ld` apart; `dq` receives `dS·K` and `dk` `dSᵀ·Q` (the caller applies `s`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn step<S: Simd>(
@@ -510,8 +528,11 @@ unsafe fn step<S: Simd>(
     cols: usize,
     lse: &[f32],
     delta: &[f32],
+    scale: f32,
     q: &[f32],
+    q_ld: usize,
     dout: &[f32],
+    dout_ld: usize,
     k: &[f32],
     kt: &[f32],
     vt: &[f32],
@@ -530,12 +551,12 @@ unsafe fn step<S: Simd>(
     let rowwise = |ptr: *const f32, ld: usize| Strided { ptr, rs: ld, cs: 1 };
     let colwise = |ptr: *const f32, ld: usize| Strided { ptr, rs: 1, cs: ld };
     unsafe {
-        // x = (s·Q)·Kᵀ
+        // x = Q·Kᵀ (scaled in `ds_rows`)
         gemm::<S>(
             rows,
             tk_pad,
             g.d,
-            rowwise(q.as_ptr(), d_pad),
+            rowwise(q.as_ptr(), q_ld),
             kt.as_ptr(),
             tk_pad,
             p.as_mut_ptr(),
@@ -547,15 +568,17 @@ unsafe fn step<S: Simd>(
             rows,
             tk_pad,
             g.d,
-            rowwise(dout.as_ptr(), d_pad),
+            rowwise(dout.as_ptr(), dout_ld),
             vt.as_ptr(),
             tk_pad,
             ds.as_mut_ptr(),
             tk_pad,
             false,
         );
-        ds_rows::<S>(g, rows, cols, lse, delta, bits, bias, drop, p, pz, ds);
-        // dV += Pᵀ·dO ; dK += dSᵀ·(s·Q)
+        ds_rows::<S>(
+            g, rows, cols, lse, delta, scale, bits, bias, drop, p, pz, ds,
+        );
+        // dV += Pᵀ·dO ; dK += dSᵀ·Q
         let pv = if drop.is_some() {
             pz.as_ptr()
         } else {
@@ -567,7 +590,7 @@ unsafe fn step<S: Simd>(
             rows,
             colwise(pv, tk_pad),
             dout.as_ptr(),
-            d_pad,
+            dout_ld,
             dv.as_mut_ptr(),
             d_pad,
             true,
@@ -578,7 +601,7 @@ unsafe fn step<S: Simd>(
             rows,
             colwise(ds.as_ptr(), tk_pad),
             q.as_ptr(),
-            d_pad,
+            q_ld,
             dk.as_mut_ptr(),
             d_pad,
             true,
@@ -610,7 +633,7 @@ unsafe fn step<S: Simd>(
     }
 }
 
-/// Turns the score tile `p` (raw `x`) into `P` and the `dP` tile `ds` into `dS`, row by row:
+/// Turns the score tile `p` (`Q·Kᵀ`, times `scale` here unless 1) into `P` and the `dP` tile `ds` into `dS`, row by row:
 /// `P = e^(x − LSE)` (0 where hidden or where the row sees nothing), dropout's `z` into
 /// `dP` and into `pz = P ∘ z`, and `dS = P ∘ (dP − D)` selected to 0 where hidden (dP may
 /// be NaN there).
@@ -622,6 +645,7 @@ unsafe fn ds_rows<S: Simd>(
     cols: usize,
     lse: &[f32],
     delta: &[f32],
+    scale: f32,
     bits: Option<&[u64]>,
     bias: Option<&[f32]>,
     drop: Option<DropTile>,
@@ -641,6 +665,9 @@ unsafe fn ds_rows<S: Simd>(
                     pz[r * tk_pad..(r + 1) * tk_pad].fill(0.0);
                 }
                 continue;
+            }
+            if scale != 1.0 {
+                crate::tile::scale::<S>(scale, pr);
             }
             let brow = bias.map(|b| &b[r * tk_pad..(r + 1) * tk_pad]);
             mask_row::<S>(pr, brow, bits, words, r, cols);
