@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
-"""Side-by-side: `maskattn bench --suite` against PyTorch's scaled_dot_product_attention
-on the CPU, same shapes, masks, dtypes, passes and thread count, in one run.
+"""Side-by-side: the grid of `maskattn bench --suite` against PyTorch's
+scaled_dot_product_attention on the CPU, same shapes, masks, dtypes, passes and thread
+count, in one run.
 
     python3 -m venv ~/venv-torch && ~/venv-torch/bin/pip install torch
     cargo build --release
-    ~/venv-torch/bin/python bench/compare_torch.py --threads 2
+    ~/venv-torch/bin/python bench/compare_torch.py --threads 2 --rounds 3
+
+Each cell is timed back to back (maskattn, then PyTorch) so that both see the same state of
+a shared machine; with --rounds N the whole grid is run N times and each side's median over
+the rounds is reported (each time itself the median of --reps calls).
 
 PyTorch is never a dependency of the project or its tests; this script is for measuring.
 Ratios are PyTorch time / maskattn time (above 1: maskattn is faster).
@@ -23,8 +28,21 @@ def parse_args():
     p.add_argument("--bin", default="target/release/maskattn", help="the maskattn binary")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1, help="times the grid is run; medians are reported")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     return p.parse_args()
+
+
+def maskattn_case(args, case):
+    """Times one grid case with `maskattn bench`; returns its JSON row."""
+    b, h, l, d = case["shape"]
+    cmd = [
+        args.bin, "--threads", str(args.threads), "bench", "--json", "--reps", str(args.reps),
+        "--shape", f"{b},{h},{l},{d}", "--lk", str(case["lk"]), "--kv-heads", str(case["kv_heads"]),
+        "--mask", case["mask"], "--dtype", case["dtype"], "--pass", case["pass"],
+    ]
+    lines = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()
+    return json.loads(lines[0]), json.loads(lines[1])
 
 
 def torch_case(torch, F, row, reps):
@@ -86,14 +104,23 @@ def main():
     except ImportError:
         sys.exit("compare_torch.py needs PyTorch: pip install torch (in a virtual environment outside the repo)")
     torch.set_num_threads(args.threads)
-    cmd = [args.bin, "--threads", str(args.threads), "bench", "--suite", "--json", "--reps", str(args.reps)]
-    print("running:", " ".join(cmd), file=sys.stderr)
-    lines = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()
-    head = json.loads(lines[0])
-    rows = [json.loads(x) for x in lines[1:]]
+    cmd = [args.bin, "bench", "--suite", "--list"]
+    cases = [json.loads(x) for x in subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()]
+    # rounds × cases: (maskattn row, PyTorch ms); the machine's practical peak per call.
+    ours, theirs, peaks, head = [[] for _ in cases], [[] for _ in cases], [], None
+    for rnd in range(args.rounds):
+        for n, case in enumerate(cases):
+            print(f"round {rnd + 1}/{args.rounds}, case {n + 1}/{len(cases)}", end="\r", file=sys.stderr)
+            head, row = maskattn_case(args, case)
+            peaks.append(head["practical_peak_gflops"])
+            ours[n].append(row)
+            theirs[n].append(torch_case(torch, F, row, args.reps))
+    print(file=sys.stderr)
     print(
-        f"threads {args.threads}; maskattn on {head['isa']}, practical peak {head['practical_peak_gflops']:.0f} GFLOP/s; "
-        f"PyTorch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})"
+        f"threads {args.threads}; maskattn on {head['isa']}, practical peak {statistics.median(peaks):.0f} GFLOP/s "
+        f"(median; {min(peaks):.0f}-{max(peaks):.0f} over the calls); "
+        f"PyTorch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}); "
+        f"medians over {args.rounds} round(s) of {args.reps} reps"
     )
     sep = " | " if args.markdown else "  "
     cols = ["B,H/Hkv,Lq,Lk,d", "mask", "dtype", "pass", "maskattn ms", "PyTorch ms", "ratio", "useful GF/s", "% peak", "tiles skipped"]
@@ -103,18 +130,21 @@ def main():
         print("|" + "|".join(" --- " for _ in cols) + "|")
     else:
         print(sep.join(c.ljust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        t = torch_case(torch, F, r, args.reps)
+    for rows, times in zip(ours, theirs):
+        r = rows[0]
+        ms = statistics.median(x["median_ms"] for x in rows)
+        t = statistics.median(times)
+        useful = r["useful_gflops"] * r["median_ms"] / ms
         cells = [
             f"{r['batch']},{r['heads']}/{r['kv_heads']},{r['lq']},{r['lk']},{r['d']}",
             r["mask"],
             r["dtype"],
             r["pass"],
-            f"{r['median_ms']:.2f}",
+            f"{ms:.2f}",
             f"{t:.2f}",
-            f"{t / r['median_ms']:.2f}",
-            f"{r['useful_gflops']:.0f}",
-            f"{100 * r['peak_fraction']:.0f}%",
+            f"{t / ms:.2f}",
+            f"{useful:.0f}",
+            f"{100 * useful / statistics.median(peaks):.0f}%",
             f"{100 * r['tiles_skipped']:.0f}%",
         ]
         if args.markdown:

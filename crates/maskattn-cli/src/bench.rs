@@ -42,6 +42,10 @@ pub struct BenchArgs {
     /// Run the grid of the speed issue (shapes × masks × passes, plus bf16 and decode).
     #[arg(long)]
     pub suite: bool,
+    /// Print the cases (one JSON object per line, the flags that select each) instead of
+    /// timing them; with `--suite`, the grid (`bench/compare_torch.py` reads it).
+    #[arg(long)]
+    pub list: bool,
     /// Also time the naive path (the f32 reference: materialised scores, one thread).
     #[arg(long)]
     pub naive: bool,
@@ -211,6 +215,7 @@ pub fn practical_bandwidth() -> f64 {
     (v.len() * 4) as f64 / ms / 1e6
 }
 
+#[derive(Serialize)]
 struct Case {
     shape: [usize; 4],
     lk: usize,
@@ -474,6 +479,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             pass: args.pass,
         }]
     };
+    if args.list {
+        for c in &cases {
+            println!("{}", serde_json::to_string(c)?);
+        }
+        return Ok(());
+    }
     let peak = practical_peak();
     let decoding = cases.iter().any(|c| c.pass == Pass::Decode);
     let bw = if decoding {
