@@ -47,7 +47,9 @@ struct Scratch {
     drop_keys: Vec<u32>,
     /// bf16 path: Q rows and `P̃` rounded to bf16.
     q16: Vec<u16>,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     p16: Vec<u16>,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     vp_fix: Vec<u32>,
 }
 

@@ -172,6 +172,7 @@ pub(crate) fn v_pairs<T: Element>(
     finite
 }
 
+#[cfg(target_arch = "x86_64")]
 /// Unpacks a [`v_pairs`] tile into `f32` rows (`rows_pad × d_pad`), exactly.
 pub(crate) fn v_from_pairs(pairs: &[u32], rows_pad: usize, d_pad: usize, out: &mut [f32]) {
     for c in 0..rows_pad {
@@ -183,6 +184,7 @@ pub(crate) fn v_from_pairs(pairs: &[u32], rows_pad: usize, d_pad: usize, out: &m
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 /// Rows `start..start + rows` of `(b, h)` transposed, as bf16 bits, into `out`
 /// (`d_pad × ld`): row `x` holds feature `x` of every row, zero past `rows` and `d`.
 #[allow(clippy::too_many_arguments)]
@@ -205,6 +207,7 @@ pub(crate) fn transposed_bf16<T: Element>(
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 /// In a tile interleaved over keys ([`v_pairs`] layout, rows `ld` pairs long), zeroes the
 /// keys no query of the tile sees (the bf16 counterpart of [`zero_unseen_rows`]).
 pub(crate) fn zero_unseen_pairs(pairs: &mut [u32], ld: usize, cols: usize, seen: &[u64]) {
@@ -218,6 +221,7 @@ pub(crate) fn zero_unseen_pairs(pairs: &mut [u32], ld: usize, cols: usize, seen:
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 /// Whether both bf16 halves of every pair are finite.
 pub(crate) fn pairs_finite(pairs: &[u32]) -> bool {
     pairs.iter().fold(true, |ok, &x| {

@@ -10,6 +10,8 @@ use maskattn::{set_isa, Isa};
 fn every_available_isa_follows_the_accuracy_rule() {
     let isas = Isa::available();
     assert!(isas.contains(&Isa::Portable));
+    #[cfg(target_arch = "aarch64")]
+    assert_eq!(isas[0], Isa::Neon);
     for isa in isas {
         set_isa(Some(isa)).unwrap();
         assert_eq!(maskattn::current_isa(), isa);

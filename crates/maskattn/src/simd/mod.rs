@@ -13,12 +13,16 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod bf16dot;
 mod exp;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod portable;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx2::Avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx512::Avx512;
+#[cfg(target_arch = "aarch64")]
+pub(crate) use neon::Neon;
 pub(crate) use portable::Portable;
 
 /// Vector operations on `W` lanes of `f32`.
@@ -60,6 +64,8 @@ pub enum Isa {
     Avx512,
     /// AVX2 with FMA (8 lanes).
     Avx2,
+    /// NEON on aarch64 (4 lanes).
+    Neon,
     /// Plain arrays, vectorised by the compiler for the build target.
     Portable,
 }
@@ -68,38 +74,32 @@ impl Isa {
     /// The widest set this CPU supports; `MASKATTN_ISA=avx2|portable` forces a narrower one
     /// (for testing and comparison).
     pub fn detect() -> Isa {
-        let best = Self::best();
+        let available = Self::available();
         match std::env::var("MASKATTN_ISA").as_deref() {
             Ok("portable") => Isa::Portable,
-            Ok("avx2") if best != Isa::Portable => Isa::Avx2,
-            _ => best,
+            Ok("avx2") if available.contains(&Isa::Avx2) => Isa::Avx2,
+            _ => available[0],
         }
-    }
-
-    fn best() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Portable
     }
 
     /// Every set this CPU can run, widest first (tests compare them).
+    #[allow(clippy::vec_init_then_push)] // the pushes depend on the target
     pub fn available() -> Vec<Isa> {
-        let best = Self::best();
-        [Isa::Avx512, Isa::Avx2, Isa::Portable]
-            .into_iter()
-            .filter(|&i| match best {
-                Isa::Avx512 => true,
-                Isa::Avx2 => i != Isa::Avx512,
-                Isa::Portable => i == Isa::Portable,
-            })
-            .collect()
+        let mut sets = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            if avx2 && is_x86_feature_detected!("avx512f") {
+                sets.push(Isa::Avx512);
+            }
+            if avx2 {
+                sets.push(Isa::Avx2);
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        sets.push(Isa::Neon);
+        sets.push(Isa::Portable);
+        sets
     }
 }
 
@@ -127,6 +127,9 @@ macro_rules! dispatch {
             $crate::simd::Isa::Avx512 => unsafe { on_avx512($($v),*) },
             #[cfg(target_arch = "x86_64")]
             $crate::simd::Isa::Avx2 => unsafe { on_avx2($($v),*) },
+            // NEON is part of every aarch64 target: no wrapper with extra features needed.
+            #[cfg(target_arch = "aarch64")]
+            $crate::simd::Isa::Neon => unsafe { $f::<$crate::simd::Neon>($($v),*) },
             _ => unsafe { $f::<$crate::simd::Portable>($($v),*) },
         }
     }};
@@ -157,6 +160,7 @@ pub fn current_isa() -> Isa {
         1 => Isa::Avx512,
         2 => Isa::Avx2,
         3 => Isa::Portable,
+        4 => Isa::Neon,
         _ => *DETECTED.get_or_init(Isa::detect),
     }
 }
@@ -170,6 +174,7 @@ pub fn set_isa(isa: Option<Isa>) -> Result<(), Isa> {
         Some(Isa::Avx512) => 1,
         Some(Isa::Avx2) => 2,
         Some(Isa::Portable) => 3,
+        Some(Isa::Neon) => 4,
     };
     FORCED.store(code, std::sync::atomic::Ordering::Relaxed);
     Ok(())

@@ -1,0 +1,91 @@
+//! NEON (aarch64): 4 lanes, 32 registers. Every aarch64 CPU has it, so no detection: the
+//! kernels use it on aarch64 unless `MASKATTN_ISA=portable`. Mirrors the AVX-512 set,
+//! including its NaN behaviour (`e^NaN` is NaN; only `x < −87.3` gives 0).
+
+use std::arch::aarch64::*;
+
+use super::exp::*;
+use super::Simd;
+
+#[derive(Clone, Copy)]
+pub(crate) struct Neon;
+
+unsafe impl Simd for Neon {
+    const NV_MAX: usize = 4;
+    const W: usize = 4;
+    type V = float32x4_t;
+
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> float32x4_t {
+        unsafe { vdupq_n_f32(x) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> float32x4_t {
+        unsafe { vld1q_f32(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: float32x4_t) {
+        unsafe { vst1q_f32(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: float32x4_t, b: float32x4_t, c: float32x4_t) -> float32x4_t {
+        unsafe { vfmaq_f32(c, a, b) }
+    }
+    #[inline(always)]
+    unsafe fn fma1(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+    #[inline(always)]
+    unsafe fn add(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        unsafe { vaddq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn sub(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        unsafe { vsubq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        unsafe { vmulq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn max(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        unsafe { vmaxq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn reduce_max(v: float32x4_t) -> f32 {
+        unsafe { vmaxvq_f32(v) }
+    }
+    #[inline(always)]
+    unsafe fn reduce_add(v: float32x4_t) -> f32 {
+        unsafe { vaddvq_f32(v) }
+    }
+    #[inline(always)]
+    unsafe fn exp(x: float32x4_t) -> float32x4_t {
+        unsafe {
+            let zero = vcltq_f32(x, vdupq_n_f32(MIN_X));
+            let x = vminq_f32(x, vdupq_n_f32(MAX_X));
+            let n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(LOG2E)));
+            let r = vfmsq_f32(x, n, vdupq_n_f32(LN2_HI));
+            let r = vfmsq_f32(r, n, vdupq_n_f32(LN2_LO));
+            let mut p = vdupq_n_f32(P0);
+            for c in [P1, P2, P3, P4, P5] {
+                p = vfmaq_f32(vdupq_n_f32(c), p, r);
+            }
+            let y = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0)), vmulq_f32(p, r), r);
+            // 2^n from the exponent bits; n ≥ −126 wherever the lane is kept.
+            let n = vmaxq_f32(n, vdupq_n_f32(-126.0));
+            let pow2 = vreinterpretq_f32_s32(vshlq_n_s32::<23>(vaddq_s32(
+                vcvtq_s32_f32(n),
+                vdupq_n_s32(127),
+            )));
+            vbslq_f32(zero, vdupq_n_f32(0.0), vmulq_f32(y, pow2))
+        }
+    }
+    #[inline(always)]
+    unsafe fn select(bits: u32, a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        unsafe {
+            let lane_bit = vld1q_u32([1u32, 2, 4, 8].as_ptr());
+            vbslq_f32(vtstq_u32(vdupq_n_u32(bits), lane_bit), a, b)
+        }
+    }
+}
