@@ -167,7 +167,8 @@ impl CustomOp3 for AttnOp {
             let (qv, kv, vv) = (view("q", q, l1)?, view("k", k, l2)?, view("v", v, l3)?);
             let f = maskattn::forward(&qv, &kv, &vv, &self.block, &self.params())
                 .map_err(Error::wrap)?;
-            let out: Vec<_> = f.out.iter().map(|&x| to(x)).collect();
+            // `into_iter().map().collect()` reuses the buffer: no copy of an f32 output.
+            let out: Vec<_> = f.out.into_iter().map(to).collect();
             let _ = self.lse.set(f.lse);
             Ok((wrap(out), Shape::from(qv.shape().to_vec())))
         })
