@@ -8,7 +8,46 @@
 
 use crate::simd::Simd;
 
-const MR: usize = 4;
+/// Rows of C per register tile.
+pub(crate) const MR: usize = 4;
+/// The register-tile walk both micro-kernel families share: C in blocks of up to `MR` rows
+/// by up to `nv_max` vectors, each handed to the caller's macro `$go!(R, NV)` with the
+/// block's size as literals (so that a micro-kernel is compiled per size and its loops
+/// unroll), and the block's first row and first vector as `$go!(R, NV, i, j)`.
+macro_rules! register_tiles {
+    ($m:expr, $nvec:expr, $nv_max:expr, |$i:ident, $j:ident| $go:ident) => {{
+        let (m, nvec, nv_max): (usize, usize, usize) = ($m, $nvec, $nv_max);
+        let mut $j = 0;
+        while $j < nvec {
+            let nv = nv_max.min(nvec - $j);
+            let mut $i = 0;
+            while $i < m {
+                let mr = $crate::gemm::MR.min(m - $i);
+                match (mr, nv) {
+                    (4, 4) => $go!(4, 4, $i, $j),
+                    (4, 3) => $go!(4, 3, $i, $j),
+                    (4, 2) => $go!(4, 2, $i, $j),
+                    (4, 1) => $go!(4, 1, $i, $j),
+                    (3, 4) => $go!(3, 4, $i, $j),
+                    (3, 3) => $go!(3, 3, $i, $j),
+                    (3, 2) => $go!(3, 2, $i, $j),
+                    (3, 1) => $go!(3, 1, $i, $j),
+                    (2, 4) => $go!(2, 4, $i, $j),
+                    (2, 3) => $go!(2, 3, $i, $j),
+                    (2, 2) => $go!(2, 2, $i, $j),
+                    (2, 1) => $go!(2, 1, $i, $j),
+                    (1, 4) => $go!(1, 4, $i, $j),
+                    (1, 3) => $go!(1, 3, $i, $j),
+                    (1, 2) => $go!(1, 2, $i, $j),
+                    _ => $go!(1, 1, $i, $j),
+                }
+                $i += mr;
+            }
+            $j += nv;
+        }
+    }};
+}
+pub(crate) use register_tiles;
 
 /// A strided matrix operand: element (i, p) at `ptr[i·rs + p·cs]`.
 #[derive(Clone, Copy)]
@@ -37,46 +76,17 @@ pub(crate) unsafe fn gemm<S: Simd>(
     accumulate: bool,
 ) {
     debug_assert!(n.is_multiple_of(S::W));
-    let nvec = n / S::W;
-    let mut j = 0;
-    while j < nvec {
-        let nv = S::NV_MAX.min(nvec - j);
-        let mut i = 0;
-        while i < m {
-            let mr = MR.min(m - i);
+    macro_rules! go {
+        ($mr:literal, $nv:literal, $i:ident, $j:ident) => {{
             let a_blk = Strided {
-                ptr: unsafe { a.ptr.add(i * a.rs) },
+                ptr: unsafe { a.ptr.add($i * a.rs) },
                 ..a
             };
-            let b_blk = unsafe { b.add(j * S::W) };
-            let c_blk = unsafe { c.add(i * ldc + j * S::W) };
-            macro_rules! go {
-                ($mr:literal, $nv:literal) => {
-                    unsafe { micro::<S, $mr, $nv>(k, a_blk, b_blk, ldb, c_blk, ldc, accumulate) }
-                };
-            }
-            match (mr, nv) {
-                (4, 4) => go!(4, 4),
-                (4, 3) => go!(4, 3),
-                (4, 2) => go!(4, 2),
-                (4, 1) => go!(4, 1),
-                (3, 4) => go!(3, 4),
-                (3, 3) => go!(3, 3),
-                (3, 2) => go!(3, 2),
-                (3, 1) => go!(3, 1),
-                (2, 4) => go!(2, 4),
-                (2, 3) => go!(2, 3),
-                (2, 2) => go!(2, 2),
-                (2, 1) => go!(2, 1),
-                (1, 4) => go!(1, 4),
-                (1, 3) => go!(1, 3),
-                (1, 2) => go!(1, 2),
-                _ => go!(1, 1),
-            }
-            i += mr;
-        }
-        j += nv;
+            let (b_blk, c_blk) = unsafe { (b.add($j * S::W), c.add($i * ldc + $j * S::W)) };
+            unsafe { micro::<S, $mr, $nv>(k, a_blk, b_blk, ldb, c_blk, ldc, accumulate) }
+        }};
     }
+    register_tiles!(m, n / S::W, S::NV_MAX, |i, j| go);
 }
 
 #[inline(always)]

@@ -95,6 +95,23 @@ fn poison(c: &mut Case, bad: f32) -> usize {
     n
 }
 
+/// Runs `c` clean and with `bad` in every key and value nobody may see (after padding the
+/// keys too, so that something is hidden from everyone: at least the last key of every
+/// batch row). Returns how many keys were poisoned and both results as bits.
+fn clean_and_poisoned(
+    mut c: Case,
+    seed: u64,
+    bad: f32,
+    run: impl Fn(&Case) -> [Vec<f32>; 5],
+) -> (usize, Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let [b, _, _, _, lk, _] = c.dims;
+    let lens: Vec<usize> = (0..b).map(|x| (seed as usize >> (8 * x)) % lk).collect();
+    c.mask = c.mask.clone() & Mask::key_lengths(lens);
+    let clean = run(&c);
+    let n = poison(&mut c, bad);
+    (n, bits(&clean), bits(&run(&c)))
+}
+
 fn bits(v: &[Vec<f32>; 5]) -> Vec<Vec<u32>> {
     v.iter()
         .map(|x| x.iter().map(|f| f.to_bits()).collect())
@@ -116,16 +133,10 @@ proptest! {
         tiles in tiles(),
         bad in prop_oneof![Just(f32::NAN), Just(f32::INFINITY), Just(f32::NEG_INFINITY)],
     ) {
-        let mut c = random_case(seed, [b, hkv * group, hkv, lq, lk, d], tiles, seed % 3 == 0);
-        // Make sure something is hidden from everyone: pad the keys as well (at least the
-        // last key of every batch row is padding).
-        let lens: Vec<usize> = (0..b).map(|x| (seed as usize >> (8 * x)) % lk).collect();
-        c.mask = c.mask.clone() & Mask::key_lengths(lens);
-        let clean = c.run_kernel();
-        let n = poison(&mut c, bad);
-        let dirty = c.run_kernel();
+        let c = random_case(seed, [b, hkv * group, hkv, lq, lk, d], tiles, seed % 3 == 0);
+        let (n, clean, dirty) = clean_and_poisoned(c, seed, bad, Case::run_kernel);
         prop_assert!(n >= b);
-        prop_assert_eq!(bits(&clean), bits(&dirty));
+        prop_assert_eq!(clean, dirty);
     }
 }
 
@@ -148,13 +159,9 @@ proptest! {
     ) {
         use maskattn::half::bf16;
         let c = random_case(seed, [b, hkv * group, hkv, lq, lk, d], tiles, seed % 3 == 0);
-        let mut c = c.rounded::<bf16>();
-        let lens: Vec<usize> = (0..b).map(|x| (seed as usize >> (8 * x)) % lk).collect();
-        c.mask = c.mask.clone() & Mask::key_lengths(lens);
-        let clean = c.run_kernel_half::<bf16>();
-        let n = poison(&mut c, bad);
-        let dirty = c.run_kernel_half::<bf16>();
+        let (n, clean, dirty) =
+            clean_and_poisoned(c.rounded::<bf16>(), seed, bad, Case::run_kernel_half::<bf16>);
         prop_assert!(n >= b);
-        prop_assert_eq!(bits(&clean), bits(&dirty));
+        prop_assert_eq!(clean, dirty);
     }
 }

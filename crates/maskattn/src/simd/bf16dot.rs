@@ -20,8 +20,8 @@ use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 use super::{current_isa, Isa};
+use crate::gemm::register_tiles;
 
-const MR: usize = 4;
 const NV_MAX: usize = 4;
 const W: usize = 16;
 
@@ -61,44 +61,14 @@ pub(crate) unsafe fn gemm(
     scale: f32,
 ) {
     debug_assert!(n.is_multiple_of(W));
-    let nvec = n / W;
-    let mut j = 0;
-    while j < nvec {
-        let nv = NV_MAX.min(nvec - j);
-        let mut i = 0;
-        while i < m {
-            let mr = MR.min(m - i);
+    macro_rules! go {
+        ($mr:literal, $nv:literal, $i:ident, $j:ident) => {{
             let (a_blk, b_blk, c_blk) =
-                unsafe { (a.add(i * lda), b.add(j * W), c.add(i * ldc + j * W)) };
-            macro_rules! go {
-                ($mr:literal, $nv:literal) => {
-                    unsafe {
-                        micro::<$mr, $nv>(kp, a_blk, lda, b_blk, ldb, c_blk, ldc, accumulate, scale)
-                    }
-                };
-            }
-            match (mr, nv) {
-                (4, 4) => go!(4, 4),
-                (4, 3) => go!(4, 3),
-                (4, 2) => go!(4, 2),
-                (4, 1) => go!(4, 1),
-                (3, 4) => go!(3, 4),
-                (3, 3) => go!(3, 3),
-                (3, 2) => go!(3, 2),
-                (3, 1) => go!(3, 1),
-                (2, 4) => go!(2, 4),
-                (2, 3) => go!(2, 3),
-                (2, 2) => go!(2, 2),
-                (2, 1) => go!(2, 1),
-                (1, 4) => go!(1, 4),
-                (1, 3) => go!(1, 3),
-                (1, 2) => go!(1, 2),
-                _ => go!(1, 1),
-            }
-            i += mr;
-        }
-        j += nv;
+                unsafe { (a.add($i * lda), b.add($j * W), c.add($i * ldc + $j * W)) };
+            unsafe { micro::<$mr, $nv>(kp, a_blk, lda, b_blk, ldb, c_blk, ldc, accumulate, scale) }
+        }};
     }
+    register_tiles!(m, n / W, NV_MAX, |i, j| go);
 }
 
 #[inline(always)]
