@@ -47,6 +47,7 @@ macro_rules! register_tiles {
         }
     }};
 }
+#[cfg(target_arch = "x86_64")] // for simd::bf16dot
 pub(crate) use register_tiles;
 
 /// A strided matrix operand: element (i, p) at `ptr[i·rs + p·cs]`.
