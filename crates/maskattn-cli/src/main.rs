@@ -61,6 +61,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    alloc_count::keep_freed_memory();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
