@@ -3,7 +3,8 @@
 //!
 //! Shapes: `q [B, H_q, L_q, d]`, `k, v [B, H_kv, L_k, d]`, any strides (a `[B, L, H, d]`
 //! projection viewed through `transpose(1, 2)` is read in place, not copied). f32, bf16 and
-//! f16 tensors work; bf16/f16 are computed in f32 and the results rounded back.
+//! f16 tensors work; results are rounded back to the input type (bf16 goes to the CPU's
+//! bf16 dot products where it has them, f16 is computed in f32; see the kernel crate).
 
 use std::sync::{Arc, OnceLock};
 

@@ -1,6 +1,7 @@
 //! Moving tiles out of the strided views into padded `f32` scratch: rows padded with zeros
 //! to a multiple of 16 features, and transposed tiles (`Kᵀ`, `Vᵀ`) whose columns are keys.
-//! Storage types are widened here, once per element, so the vector code sees only `f32`.
+//! Storage types are widened here, once per element, so the vector code sees only `f32`;
+//! the bf16 dot-product path instead packs bf16 bits in pairs (`*_pairs`, `*_bf16`).
 
 use crate::view::{Element, View};
 

@@ -4,7 +4,8 @@
 use crate::error::{AttnError, Result};
 
 /// A storage type the kernels can read. Values are widened to `f32` when a tile is loaded,
-/// so every kernel computes in `f32` whatever the storage.
+/// so the kernels compute in `f32` whatever the storage — except bf16 on a CPU with
+/// AVX512-BF16, whose products take bf16 pairs as they are (accumulating in `f32`).
 pub trait Element: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     /// The same memory as `f32`, when the storage type is `f32` (lets memory-bound paths
