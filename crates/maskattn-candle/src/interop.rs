@@ -26,6 +26,14 @@ pub enum WeightFormat<'a> {
 
 const PROJ: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
 
+/// `(native, BERT)` names of every BERT attention weight, both directions' one table.
+fn bert_names(prefix: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    let bert = ["self.query", "self.key", "self.value", "output.dense"];
+    PROJ.iter().zip(bert).flat_map(move |(p, n)| {
+        ["weight", "bias"].map(|part| (format!("{p}.{part}"), format!("{prefix}.{n}.{part}")))
+    })
+}
+
 fn bad(m: String) -> Error {
     Error::Msg(format!("weights: {m}"))
 }
@@ -103,14 +111,8 @@ pub fn to_native(
         }
         WeightFormat::Bert { prefix } => {
             check_bert(cfg)?;
-            let names = ["self.query", "self.key", "self.value", "output.dense"];
-            for (p, n) in PROJ.iter().zip(names) {
-                for part in ["weight", "bias"] {
-                    out.insert(
-                        format!("{p}.{part}"),
-                        take(tensors, &format!("{prefix}.{n}.{part}"))?,
-                    );
-                }
+            for (native, bert) in bert_names(prefix) {
+                out.insert(native, take(tensors, &bert)?);
             }
         }
     }
@@ -151,14 +153,8 @@ pub fn from_native(
         }
         WeightFormat::Bert { prefix } => {
             check_bert(cfg)?;
-            let names = ["self.query", "self.key", "self.value", "output.dense"];
-            for (p, n) in PROJ.iter().zip(names) {
-                for part in ["weight", "bias"] {
-                    out.insert(
-                        format!("{prefix}.{n}.{part}"),
-                        take(native, &format!("{p}.{part}"))?,
-                    );
-                }
+            for (native_name, bert) in bert_names(prefix) {
+                out.insert(bert, take(native, &native_name)?);
             }
         }
     }

@@ -87,17 +87,6 @@ pub(crate) fn zero_unseen_rows(tile: &mut [f32], ld: usize, cols: usize, seen: &
     }
 }
 
-/// bf16 bits of `view[b, h, l, x]`, or 0 outside the real rows and features (padding).
-#[inline(always)]
-fn bits_or_zero<T: Element>(view: &View<T>, b: usize, h: usize, l: usize, x: usize) -> u32 {
-    let [_, _, len, d] = view.shape();
-    if l < len && x < d {
-        view.get(b, h, l, x).bf16_bits() as u32
-    } else {
-        0
-    }
-}
-
 /// Rows `start..start + rows` of `(b, h)` as bf16 bits into `out` (`rows × d_pad`, zero
 /// padded): the pair-read `A` operand of the bf16 products.
 pub(crate) fn rows_bf16<T: Element>(
@@ -132,14 +121,12 @@ pub(crate) fn kt_pairs<T: Element>(
     d_pad: usize,
     out: &mut [u32],
 ) {
+    let d = view.shape()[3];
     out[..d_pad / 2 * ld].fill(0);
     for c in 0..cols {
-        for p in 0..d_pad / 2 {
-            let (lo, hi) = (
-                bits_or_zero(view, b, h, start + c, 2 * p),
-                bits_or_zero(view, b, h, start + c, 2 * p + 1),
-            );
-            out[p * ld + c] = lo | hi << 16;
+        for x in 0..d {
+            let bits = view.get(b, h, start + c, x).bf16_bits() as u32;
+            out[x / 2 * ld + c] |= bits << (16 * (x % 2));
         }
     }
 }

@@ -252,20 +252,23 @@ impl<T: Element> Ctx<'_, '_, T> {
             .qs
             .as_ref()
             .map(|qs| (bf16::KeySide::new(&g), bf16::Work16::new(&g, qs.tq_pad)));
+        // Every (query head of the group, query tile) that sees the current key tile.
+        let mut pairs: Vec<(usize, usize, Option<&[u64]>)> = Vec::with_capacity(group * nq);
         for kt in (c..nk).step_by(chunks) {
             let j0 = kt * g.tk;
             let cols = (lk - j0).min(g.tk);
-            // Every (query head of the group, query tile) that sees this key tile.
-            let pairs: Vec<(usize, usize, Option<&[u64]>)> = (0..group)
-                .flat_map(|hi| (0..nq).map(move |qt| (hi, qt)))
-                .filter_map(
-                    |(hi, qt)| match self.block.tile(b, hk * group + hi, qt, kt) {
-                        Tile::Empty => None,
-                        Tile::Full => Some((hi, qt, None)),
-                        Tile::Partial(bits) => Some((hi, qt, Some(bits))),
-                    },
-                )
-                .collect();
+            pairs.clear();
+            pairs.extend(
+                (0..group)
+                    .flat_map(|hi| (0..nq).map(move |qt| (hi, qt)))
+                    .filter_map(
+                        |(hi, qt)| match self.block.tile(b, hk * group + hi, qt, kt) {
+                            Tile::Empty => None,
+                            Tile::Full => Some((hi, qt, None)),
+                            Tile::Partial(bits) => Some((hi, qt, Some(bits))),
+                        },
+                    ),
+            );
             #[cfg(target_arch = "x86_64")]
             if let (Some(qs), Some((ks, w))) = (&self.qs, &mut bf) {
                 pack::kt_pairs(self.k, b, hk, j0, cols, g.tk_pad, g.d_pad, &mut ks.kt);
