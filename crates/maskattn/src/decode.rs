@@ -156,11 +156,12 @@ fn chunk<T: Element>(io: &Io<T>, b: usize, hk: usize, tiles: std::ops::Range<usi
         l: vec![0.0; rows],
         acc: vec![0.0; rows * g.d_pad],
     };
-    // s·Q, a query row per row; and transposed (`d_pad × rows_pad`) for the product form.
+    // Q, a query row per row; and transposed (`d_pad × rows_pad`) for the product form.
+    // The scale goes on the products in `softmax_pv`, as in the tiled forward.
     let mut qs = vec![0f32; rows * g.d_pad];
     for (r, dst) in qs.chunks_exact_mut(g.d_pad).enumerate() {
         let (h, i) = head_row(r);
-        pack::rows(q, b, h, i, 1, g.d_pad, scale, dst);
+        pack::rows(q, b, h, i, 1, g.d_pad, 1.0, dst);
     }
     let drop_keys: Vec<u32> = match dropout {
         Some(dr) => (0..rows)
@@ -254,6 +255,7 @@ fn chunk<T: Element>(io: &Io<T>, b: usize, hk: usize, tiles: std::ops::Range<usi
             k_ld: usize = k_ld,
             v: &[f32] = v_tile,
             v_ld: usize = v_ld,
+            scale: f32 = scale,
             bits: Option<&[u64]> = (!all).then_some(&bits[..]),
             bias: Option<&[f32]> = bias.map(|_| &bias_tile[..]),
             drop: Option<DropTile> = dropout.map(|dr| DropTile {
@@ -274,9 +276,13 @@ fn chunk<T: Element>(io: &Io<T>, b: usize, hk: usize, tiles: std::ops::Range<usi
     state
 }
 
-/// One key tile against every query row: scores as dot products (a key row is loaded once
-/// and met by each query row) or, given `qt`, as the product `Sᵀ = K · (s·Q)ᵀ` into `st`;
-/// then the tiled forward's softmax update and `P̃·V`.
+/// One key tile against every query row: products as dot products (a key row is loaded once
+/// and met by each query row) or, given `qt`, as the matrix product `K · Qᵀ` into `st`;
+/// then the tiled forward's softmax update (which scales them) and `P̃·V`.
+///
+/// The matrix product sums each `q·k` in the order the backward does, so its `P` is the
+/// forward's to the bit; the dot products sum in another order (lanes over features), which
+/// is as accurate but not bit-identical — they serve few rows, whose `dV` sums are short.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn step<S: Simd>(
@@ -288,6 +294,7 @@ unsafe fn step<S: Simd>(
     k_ld: usize,
     v: &[f32],
     v_ld: usize,
+    scale: f32,
     bits: Option<&[u64]>,
     bias: Option<&[f32]>,
     drop: Option<DropTile>,
@@ -324,7 +331,9 @@ unsafe fn step<S: Simd>(
                     *s.get_unchecked_mut(r * tk_pad + c) = *st.get_unchecked(c * rows_pad + r);
                 }
             }
-            softmax_pv::<S>(g, rows, cols, v, v_ld, bits, bias, drop, exact, s, o, m, l);
+            softmax_pv::<S>(
+                g, rows, cols, v, v_ld, scale, bits, bias, drop, exact, s, o, m, l,
+            );
             return;
         }
         for c in 0..cols {
@@ -338,6 +347,8 @@ unsafe fn step<S: Simd>(
                 *s.get_unchecked_mut(r * tk_pad + c) = S::reduce_add(acc);
             }
         }
-        softmax_pv::<S>(g, rows, cols, v, v_ld, bits, bias, drop, exact, s, o, m, l);
+        softmax_pv::<S>(
+            g, rows, cols, v, v_ld, scale, bits, bias, drop, exact, s, o, m, l,
+        );
     }
 }

@@ -251,8 +251,8 @@ fn query_tile<T: Element>(
         // bf16 rows as they are; the scale is applied to the f32 scores.
         pack::rows_bf16(q, b, h, i0, rows, g.d_pad, &mut sc.q16);
     } else {
-        // The scale is folded into Q: x_ij = (s·q_i) · k_j.
-        pack::rows(q, b, h, i0, rows, g.d_pad, scale, &mut sc.q);
+        // The scale goes on the products, in `mask_row`, as in the backward.
+        pack::rows(q, b, h, i0, rows, g.d_pad, 1.0, &mut sc.q);
     }
     let shape = block.shape();
     if let Some(dr) = dropout {
@@ -333,6 +333,7 @@ fn query_tile<T: Element>(
             q: &[f32] = &sc.q,
             kt: &[f32] = kt_tile,
             v: &[f32] = v_tile,
+            scale: f32 = scale,
             bits: Option<&[u64]> = bits,
             bias: Option<&[f32]> = tile_bias,
             drop: Option<DropTile> = drop,
@@ -370,6 +371,7 @@ unsafe fn step<S: Simd>(
     q: &[f32],
     kt: &[f32],
     v: &[f32],
+    scale: f32,
     bits: Option<&[u64]>,
     bias: Option<&[f32]>,
     drop: Option<DropTile>,
@@ -381,7 +383,7 @@ unsafe fn step<S: Simd>(
 ) {
     let (tk_pad, d_pad) = (g.tk_pad, g.d_pad);
     unsafe {
-        // x = (s·Q) · Kᵀ over the real features (the padding is zero).
+        // Q·Kᵀ over the real features (the padding is zero); scaled in `mask_row`.
         let qa = Strided {
             ptr: q.as_ptr(),
             rs: d_pad,
@@ -398,7 +400,9 @@ unsafe fn step<S: Simd>(
             tk_pad,
             false,
         );
-        softmax_pv::<S>(g, rows, cols, v, d_pad, bits, bias, drop, exact, s, o, m, l);
+        softmax_pv::<S>(
+            g, rows, cols, v, d_pad, scale, bits, bias, drop, exact, s, o, m, l,
+        );
     }
 }
 
@@ -467,7 +471,7 @@ unsafe fn step_bf16(g: &Geom, t: &BfTile, sc: BfWork) {
             t.scale,
         );
 
-        softmax_rows::<Avx512>(g, rows, cols, t.bits, t.bias, t.drop, s, o, m, l);
+        softmax_rows::<Avx512>(g, rows, cols, 1.0, t.bits, t.bias, t.drop, s, o, m, l);
         // As on the f32 path: values no row of the tile sees are zeroed before the product
         // (0 · NaN = NaN); one that is non-finite and seen by some rows only sends the tile
         // down the per-element path, on the exact f32 values.
@@ -501,8 +505,8 @@ unsafe fn step_bf16(g: &Geom, t: &BfTile, sc: BfWork) {
     }
 }
 
-/// The online-softmax update of one score tile `s` (`rows × tk_pad`, raw `x`) and the
-/// product `acc += P̃ · V` (`v` rows `v_ld` apart). Shared with the decode path.
+/// The online-softmax update of one tile of products `s` (`rows × tk_pad`, `q·k` before
+/// `scale` and bias) and the product `acc += P̃ · V` (`v` rows `v_ld` apart). Shared with the decode path.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn softmax_pv<S: Simd>(
@@ -511,6 +515,7 @@ pub(crate) unsafe fn softmax_pv<S: Simd>(
     cols: usize,
     v: &[f32],
     v_ld: usize,
+    scale: f32,
     bits: Option<&[u64]>,
     bias: Option<&[f32]>,
     drop: Option<DropTile>,
@@ -521,7 +526,7 @@ pub(crate) unsafe fn softmax_pv<S: Simd>(
     l: &mut [f32],
 ) {
     unsafe {
-        softmax_rows::<S>(g, rows, cols, bits, bias, drop, s, o, m, l);
+        softmax_rows::<S>(g, rows, cols, scale, bits, bias, drop, s, o, m, l);
         pv::<S>(g, rows, cols, v, v_ld, bits, exact, s, o);
     }
 }
@@ -534,6 +539,7 @@ unsafe fn softmax_rows<S: Simd>(
     g: &Geom,
     rows: usize,
     cols: usize,
+    scale: f32,
     bits: Option<&[u64]>,
     bias: Option<&[f32]>,
     drop: Option<DropTile>,
@@ -547,7 +553,7 @@ unsafe fn softmax_rows<S: Simd>(
         for r in 0..rows {
             let x = &mut s[r * tk_pad..(r + 1) * tk_pad];
             let brow = bias.map(|b| &b[r * tk_pad..(r + 1) * tk_pad]);
-            let m_tile = mask_row::<S>(x, brow, bits, g.words, r, cols);
+            let m_tile = mask_row::<S>(x, scale, brow, bits, g.words, r, cols);
             let m_new = m[r].max(m_tile);
             if m_new == f32::NEG_INFINITY {
                 x.fill(0.0); // nothing visible yet: P̃ = 0, and no −∞ − −∞

@@ -25,14 +25,22 @@ pub(crate) fn lane_bits<S: Simd>(
     m
 }
 
-/// Adds the bias row, sets hidden and padding columns to `−∞` (overwriting whatever a NaN
-/// key produced) and returns the row's maximum.
+/// Turns a row of raw products `q·k` into scores `x = scale·(q·k) + bias`, sets hidden and
+/// padding columns to `−∞` (overwriting whatever a NaN key produced) and returns the row's
+/// maximum.
+///
+/// Every path (forward, decode, backward) forms its scores here, from products summed in
+/// the same order, so the backward's `e^(x − LSE)` meets the very `x` the forward's LSE
+/// came from: where one key dominates a row, `P` is then exactly 1 and `dV`, which sums `P`
+/// over many rows, carries no systematic error. (Folding the scale into `Q` in one pass
+/// and not the other rounds `x` differently, and `dV` drifted past the accuracy bound.)
 ///
 /// # Safety
 /// `s` (and `bias`) hold `tk_pad` values; `tk_pad % S::W == 0`.
 #[inline(always)]
 pub(crate) unsafe fn mask_row<S: Simd>(
     s: &mut [f32],
+    scale: f32,
     bias: Option<&[f32]>,
     bits: Option<&[u64]>,
     words: usize,
@@ -41,10 +49,11 @@ pub(crate) unsafe fn mask_row<S: Simd>(
 ) -> f32 {
     unsafe {
         let ninf = S::splat(f32::NEG_INFINITY);
+        let sv = S::splat(scale);
         let mut mx = ninf;
         for c0 in (0..s.len()).step_by(S::W) {
             let p = s.as_mut_ptr().add(c0);
-            let mut x = S::load(p);
+            let mut x = S::mul(S::load(p), sv);
             if let Some(bias) = bias {
                 x = S::add(x, S::load(bias.as_ptr().add(c0)));
             }

@@ -636,7 +636,8 @@ unsafe fn step<S: Simd>(
     }
 }
 
-/// Turns the score tile `p` (`Q·Kᵀ`, times `scale` here unless 1) into `P` and the `dP` tile `ds` into `dS`, row by row:
+/// Turns the product tile `p` (`Q·Kᵀ`; scaled here by `scale`, 1 where the product already
+/// was) into `P` and the `dP` tile `ds` into `dS`, row by row:
 /// `P = e^(x − LSE)` (0 where hidden or where the row sees nothing), dropout's `z` into
 /// `dP` and into `pz = P ∘ z`, and `dS = P ∘ (dP − D)` selected to 0 where hidden (dP may
 /// be NaN there).
@@ -669,11 +670,8 @@ unsafe fn ds_rows<S: Simd>(
                 }
                 continue;
             }
-            if scale != 1.0 {
-                crate::tile::scale::<S>(scale, pr);
-            }
             let brow = bias.map(|b| &b[r * tk_pad..(r + 1) * tk_pad]);
-            mask_row::<S>(pr, brow, bits, words, r, cols);
+            mask_row::<S>(pr, scale, brow, bits, words, r, cols);
             exp_row::<S>(pr, lse[r]);
             // Dropout: dP' = z ∘ dP, and dV takes P ∘ z; the z of padding columns is 0.
             if let Some(dt) = drop {
