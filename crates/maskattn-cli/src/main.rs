@@ -1,5 +1,8 @@
 //! The `maskattn` command-line program.
 
+// Doc comments here are clap's help text, where `[MASK]` is the literal token, not a link.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 mod alloc_count;
 mod attend;
 mod bench;
