@@ -23,7 +23,7 @@ pub struct AttendArgs {
     #[arg(short, long)]
     pub output: PathBuf,
     /// Mask expression: `full`, or an &-joined list of causal, causal-top-left,
-    /// window(LEFT,RIGHT), key-padding, documents, prefix(P), dense.
+    /// window(LEFT,RIGHT), chunks(C), block-causal(C), key-padding, documents, prefix(P), dense.
     #[arg(long, default_value = "full")]
     pub mask: String,
     /// Score scale (default 1/sqrt(d)).

@@ -1,6 +1,7 @@
 //! The `--mask EXPR` language shared by the subcommands: `full`, or terms joined by `&`:
-//! `causal`, `causal-top-left`, `window(LEFT,RIGHT)`, `key-padding`, `documents`,
-//! `prefix(P)`, `dense`. The last three-but-one read their data from tensors the caller has.
+//! `causal`, `causal-top-left`, `window(LEFT,RIGHT)`, `chunks(C)`, `block-causal(C)`,
+//! `key-padding`, `documents`, `prefix(P)`, `dense`. `key-padding`, `documents` and `dense`
+//! read their data from tensors the caller has.
 
 use anyhow::{bail, Context, Result};
 use maskattn::Mask;
@@ -11,6 +12,8 @@ pub enum Term {
     Causal,
     CausalTopLeft,
     Window(usize, usize),
+    Chunks(usize),
+    BlockCausal(usize),
     KeyPadding,
     Documents,
     Prefix(usize),
@@ -18,7 +21,7 @@ pub enum Term {
 }
 
 pub const SYNTAX: &str = "full, or an &-joined list of: causal, causal-top-left, \
-window(LEFT,RIGHT), key-padding, documents, prefix(P), dense";
+window(LEFT,RIGHT), chunks(C), block-causal(C), key-padding, documents, prefix(P), dense";
 
 pub fn parse(expr: &str) -> Result<Vec<Term>> {
     let terms = expr
@@ -64,6 +67,10 @@ fn parse_term(t: &str) -> Result<Term> {
                     [l, r] => Term::Window(l, r),
                     _ => bail!("`{t}`: window takes two numbers, window(LEFT,RIGHT)"),
                 }
+            } else if let Some(a) = args("chunks")? {
+                Term::Chunks(chunk_size(t, &a)?)
+            } else if let Some(a) = args("block-causal")? {
+                Term::BlockCausal(chunk_size(t, &a)?)
             } else if let Some(a) = args("prefix")? {
                 match a[..] {
                     [p] => Term::Prefix(p),
@@ -74,6 +81,14 @@ fn parse_term(t: &str) -> Result<Term> {
             }
         }
     })
+}
+
+fn chunk_size(t: &str, a: &[usize]) -> Result<usize> {
+    match a {
+        [c] if *c > 0 => Ok(*c),
+        [_] => bail!("`{t}`: the chunk size must be at least 1"),
+        _ => bail!("`{t}`: takes one number, the chunk size"),
+    }
 }
 
 /// The data that the data-carrying terms read, provided on demand by the caller.
@@ -92,6 +107,8 @@ pub fn build(terms: &[Term], data: &dyn MaskData) -> Result<Mask> {
             Term::Causal => Mask::causal(),
             Term::CausalTopLeft => Mask::causal_top_left(),
             Term::Window(l, r) => Mask::window(*l, *r),
+            Term::Chunks(c) => Mask::chunks(*c),
+            Term::BlockCausal(c) => Mask::block_causal(*c),
             Term::KeyPadding => data.key_lengths()?,
             Term::Documents => data.documents()?,
             Term::Prefix(p) => Mask::prefix(*p),
@@ -126,6 +143,10 @@ mod tests {
         );
         assert_eq!(parse("full").unwrap(), vec![Term::Full]);
         assert_eq!(parse("causal-top-left").unwrap(), vec![Term::CausalTopLeft]);
+        assert_eq!(
+            parse("causal & chunks(64)&block-causal( 16 )").unwrap(),
+            vec![Term::Causal, Term::Chunks(64), Term::BlockCausal(16)]
+        );
     }
 
     #[test]
@@ -135,6 +156,8 @@ mod tests {
             ("window(3)", "two numbers"),
             ("window(3,-1)", "not a non-negative integer"),
             ("prefix", "expected prefix(...)"),
+            ("chunks(0)", "at least 1"),
+            ("block-causal(2,3)", "one number"),
             ("full & causal", "cannot be combined"),
             ("causal &", "unknown mask term ``"),
         ] {

@@ -251,3 +251,39 @@ fn attend_reports_bad_input_clearly() {
     }
     assert!(!out.exists(), "no output may be written on error");
 }
+
+/// `maskattn demo` checks every kind of mask against the f64 reference and says so.
+#[test]
+fn demo_checks_every_mask_kind() {
+    let out = bin().arg("demo").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("mask "))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .collect();
+    for kind in [
+        "full",
+        "causal",
+        "window",
+        "key-padding",
+        "documents",
+        "prefix",
+        "chunks",
+        "block-causal",
+        "dense",
+        "fn",
+    ] {
+        assert!(
+            rows.iter().any(|r| r.contains(kind)),
+            "no {kind} row in\n{text}"
+        );
+    }
+    assert!(rows.iter().all(|r| r.ends_with("yes")), "{text}");
+}

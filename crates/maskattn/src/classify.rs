@@ -6,7 +6,7 @@
 //! where the truth is `Empty` or `Full`; the block mask fixes that when it builds the tile's
 //! bitmap, so the compiled classes are exact for every mask.
 
-use crate::mask::{window_band, CausalAlign, Mask, MaskShape};
+use crate::mask::{chunk_of, window_band, CausalAlign, Mask, MaskShape};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TileClass {
@@ -36,6 +36,11 @@ pub(crate) enum Classifier<'m> {
     Band {
         lo: i64,
         hi: i64,
+    },
+    /// Chunks of `size` positions (`earlier`: and every earlier chunk).
+    Chunks {
+        size: usize,
+        earlier: bool,
     },
     KeyLengths(&'m [usize]),
     QueryLengths(&'m [usize]),
@@ -169,6 +174,10 @@ impl<'m> Classifier<'m> {
                 let (lo, hi) = window_band(s, *left, *right);
                 Classifier::Band { lo, hi }
             }
+            Mask::Chunks { size, earlier } => Classifier::Chunks {
+                size: *size,
+                earlier: *earlier,
+            },
             Mask::KeyLengths(v) => Classifier::KeyLengths(v),
             Mask::QueryLengths(v) => Classifier::QueryLengths(v),
             Mask::KeyKeep { keep, rows } => {
@@ -246,6 +255,17 @@ impl<'m> Classifier<'m> {
         match self {
             Classifier::Const(c) => *c,
             Classifier::Band { lo, hi } => band_class(r, *lo, *hi),
+            Classifier::Chunks { size, earlier } => {
+                // Chunk indices are monotone in the position, so a tile's query chunks are
+                // the range [qa, qb] and its key chunks [ka, kb], every value in between taken.
+                let (qa, ka) = chunk_of(&g.shape, *size, r.i0, r.j0);
+                let (qb, kb) = chunk_of(&g.shape, *size, r.i1 - 1, r.j1 - 1);
+                if *earlier {
+                    from_bool(kb <= qa, ka > qb)
+                } else {
+                    from_bool(qa == qb && ka == kb && qa == ka, qb < ka || kb < qa)
+                }
+            }
             Classifier::KeyLengths(v) => prefix_class(r.j0, r.j1, pick(v, b)),
             Classifier::QueryLengths(v) => prefix_class(r.i0, r.i1, pick(v, b)),
             Classifier::KeyKeep { counts, nk } => {
@@ -330,6 +350,12 @@ mod tests {
                 ),
                 Mask::prefix(lk / 4),
                 Mask::prefix_per_batch(vec![0, lk]),
+                Mask::chunks(1),
+                Mask::chunks(6),
+                Mask::chunks(lk + 5),
+                Mask::block_causal(1),
+                Mask::block_causal(8),
+                Mask::block_causal(13),
             ];
             for mask in masks {
                 for (tq, tk) in [(8, 8), (1, 1), (7, 13), (64, 64)] {

@@ -95,6 +95,12 @@ pub enum Mask {
         left: usize,
         right: usize,
     },
+    /// Fixed-size chunks of positions: `⌊j / size⌋ == ⌊i' / size⌋`, or with `earlier`
+    /// `⌊j / size⌋ ≤ ⌊i' / size⌋`, where `i' = i + (L_k − L_q)` (bottom-right aligned).
+    Chunks {
+        size: usize,
+        earlier: bool,
+    },
     /// Key padding by valid length: `j < lengths[b]` (one length, or one per batch row).
     KeyLengths(Arc<[usize]>),
     /// Key padding by a keep vector `[1 or B, L_k]`: `keep[b][j]`.
@@ -146,6 +152,25 @@ impl Mask {
     /// `window(w, 0)` is a causal local window of `w + 1` keys.
     pub fn window(left: usize, right: usize) -> Self {
         Mask::Window { left, right }
+    }
+
+    /// Local attention in fixed chunks of `size` positions: a query sees the keys of its own
+    /// chunk only. `causal() & chunks(c)` is chunked attention as in Llama 4.
+    pub fn chunks(size: usize) -> Self {
+        Mask::Chunks {
+            size,
+            earlier: false,
+        }
+    }
+
+    /// Block-causal: a query sees its whole chunk of `size` positions and every earlier
+    /// chunk — streaming encoders (chunk-wise speech recognition), frame-causal video. Add
+    /// `& window(left, usize::MAX)` to bound the left context.
+    pub fn block_causal(size: usize) -> Self {
+        Mask::Chunks {
+            size,
+            earlier: true,
+        }
     }
 
     /// Key padding: batch row `b` has `lengths[b]` valid keys (or one length for all rows).
@@ -248,6 +273,14 @@ impl Mask {
                 let d = j as i64 - i as i64;
                 lo <= d && d <= hi
             }
+            Mask::Chunks { size, earlier } => {
+                let (qc, kc) = chunk_of(s, *size, i, j);
+                if *earlier {
+                    kc <= qc
+                } else {
+                    kc == qc
+                }
+            }
             Mask::KeyLengths(len) => j < per_b(len),
             Mask::KeyKeep { keep, rows } => keep[row(*rows) * s.lk + j],
             Mask::QueryLengths(len) => i < per_b(len),
@@ -289,6 +322,8 @@ impl Mask {
         };
         match self {
             Mask::Full | Mask::Causal(_) | Mask::Window { .. } | Mask::Func { .. } => Ok(()),
+            Mask::Chunks { size: 0, .. } => err("chunk size must be at least 1".into()),
+            Mask::Chunks { .. } => Ok(()),
             Mask::KeyLengths(v) => lengths_ok("key length", v, s.lk, "L_k"),
             Mask::QueryLengths(v) => lengths_ok("query length", v, s.lq, "L_q"),
             Mask::Prefix(v) => lengths_ok("prefix length", v, s.lk, "L_k"),
@@ -354,7 +389,7 @@ impl Mask {
     /// Whether the mask can differ between batch rows (decides how much a block mask stores).
     pub fn varies_with_batch(&self) -> bool {
         match self {
-            Mask::Full | Mask::Causal(_) | Mask::Window { .. } => false,
+            Mask::Full | Mask::Causal(_) | Mask::Window { .. } | Mask::Chunks { .. } => false,
             Mask::KeyLengths(v) | Mask::QueryLengths(v) | Mask::Prefix(v) => v.len() > 1,
             Mask::KeyKeep { rows, .. } | Mask::Documents { rows, .. } => *rows > 1,
             Mask::Dense(m) => m.dims[0] > 1,
@@ -376,6 +411,13 @@ impl Mask {
             _ => false,
         }
     }
+}
+
+/// The chunks of query `i` (bottom-right aligned, so negative where `i' < 0`) and key `j`.
+pub(crate) fn chunk_of(s: &MaskShape, size: usize, i: usize, j: usize) -> (i64, i64) {
+    let size = size as i64;
+    let qi = i as i64 + s.bottom_right_offset();
+    (qi.div_euclid(size), j as i64 / size)
 }
 
 /// The band `lo ≤ j − i ≤ hi` of a bottom-right aligned sliding window.
@@ -413,6 +455,14 @@ impl fmt::Debug for Mask {
             Mask::Causal(CausalAlign::BottomRight) => write!(f, "causal"),
             Mask::Causal(CausalAlign::TopLeft) => write!(f, "causal-top-left"),
             Mask::Window { left, right } => write!(f, "window({left},{right})"),
+            Mask::Chunks {
+                size,
+                earlier: false,
+            } => write!(f, "chunks({size})"),
+            Mask::Chunks {
+                size,
+                earlier: true,
+            } => write!(f, "block-causal({size})"),
             Mask::KeyLengths(v) => write!(f, "key-lengths{v:?}"),
             Mask::KeyKeep { rows, .. } => write!(f, "key-keep[{rows} rows]"),
             Mask::QueryLengths(v) => write!(f, "query-lengths{v:?}"),

@@ -76,6 +76,8 @@ fn mask_data_that_does_not_fit() {
             "broadcast",
         ),
         (Mask::causal() & Mask::prefix(9), "prefix"),
+        (Mask::chunks(0), "chunk size"),
+        (Mask::block_causal(0) | Mask::full(), "chunk size"),
     ];
     for (mask, word) in cases {
         let e = run(qs, qs, &mask, None).unwrap_err();

@@ -118,6 +118,12 @@ fn every_kind(s: &MaskShape, rng: &mut Rng) -> Vec<Mask> {
         Mask::causal() | Mask::window(0, 3),
         !Mask::causal(),
         Mask::documents_cross(q_ids, k_ids, s.batch) & Mask::causal(),
+        Mask::chunks(7),
+        Mask::chunks(1),
+        Mask::causal() & Mask::chunks(16),
+        Mask::block_causal(5),
+        Mask::block_causal(64),
+        Mask::block_causal(4) & Mask::window(9, usize::MAX),
     ]
 }
 
@@ -160,4 +166,29 @@ fn a_sliding_window_skips_most_tiles() {
     // 64-wide tiles: each query tile row touches at most 6 key tiles out of 64.
     assert!(st.skipped_tile_fraction() > 0.9, "{st:?}");
     assert!((st.hidden_pair_fraction() - (1.0 - allowed as f64 / 4096.0 / 4096.0)).abs() < 1e-12);
+}
+
+#[test]
+fn chunked_masks_skip_every_tile_outside_their_chunks() {
+    let s = MaskShape::new(1, 1, 4096, 4096);
+    // Chunks of 512 on 64-wide tiles: 8 chunks of 8 × 8 tiles, all full; the rest skipped.
+    let st = BlockMask::new(&Mask::chunks(512), s).unwrap().stats();
+    assert_eq!(
+        (st.full, st.partial, st.empty),
+        (8 * 64, 0, 4096 - 8 * 64),
+        "{st:?}"
+    );
+    assert_eq!(st.allowed_pairs, 8 * 512 * 512);
+    // Block-causal over the same chunks: chunk c sees chunks 0..=c.
+    let st = BlockMask::new(&Mask::block_causal(512), s).unwrap().stats();
+    assert_eq!(st.full, 64 * (1..=8).sum::<u64>(), "{st:?}");
+    assert_eq!(st.partial, 0);
+    assert_eq!(st.allowed_pairs, 512 * 512 * (1..=8).sum::<u64>());
+    // Chunks of 100 cut tiles: the cut ones are partial, and still exact.
+    let st = BlockMask::new(&(Mask::causal() & Mask::chunks(100)), s)
+        .unwrap()
+        .stats();
+    let allowed: u64 = (0..4096u64).map(|i| i % 100 + 1).sum();
+    assert_eq!(st.allowed_pairs, allowed);
+    assert!(st.skipped_tile_fraction() > 0.95, "{st:?}");
 }

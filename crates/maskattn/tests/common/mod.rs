@@ -87,7 +87,11 @@ pub fn random_mask(rng: &mut Rng, s: &MaskShape, depth: usize) -> Mask {
     let kinds = if depth == 0 { 12 } else { 15 };
     match rng.below(kinds) {
         0 => Mask::full(),
-        1 => Mask::causal(),
+        1 => match rng.below(4) {
+            0 => Mask::chunks(1 + rng.below(s.lk + 1)),
+            1 => Mask::block_causal(1 + rng.below(s.lk + 1)),
+            _ => Mask::causal(),
+        },
         2 => Mask::causal_top_left(),
         3 => Mask::window(rng.below(s.lk + 2), rng.below(4)),
         4 => {
