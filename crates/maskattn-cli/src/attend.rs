@@ -23,7 +23,8 @@ pub struct AttendArgs {
     #[arg(short, long)]
     pub output: PathBuf,
     /// Mask expression: `full`, or an &-joined list of causal, causal-top-left,
-    /// window(LEFT,RIGHT), chunks(C), block-causal(C), key-padding, documents, prefix(P), dense.
+    /// window(LEFT,RIGHT), chunks(C), block-causal(C), neighbourhood(H,W,R), key-padding,
+    /// documents, prefix(P), dense.
     #[arg(long, default_value = "full")]
     pub mask: String,
     /// Score scale (default 1/sqrt(d)).

@@ -49,6 +49,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         ("prefix(64)", Mask::prefix(64.min(l))),
         ("causal & chunks(64)", Mask::causal() & Mask::chunks(64)),
         ("block-causal(48)", Mask::block_causal(48)),
+        ("neighbourhood(16x16,2)", Mask::neighbourhood(16, 16, 2)),
         (
             "dense 30% [1,H,L,L]",
             Mask::dense(DenseMask::new(dense, [1, hq, l, l])?),

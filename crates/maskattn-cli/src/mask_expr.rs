@@ -1,6 +1,6 @@
 //! The `--mask EXPR` language shared by the subcommands: `full`, or terms joined by `&`:
 //! `causal`, `causal-top-left`, `window(LEFT,RIGHT)`, `chunks(C)`, `block-causal(C)`,
-//! `key-padding`, `documents`, `prefix(P)`, `dense`. `key-padding`, `documents` and `dense`
+//! `neighbourhood(H,W,R)`, `key-padding`, `documents`, `prefix(P)`, `dense`. `key-padding`, `documents` and `dense`
 //! read their data from tensors the caller has.
 
 use anyhow::{bail, Context, Result};
@@ -14,6 +14,7 @@ pub enum Term {
     Window(usize, usize),
     Chunks(usize),
     BlockCausal(usize),
+    Neighbourhood(usize, usize, usize),
     KeyPadding,
     Documents,
     Prefix(usize),
@@ -21,7 +22,7 @@ pub enum Term {
 }
 
 pub const SYNTAX: &str = "full, or an &-joined list of: causal, causal-top-left, \
-window(LEFT,RIGHT), chunks(C), block-causal(C), key-padding, documents, prefix(P), dense";
+window(LEFT,RIGHT), chunks(C), block-causal(C), neighbourhood(H,W,R), key-padding, documents, prefix(P), dense";
 
 pub fn parse(expr: &str) -> Result<Vec<Term>> {
     let terms = expr
@@ -71,6 +72,11 @@ fn parse_term(t: &str) -> Result<Term> {
                 Term::Chunks(chunk_size(t, &a)?)
             } else if let Some(a) = args("block-causal")? {
                 Term::BlockCausal(chunk_size(t, &a)?)
+            } else if let Some(a) = args("neighbourhood")? {
+                match a[..] {
+                    [h, w, r] if h > 0 && w > 0 => Term::Neighbourhood(h, w, r),
+                    _ => bail!("`{t}`: neighbourhood takes a grid and a radius, neighbourhood(HEIGHT,WIDTH,RADIUS), HEIGHT and WIDTH at least 1"),
+                }
             } else if let Some(a) = args("prefix")? {
                 match a[..] {
                     [p] => Term::Prefix(p),
@@ -109,6 +115,7 @@ pub fn build(terms: &[Term], data: &dyn MaskData) -> Result<Mask> {
             Term::Window(l, r) => Mask::window(*l, *r),
             Term::Chunks(c) => Mask::chunks(*c),
             Term::BlockCausal(c) => Mask::block_causal(*c),
+            Term::Neighbourhood(h, w, r) => Mask::neighbourhood(*h, *w, *r),
             Term::KeyPadding => data.key_lengths()?,
             Term::Documents => data.documents()?,
             Term::Prefix(p) => Mask::prefix(*p),
@@ -144,8 +151,13 @@ mod tests {
         assert_eq!(parse("full").unwrap(), vec![Term::Full]);
         assert_eq!(parse("causal-top-left").unwrap(), vec![Term::CausalTopLeft]);
         assert_eq!(
-            parse("causal & chunks(64)&block-causal( 16 )").unwrap(),
-            vec![Term::Causal, Term::Chunks(64), Term::BlockCausal(16)]
+            parse("causal & chunks(64)&block-causal( 16 ) & neighbourhood(8, 4,1)").unwrap(),
+            vec![
+                Term::Causal,
+                Term::Chunks(64),
+                Term::BlockCausal(16),
+                Term::Neighbourhood(8, 4, 1)
+            ]
         );
     }
 
@@ -158,6 +170,8 @@ mod tests {
             ("prefix", "expected prefix(...)"),
             ("chunks(0)", "at least 1"),
             ("block-causal(2,3)", "one number"),
+            ("neighbourhood(8,8)", "a grid and a radius"),
+            ("neighbourhood(0,8,1)", "at least 1"),
             ("full & causal", "cannot be combined"),
             ("causal &", "unknown mask term ``"),
         ] {

@@ -277,6 +277,7 @@ fn demo_checks_every_mask_kind() {
         "prefix",
         "chunks",
         "block-causal",
+        "neighbourhood",
         "dense",
         "fn",
     ] {

@@ -42,6 +42,11 @@ pub(crate) enum Classifier<'m> {
         size: usize,
         earlier: bool,
     },
+    /// A `width`-wide grid in raster order, square neighbourhoods of `radius`.
+    Neighbourhood {
+        width: usize,
+        radius: usize,
+    },
     KeyLengths(&'m [usize]),
     QueryLengths(&'m [usize]),
     /// Allowed keys per (row, key tile).
@@ -112,6 +117,53 @@ fn band_class(r: Rect, lo: i64, hi: i64) -> TileClass {
     from_bool(lo <= dmin && dmax <= hi, dmax < lo || dmin > hi)
 }
 
+/// The grid cells of positions `a..=b` (raster order, `w` wide) as at most three rectangles
+/// `(first row, last row, first column, last column)`: a partial first row, whole rows, a
+/// partial last row.
+fn grid_rects(a: usize, b: usize, w: usize) -> Vec<[usize; 4]> {
+    let (ra, rb) = (a / w, b / w);
+    if ra == rb {
+        return vec![[ra, ra, a % w, b % w]];
+    }
+    let mut v = vec![[ra, ra, a % w, w - 1]];
+    if rb - ra >= 2 {
+        v.push([ra + 1, rb - 1, 0, w - 1]);
+    }
+    v.push([rb, rb, 0, b % w]);
+    v
+}
+
+/// Exact class of the 2-D neighbourhood mask over a tile. Between two grid rectangles the
+/// row and column distances vary independently, so every pair is within `radius` when both
+/// largest distances are, and none is when either smallest distance exceeds it.
+fn neighbourhood_class(r: Rect, offset: i64, w: usize, radius: usize) -> TileClass {
+    // Query positions below 0 (L_q > L_k, bottom-right aligned) see nothing.
+    let qa = r.i0 as i64 + offset;
+    let qb = r.i1 as i64 - 1 + offset;
+    if qb < 0 {
+        return Empty;
+    }
+    let (queries, keys) = (
+        grid_rects(qa.max(0) as usize, qb as usize, w),
+        grid_rects(r.j0, r.j1 - 1, w),
+    );
+    let span = |a0: usize, a1: usize, b0: usize, b1: usize| {
+        let min = b0.saturating_sub(a1).max(a0.saturating_sub(b1));
+        let max = a1.abs_diff(b0).max(b1.abs_diff(a0));
+        (min, max)
+    };
+    let (mut all, mut none) = (qa >= 0, true);
+    for q in &queries {
+        for k in &keys {
+            let (rmin, rmax) = span(q[0], q[1], k[0], k[1]);
+            let (cmin, cmax) = span(q[2], q[3], k[2], k[3]);
+            all &= rmax <= radius && cmax <= radius;
+            none &= rmin > radius || cmin > radius;
+        }
+    }
+    from_bool(all, none)
+}
+
 /// Class of "index < len" over the index range `[x0, x1)`.
 fn prefix_class(x0: usize, x1: usize, len: usize) -> TileClass {
     from_bool(x1 <= len, x0 >= len)
@@ -177,6 +229,10 @@ impl<'m> Classifier<'m> {
             Mask::Chunks { size, earlier } => Classifier::Chunks {
                 size: *size,
                 earlier: *earlier,
+            },
+            Mask::Neighbourhood { width, radius, .. } => Classifier::Neighbourhood {
+                width: *width,
+                radius: *radius,
             },
             Mask::KeyLengths(v) => Classifier::KeyLengths(v),
             Mask::QueryLengths(v) => Classifier::QueryLengths(v),
@@ -265,6 +321,9 @@ impl<'m> Classifier<'m> {
                 } else {
                     from_bool(qa == qb && ka == kb && qa == ka, qb < ka || kb < qa)
                 }
+            }
+            Classifier::Neighbourhood { width, radius } => {
+                neighbourhood_class(r, g.shape.bottom_right_offset(), *width, *radius)
             }
             Classifier::KeyLengths(v) => prefix_class(r.j0, r.j1, pick(v, b)),
             Classifier::QueryLengths(v) => prefix_class(r.i0, r.i1, pick(v, b)),
@@ -377,6 +436,41 @@ mod tests {
                                     c.class(&g, b, 0, qt, kt),
                                     want,
                                     "{mask:?} {tq}x{tk} b{b} ({qt},{kt})"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn neighbourhoods_classify_exactly_without_scanning() {
+        for &(h, w) in &[(7, 9), (1, 40), (40, 1), (12, 12)] {
+            let lk = h * w;
+            for lq in [lk, lk / 3 + 1, lk + 9] {
+                let s = MaskShape::new(1, 1, lq, lk);
+                for radius in [0, 1, 2, 5] {
+                    let mask = Mask::neighbourhood(h, w, radius);
+                    for (tq, tk) in [(8, 8), (1, 1), (7, 13), (64, 64), (5, 17)] {
+                        let g = Grid {
+                            shape: s,
+                            tile_q: tq,
+                            tile_k: tk,
+                            nq: lq.div_ceil(tq),
+                            nk: lk.div_ceil(tk),
+                        };
+                        let c = Classifier::build(&mask, &g);
+                        assert!(!matches!(c, Classifier::Scan(_)));
+                        for qt in 0..g.nq {
+                            for kt in 0..g.nk {
+                                let want =
+                                    scan_class(g.rect(qt, kt), |i, j| mask.allowed(&s, 0, 0, i, j));
+                                assert_eq!(
+                                    c.class(&g, 0, 0, qt, kt),
+                                    want,
+                                    "{mask:?} lq {lq} {tq}x{tk} ({qt},{kt})"
                                 );
                             }
                         }

@@ -101,6 +101,14 @@ pub enum Mask {
         size: usize,
         earlier: bool,
     },
+    /// Positions are the cells of a `height × width` grid in raster order (`L_k` of them);
+    /// query `i'` and key `j` attend when both their rows and their columns are at most
+    /// `radius` apart (`i' = i + (L_k − L_q)`).
+    Neighbourhood {
+        height: usize,
+        width: usize,
+        radius: usize,
+    },
     /// Key padding by valid length: `j < lengths[b]` (one length, or one per batch row).
     KeyLengths(Arc<[usize]>),
     /// Key padding by a keep vector `[1 or B, L_k]`: `keep[b][j]`.
@@ -170,6 +178,17 @@ impl Mask {
         Mask::Chunks {
             size,
             earlier: true,
+        }
+    }
+
+    /// 2-D neighbourhood attention for images: the `L_k = height · width` positions are the
+    /// patches of a grid in raster order, and a patch sees the `(2·radius + 1)²` square of
+    /// patches around it (fewer at the borders). For video frames or spectrograms too.
+    pub fn neighbourhood(height: usize, width: usize, radius: usize) -> Self {
+        Mask::Neighbourhood {
+            height,
+            width,
+            radius,
         }
     }
 
@@ -281,6 +300,13 @@ impl Mask {
                     kc == qc
                 }
             }
+            Mask::Neighbourhood { width, radius, .. } => {
+                let qi = i as i64 + s.bottom_right_offset();
+                qi >= 0 && {
+                    let (qi, w) = (qi as usize, *width);
+                    (qi / w).abs_diff(j / w) <= *radius && (qi % w).abs_diff(j % w) <= *radius
+                }
+            }
             Mask::KeyLengths(len) => j < per_b(len),
             Mask::KeyKeep { keep, rows } => keep[row(*rows) * s.lk + j],
             Mask::QueryLengths(len) => i < per_b(len),
@@ -324,6 +350,17 @@ impl Mask {
             Mask::Full | Mask::Causal(_) | Mask::Window { .. } | Mask::Func { .. } => Ok(()),
             Mask::Chunks { size: 0, .. } => err("chunk size must be at least 1".into()),
             Mask::Chunks { .. } => Ok(()),
+            Mask::Neighbourhood { height, width, .. } => {
+                if height.checked_mul(*width) == Some(s.lk) {
+                    Ok(())
+                } else {
+                    err(format!(
+                        "a {height} x {width} neighbourhood grid needs L_k = {}, not {}",
+                        height.saturating_mul(*width),
+                        s.lk
+                    ))
+                }
+            }
             Mask::KeyLengths(v) => lengths_ok("key length", v, s.lk, "L_k"),
             Mask::QueryLengths(v) => lengths_ok("query length", v, s.lq, "L_q"),
             Mask::Prefix(v) => lengths_ok("prefix length", v, s.lk, "L_k"),
@@ -389,7 +426,11 @@ impl Mask {
     /// Whether the mask can differ between batch rows (decides how much a block mask stores).
     pub fn varies_with_batch(&self) -> bool {
         match self {
-            Mask::Full | Mask::Causal(_) | Mask::Window { .. } | Mask::Chunks { .. } => false,
+            Mask::Full
+            | Mask::Causal(_)
+            | Mask::Window { .. }
+            | Mask::Chunks { .. }
+            | Mask::Neighbourhood { .. } => false,
             Mask::KeyLengths(v) | Mask::QueryLengths(v) | Mask::Prefix(v) => v.len() > 1,
             Mask::KeyKeep { rows, .. } | Mask::Documents { rows, .. } => *rows > 1,
             Mask::Dense(m) => m.dims[0] > 1,
@@ -463,6 +504,11 @@ impl fmt::Debug for Mask {
                 size,
                 earlier: true,
             } => write!(f, "block-causal({size})"),
+            Mask::Neighbourhood {
+                height,
+                width,
+                radius,
+            } => write!(f, "neighbourhood({height}x{width},{radius})"),
             Mask::KeyLengths(v) => write!(f, "key-lengths{v:?}"),
             Mask::KeyKeep { rows, .. } => write!(f, "key-keep[{rows} rows]"),
             Mask::QueryLengths(v) => write!(f, "query-lengths{v:?}"),

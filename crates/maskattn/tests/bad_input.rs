@@ -77,6 +77,7 @@ fn mask_data_that_does_not_fit() {
         ),
         (Mask::causal() & Mask::prefix(9), "prefix"),
         (Mask::chunks(0), "chunk size"),
+        (Mask::neighbourhood(3, 3, 1), "neighbourhood grid"),
         (Mask::block_causal(0) | Mask::full(), "chunk size"),
     ];
     for (mask, word) in cases {

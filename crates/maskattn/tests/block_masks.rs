@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{random_dense, random_mask, Rng};
+use common::{grid_of, random_dense, random_mask, Rng};
 use maskattn::{BlockMask, Mask, MaskShape, Tile, TileClass};
 
 /// Compiles `mask` and checks every tile of every (b, h) against `allowed` pair by pair,
@@ -124,6 +124,9 @@ fn every_kind(s: &MaskShape, rng: &mut Rng) -> Vec<Mask> {
         Mask::block_causal(5),
         Mask::block_causal(64),
         Mask::block_causal(4) & Mask::window(9, usize::MAX),
+        Mask::neighbourhood(grid_of(s.lk).0, grid_of(s.lk).1, 1),
+        Mask::neighbourhood(grid_of(s.lk).0, grid_of(s.lk).1, 3) & Mask::causal(),
+        Mask::neighbourhood(1, s.lk, 2),
     ]
 }
 
@@ -191,4 +194,19 @@ fn chunked_masks_skip_every_tile_outside_their_chunks() {
     let allowed: u64 = (0..4096u64).map(|i| i % 100 + 1).sum();
     assert_eq!(st.allowed_pairs, allowed);
     assert!(st.skipped_tile_fraction() > 0.95, "{st:?}");
+}
+
+#[test]
+fn a_neighbourhood_on_an_image_grid_skips_most_tiles() {
+    // A 64 × 64 patch grid, 7 × 7 neighbourhoods: exactly the pairs within 3 rows and 3
+    // columns, and a 64-position tile row (one grid row) meets at most 7 key tiles of 64.
+    let s = MaskShape::new(1, 1, 4096, 4096);
+    let st = BlockMask::new(&Mask::neighbourhood(64, 64, 3), s)
+        .unwrap()
+        .stats();
+    let per_axis: u64 = (0..64i64)
+        .map(|r| (0..64i64).filter(|q| (r - q).abs() <= 3).count() as u64)
+        .sum();
+    assert_eq!(st.allowed_pairs, per_axis * per_axis);
+    assert!(st.skipped_tile_fraction() > 0.89, "{st:?}");
 }

@@ -87,9 +87,13 @@ pub fn random_mask(rng: &mut Rng, s: &MaskShape, depth: usize) -> Mask {
     let kinds = if depth == 0 { 12 } else { 15 };
     match rng.below(kinds) {
         0 => Mask::full(),
-        1 => match rng.below(4) {
+        1 => match rng.below(5) {
             0 => Mask::chunks(1 + rng.below(s.lk + 1)),
             1 => Mask::block_causal(1 + rng.below(s.lk + 1)),
+            2 => {
+                let (h, w) = grid_of(s.lk);
+                Mask::neighbourhood(h, w, rng.below(4))
+            }
             _ => Mask::causal(),
         },
         2 => Mask::causal_top_left(),
@@ -162,6 +166,16 @@ pub fn random_mask(rng: &mut Rng, s: &MaskShape, depth: usize) -> Mask {
             }
         }
     }
+}
+
+/// The squarest `h × w = n` grid (for the 2-D neighbourhood mask).
+pub fn grid_of(n: usize) -> (usize, usize) {
+    let h = (1..=n)
+        .take_while(|h| h * h <= n)
+        .filter(|h| n % h == 0)
+        .last()
+        .unwrap_or(1);
+    (h, n / h)
 }
 
 /// A dense mask in a random broadcast form `[1|B, 1|H, L_q, L_k]`, density between 0 and 1.
