@@ -417,29 +417,8 @@ mod tests {
                 Mask::block_causal(13),
             ];
             for mask in masks {
-                for (tq, tk) in [(8, 8), (1, 1), (7, 13), (64, 64)] {
-                    let g = Grid {
-                        shape: s,
-                        tile_q: tq,
-                        tile_k: tk,
-                        nq: lq.div_ceil(tq),
-                        nk: lk.div_ceil(tk),
-                    };
-                    let c = Classifier::build(&mask, &g);
-                    assert!(!matches!(c, Classifier::Scan(_)));
-                    for b in 0..2 {
-                        for qt in 0..g.nq {
-                            for kt in 0..g.nk {
-                                let want =
-                                    scan_class(g.rect(qt, kt), |i, j| mask.allowed(&s, b, 0, i, j));
-                                assert_eq!(
-                                    c.class(&g, b, 0, qt, kt),
-                                    want,
-                                    "{mask:?} {tq}x{tk} b{b} ({qt},{kt})"
-                                );
-                            }
-                        }
-                    }
+                for tiles in [(8, 8), (1, 1), (7, 13), (64, 64)] {
+                    assert_exact_without_scanning(&mask, s, tiles);
                 }
             }
         }
@@ -450,31 +429,36 @@ mod tests {
         for &(h, w) in &[(7, 9), (1, 40), (40, 1), (12, 12)] {
             let lk = h * w;
             for lq in [lk, lk / 3 + 1, lk + 9] {
-                let s = MaskShape::new(1, 1, lq, lk);
                 for radius in [0, 1, 2, 5] {
                     let mask = Mask::neighbourhood(h, w, radius);
-                    for (tq, tk) in [(8, 8), (1, 1), (7, 13), (64, 64), (5, 17)] {
-                        let g = Grid {
-                            shape: s,
-                            tile_q: tq,
-                            tile_k: tk,
-                            nq: lq.div_ceil(tq),
-                            nk: lk.div_ceil(tk),
-                        };
-                        let c = Classifier::build(&mask, &g);
-                        assert!(!matches!(c, Classifier::Scan(_)));
-                        for qt in 0..g.nq {
-                            for kt in 0..g.nk {
-                                let want =
-                                    scan_class(g.rect(qt, kt), |i, j| mask.allowed(&s, 0, 0, i, j));
-                                assert_eq!(
-                                    c.class(&g, 0, 0, qt, kt),
-                                    want,
-                                    "{mask:?} lq {lq} {tq}x{tk} ({qt},{kt})"
-                                );
-                            }
-                        }
+                    for tiles in [(8, 8), (1, 1), (7, 13), (64, 64), (5, 17)] {
+                        assert_exact_without_scanning(&mask, MaskShape::new(1, 1, lq, lk), tiles);
                     }
+                }
+            }
+        }
+    }
+
+    /// Classifies every tile of `s` analytically and compares with a scan of its pairs.
+    fn assert_exact_without_scanning(mask: &Mask, s: MaskShape, (tq, tk): (usize, usize)) {
+        let g = Grid {
+            shape: s,
+            tile_q: tq,
+            tile_k: tk,
+            nq: s.lq.div_ceil(tq),
+            nk: s.lk.div_ceil(tk),
+        };
+        let c = Classifier::build(mask, &g);
+        assert!(!matches!(c, Classifier::Scan(_)));
+        for b in 0..s.batch {
+            for qt in 0..g.nq {
+                for kt in 0..g.nk {
+                    let want = scan_class(g.rect(qt, kt), |i, j| mask.allowed(&s, b, 0, i, j));
+                    assert_eq!(
+                        c.class(&g, b, 0, qt, kt),
+                        want,
+                        "{mask:?} {s:?} {tq}x{tk} b{b} ({qt},{kt})"
+                    );
                 }
             }
         }
