@@ -35,7 +35,10 @@ fn run(args: &[&str], stdin: Option<&str>) -> Output {
     {
         use std::io::Write;
         let mut input = child.stdin.take().unwrap();
-        input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        // A run that fails early (a bad model folder) exits without reading its input.
+        if let Err(e) = input.write_all(stdin.unwrap_or("").as_bytes()) {
+            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+        }
     }
     child.wait_with_output().unwrap()
 }
