@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Side-by-side with PyTorch FlexAttention (the peer that skips blocks): window(256,0) and
-4 documents at (1,8,4096,64) f32, forward, against `maskattn bench` on the same cases.
+"""Side-by-side with PyTorch FlexAttention (the peer that skips blocks): window(256,0),
+4 documents, chunked causal attention (chunks of 512) and a 7 x 7 neighbourhood on the
+square patch grid of L positions, at (1,8,4096,64) f32, against `maskattn bench` on the
+same cases.
 
     ~/venv-torch/bin/python bench/compare_flex.py --threads 2
 
@@ -25,6 +27,8 @@ def parse_args():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--shape", default="1,8,4096,64", help="B,H,L,d; L a multiple of 4")
+    p.add_argument("--masks", default="window,documents,chunks,neighbourhood",
+                   help="comma-separated subset of window, documents, chunks, neighbourhood")
     return p.parse_args()
 
 
@@ -68,10 +72,31 @@ def main():
         start = j - j % doc_len
         return (i >= start) & (i < start + doc_len)
 
+    def chunks(b_, h_, i, j):
+        # Causal within chunks of 512: maskattn's `causal & chunks(512)`.
+        return (j <= i) & (j >= i - i % 512)
+
+    side = int(l ** 0.5)
+    grid = f"neighbourhood({side},{side},3)"
+
+    def neighbourhood(b_, h_, i, j):
+        # The `side x side` patch grid in raster order, rows and columns within 3.
+        return ((i // side - j // side).abs() <= 3) & ((i % side - j % side).abs() <= 3)
+
+    cases = {
+        "window": ("window(256,0)", window),
+        "documents": ("documents", documents),
+        "chunks": ("causal & chunks(512)", chunks),
+        "neighbourhood": (grid, neighbourhood),
+    }
+    chosen = [cases[m] for m in args.masks.split(",")]
+    if side * side != l and grid in [c[0] for c in chosen]:
+        sys.exit(f"neighbourhood needs a square number of positions, not L = {l}")
+
     print(f"threads {args.threads}; PyTorch {torch.__version__}; shape {args.shape} f32")
     print("| mask | pass | maskattn ms | FlexAttention ms | ratio | Flex compile s |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for name, fn in (("window(256,0)", window), ("documents", documents)):
+    for name, fn in chosen:
         # A fresh compile per mask, with static shapes: a second mask in the same compiled
         # function otherwise ends in a slower recompiled kernel.
         torch._dynamo.reset()
