@@ -172,7 +172,7 @@ pub fn random_mask(rng: &mut Rng, s: &MaskShape, depth: usize) -> Mask {
 pub fn grid_of(n: usize) -> (usize, usize) {
     let h = (1..=n)
         .take_while(|h| h * h <= n)
-        .filter(|h| n % h == 0)
+        .filter(|h| n.is_multiple_of(*h))
         .last()
         .unwrap_or(1);
     (h, n / h)
