@@ -95,3 +95,37 @@ fn a_padding_mask_carries_into_decoding() {
         .unwrap();
     assert!(max_diff(&first, &o_bias) < 1e-6);
 }
+
+/// Chunked attention (`causal & chunks(c)`, Llama 4's local layers) decodes step by step:
+/// the chunk masks are bottom-right aligned, so a step's queries sit at the cache's end.
+#[test]
+fn chunked_attention_carries_into_decoding() {
+    let cfg = MhaConfig::new(16, 4).with_kv_heads(2).with_rope(10_000.0);
+    let vm = VarMap::new();
+    let layer =
+        MaskedMultiHeadAttention::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))
+            .unwrap();
+    let x = tensor(&[2, 14, 16], 9).unwrap();
+    let chunks = Mask::chunks(4);
+    let full = layer
+        .forward(&x, &x, &(Mask::causal() & chunks.clone()), Mode::Eval)
+        .unwrap();
+    let mut cache = KvCache::new(8);
+    let mut pos = 0;
+    for n in [1usize, 2, 1, 3, 1, 4, 2] {
+        let got = layer
+            .forward_step(&x.narrow(1, pos, n).unwrap(), &mut cache, Some(&chunks))
+            .unwrap();
+        let want = full.narrow(1, pos, n).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5, "positions {pos}..{}", pos + n);
+        pos += n;
+    }
+    // And the chunks matter: plain causal attention differs after the first chunk.
+    let causal = layer.forward(&x, &x, &Mask::causal(), Mode::Eval).unwrap();
+    assert!(
+        max_diff(
+            &causal.narrow(1, 4, 10).unwrap(),
+            &full.narrow(1, 4, 10).unwrap()
+        ) > 1e-3
+    );
+}
