@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::bias::Bias;
 use crate::block::{BlockMask, Tile};
-use crate::forward::{softmax_pv, Forward, Geom};
+use crate::forward::{softmax_pv, Geom};
 use crate::gemm::{gemm, Strided};
 use crate::pack::{self, pad16};
 use crate::params::{DropTile, Dropout};
@@ -48,10 +48,11 @@ pub(crate) fn forward<T: Element>(
     block: &BlockMask,
     dims: &AttnDims,
     scale: f32,
-) -> Forward {
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
     let AttnDims {
         batch,
-        q_heads,
         kv_heads,
         lq,
         d,
@@ -68,8 +69,6 @@ pub(crate) fn forward<T: Element>(
     let nk = block.grid().1;
     let chunks = TARGET_TASKS.div_ceil(batch * kv_heads).clamp(1, nk);
     let per_chunk = nk.div_ceil(chunks);
-    let mut out = vec![0f32; batch * q_heads * lq * d];
-    let mut lse = vec![0f32; batch * q_heads * lq];
     out.par_chunks_mut(group * lq * d)
         .zip(lse.par_chunks_mut(group * lq))
         .enumerate()
@@ -95,7 +94,6 @@ pub(crate) fn forward<T: Element>(
                 .collect();
             merge(&states, &g, out, lse);
         });
-    Forward { out, lse }
 }
 
 /// Combines the chunks' states row by row with the LSE rule, in chunk order.

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use crate::bias::Bias;
 use crate::block::{BlockMask, Tile};
-use crate::error::Result;
+use crate::error::{AttnError, Result};
 use crate::gemm::{gemm, Strided};
 use crate::pack::{self, pad16};
 use crate::params::{keep_hash, DropTile, Dropout, Params};
@@ -86,23 +86,42 @@ pub fn forward<T: Element>(
     params: &Params,
 ) -> Result<Forward> {
     let dims = AttnDims::of(q, k, v)?;
+    let mut out = vec![0f32; dims.q_len()];
+    let mut lse = vec![0f32; dims.batch * dims.q_heads * dims.lq];
+    forward_into(q, k, v, block, params, &mut out, &mut lse)?;
+    Ok(Forward { out, lse })
+}
+
+/// [`forward`] into buffers the caller owns: `out` `[B, H_q, L_q, d]` and `lse`
+/// `[B, H_q, L_q]`, contiguous, every value overwritten. For writing straight into another
+/// framework's tensor storage, or reusing the same buffers call after call.
+pub fn forward_into<T: Element>(
+    q: &View<T>,
+    k: &View<T>,
+    v: &View<T>,
+    block: &BlockMask,
+    params: &Params,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    let dims = AttnDims::of(q, k, v)?;
+    let rows = dims.batch * dims.q_heads * dims.lq;
+    AttnDims::check_buffer("out", out.len(), dims.q_len(), "B * H_q * L_q * d")?;
+    if lse.len() != rows {
+        return Err(AttnError::LseLength {
+            got: lse.len(),
+            expected: rows,
+        });
+    }
     let bias = params.bias.as_ref();
     dims.check_bias(bias)?;
     block.check_shape(dims.mask_shape())?;
     let scale = dims.scale(params.scale)?;
     let dropout = params.dropout.as_ref();
-    let AttnDims {
-        batch,
-        q_heads,
-        lq,
-        lk,
-        d,
-        ..
-    } = dims;
+    let AttnDims { lq, lk, d, .. } = dims;
     if lq <= crate::decode::DECODE_MAX_LQ {
-        return Ok(crate::decode::forward(
-            q, k, v, bias, dropout, block, &dims, scale,
-        ));
+        crate::decode::forward(q, k, v, bias, dropout, block, &dims, scale, out, lse);
+        return Ok(());
     }
     let (tq, tk) = (block.tile_q(), block.tile_k());
     let g = Geom {
@@ -115,9 +134,6 @@ pub fn forward<T: Element>(
     let nk = block.grid().1;
     let group = dims.group();
     let dot = T::IS_BF16 && crate::simd::bf16_dot();
-    let mut out = vec![0f32; batch * q_heads * lq * d];
-    let mut lse = vec![0f32; batch * q_heads * lq];
-
     // Outer tasks: one (b, kv head) each, owning the outputs of the query heads it serves.
     out.par_chunks_mut(group * lq * d)
         .zip(lse.par_chunks_mut(group * lq))
@@ -165,7 +181,7 @@ pub fn forward<T: Element>(
                     },
                 );
         });
-    Ok(Forward { out, lse })
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -39,12 +39,12 @@ mod simd;
 mod tile;
 mod view;
 
-pub use backward::{backward, Grads};
+pub use backward::{backward, backward_into, Grads, GradsMut};
 pub use bias::Bias;
 pub use block::{BlockMask, BlockStats, Tile, DEFAULT_TILE_K, DEFAULT_TILE_Q};
 pub use classify::TileClass;
 pub use error::{AttnError, Result};
-pub use forward::{forward, Forward};
+pub use forward::{forward, forward_into, Forward};
 /// The `half` crate, whose `bf16` and `f16` are storage types the kernels read.
 pub use half;
 pub use mask::{CausalAlign, DenseMask, Mask, MaskFn, MaskShape};

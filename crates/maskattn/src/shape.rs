@@ -80,6 +80,26 @@ impl AttnDims {
         }
     }
 
+    /// Values in a contiguous tensor shaped like q, `B · H_q · L_q · d`.
+    pub fn q_len(&self) -> usize {
+        self.batch * self.q_heads * self.lq * self.d
+    }
+
+    /// Values in a contiguous tensor shaped like k and v, `B · H_kv · L_k · d`.
+    pub fn kv_len(&self) -> usize {
+        self.batch * self.kv_heads * self.lk * self.d
+    }
+
+    /// Checks an output buffer the caller provides: `len` values where `want` are needed.
+    pub(crate) fn check_buffer(name: &str, len: usize, want: usize, what: &str) -> Result<()> {
+        if len != want {
+            return Err(mismatch(format!(
+                "{name} holds {len} values, expected {what} = {want}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks a tensor that must have q's shape (the output and its gradient).
     pub fn check_like_q<T: Element>(&self, name: &str, t: &View<T>) -> Result<()> {
         let want = [self.batch, self.q_heads, self.lq, self.d];

@@ -160,3 +160,43 @@ fn bad_views_bias_lse_and_tiles() {
     let e = BlockMask::with_tiles(&Mask::full(), MaskShape::new(1, 1, 4, 4), 0, 8).unwrap_err();
     assert!(matches!(e, AttnError::BadTiles { .. }));
 }
+
+#[test]
+fn caller_buffers_of_the_wrong_size() {
+    let q = vec![0.5f32; 2 * 4 * 8];
+    let kv = vec![0.25f32; 5 * 8];
+    let (qv, k, v) = views(&q, &kv, [1, 2, 4, 8], [1, 1, 5, 8]);
+    let block = BlockMask::new(&Mask::causal(), MaskShape::new(1, 2, 4, 5)).unwrap();
+    let p = Params::default();
+    let (mut out, mut lse) = (vec![0f32; 64], vec![0f32; 8]);
+    let e = maskattn::forward_into(&qv, &k, &v, &block, &p, &mut out[..63], &mut lse).unwrap_err();
+    assert!(matches!(e, AttnError::ShapeMismatch { .. }), "{e}");
+    assert!(e.to_string().contains("out holds 63 values"), "{e}");
+    let e = maskattn::forward_into(&qv, &k, &v, &block, &p, &mut out, &mut lse[..7]).unwrap_err();
+    assert_eq!(
+        e,
+        AttnError::LseLength {
+            got: 7,
+            expected: 8
+        }
+    );
+    maskattn::forward_into(&qv, &k, &v, &block, &p, &mut out, &mut lse).unwrap();
+
+    let ov = View::bhld("out", &out, [1, 2, 4, 8]).unwrap();
+    let (mut dq, mut dk, mut dv) = (vec![0f32; 64], vec![0f32; 40], vec![0f32; 40]);
+    // dk sized like q (a GQA slip): named, with the size it needs.
+    let grads = maskattn::GradsMut {
+        dq: &mut dq,
+        dk: &mut vec![0f32; 64],
+        dv: &mut dv,
+    };
+    let e = maskattn::backward_into(&qv, &k, &v, &ov, &lse, &ov, &block, &p, grads).unwrap_err();
+    assert!(e.to_string().contains("dk holds 64 values"), "{e}");
+    assert!(e.to_string().contains("= 40"), "{e}");
+    let grads = maskattn::GradsMut {
+        dq: &mut dq,
+        dk: &mut dk,
+        dv: &mut dv,
+    };
+    maskattn::backward_into(&qv, &k, &v, &ov, &lse, &ov, &block, &p, grads).unwrap();
+}

@@ -31,6 +31,14 @@ pub struct Grads {
     pub dv: Vec<f32>,
 }
 
+/// Buffers the caller owns for [`backward_into`], contiguous, shaped as in [`Grads`].
+#[derive(Debug)]
+pub struct GradsMut<'a> {
+    pub dq: &'a mut [f32],
+    pub dk: &'a mut [f32],
+    pub dv: &'a mut [f32],
+}
+
 /// Chunks of key tiles per (b, kv head) aim for this many tasks in all, so that a call with
 /// few heads still spreads over the cores...
 const TARGET_TASKS: usize = 16;
@@ -106,6 +114,39 @@ pub fn backward<T: Element>(
     params: &Params,
 ) -> Result<Grads> {
     let dims = AttnDims::of(q, k, v)?;
+    let mut grads = Grads {
+        dq: vec![0f32; dims.q_len()],
+        dk: vec![0f32; dims.kv_len()],
+        dv: vec![0f32; dims.kv_len()],
+    };
+    let into = GradsMut {
+        dq: &mut grads.dq,
+        dk: &mut grads.dk,
+        dv: &mut grads.dv,
+    };
+    backward_into(q, k, v, out, lse, dout, block, params, into)?;
+    Ok(grads)
+}
+
+/// [`backward`] into buffers the caller owns (every value overwritten): for writing straight
+/// into another framework's gradient storage, or reusing buffers call after call.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into<T: Element>(
+    q: &View<T>,
+    k: &View<T>,
+    v: &View<T>,
+    out: &View<f32>,
+    lse: &[f32],
+    dout: &View<f32>,
+    block: &BlockMask,
+    params: &Params,
+    grads: GradsMut<'_>,
+) -> Result<()> {
+    let dims = AttnDims::of(q, k, v)?;
+    let GradsMut { dq, dk, dv } = grads;
+    AttnDims::check_buffer("dq", dq.len(), dims.q_len(), "B * H_q * L_q * d")?;
+    AttnDims::check_buffer("dk", dk.len(), dims.kv_len(), "B * H_kv * L_k * d")?;
+    AttnDims::check_buffer("dv", dv.len(), dims.kv_len(), "B * H_kv * L_k * d")?;
     let bias = params.bias.as_ref();
     dims.check_bias(bias)?;
     dims.check_like_q("out", out)?;
@@ -172,9 +213,9 @@ pub fn backward<T: Element>(
         .min(CHUNK_DQ_BYTES / dq_bytes.max(1))
         .clamp(1, nk);
 
-    let mut dq = vec![0f32; batch * q_heads * lq * d];
-    let mut dk = vec![0f32; batch * kv_heads * lk * d];
-    let mut dv = vec![0f32; batch * kv_heads * lk * d];
+    // Key tiles no query sees give no result (`chunk` skips them): their gradients are 0.
+    dk.fill(0.0);
+    dv.fill(0.0);
     dq.par_chunks_mut(group * lq * d)
         .zip(dk.par_chunks_mut(lk * d))
         .zip(dv.par_chunks_mut(lk * d))
@@ -203,7 +244,7 @@ pub fn backward<T: Element>(
                 }
             }
         });
-    Ok(Grads { dq, dk, dv })
+    Ok(())
 }
 
 impl<T: Element> Ctx<'_, '_, T> {
@@ -269,6 +310,9 @@ impl<T: Element> Ctx<'_, '_, T> {
                         },
                     ),
             );
+            if pairs.is_empty() {
+                continue; // no query sees these keys: their gradients stay the caller's zeros
+            }
             #[cfg(target_arch = "x86_64")]
             if let (Some(qs), Some((ks, w))) = (&self.qs, &mut bf) {
                 pack::kt_pairs(self.k, b, hk, j0, cols, g.tk_pad, g.d_pad, &mut ks.kt);
