@@ -159,7 +159,7 @@ fn chunk<T: Element>(io: &Io<T>, b: usize, hk: usize, tiles: std::ops::Range<usi
     let mut qs = vec![0f32; rows * g.d_pad];
     for (r, dst) in qs.chunks_exact_mut(g.d_pad).enumerate() {
         let (h, i) = head_row(r);
-        pack::rows(q, b, h, i, 1, g.d_pad, 1.0, dst);
+        pack::rows(q, b, h, i, 1, g.d_pad, dst);
     }
     let drop_keys: Vec<u32> = match dropout {
         Some(dr) => (0..rows)
@@ -223,8 +223,8 @@ fn chunk<T: Element>(io: &Io<T>, b: usize, hk: usize, tiles: std::ops::Range<usi
         let ((k_tile, k_ld), (mut v_tile, v_ld)) = match direct {
             Some(x) => x,
             None => {
-                pack::rows(k, b, hk, j0, cols, g.d_pad, 1.0, &mut kbuf);
-                pack::rows(v, b, hk, j0, cols, g.d_pad, 1.0, &mut vbuf);
+                pack::rows(k, b, hk, j0, cols, g.d_pad, &mut kbuf);
+                pack::rows(v, b, hk, j0, cols, g.d_pad, &mut vbuf);
                 ((&kbuf[..], g.d_pad), (&vbuf[..], g.d_pad))
             }
         };

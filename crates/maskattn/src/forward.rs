@@ -234,7 +234,7 @@ fn pack_kv<T: Element>(
             &mut kv.kt[t * kt_len..],
         );
         let vt = &mut kv.v[t * v_len..(t + 1) * v_len];
-        pack::rows(v, b, hk, j0, cols, g.d_pad, 1.0, vt);
+        pack::rows(v, b, hk, j0, cols, g.d_pad, vt);
         kv.v_finite[t] = pack::all_finite(vt);
     }
     kv
@@ -268,7 +268,7 @@ fn query_tile<T: Element>(
         pack::rows_bf16(q, b, h, i0, rows, g.d_pad, &mut sc.q16);
     } else {
         // The scale goes on the products, in `mask_row`, as in the backward.
-        pack::rows(q, b, h, i0, rows, g.d_pad, 1.0, &mut sc.q);
+        pack::rows(q, b, h, i0, rows, g.d_pad, &mut sc.q);
     }
     let shape = block.shape();
     if let Some(dr) = dropout {
@@ -472,7 +472,7 @@ unsafe fn step_bf16(g: &Geom, t: &BfTile, sc: BfWork) {
         l,
     } = sc;
     unsafe {
-        // x = s · (Q · Kᵀ)
+        // Q · Kᵀ, scaled in `softmax_rows` as on every path
         bf16dot::gemm(
             rows,
             tk_pad,
@@ -484,10 +484,9 @@ unsafe fn step_bf16(g: &Geom, t: &BfTile, sc: BfWork) {
             s.as_mut_ptr(),
             tk_pad,
             false,
-            t.scale,
         );
 
-        softmax_rows::<Avx512>(g, rows, cols, 1.0, t.bits, t.bias, t.drop, s, o, m, l);
+        softmax_rows::<Avx512>(g, rows, cols, t.scale, t.bits, t.bias, t.drop, s, o, m, l);
         // As on the f32 path: values no row of the tile sees are zeroed before the product
         // (0 · NaN = NaN); one that is non-finite and seen by some rows only sends the tile
         // down the per-element path, on the exact f32 values.
@@ -516,7 +515,6 @@ unsafe fn step_bf16(g: &Geom, t: &BfTile, sc: BfWork) {
             o.as_mut_ptr(),
             d_pad,
             true,
-            1.0,
         );
     }
 }

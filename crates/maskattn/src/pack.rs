@@ -10,8 +10,7 @@ pub(crate) fn pad16(x: usize) -> usize {
     x.div_ceil(16) * 16
 }
 
-/// Rows `start..start + rows` of `(b, h)` into `out` (`rows × d_pad`, zero padded), times `scale`.
-#[allow(clippy::too_many_arguments)]
+/// Rows `start..start + rows` of `(b, h)` into `out` (`rows × d_pad`, zero padded).
 pub(crate) fn rows<T: Element>(
     view: &View<T>,
     b: usize,
@@ -19,15 +18,11 @@ pub(crate) fn rows<T: Element>(
     start: usize,
     rows: usize,
     d_pad: usize,
-    scale: f32,
     out: &mut [f32],
 ) {
     let d = view.shape()[3];
     for (r, dst) in out[..rows * d_pad].chunks_exact_mut(d_pad).enumerate() {
         view.load_rows(b, h, start + r, &mut dst[..d]);
-        if scale != 1.0 {
-            dst[..d].iter_mut().for_each(|x| *x *= scale);
-        }
         dst[d..].fill(0.0);
     }
 }

@@ -135,7 +135,7 @@ pub(super) unsafe fn step(
     let (rows, cols, tk_pad, d_pad) = (t.rows, t.cols, g.tk_pad, g.d_pad);
     let (fp, rp) = (d_pad / 2, t.tq_pad / 2);
     unsafe {
-        // x = s · Q·Kᵀ ; dP = dO·Vᵀ
+        // Q·Kᵀ (scaled in `ds_rows`, as on every path) ; dP = dO·Vᵀ
         let (q, dout) = (t.q.as_ptr().cast(), t.dout.as_ptr().cast());
         bf16dot::gemm(
             rows,
@@ -148,7 +148,6 @@ pub(super) unsafe fn step(
             p.as_mut_ptr(),
             tk_pad,
             false,
-            t.scale,
         );
         bf16dot::gemm(
             rows,
@@ -161,10 +160,9 @@ pub(super) unsafe fn step(
             ds.as_mut_ptr(),
             tk_pad,
             false,
-            1.0,
         );
         ds_rows::<Avx512>(
-            g, rows, cols, t.lse, t.delta, 1.0, t.bits, t.bias, t.drop, p, pz, ds,
+            g, rows, cols, t.lse, t.delta, t.scale, t.bits, t.bias, t.drop, p, pz, ds,
         );
         let pv = if t.drop.is_some() { &*pz } else { &*p };
         bf16dot::interleave_rows(pv, rows, tk_pad, tk_pad, &mut w.pi);
@@ -184,7 +182,6 @@ pub(super) unsafe fn step(
             ks.dvt.as_mut_ptr(),
             tk_pad,
             true,
-            1.0,
         );
         bf16dot::gemm(
             g.d,
@@ -197,7 +194,6 @@ pub(super) unsafe fn step(
             ks.dkt.as_mut_ptr(),
             tk_pad,
             true,
-            1.0,
         );
         // dQ += dS·K. As on the f32 path, keys no row of the tile sees are zeroed first
         // (dS = 0 there, and 0 · NaN = NaN); a non-finite key seen by some rows only sends
@@ -232,7 +228,6 @@ pub(super) unsafe fn step(
             dq.as_mut_ptr(),
             d_pad,
             true,
-            1.0,
         );
     }
 }

@@ -331,7 +331,7 @@ impl<T: Element> Ctx<'_, '_, T> {
                 tiles.push((kt, sc.dk.clone(), sc.dv.clone()));
                 continue;
             }
-            pack::rows(self.k, b, hk, j0, cols, g.d_pad, 1.0, &mut sc.k);
+            pack::rows(self.k, b, hk, j0, cols, g.d_pad, &mut sc.k);
             sc.k[cols * g.d_pad..].fill(0.0);
             pack::transposed(self.k, b, hk, j0, cols, g.tk_pad, g.d_pad, &mut sc.kt);
             pack::transposed(self.v, b, hk, j0, cols, g.tk_pad, g.d_pad, &mut sc.vt);
@@ -440,11 +440,11 @@ impl<T: Element> Ctx<'_, '_, T> {
         // features (every (query tile, key tile) pair reads them: no copy per pair), else
         // copied into padded rows.
         let (q, q_ld) = in_place(self.q.f32_rows(b, h, i0), g).unwrap_or_else(|| {
-            pack::rows(self.q, b, h, i0, rows, g.d_pad, 1.0, &mut sc.q);
+            pack::rows(self.q, b, h, i0, rows, g.d_pad, &mut sc.q);
             (&sc.q[..], g.d_pad)
         });
         let (dout, dout_ld) = in_place(self.dout.f32_rows(b, h, i0), g).unwrap_or_else(|| {
-            pack::rows(self.dout, b, h, i0, rows, g.d_pad, 1.0, &mut sc.dout);
+            pack::rows(self.dout, b, h, i0, rows, g.d_pad, &mut sc.dout);
             (&sc.dout[..], g.d_pad)
         });
         let tile_bias = self.bias.map(|bs| {
@@ -680,8 +680,8 @@ unsafe fn step<S: Simd>(
     }
 }
 
-/// Turns the product tile `p` (`Q·Kᵀ`; scaled here by `scale`, 1 where the product already
-/// was) into `P` and the `dP` tile `ds` into `dS`, row by row:
+/// Turns the product tile `p` (`Q·Kᵀ`, scaled here by `scale`) into `P` and the `dP` tile
+/// `ds` into `dS`, row by row:
 /// `P = e^(x − LSE)` (0 where hidden or where the row sees nothing), dropout's `z` into
 /// `dP` and into `pz = P ∘ z`, and `dS = P ∘ (dP − D)` selected to 0 where hidden (dP may
 /// be NaN there).

@@ -39,7 +39,7 @@ pub(crate) fn enabled() -> bool {
         })
 }
 
-/// `C = scale · A·B` (`accumulate == false`) or `C += A·B` over `kp` pairs, layouts as in
+/// `C = A·B` (`accumulate == false`) or `C += A·B` over `kp` pairs, layouts as in
 /// the module comment; `c` rows `ldc` apart.
 ///
 /// # Safety
@@ -58,14 +58,13 @@ pub(crate) unsafe fn gemm(
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
-    scale: f32,
 ) {
     debug_assert!(n.is_multiple_of(W));
     macro_rules! go {
         ($mr:literal, $nv:literal, $i:ident, $j:ident) => {{
             let (a_blk, b_blk, c_blk) =
                 unsafe { (a.add($i * lda), b.add($j * W), c.add($i * ldc + $j * W)) };
-            unsafe { micro::<$mr, $nv>(kp, a_blk, lda, b_blk, ldb, c_blk, ldc, accumulate, scale) }
+            unsafe { micro::<$mr, $nv>(kp, a_blk, lda, b_blk, ldb, c_blk, ldc, accumulate) }
         }};
     }
     register_tiles!(m, n / W, NV_MAX, |i, j| go);
@@ -82,7 +81,6 @@ unsafe fn micro<const R: usize, const NV: usize>(
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
-    scale: f32,
 ) {
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); NV]; R];
@@ -105,14 +103,11 @@ unsafe fn micro<const R: usize, const NV: usize>(
                 }
             }
         }
-        let sv = _mm512_set1_ps(scale);
         for (r, row) in acc.iter().enumerate() {
             for (v, &x) in row.iter().enumerate() {
                 let cp = c.add(r * ldc + v * W);
                 let y = if accumulate {
                     _mm512_add_ps(_mm512_loadu_ps(cp), x)
-                } else if scale != 1.0 {
-                    _mm512_mul_ps(x, sv)
                 } else {
                     x
                 };
