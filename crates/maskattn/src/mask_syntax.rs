@@ -15,8 +15,9 @@
 //! cannot carry; [`MaskExpr::bind`] asks the caller for it. `Display` of a [`Mask`] writes
 //! this grammar, so `text.parse::<Mask>()` of a printed structured mask gives it back.
 //!
-//! Nothing here recurses per term: chains are read in loops, runs of `!` are counted, and
-//! only parentheses nest — at most [`Mask::MAX_DEPTH`] of them.
+//! The parser does not recurse: chains are read in a loop, runs of `!` are counted, and
+//! open parentheses live on a stack of their own, at most [`Mask::MAX_DEPTH`] deep (which
+//! bounds the recursion of binding and evaluating what was read).
 
 use std::fmt;
 use std::str::FromStr;
@@ -60,17 +61,8 @@ impl MaskExpr {
             s: expr.as_bytes(),
             text: expr,
             pos: 0,
-            depth: 0,
         };
-        let root = p.or()?;
-        p.skip_space();
-        if p.pos < p.s.len() {
-            return Err(p.error(format!(
-                "unexpected `{}`; expected `&`, `|`, `)` or the end",
-                p.rest_char()
-            )));
-        }
-        Ok(MaskExpr { root })
+        Ok(MaskExpr { root: p.expr()? })
     }
 
     /// The data terms the expression names (with repeats), each with its byte position.
@@ -164,7 +156,6 @@ struct Parser<'a> {
     s: &'a [u8],
     text: &'a str,
     pos: usize,
-    depth: usize,
 }
 
 impl Parser<'_> {
@@ -193,108 +184,157 @@ impl Parser<'_> {
         hit
     }
 
-    fn or(&mut self) -> Result<Node> {
-        let mut v = vec![self.and()?];
-        while self.eat(b'|') {
-            v.push(self.and()?);
-        }
-        Ok(if v.len() == 1 {
-            v.pop().unwrap()
-        } else {
-            Node::Or(v)
-        })
-    }
-
-    fn and(&mut self) -> Result<Node> {
-        let mut v = vec![self.not()?];
-        while self.eat(b'&') {
-            v.push(self.not()?);
-        }
-        Ok(if v.len() == 1 {
-            v.pop().unwrap()
-        } else {
-            Node::And(v)
-        })
-    }
-
-    fn not(&mut self) -> Result<Node> {
-        let mut odd = false;
-        while self.eat(b'!') {
-            odd = !odd;
-        }
-        let atom = self.atom()?;
-        Ok(match (odd, atom) {
-            (false, a) => a,
-            (true, Node::Not(a)) => *a,
-            (true, a) => Node::Not(Box::new(a)),
-        })
-    }
-
-    fn atom(&mut self) -> Result<Node> {
-        self.skip_space();
-        let start = self.pos;
-        match self.s.get(self.pos) {
-            Some(b'(') => {
-                if self.depth >= Mask::MAX_DEPTH {
+    /// The whole expression, read in one loop with a stack of open parentheses: a long
+    /// chain costs no stack, and nesting is bounded by [`Mask::MAX_DEPTH`].
+    fn expr(&mut self) -> Result<Node> {
+        let mut open: Vec<Group> = vec![Group::new(0, false)];
+        loop {
+            // An operand: `!`s, then `(` (a new group) or a term.
+            let mut odd = false;
+            while self.eat(b'!') {
+                odd = !odd;
+            }
+            self.skip_space();
+            if self.s.get(self.pos) == Some(&b'(') {
+                if open.len() > Mask::MAX_DEPTH {
                     return Err(self.error(format!(
                         "parentheses nested more than {} deep",
                         Mask::MAX_DEPTH
                     )));
                 }
+                open.push(Group::new(self.pos, odd));
                 self.pos += 1;
-                self.depth += 1;
-                let e = self.or()?;
-                if !self.eat(b')') {
-                    return Err(self.error(match self.s.get(self.pos) {
-                        None => format!("the `(` at byte {start} is never closed"),
-                        Some(_) => format!("unexpected `{}`; expected `)`", self.rest_char()),
-                    }));
-                }
-                self.depth -= 1;
-                Ok(e)
+                continue;
             }
-            Some(c) if c.is_ascii_alphabetic() => {
-                while self
-                    .s
-                    .get(self.pos)
-                    .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_')
-                {
-                    self.pos += 1;
-                }
-                let name = &self.text[start..self.pos];
-                let mut args = None;
-                let before_args = self.pos;
+            let mut node = negate(odd, self.term()?);
+            // After an operand: close groups, then an operator or the end.
+            loop {
+                let top = open.last_mut().expect("the outermost group stays open");
+                top.and.push(node);
                 self.skip_space();
-                if self.s.get(self.pos) == Some(&b'(') {
-                    let close = self.text[self.pos..].find(')').map(|x| self.pos + x);
-                    let Some(close) = close else {
+                match self.s.get(self.pos) {
+                    Some(b'&') => {
+                        self.pos += 1;
+                        break;
+                    }
+                    Some(b'|') => {
+                        self.pos += 1;
+                        let and = std::mem::take(&mut top.and);
+                        top.or.push(join(and, Node::And));
+                        break;
+                    }
+                    Some(b')') if open.len() > 1 => {
+                        self.pos += 1;
+                        let g = open.pop().expect("checked");
+                        node = negate(g.negated, g.finish());
+                    }
+                    None if open.len() == 1 => {
+                        return Ok(open.pop().expect("checked").finish());
+                    }
+                    None => {
+                        let at = open.last().map_or(0, |g| g.at);
+                        return Err(self.error(format!("the `(` at byte {at} is never closed")));
+                    }
+                    Some(_) => {
+                        let want = if open.len() > 1 { "`)`" } else { "the end" };
                         return Err(self.error(format!(
-                            "`{}`: the `(` is never closed",
-                            &self.text[start..]
+                            "unexpected `{}`; expected `&`, `|` or {want}",
+                            self.rest_char()
                         )));
-                    };
-                    args = Some(&self.text[self.pos + 1..close]);
-                    self.pos = close + 1;
-                } else {
-                    self.pos = before_args;
+                    }
                 }
-                let t = &self.text[start..self.pos];
-                term(name, args, t)
-                    .map(|m| match m {
-                        Some(m) => Node::Term(m),
-                        None => Node::Data {
-                            name: name.to_string(),
-                            at: start,
-                        },
-                    })
-                    .map_err(|message| AttnError::MaskSyntax { at: start, message })
             }
-            None => Err(self.error("expected a mask term, found the end".into())),
-            Some(_) => Err(self.error(format!(
-                "unexpected `{}`; expected a mask term, `!` or `(`",
-                self.rest_char()
-            ))),
         }
+    }
+
+    /// A term: a name, with numbers in parentheses for the structured terms that take them.
+    fn term(&mut self) -> Result<Node> {
+        let start = self.pos;
+        match self.s.get(self.pos) {
+            Some(c) if c.is_ascii_alphabetic() => {}
+            None => return Err(self.error("expected a mask term, found the end".into())),
+            Some(_) => {
+                return Err(self.error(format!(
+                    "unexpected `{}`; expected a mask term, `!` or `(`",
+                    self.rest_char()
+                )))
+            }
+        }
+        while self
+            .s
+            .get(self.pos)
+            .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_')
+        {
+            self.pos += 1;
+        }
+        let name = &self.text[start..self.pos];
+        let mut args = None;
+        let before_args = self.pos;
+        self.skip_space();
+        if self.s.get(self.pos) == Some(&b'(') {
+            let Some(close) = self.text[self.pos..].find(')').map(|x| self.pos + x) else {
+                return Err(self.error(format!(
+                    "`{}`: the `(` is never closed",
+                    &self.text[start..]
+                )));
+            };
+            args = Some(&self.text[self.pos + 1..close]);
+            self.pos = close + 1;
+        } else {
+            self.pos = before_args;
+        }
+        let t = &self.text[start..self.pos];
+        match term(name, args, t) {
+            Ok(Some(m)) => Ok(Node::Term(m)),
+            Ok(None) => Ok(Node::Data {
+                name: name.to_string(),
+                at: start,
+            }),
+            Err(message) => Err(AttnError::MaskSyntax { at: start, message }),
+        }
+    }
+}
+
+/// An open parenthesis (or the whole expression): the `|` terms read so far, the `&` terms
+/// of the one being read, and whether a `!` stood before the `(`.
+struct Group {
+    at: usize,
+    negated: bool,
+    or: Vec<Node>,
+    and: Vec<Node>,
+}
+
+impl Group {
+    fn new(at: usize, negated: bool) -> Self {
+        Group {
+            at,
+            negated,
+            or: Vec::new(),
+            and: Vec::new(),
+        }
+    }
+
+    fn finish(mut self) -> Node {
+        self.or.push(join(self.and, Node::And));
+        join(self.or, Node::Or)
+    }
+}
+
+/// One node, or the operator over several.
+fn join(mut v: Vec<Node>, op: fn(Vec<Node>) -> Node) -> Node {
+    if v.len() == 1 {
+        v.pop().expect("one")
+    } else {
+        op(v)
+    }
+}
+
+/// `!node` when `odd`; `!!x` is `x`.
+fn negate(odd: bool, node: Node) -> Node {
+    match (odd, node) {
+        (false, n) => n,
+        (true, Node::Not(n)) => *n,
+        (true, n) => Node::Not(Box::new(n)),
     }
 }
 
