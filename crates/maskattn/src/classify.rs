@@ -433,6 +433,15 @@ mod tests {
                 Mask::block_causal(1),
                 Mask::block_causal(8),
                 Mask::block_causal(13),
+                // Sizes at their extremes: a chunk or a window side past every position.
+                Mask::chunks(usize::MAX),
+                Mask::chunks(usize::MAX / 2 + 1),
+                Mask::block_causal(usize::MAX),
+                Mask::block_causal(i64::MAX as usize),
+                Mask::window(usize::MAX, 0),
+                Mask::window(0, usize::MAX),
+                Mask::window(usize::MAX / 2 + 1, usize::MAX),
+                Mask::prefix(lk),
             ];
             for mask in masks {
                 for tiles in [(8, 8), (1, 1), (7, 13), (64, 64)] {
@@ -447,7 +456,7 @@ mod tests {
         for &(h, w) in &[(7, 9), (1, 40), (40, 1), (12, 12)] {
             let lk = h * w;
             for lq in [lk, lk / 3 + 1, lk + 9] {
-                for radius in [0, 1, 2, 5] {
+                for radius in [0, 1, 2, 5, usize::MAX, usize::MAX / 2 + 1] {
                     let mask = Mask::neighbourhood(h, w, radius);
                     for tiles in [(8, 8), (1, 1), (7, 13), (64, 64), (5, 17)] {
                         assert_exact_without_scanning(&mask, MaskShape::new(1, 1, lq, lk), tiles);
