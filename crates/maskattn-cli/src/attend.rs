@@ -22,10 +22,8 @@ pub struct AttendArgs {
     /// nothing) and, when `dout` was given, `dq`, `dk`, `dv`.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Mask expression: `full`, or an &-joined list of causal, causal-top-left,
-    /// window(LEFT,RIGHT), chunks(C), block-causal(C), neighbourhood(H,W,R), key-padding,
-    /// documents, prefix(P), dense.
-    #[arg(long, default_value = "full")]
+    /// Mask expression (the data terms read `key_lengths`, `doc_ids`, `mask` from the input).
+    #[arg(long, default_value = "full", long_help = crate::mask_expr::SYNTAX)]
     pub mask: String,
     /// Score scale (default 1/sqrt(d)).
     #[arg(long)]

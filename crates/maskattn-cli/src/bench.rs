@@ -3,9 +3,7 @@
 //! GFLOP/s, the fraction of this machine's practical peak (a large f32 matrix product,
 //! measured on the spot with the same threads), tiles skipped and extra memory.
 
-use std::time::Instant;
-
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use maskattn::half::{bf16, f16};
 use maskattn::{BlockMask, DenseMask, Element, Mask, Params, View};
@@ -13,6 +11,7 @@ use serde::Serialize;
 
 use crate::alloc_count;
 use crate::mask_expr::{self, MaskData};
+use crate::measure::{self, elements, parse_dims, time, try_data};
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -25,9 +24,9 @@ pub struct BenchArgs {
     /// Key/value heads (grouped-query attention; default: H).
     #[arg(long)]
     pub kv_heads: Option<usize>,
-    /// Mask expression as for `attend`; key-padding hides the last 25% of keys, documents
-    /// packs 4 equal documents, dense is a random half of the pairs.
-    #[arg(long, default_value = "full")]
+    /// Mask expression; key-padding hides the last 25% of keys, documents packs 4 equal
+    /// documents, dense is a random half of the pairs.
+    #[arg(long, default_value = "full", long_help = crate::mask_expr::SYNTAX)]
     pub mask: String,
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: Dtype,
@@ -46,9 +45,10 @@ pub struct BenchArgs {
     /// timing them; with `--suite`, the grid (`bench/compare_torch.py` reads it).
     #[arg(long)]
     pub list: bool,
-    /// Also time the naive path (the f32 reference: materialised scores, one thread).
-    #[arg(long)]
-    pub naive: bool,
+    /// Also time the kernel crate's f32 reference (materialised scores, one thread).
+    /// `--naive` is the old name.
+    #[arg(long, alias = "naive")]
+    pub reference: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -70,20 +70,6 @@ pub enum Pass {
     #[value(name = "decode")]
     #[serde(rename = "decode")]
     Decode,
-}
-
-/// `N` comma-separated numbers (shape flags such as `--shape B,H,L,d`).
-pub fn parse_dims<const N: usize>(s: &str) -> Result<[usize; N], String> {
-    let v: Vec<usize> = s
-        .split(',')
-        .map(|x| {
-            x.trim()
-                .parse()
-                .map_err(|_| format!("`{x}` is not a number"))
-        })
-        .collect::<Result<_, _>>()?;
-    v.try_into()
-        .map_err(|_| format!("expected {N} comma-separated numbers"))
 }
 
 /// One measured case.
@@ -111,7 +97,8 @@ pub struct Row {
     /// machine's measured read bandwidth.
     pub gb_per_s: Option<f64>,
     pub bandwidth_fraction: Option<f64>,
-    pub naive_ms: Option<f64>,
+    /// With `--reference`: the kernel crate's f32 reference on the same case.
+    pub reference_ms: Option<f64>,
 }
 
 struct SynthData {
@@ -129,90 +116,12 @@ impl MaskData for SynthData {
         Ok(Mask::documents_cross(ids(self.lq), ids(self.lk), 1))
     }
     fn dense(&self) -> Result<Mask> {
-        let keep = data(self.lq * self.lk, 9)
+        let keep = try_data(elements("dense mask", &[self.lq, self.lk])?, 9)?
             .iter()
             .map(|&x| x < 0.0)
             .collect::<Vec<_>>();
         Ok(Mask::dense(DenseMask::new(keep, [1, 1, self.lq, self.lk])?))
     }
-}
-
-/// Deterministic data in [−1, 1).
-pub fn data(n: usize, seed: u64) -> Vec<f32> {
-    (0..n as u64)
-        .map(|i| {
-            let x = (i ^ (seed << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// Times `f` `reps` times after one warm-up; returns the median in ms.
-fn time(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    median(
-        (0..reps.max(1))
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64() * 1e3
-            })
-            .collect(),
-    )
-}
-
-/// The practical peak: GFLOP/s of a 2048³ f32 matrix product (the `gemm` crate, which candle
-/// also uses) on the same threads.
-pub fn practical_peak() -> f64 {
-    let n = 2048;
-    let a = data(n * n, 1);
-    let b = data(n * n, 2);
-    let mut c = vec![0f32; n * n];
-    let threads = rayon::current_num_threads();
-    let ms = time(3, || unsafe {
-        gemm::gemm(
-            n,
-            n,
-            n,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            n as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(threads),
-        )
-    });
-    2.0 * (n * n * n) as f64 / ms / 1e6
-}
-
-/// The practical memory bandwidth: GB/s of a parallel read of 256 MiB (the same threads),
-/// the ceiling of the memory-bound decode step.
-pub fn practical_bandwidth() -> f64 {
-    use rayon::prelude::*;
-    let v = data(64 << 20, 3);
-    let ms = time(3, || {
-        let m = v
-            .par_chunks(1 << 16)
-            .map(|c| c.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)))
-            .reduce(|| f32::NEG_INFINITY, f32::max);
-        std::hint::black_box(m);
-    });
-    (v.len() * 4) as f64 / ms / 1e6
 }
 
 #[derive(Serialize)]
@@ -229,11 +138,11 @@ fn convert<T: Element>(x: &[f32], f: impl Fn(f32) -> T) -> Vec<T> {
     x.iter().map(|&v| f(v)).collect()
 }
 
-fn run_case(c: &Case, reps: usize, naive: bool, peak: f64, bw: f64) -> Result<Row> {
+fn run_case(c: &Case, reps: usize, reference: bool, peak: f64, bw: f64) -> Result<Row> {
     match c.dtype {
-        Dtype::F32 => run_typed::<f32>(c, reps, naive, peak, bw, |x| x),
-        Dtype::Bf16 => run_typed::<bf16>(c, reps, naive, peak, bw, bf16::from_f32),
-        Dtype::F16 => run_typed::<f16>(c, reps, naive, peak, bw, f16::from_f32),
+        Dtype::F32 => run_typed::<f32>(c, reps, reference, peak, bw, |x| x),
+        Dtype::Bf16 => run_typed::<bf16>(c, reps, reference, peak, bw, bf16::from_f32),
+        Dtype::F16 => run_typed::<f16>(c, reps, reference, peak, bw, f16::from_f32),
     }
 }
 
@@ -241,7 +150,7 @@ fn run_case(c: &Case, reps: usize, naive: bool, peak: f64, bw: f64) -> Result<Ro
 fn run_typed<T: Element>(
     c: &Case,
     reps: usize,
-    naive: bool,
+    reference: bool,
     peak: f64,
     bw: f64,
     to: impl Fn(f32) -> T,
@@ -250,15 +159,14 @@ fn run_typed<T: Element>(
     let lq = if c.pass == Pass::Decode { 1 } else { l };
     let (lk, hkv) = (c.lk, c.kv_heads);
     let (qs, ks) = ([b, h, lq, d], [b, hkv, lk, d]);
-    let (q32, k32, v32) = (
-        data(b * h * lq * d, 1),
-        data(b * hkv * lk * d, 2),
-        data(b * hkv * lk * d, 3),
-    );
+    // Sizes checked before anything is allocated: a product that wraps would run a tiny
+    // case and report it as this one.
+    let (nq, nk) = (elements("q", &qs)?, elements("k", &ks)?);
+    let (q32, k32, v32) = (try_data(nq, 1)?, try_data(nk, 2)?, try_data(nk, 3)?);
     let (q, k, v) = (convert(&q32, &to), convert(&k32, &to), convert(&v32, &to));
     // The output gradient arrives in the storage type, as a framework training in it (and
     // PyTorch in the comparison) hands it over; the kernel reads it as f32.
-    let dout: Vec<f32> = data(b * h * lq * d, 4)
+    let dout: Vec<f32> = try_data(nq, 4)?
         .into_iter()
         .map(|x| to(x).to_f32())
         .collect();
@@ -275,10 +183,11 @@ fn run_typed<T: Element>(
 
     // Extra memory: the highest allocation level during one call, less what was live before
     // it and less its outputs (O and LSE; and dQ, dK, dV for the backward).
-    let out_bytes = 4 * (b * h * lq * d + b * h * lq);
-    let grad_bytes = 4 * (b * h * lq * d + 2 * b * hkv * lk * d);
-    let fwd = maskattn::forward(&qv, &kv, &vv, &block, &Params::default())?;
-    let ov = View::bhld("out", &fwd.out, qs)?;
+    // (These fit: q's and k's sizes in bytes were checked above.)
+    let out_bytes = 4 * (nq + b * h * lq);
+    let grad_bytes = 4 * (nq + 2 * nk);
+    // A warm-up call, so that the thread pool's first start is not counted.
+    maskattn::forward(&qv, &kv, &vv, &block, &Params::default())?;
     let dv = View::bhld("dout", &dout, qs)?;
     let before = alloc_count::live();
     alloc_count::reset_peak();
@@ -309,8 +218,7 @@ fn run_typed<T: Element>(
             maskattn::forward(&qv, &kv, &vv, &block, &Params::default()).unwrap();
         }),
     };
-    let _ = ov;
-    let naive_ms = if naive {
+    let reference_ms = if reference {
         let (q, k, v) = (
             View::bhld("q", &q32, qs)?,
             View::bhld("k", &k32, ks)?,
@@ -358,7 +266,7 @@ fn run_typed<T: Element>(
         extra_mib: extra as f64 / (1 << 20) as f64,
         gb_per_s,
         bandwidth_fraction: gb_per_s.map(|g| g / bw),
-        naive_ms,
+        reference_ms,
     })
 }
 
@@ -451,21 +359,17 @@ fn print_row(r: &Row) {
             "{g:.1} ({:.0}%)",
             100.0 * r.bandwidth_fraction.unwrap_or(f64::NAN)
         )),
-        r.naive_ms.map_or(String::new(), |n| format!(
-            "  naive {n:.1} ms ({:.1}x)",
+        r.reference_ms.map_or(String::new(), |n| format!(
+            "  reference {n:.1} ms ({:.1}x)",
             n / r.median_ms
         )),
     );
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    let [b, h, l, d] = args.shape;
-    if b == 0 || h == 0 || l == 0 || d == 0 {
-        bail!(
-            "--shape {:?}: every dimension must be at least 1",
-            args.shape
-        );
-    }
+    measure::nonzero("--shape", &args.shape)?;
+    let h = args.shape[1];
+    let l = args.shape[2];
     let cases = if args.suite {
         suite()
     } else {
@@ -485,10 +389,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let peak = practical_peak();
+    for c in &cases {
+        // Parse every expression and check every size before measuring the peak.
+        mask_expr::parse(&c.mask)?;
+        measure::nonzero("--lk / --kv-heads", &[c.lk, c.kv_heads])?;
+        let [b, h, l, d] = c.shape;
+        let lq = if c.pass == Pass::Decode { 1 } else { l };
+        elements("--shape", &[b, h, lq, d])?;
+        elements("k and v of --shape", &[b, c.kv_heads, c.lk, d])?;
+    }
+    let peak = measure::practical_peak();
     let decoding = cases.iter().any(|c| c.pass == Pass::Decode);
     let bw = if decoding {
-        practical_bandwidth()
+        measure::practical_bandwidth()
     } else {
         f64::NAN
     };
@@ -512,7 +425,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         print_header();
     }
     for c in &cases {
-        let row = run_case(c, args.reps, args.naive, peak, bw).with_context(|| {
+        let row = run_case(c, args.reps, args.reference, peak, bw).with_context(|| {
             format!(
                 "shape {:?} mask {:?} {:?} {:?}",
                 c.shape, c.mask, c.dtype, c.pass

@@ -1,21 +1,19 @@
 //! `maskattn bench-layer`: the candle layer and the bare attention op against the same
 //! computed with candle's own ops (matmul, mask, softmax), side by side in one run.
 
-use std::time::Instant;
-
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
 use maskattn_candle::{attention, plain, AttnOptions, MaskedMultiHeadAttention, MhaConfig, Mode};
 
-use crate::bench::data;
 use crate::mask_expr;
+use crate::measure::{elements, median_ms, try_data};
 
 #[derive(Args, Debug)]
 pub struct BenchLayerArgs {
     /// Shapes B,H,L,d to run (repeat the flag for several).
-    #[arg(long, value_parser = crate::bench::parse_dims::<4>, default_values = ["4,8,512,64", "4,8,2048,64"])]
+    #[arg(long, value_parser = crate::measure::parse_dims::<4>, default_values = ["4,8,512,64", "4,8,2048,64"])]
     pub shape: Vec<[usize; 4]>,
     /// Mask expression (structured terms only: causal, window(..), prefix(..), full).
     #[arg(long, default_value = "causal")]
@@ -25,21 +23,9 @@ pub struct BenchLayerArgs {
     pub reps: usize,
 }
 
-fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut t = Vec::new();
-    for _ in 0..reps.max(1) {
-        let s = Instant::now();
-        f()?;
-        t.push(s.elapsed().as_secs_f64() * 1e3);
-    }
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
-}
-
 fn tensor(shape: &[usize], seed: u64) -> Result<Tensor> {
     Ok(Tensor::from_vec(
-        data(shape.iter().product(), seed),
+        try_data(elements("shape", shape)?, seed)?,
         shape,
         &Device::Cpu,
     )?)

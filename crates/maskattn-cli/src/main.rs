@@ -11,6 +11,7 @@ mod demo;
 mod embed;
 mod infer;
 mod mask_expr;
+mod measure;
 mod tensors;
 mod train;
 

@@ -87,6 +87,9 @@ impl BlockMask {
             return Err(AttnError::BadTiles { tile_q, tile_k });
         }
         mask.validate(&shape)?;
+        // A tile larger than the sequence is the whole sequence; clamping keeps the bitmaps
+        // (`tile_q · words` per partial tile) and the kernels' scratch at the sequence's size.
+        let (tile_q, tile_k) = (tile_q.min(shape.lq.max(1)), tile_k.min(shape.lk.max(1)));
         let grid = Grid {
             shape,
             tile_q,
@@ -105,6 +108,29 @@ impl BlockMask {
             1
         };
         let words = tile_k.div_ceil(64);
+        let too_large = |what, factors: &[usize]| AttnError::SizeOverflow {
+            name: "block mask",
+            what,
+            factors: factors.to_vec(),
+        };
+        let product = |what, factors: &[usize]| {
+            factors
+                .iter()
+                .try_fold(1usize, |n, &x| n.checked_mul(x))
+                .ok_or_else(|| too_large(what, factors))
+        };
+        let pairs = [shape.batch, shape.heads, shape.lq, shape.lk];
+        let total_pairs = u64::try_from(product("pairs B · H · L_q · L_k", &pairs)?)
+            .map_err(|_| too_large("pairs B · H · L_q · L_k", &pairs))?;
+        let dims = [rows_b, rows_h, grid.nq, grid.nk];
+        let n_tiles = product("tiles", &dims)?;
+        product("bitmap words per tile", &[tile_q, words])?;
+        // Reserve the tile table before any work, so that a table no memory can hold is an
+        // error rather than an abort halfway through compiling.
+        let mut tiles: Vec<u32> = Vec::new();
+        tiles
+            .try_reserve_exact(n_tiles)
+            .map_err(|_| too_large("tiles", &dims))?;
         let classifier = Classifier::build(mask, &grid);
 
         // One task per (batch row, head, query tile); each returns its row of tiles.
@@ -121,10 +147,9 @@ impl BlockMask {
 
         let repeat = ((shape.batch / rows_b) * (shape.heads / rows_h)) as u64;
         let mut stats = BlockStats {
-            total_pairs: (shape.batch * shape.heads * shape.lq * shape.lk) as u64,
+            total_pairs,
             ..Default::default()
         };
-        let mut tiles = Vec::with_capacity(rows.len() * grid.nk);
         let mut bits = Vec::new();
         for c in rows.into_iter().flatten() {
             stats.tiles += repeat;
@@ -145,7 +170,7 @@ impl BlockMask {
                     u32::try_from(index)
                         .ok()
                         .filter(|&x| x < FULL)
-                        .ok_or_else(|| AttnError::Mask("too many partial tiles".into()))?
+                        .ok_or(AttnError::TooManyPartialTiles { max: FULL as usize })?
                 }
             });
         }
@@ -222,8 +247,8 @@ impl BlockMask {
     pub(crate) fn check_shape(&self, shape: MaskShape) -> Result<()> {
         if self.shape != shape {
             return Err(AttnError::BlockMaskShape {
-                compiled: format!("{:?}", self.shape),
-                call: format!("{shape:?}"),
+                compiled: self.shape,
+                call: shape,
             });
         }
         Ok(())

@@ -73,8 +73,8 @@ pub(crate) enum Classifier<'m> {
     },
     Scan(&'m Mask),
     PerHead(Vec<Classifier<'m>>),
-    And(Box<Classifier<'m>>, Box<Classifier<'m>>),
-    Or(Box<Classifier<'m>>, Box<Classifier<'m>>),
+    And(Vec<Classifier<'m>>),
+    Or(Vec<Classifier<'m>>),
     Not(Box<Classifier<'m>>),
 }
 
@@ -90,11 +90,12 @@ impl Grid {
     pub fn rect(&self, qt: usize, kt: usize) -> Rect {
         let i0 = qt * self.tile_q;
         let j0 = kt * self.tile_k;
+        // `i0 + tile_q` can pass usize::MAX when the tile is huge; `lq − i0` cannot.
         Rect {
             i0,
-            i1: (i0 + self.tile_q).min(self.shape.lq),
+            i1: i0 + self.tile_q.min(self.shape.lq - i0),
             j0,
-            j1: (j0 + self.tile_k).min(self.shape.lk),
+            j1: j0 + self.tile_k.min(self.shape.lk - j0),
         }
     }
 }
@@ -296,12 +297,8 @@ impl<'m> Classifier<'m> {
             }
             Mask::Func { .. } => Classifier::Scan(mask),
             Mask::PerHead(m) => Classifier::PerHead(m.iter().map(|x| Self::build(x, g)).collect()),
-            Mask::And(a, b) => {
-                Classifier::And(Box::new(Self::build(a, g)), Box::new(Self::build(b, g)))
-            }
-            Mask::Or(a, b) => {
-                Classifier::Or(Box::new(Self::build(a, g)), Box::new(Self::build(b, g)))
-            }
+            Mask::And(t) => Classifier::And(t.iter().map(|x| Self::build(x, g)).collect()),
+            Mask::Or(t) => Classifier::Or(t.iter().map(|x| Self::build(x, g)).collect()),
             Mask::Not(a) => Classifier::Not(Box::new(Self::build(a, g))),
         }
     }
@@ -358,16 +355,37 @@ impl<'m> Classifier<'m> {
             }
             Classifier::Scan(m) => scan_class(r, |i, j| m.allowed(&g.shape, b, h, i, j)),
             Classifier::PerHead(c) => c[h].class(g, b, h, qt, kt),
-            Classifier::And(x, y) => match (x.class(g, b, h, qt, kt), y.class(g, b, h, qt, kt)) {
-                (Empty, _) | (_, Empty) => Empty,
-                (Full, Full) => Full,
-                _ => Partial,
-            },
-            Classifier::Or(x, y) => match (x.class(g, b, h, qt, kt), y.class(g, b, h, qt, kt)) {
-                (Full, _) | (_, Full) => Full,
-                (Empty, Empty) => Empty,
-                _ => Partial,
-            },
+            // One Empty term empties an `&` (one Full term fills an `|`) whatever the rest.
+            Classifier::And(v) => {
+                let mut all_full = true;
+                for c in v {
+                    match c.class(g, b, h, qt, kt) {
+                        Empty => return Empty,
+                        Partial => all_full = false,
+                        Full => {}
+                    }
+                }
+                if all_full {
+                    Full
+                } else {
+                    Partial
+                }
+            }
+            Classifier::Or(v) => {
+                let mut all_empty = true;
+                for c in v {
+                    match c.class(g, b, h, qt, kt) {
+                        Full => return Full,
+                        Partial => all_empty = false,
+                        Empty => {}
+                    }
+                }
+                if all_empty {
+                    Empty
+                } else {
+                    Partial
+                }
+            }
             Classifier::Not(x) => match x.class(g, b, h, qt, kt) {
                 Empty => Full,
                 Full => Empty,
@@ -415,6 +433,15 @@ mod tests {
                 Mask::block_causal(1),
                 Mask::block_causal(8),
                 Mask::block_causal(13),
+                // Sizes at their extremes: a chunk or a window side past every position.
+                Mask::chunks(usize::MAX),
+                Mask::chunks(usize::MAX / 2 + 1),
+                Mask::block_causal(usize::MAX),
+                Mask::block_causal(i64::MAX as usize),
+                Mask::window(usize::MAX, 0),
+                Mask::window(0, usize::MAX),
+                Mask::window(usize::MAX / 2 + 1, usize::MAX),
+                Mask::prefix(lk),
             ];
             for mask in masks {
                 for tiles in [(8, 8), (1, 1), (7, 13), (64, 64)] {
@@ -429,7 +456,7 @@ mod tests {
         for &(h, w) in &[(7, 9), (1, 40), (40, 1), (12, 12)] {
             let lk = h * w;
             for lq in [lk, lk / 3 + 1, lk + 9] {
-                for radius in [0, 1, 2, 5] {
+                for radius in [0, 1, 2, 5, usize::MAX, usize::MAX / 2 + 1] {
                     let mask = Mask::neighbourhood(h, w, radius);
                     for tiles in [(8, 8), (1, 1), (7, 13), (64, 64), (5, 17)] {
                         assert_exact_without_scanning(&mask, MaskShape::new(1, 1, lq, lk), tiles);

@@ -2,6 +2,8 @@
 
 use thiserror::Error;
 
+use crate::mask::MaskShape;
+
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum AttnError {
     /// A tensor view whose shape and strides reach past the end of its buffer.
@@ -33,15 +35,40 @@ pub enum AttnError {
     #[error("mask does not fit the attention shape: {0}")]
     Mask(String),
 
+    /// A mask nested deeper than [`crate::Mask::MAX_DEPTH`] levels of `&`, `|`, `!` and
+    /// per-head masks (long chains of one operator are flat and never this deep).
+    #[error("mask is nested {depth} levels deep; at most {max} are allowed")]
+    MaskTooDeep { depth: usize, max: usize },
+
+    /// A mask expression that does not parse, or names a data term nobody supplied.
+    #[error("mask expression, at byte {at}: {message}")]
+    MaskSyntax { at: usize, message: String },
+
     /// A block mask compiled for another shape or tile size than the call it is used with.
     #[error("block mask was compiled for {compiled}, but the call has {call}")]
-    BlockMaskShape { compiled: String, call: String },
+    BlockMaskShape {
+        compiled: MaskShape,
+        call: MaskShape,
+    },
+
+    /// More partial tiles than a block mask can index (`u32` indices).
+    #[error("the mask compiles to more than {max} partial tiles")]
+    TooManyPartialTiles { max: usize },
 
     #[error("tile sizes must be at least 1, got {tile_q} x {tile_k}")]
     BadTiles { tile_q: usize, tile_k: usize },
 
     #[error("dropout probability must be in [0, 1), got {0}")]
     BadDropout(f32),
+
+    /// A size computed from a shape (a product of dimensions, strides or tile counts) does
+    /// not fit in `usize`, or is more memory than can be allocated.
+    #[error("{name}: {what} = the product of {factors:?} is too large")]
+    SizeOverflow {
+        name: &'static str,
+        what: &'static str,
+        factors: Vec<usize>,
+    },
 
     /// The backward was handed an LSE of the wrong length.
     #[error("lse has {got} entries, expected {expected} (B * H_q * L_q)")]

@@ -31,6 +31,8 @@ mod error;
 mod forward;
 mod gemm;
 mod mask;
+mod mask_syntax;
+mod mask_tree;
 mod pack;
 mod params;
 pub mod reference;
@@ -47,7 +49,8 @@ pub use error::{AttnError, Result};
 pub use forward::{forward, forward_into, Forward};
 /// The `half` crate, whose `bf16` and `f16` are storage types the kernels read.
 pub use half;
-pub use mask::{CausalAlign, DenseMask, Mask, MaskFn, MaskShape};
+pub use mask::{CausalAlign, DenseMask, Mask, MaskFn, MaskShape, Terms};
+pub use mask_syntax::{MaskExpr, DATA_TERMS, STRUCTURED_TERMS};
 pub use params::{Dropout, Params};
 pub use shape::AttnDims;
 pub use simd::{current_isa, set_isa, Isa};

@@ -4,11 +4,10 @@
 //! and [`Mask::allowed`] answers for one `(b, h, i, j)`. Masks compose with `&`, `|`, `!`.
 //! Before a kernel runs, a mask is compiled for one shape into a [`crate::BlockMask`].
 
-use std::fmt;
-use std::ops::{BitAnd, BitOr, Not};
 use std::sync::Arc;
 
 use crate::error::{AttnError, Result};
+pub use crate::mask_tree::Terms;
 
 /// The shape a mask is evaluated over: batch, query heads, query length, key length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,6 +16,17 @@ pub struct MaskShape {
     pub heads: usize,
     pub lq: usize,
     pub lk: usize,
+}
+
+/// `B 2, H 8, L_q 128, L_k 256`, for messages.
+impl std::fmt::Display for MaskShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "B {}, H {}, L_q {}, L_k {}",
+            self.batch, self.heads, self.lq, self.lk
+        )
+    }
 }
 
 impl MaskShape {
@@ -29,7 +39,8 @@ impl MaskShape {
         }
     }
 
-    /// `L_k − L_q`: how far query `i` is shifted to line up with key positions when a mask
+    /// `L_k − L_q`: exact for the shapes [`Mask::validate`] accepts (lengths up to
+    /// `i64::MAX`). How far query `i` is shifted to line up with key positions when a mask
     /// is aligned bottom-right (the last query sees the last key, as in KV-cache decoding).
     pub fn bottom_right_offset(&self) -> i64 {
         self.lk as i64 - self.lq as i64
@@ -50,7 +61,7 @@ pub enum CausalAlign {
 pub type MaskFn = dyn Fn(usize, usize, usize, usize) -> bool + Send + Sync;
 
 /// A boolean mask stored densely, broadcast over any dimension of size 1.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct DenseMask {
     allowed: Arc<[bool]>,
     dims: [usize; 4],
@@ -60,7 +71,14 @@ impl DenseMask {
     /// `allowed` in row-major order over `dims = [B or 1, H or 1, L_q or 1, L_k or 1]`.
     pub fn new(allowed: impl Into<Arc<[bool]>>, dims: [usize; 4]) -> Result<Self> {
         let allowed = allowed.into();
-        let n: usize = dims.iter().product();
+        let n = dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| AttnError::SizeOverflow {
+                name: "dense mask",
+                what: "values",
+                factors: dims.to_vec(),
+            })?;
         if allowed.len() != n {
             return Err(AttnError::Mask(format!(
                 "dense mask holds {} values but its dims {dims:?} need {n}",
@@ -83,6 +101,11 @@ impl DenseMask {
 }
 
 /// Which pairs `(query i, key j)` of batch row `b` and query head `h` may attend.
+///
+/// `Display` writes a mask in the grammar of [`crate::MaskExpr`] and `FromStr` reads it
+/// back; masks that carry data print as their data term (`key-padding`, `documents`, ...).
+/// Composites share their parts (`Clone` is cheap), and cloning, comparing, printing and
+/// dropping never recurse, however deep the mask.
 #[derive(Clone)]
 pub enum Mask {
     /// Every pair.
@@ -91,16 +114,10 @@ pub enum Mask {
     Causal(CausalAlign),
     /// `i' − left ≤ j ≤ i' + right` with `i' = i + (L_k − L_q)` (bottom-right aligned).
     /// `usize::MAX` on a side means unbounded.
-    Window {
-        left: usize,
-        right: usize,
-    },
+    Window { left: usize, right: usize },
     /// Fixed-size chunks of positions: `⌊j / size⌋ == ⌊i' / size⌋`, or with `earlier`
     /// `⌊j / size⌋ ≤ ⌊i' / size⌋`, where `i' = i + (L_k − L_q)` (bottom-right aligned).
-    Chunks {
-        size: usize,
-        earlier: bool,
-    },
+    Chunks { size: usize, earlier: bool },
     /// Positions are the cells of a `height × width` grid in raster order (`L_k` of them);
     /// query `i'` and key `j` attend when both their rows and their columns are at most
     /// `radius` apart (`i' = i + (L_k − L_q)`).
@@ -112,10 +129,7 @@ pub enum Mask {
     /// Key padding by valid length: `j < lengths[b]` (one length, or one per batch row).
     KeyLengths(Arc<[usize]>),
     /// Key padding by a keep vector `[1 or B, L_k]`: `keep[b][j]`.
-    KeyKeep {
-        keep: Arc<[bool]>,
-        rows: usize,
-    },
+    KeyKeep { keep: Arc<[bool]>, rows: usize },
     /// Query padding by valid length: `i < lengths[b]`.
     QueryLengths(Arc<[usize]>),
     /// Packed documents: `query_ids[b][i] == key_ids[b][j]`, ids `[1 or B, L]`.
@@ -136,9 +150,12 @@ pub enum Mask {
     },
     /// A different mask for each query head.
     PerHead(Arc<[Mask]>),
-    And(Box<Mask>, Box<Mask>),
-    Or(Box<Mask>, Box<Mask>),
-    Not(Box<Mask>),
+    /// Every one of at least two masks (built by `&`, which keeps chains flat).
+    And(Terms),
+    /// Any one of at least two masks (built by `|`).
+    Or(Terms),
+    /// The pairs the inner mask hides (built by `!`; `!!m` is `m`).
+    Not(Arc<Mask>),
 }
 
 impl Mask {
@@ -319,15 +336,39 @@ impl Mask {
             Mask::Dense(m) => m.get(b, h, i, j),
             Mask::Func { f, .. } => f(b, h, i, j),
             Mask::PerHead(m) => m[h].allowed(s, b, h, i, j),
-            Mask::And(a, c) => a.allowed(s, b, h, i, j) && c.allowed(s, b, h, i, j),
-            Mask::Or(a, c) => a.allowed(s, b, h, i, j) || c.allowed(s, b, h, i, j),
+            Mask::And(t) => t.iter().all(|m| m.allowed(s, b, h, i, j)),
+            Mask::Or(t) => t.iter().any(|m| m.allowed(s, b, h, i, j)),
             Mask::Not(a) => !a.allowed(s, b, h, i, j),
         }
     }
 
     /// Checks that the mask's data fits `shape`: lengths per batch row, id vectors, dense
-    /// dims that broadcast, one mask per head.
+    /// dims that broadcast, one mask per head; that the mask is at most
+    /// [`Mask::MAX_DEPTH`] deep; and that `L_q` and `L_k` fit in an `i64` (so that
+    /// `L_k − L_q` and every aligned position are exact).
     pub fn validate(&self, s: &MaskShape) -> Result<()> {
+        for (len, what) in [(s.lq, "L_q"), (s.lk, "L_k")] {
+            if i64::try_from(len).is_err() {
+                return Err(AttnError::SizeOverflow {
+                    name: "mask shape",
+                    what,
+                    factors: vec![len],
+                });
+            }
+        }
+        let depth = self.depth();
+        if depth > Mask::MAX_DEPTH {
+            return Err(AttnError::MaskTooDeep {
+                depth,
+                max: Mask::MAX_DEPTH,
+            });
+        }
+        self.validate_data(s)
+    }
+
+    /// [`Mask::validate`] below the checks of the shape and the depth (which bound this
+    /// recursion).
+    fn validate_data(&self, s: &MaskShape) -> Result<()> {
         let err = |m: String| Err(AttnError::Mask(m));
         let rows_ok = |what: &str, rows: usize| {
             if rows == 1 || rows == s.batch {
@@ -366,11 +407,12 @@ impl Mask {
             Mask::Prefix(v) => lengths_ok("prefix length", v, s.lk, "L_k"),
             Mask::KeyKeep { keep, rows } => {
                 rows_ok("key keep vector", *rows)?;
-                if keep.len() != rows * s.lk {
+                // `rows` is 1 or B here; B · L_k may still not fit.
+                if Some(keep.len()) != rows.checked_mul(s.lk) {
                     return err(format!(
                         "key keep vector has {} values; expected {rows} x L_k = {}",
                         keep.len(),
-                        rows * s.lk
+                        rows.saturating_mul(s.lk)
                     ));
                 }
                 Ok(())
@@ -381,13 +423,15 @@ impl Mask {
                 rows,
             } => {
                 rows_ok("document ids", *rows)?;
-                if query_ids.len() != rows * s.lq || key_ids.len() != rows * s.lk {
+                if Some(query_ids.len()) != rows.checked_mul(s.lq)
+                    || Some(key_ids.len()) != rows.checked_mul(s.lk)
+                {
                     return err(format!(
                         "document ids have {} query and {} key entries; expected {rows} x L_q = {} and {rows} x L_k = {}",
                         query_ids.len(),
                         key_ids.len(),
-                        rows * s.lq,
-                        rows * s.lk
+                        rows.saturating_mul(s.lq),
+                        rows.saturating_mul(s.lk)
                     ));
                 }
                 Ok(())
@@ -413,115 +457,54 @@ impl Mask {
                         s.heads
                     ));
                 }
-                m.iter().try_for_each(|x| x.validate(s))
+                m.iter().try_for_each(|x| x.validate_data(s))
             }
-            Mask::And(a, b) | Mask::Or(a, b) => {
-                a.validate(s)?;
-                b.validate(s)
-            }
-            Mask::Not(a) => a.validate(s),
+            Mask::And(t) | Mask::Or(t) => t.iter().try_for_each(|x| x.validate_data(s)),
+            Mask::Not(a) => a.validate_data(s),
         }
     }
 
     /// Whether the mask can differ between batch rows (decides how much a block mask stores).
     pub fn varies_with_batch(&self) -> bool {
-        match self {
-            Mask::Full
-            | Mask::Causal(_)
-            | Mask::Window { .. }
-            | Mask::Chunks { .. }
-            | Mask::Neighbourhood { .. } => false,
+        self.nodes().any(|m| match m {
             Mask::KeyLengths(v) | Mask::QueryLengths(v) | Mask::Prefix(v) => v.len() > 1,
             Mask::KeyKeep { rows, .. } | Mask::Documents { rows, .. } => *rows > 1,
             Mask::Dense(m) => m.dims[0] > 1,
             Mask::Func { per_batch_head, .. } => *per_batch_head,
-            Mask::PerHead(m) => m.iter().any(Mask::varies_with_batch),
-            Mask::And(a, b) | Mask::Or(a, b) => a.varies_with_batch() || b.varies_with_batch(),
-            Mask::Not(a) => a.varies_with_batch(),
-        }
+            _ => false,
+        })
     }
 
     /// Whether the mask can differ between query heads.
     pub fn varies_with_head(&self) -> bool {
-        match self {
+        self.nodes().any(|m| match m {
             Mask::Dense(m) => m.dims[1] > 1,
             Mask::Func { per_batch_head, .. } => *per_batch_head,
             Mask::PerHead(m) => m.len() > 1,
-            Mask::And(a, b) | Mask::Or(a, b) => a.varies_with_head() || b.varies_with_head(),
-            Mask::Not(a) => a.varies_with_head(),
             _ => false,
-        }
+        })
     }
 }
 
 /// The chunks of query `i` (bottom-right aligned, so negative where `i' < 0`) and key `j`.
+///
+/// Exact for every `size` on a validated shape (`L_q, L_k ≤ i64::MAX`): positions then lie
+/// in `(−i64::MAX, i64::MAX)`, where a chunk of `i64::MAX` positions or more is as good as
+/// an endless one, so a larger size is clamped to it instead of wrapping negative.
 pub(crate) fn chunk_of(s: &MaskShape, size: usize, i: usize, j: usize) -> (i64, i64) {
-    let size = size as i64;
+    let size = i64::try_from(size).unwrap_or(i64::MAX);
     let qi = i as i64 + s.bottom_right_offset();
     (qi.div_euclid(size), j as i64 / size)
 }
 
 /// The band `lo ≤ j − i ≤ hi` of a bottom-right aligned sliding window.
+///
+/// Exact for every `left` and `right` on a validated shape: `j − i` lies in `i64`, so a
+/// bound that saturates at `i64::MIN` or `i64::MAX` compares with it as the true one would.
 pub(crate) fn window_band(s: &MaskShape, left: usize, right: usize) -> (i64, i64) {
     let o = s.bottom_right_offset();
-    let clamp = |x: usize| x.min(i64::MAX as usize / 4) as i64;
-    (o - clamp(left), o + clamp(right))
-}
-
-impl BitAnd for Mask {
-    type Output = Mask;
-    fn bitand(self, rhs: Mask) -> Mask {
-        Mask::And(Box::new(self), Box::new(rhs))
-    }
-}
-
-impl BitOr for Mask {
-    type Output = Mask;
-    fn bitor(self, rhs: Mask) -> Mask {
-        Mask::Or(Box::new(self), Box::new(rhs))
-    }
-}
-
-impl Not for Mask {
-    type Output = Mask;
-    fn not(self) -> Mask {
-        Mask::Not(Box::new(self))
-    }
-}
-
-impl fmt::Debug for Mask {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Mask::Full => write!(f, "full"),
-            Mask::Causal(CausalAlign::BottomRight) => write!(f, "causal"),
-            Mask::Causal(CausalAlign::TopLeft) => write!(f, "causal-top-left"),
-            Mask::Window { left, right } => write!(f, "window({left},{right})"),
-            Mask::Chunks {
-                size,
-                earlier: false,
-            } => write!(f, "chunks({size})"),
-            Mask::Chunks {
-                size,
-                earlier: true,
-            } => write!(f, "block-causal({size})"),
-            Mask::Neighbourhood {
-                height,
-                width,
-                radius,
-            } => write!(f, "neighbourhood({height}x{width},{radius})"),
-            Mask::KeyLengths(v) => write!(f, "key-lengths{v:?}"),
-            Mask::KeyKeep { rows, .. } => write!(f, "key-keep[{rows} rows]"),
-            Mask::QueryLengths(v) => write!(f, "query-lengths{v:?}"),
-            Mask::Documents { rows, .. } => write!(f, "documents[{rows} rows]"),
-            Mask::Prefix(v) => write!(f, "prefix{v:?}"),
-            Mask::Dense(m) => write!(f, "dense{:?}", m.dims),
-            Mask::Func { per_batch_head, .. } => {
-                write!(f, "fn({})", if *per_batch_head { "b,h,i,j" } else { "i,j" })
-            }
-            Mask::PerHead(m) => f.debug_list().entries(m.iter()).finish(),
-            Mask::And(a, b) => write!(f, "({a:?} & {b:?})"),
-            Mask::Or(a, b) => write!(f, "({a:?} | {b:?})"),
-            Mask::Not(a) => write!(f, "!{a:?}"),
-        }
-    }
+    (
+        o.saturating_sub_unsigned(left as u64),
+        o.saturating_add_unsigned(right as u64),
+    )
 }

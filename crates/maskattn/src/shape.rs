@@ -45,6 +45,21 @@ impl AttnDims {
                 kv_heads: hkv,
             });
         }
+        // The kernels allocate f32 results shaped like q (and LSE), k and v: their sizes in
+        // bytes must fit. Views with stride 0 can be far larger than their buffers.
+        for (name, factors) in [("q", [b, hq, lq, d]), ("k", [b, hkv, lk, d])] {
+            let fits = factors
+                .iter()
+                .try_fold(std::mem::size_of::<f32>(), |n, &x| n.checked_mul(x))
+                .is_some_and(|bytes| bytes <= isize::MAX as usize);
+            if !fits {
+                return Err(AttnError::SizeOverflow {
+                    name,
+                    what: "bytes of an f32 result",
+                    factors: factors.to_vec(),
+                });
+            }
+        }
         Ok(AttnDims {
             batch: b,
             q_heads: hq,

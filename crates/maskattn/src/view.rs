@@ -53,6 +53,19 @@ impl Element for half::f16 {
     }
 }
 
+/// The product of `factors` (elements of a contiguous tensor, or one of its strides),
+/// or a typed error when it does not fit in `usize`.
+fn product(name: &'static str, factors: &[usize]) -> Result<usize> {
+    factors
+        .iter()
+        .try_fold(1usize, |n, &x| n.checked_mul(x))
+        .ok_or_else(|| AttnError::SizeOverflow {
+            name,
+            what: "elements",
+            factors: factors.to_vec(),
+        })
+}
+
 /// A view of a 4-d tensor indexed logically as `[batch, head, position, feature]`.
 ///
 /// `strides` are in elements. The view is checked once at construction: every index inside
@@ -72,15 +85,23 @@ impl<'a, T: Element> View<'a, T> {
         shape: [usize; 4],
         strides: [usize; 4],
     ) -> Result<Self> {
+        // The last element's offset, `Σ (n − 1) · stride`, checked: a wrapped sum would let
+        // a view reach past its buffer.
         let needed = if shape.contains(&0) {
-            0
+            Some(0)
         } else {
-            1 + shape
+            shape
                 .iter()
                 .zip(strides.iter())
-                .map(|(&n, &s)| (n - 1) * s)
-                .sum::<usize>()
+                .try_fold(1usize, |acc, (&n, &s)| {
+                    acc.checked_add((n - 1).checked_mul(s)?)
+                })
         };
+        let needed = needed.ok_or_else(|| AttnError::SizeOverflow {
+            name,
+            what: "the last element's offset, from shape and strides",
+            factors: shape.iter().chain(&strides).copied().collect(),
+        })?;
         if needed > data.len() {
             return Err(AttnError::ViewOutOfBounds {
                 name,
@@ -99,17 +120,19 @@ impl<'a, T: Element> View<'a, T> {
 
     /// A contiguous `[B, H, L, d]` tensor.
     pub fn bhld(name: &'static str, data: &'a [T], shape: [usize; 4]) -> Result<Self> {
-        let [b, h, l, d] = shape;
-        Self::checked_exact(name, data, shape, b * h * l * d)?;
-        Self::strided(name, data, shape, [h * l * d, l * d, d, 1])
+        let [_, h, l, d] = shape;
+        let [hld, ld] = [product(name, &[h, l, d])?, product(name, &[l, d])?];
+        Self::checked_exact(name, data, shape, product(name, &shape)?)?;
+        Self::strided(name, data, shape, [hld, ld, d, 1])
     }
 
     /// A contiguous `[B, L, H, d]` tensor (the layout after a projection and a reshape),
     /// viewed as `[B, H, L, d]`. `shape` is given in the logical order `[B, H, L, d]`.
     pub fn blhd(name: &'static str, data: &'a [T], shape: [usize; 4]) -> Result<Self> {
-        let [b, h, l, d] = shape;
-        Self::checked_exact(name, data, shape, b * h * l * d)?;
-        Self::strided(name, data, shape, [l * h * d, d, h * d, 1])
+        let [_, h, l, d] = shape;
+        let [lhd, hd] = [product(name, &[l, h, d])?, product(name, &[h, d])?];
+        Self::checked_exact(name, data, shape, product(name, &shape)?)?;
+        Self::strided(name, data, shape, [lhd, d, hd, 1])
     }
 
     fn checked_exact(name: &'static str, data: &[T], shape: [usize; 4], n: usize) -> Result<()> {

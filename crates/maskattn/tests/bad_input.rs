@@ -95,6 +95,18 @@ fn block_mask_for_another_shape() {
     let block = BlockMask::new(&Mask::causal(), MaskShape::new(1, 2, 4, 5)).unwrap();
     let e = maskattn::forward(&q, &k, &v, &block, &Params::default()).unwrap_err();
     assert!(matches!(e, AttnError::BlockMaskShape { .. }), "{e}");
+    // Typed fields, not Debug strings: the two shapes themselves.
+    assert_eq!(
+        e,
+        AttnError::BlockMaskShape {
+            compiled: MaskShape::new(1, 2, 4, 5),
+            call: MaskShape::new(1, 2, 4, 4),
+        }
+    );
+    assert_eq!(
+        e.to_string(),
+        "block mask was compiled for B 1, H 2, L_q 4, L_k 5, but the call has B 1, H 2, L_q 4, L_k 4"
+    );
 }
 
 #[test]
