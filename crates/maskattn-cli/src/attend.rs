@@ -11,6 +11,10 @@ use safetensors::SafeTensors;
 use crate::mask_expr::{self, MaskData};
 use crate::tensors::{self, Tensor};
 
+// Every program output file goes through this module (attend here, attention-map too).
+#[path = "output.rs"]
+pub mod output;
+
 #[derive(Args, Debug)]
 pub struct AttendArgs {
     /// Input safetensors file: `q` [B, H_q, L_q, d], `k`, `v` [B, H_kv, L_k, d] (f32); optional
@@ -106,6 +110,8 @@ fn shape4(t: &Tensor<f32>, name: &str) -> Result<[usize; 4]> {
 
 pub fn run(args: &AttendArgs) -> Result<()> {
     let terms = mask_expr::parse(&args.mask)?;
+    // Refuse an output that cannot be written (a directory) before the work, not after.
+    output::plan(&args.output)?;
     let bytes =
         std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
     let st = SafeTensors::deserialize(&bytes)
