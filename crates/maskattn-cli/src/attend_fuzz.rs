@@ -319,11 +319,17 @@ fn attend_inputs_never_panic() {
         let (bytes, mask) = case(&mut r);
         match run_one(&bytes, mask) {
             Ok(None) => computed += 1,
-            // Counted by their first words (numbers left out), to show which checks the
+            // Counted by their first words (numbers and lists left out), to show which checks the
             // cases reach.
             Ok(Some(e)) => {
                 *errors
-                    .entry(e.chars().filter(|c| !c.is_ascii_digit()).take(60).collect())
+                    .entry(
+                        e.chars()
+                            .take_while(|&c| c != '(')
+                            .filter(|c| !c.is_ascii_digit())
+                            .take(60)
+                            .collect(),
+                    )
                     .or_default() += 1
             }
             Err(msg) => {
