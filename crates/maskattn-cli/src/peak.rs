@@ -297,6 +297,59 @@ mod tests {
         }
     }
 
+    /// The header names the CPU, the paths and every limit; a row's limit follows its path
+    /// (bf16 on vdpbf16ps against that, everything else against the ISA's FMA) and lands in
+    /// its JSON.
+    #[test]
+    fn rows_are_held_to_the_limit_of_their_path() {
+        let peaks = Peaks {
+            threads: 2,
+            fma_avx512: Some(100.0),
+            fma_avx2: Some(50.0),
+            bf16_dot: Some(400.0),
+        };
+        let mut paths = Paths {
+            cpu: "Some CPU 9000".into(),
+            isa: "Avx512".into(),
+            bf16_dot: true,
+            amx_tile: false,
+            amx_bf16: false,
+        };
+        let h = header(&peaks, &paths);
+        for want in [
+            "CPU: Some CPU 9000",
+            "kernels on Avx512",
+            "bf16 on vdpbf16ps",
+            "AMX: absent",
+            "avx512 fma 100.0 GFLOP/s",
+            "avx2 fma 50.0 GFLOP/s",
+            "vdpbf16ps 400.0 GFLOP/s",
+        ] {
+            assert!(h.contains(want), "{want:?} not in {h}");
+        }
+        assert_eq!(RowLimit::of(&peaks, &paths, false, 80.0).cell(), "80%");
+        assert_eq!(RowLimit::of(&peaks, &paths, true, 80.0).cell(), "20%");
+        let v = RowLimit::of(&peaks, &paths, true, 80.0)
+            .add_to(serde_json::json!({"useful_gflops": 80.0}))
+            .unwrap();
+        assert_eq!(v["limit"], "vdpbf16ps");
+        assert_eq!(v["limit_gflops"], 400.0);
+        assert_eq!(v["limit_fraction"], 0.2);
+        paths.bf16_dot = false; // MASKATTN_BF16_DOT=0: bf16 is widened, held to the FMA
+        assert_eq!(RowLimit::of(&peaks, &paths, true, 80.0).cell(), "80%");
+        paths.isa = "Avx2".into();
+        assert_eq!(RowLimit::of(&peaks, &paths, false, 40.0).cell(), "80%");
+        paths.isa = "Portable".into();
+        let none = RowLimit::of(&peaks, &paths, false, 40.0);
+        assert_eq!(none.cell(), "-");
+        assert!(none.add_to(serde_json::json!({})).unwrap()["limit"].is_null());
+        let absent = Peaks {
+            bf16_dot: None,
+            ..peaks
+        };
+        assert!(header(&absent, &paths).contains("vdpbf16ps absent"));
+    }
+
     /// The loops do the work their FLOP counts say: `n` FMAs on each of their accumulators ×
     /// lanes (checked against the same arithmetic in scalar code).
     #[cfg(target_arch = "x86_64")]
