@@ -7,7 +7,7 @@
 //! Each loop keeps 12–16 accumulators in registers: enough to cover an FMA's latency (4–5
 //! cycles) times the vector FMA ports (2) of current x86 cores, so the loop runs at the
 //! ports' throughput. It runs on every thread of rayon's pool at once (`broadcast`), and the
-//! figure is the FLOPs of all threads over the wall time of the slowest.
+//! figure is the FLOPs of all threads over the wall time of the slowest (best of five).
 
 use std::time::Instant;
 
@@ -198,22 +198,28 @@ pub fn measure() -> Peaks {
 }
 
 /// GFLOP/s of `kernel(iterations)` (which does `flops_per_iteration` FLOPs each iteration)
-/// run on every thread at once: the best of three runs of about 30 ms, after one to size them.
+/// run on every thread at once: the best of five runs of about 25 ms each.
 fn rate(flops_per_iteration: u64, kernel: impl Fn(u64) -> f32 + Sync) -> f64 {
-    let threads = rayon::current_num_threads() as f64;
-    let run = |n: u64| -> f64 {
+    // Sized on this thread alone, doubling until a run takes 10 ms: short runs would time
+    // the waking of the pool's threads, not the loop (on a loaded machine, by 100×).
+    let mut n = 1u64 << 12;
+    let n = loop {
         let t = Instant::now();
-        let sums = rayon::broadcast(|_| kernel(n));
-        std::hint::black_box(sums);
-        t.elapsed().as_secs_f64()
+        std::hint::black_box(kernel(n));
+        let s = t.elapsed().as_secs_f64();
+        if s >= 10e-3 || n >= 1 << 40 {
+            break ((n as f64) * 25e-3 / s).max(1.0) as u64;
+        }
+        n *= 2;
     };
-    let mut n = 1u64 << 14;
-    // Grow until one run takes 5 ms, then size the timed runs to about 30 ms.
-    while run(n) < 5e-3 && n < 1 << 40 {
-        n *= 4;
-    }
-    let n = ((n as f64) * 30e-3 / run(n).max(1e-6)).max(1.0) as u64;
-    let best = (0..3).map(|_| run(n)).fold(f64::INFINITY, f64::min);
+    let threads = rayon::current_num_threads() as f64;
+    let best = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(rayon::broadcast(|_| kernel(n)));
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
     threads * (n * flops_per_iteration) as f64 / best / 1e9
 }
 
