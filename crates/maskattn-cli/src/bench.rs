@@ -14,9 +14,6 @@ use serde::Serialize;
 use crate::alloc_count;
 use crate::mask_expr::{self, MaskData};
 
-#[path = "peak.rs"]
-mod peak;
-
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Shape B,H,L,d (H query heads, L queries).
@@ -490,13 +487,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         return Ok(());
     }
     let peak = practical_peak();
-    let (limits, paths) = (peak::measure(), peak::paths());
     let decoding = cases.iter().any(|c| c.pass == Pass::Decode);
     let bw = if decoding {
         practical_bandwidth()
     } else {
         f64::NAN
     };
+    let (limits, paths) = (peak::measure(), peak::paths());
     if args.json {
         println!(
             "{}",
@@ -533,3 +530,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[path = "peak.rs"]
+mod peak;
