@@ -11,6 +11,10 @@ use safetensors::SafeTensors;
 use crate::mask_expr::{self, MaskData};
 use crate::tensors::{self, Tensor};
 
+// Every program output file goes through this module (attend here, attention-map too).
+#[path = "output.rs"]
+pub mod output;
+
 #[derive(Args, Debug)]
 pub struct AttendArgs {
     /// Input safetensors file: `q` [B, H_q, L_q, d], `k`, `v` [B, H_kv, L_k, d] (f32); optional
@@ -102,12 +106,28 @@ fn shape4(t: &Tensor<f32>, name: &str) -> Result<[usize; 4]> {
         .with_context(|| format!("{name} must be 4-d [B, H, L, d]"))
 }
 
-pub fn run(args: &AttendArgs) -> Result<()> {
-    let terms = mask_expr::parse(&args.mask)?;
-    let bytes =
-        std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{} is not a safetensors file", args.input.display()))?;
+/// What one call computes from an input file: the output tensors (name, shape, values) and
+/// what the message on stderr reports.
+pub struct Computed {
+    pub outputs: Vec<(&'static str, Vec<usize>, Vec<f32>)>,
+    q_shape: [usize; 4],
+    k_shape: [usize; 4],
+    mask: Mask,
+    stats: maskattn::BlockStats,
+    elapsed: std::time::Duration,
+}
+
+/// Everything between the input file's bytes and the output tensors: `source` names the input
+/// in messages, `build_mask` turns the file's mask data into the mask. Every bad input is an
+/// error, never a panic (the fuzz test in `attend_fuzz.rs` holds it to that).
+pub fn compute(
+    bytes: &[u8],
+    source: &str,
+    build_mask: impl FnOnce(&dyn MaskData) -> Result<Mask>,
+    scale: Option<f32>,
+) -> Result<Computed> {
+    let st = SafeTensors::deserialize(bytes)
+        .with_context(|| format!("{source} is not a safetensors file"))?;
     let (q, k, v) = (
         tensors::f32(&st, "q", 4)?,
         tensors::f32(&st, "k", 4)?,
@@ -126,39 +146,69 @@ pub fn run(args: &AttendArgs) -> Result<()> {
         lq: dims.lq,
         lk: dims.lk,
     };
-    let mask = mask_expr::build(&terms, &data)?;
+    let mask = build_mask(&data)?;
     let block = BlockMask::new(&mask, dims.mask_shape())?;
 
     let t0 = Instant::now();
     let params = maskattn::Params {
-        scale: args.scale,
+        scale,
         ..Default::default()
     };
     let fwd = maskattn::forward(&qv, &kv, &vv, &block, &params)?;
     let lse_shape = vec![dims.batch, dims.q_heads, dims.lq];
-    let mut outputs: Vec<(&str, Vec<usize>, &[f32])> =
-        vec![("out", qs.to_vec(), &fwd.out), ("lse", lse_shape, &fwd.lse)];
-    let grads;
+    let mut outputs = Vec::new();
     if tensors::has(&st, "dout") {
         let dout = tensors::f32(&st, "dout", 4)?;
         let dv = View::bhld("dout", &dout.data, shape4(&dout, "dout")?)?;
         let ov = View::bhld("out", &fwd.out, qs)?;
-        grads = maskattn::backward(&qv, &kv, &vv, &ov, &fwd.lse, &dv, &block, &params)?;
-        outputs.push(("dq", qs.to_vec(), &grads.dq));
-        outputs.push(("dk", ks.to_vec(), &grads.dk));
-        outputs.push(("dv", vs.to_vec(), &grads.dv));
+        let g = maskattn::backward(&qv, &kv, &vv, &ov, &fwd.lse, &dv, &block, &params)?;
+        outputs.push(("dq", qs.to_vec(), g.dq));
+        outputs.push(("dk", ks.to_vec(), g.dk));
+        outputs.push(("dv", vs.to_vec(), g.dv));
     }
-    let elapsed = t0.elapsed();
+    outputs.insert(0, ("lse", lse_shape, fwd.lse));
+    outputs.insert(0, ("out", qs.to_vec(), fwd.out));
+    Ok(Computed {
+        outputs,
+        q_shape: qs,
+        k_shape: ks,
+        mask,
+        stats: block.stats(),
+        elapsed: t0.elapsed(),
+    })
+}
+
+pub fn run(args: &AttendArgs) -> Result<()> {
+    let terms = mask_expr::parse(&args.mask)?;
+    // Refuse an output that cannot be written (a directory) before the work, not after.
+    output::plan(&args.output)?;
+    let bytes =
+        std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+    let c = compute(
+        &bytes,
+        &args.input.display().to_string(),
+        |data| mask_expr::build(&terms, data),
+        args.scale,
+    )?;
+    let outputs: Vec<(&str, Vec<usize>, &[f32])> = c
+        .outputs
+        .iter()
+        .map(|(n, s, d)| (*n, s.clone(), &d[..]))
+        .collect();
     tensors::write_f32(&args.output, &outputs)?;
 
-    let st = block.stats();
+    let (qs, ks, mask, st) = (c.q_shape, c.k_shape, &c.mask, &c.stats);
     eprintln!(
         "attend: q {qs:?} k {ks:?} mask {mask:?}: {:.1}% of pairs hidden, {:.1}% of tiles skipped; {} in {:.2} ms -> {}",
         100.0 * st.hidden_pair_fraction(),
         100.0 * st.skipped_tile_fraction(),
         if outputs.len() > 2 { "forward+backward" } else { "forward" },
-        elapsed.as_secs_f64() * 1e3,
+        c.elapsed.as_secs_f64() * 1e3,
         args.output.display()
     );
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "attend_fuzz.rs"]
+mod fuzz;

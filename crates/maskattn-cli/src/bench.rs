@@ -318,7 +318,7 @@ fn suite() -> Vec<Case> {
 
 fn print_header() {
     println!(
-        "{:<18} {:<14} {:<5} {:<7} {:>9} {:>8} {:>8} {:>6} {:>7} {:>8} {:>9}",
+        "{:<18} {:<14} {:<5} {:<7} {:>9} {:>8} {:>8} {:>6} {:>6} {:>7} {:>8} {:>9}",
         "B,Hq/Hkv,Lq,Lk,d",
         "mask",
         "dtype",
@@ -326,14 +326,15 @@ fn print_header() {
         "ms",
         "dense",
         "useful",
-        "%peak",
+        "%limit",
+        "%gemm",
         "skipped",
         "extraMiB",
         "GB/s"
     );
 }
 
-fn print_row(r: &Row) {
+fn print_row(r: &Row, limit: &str) {
     let dt = format!("{:?}", r.dtype).to_lowercase();
     let pass = match r.pass {
         Pass::Fwd => "fwd",
@@ -341,7 +342,7 @@ fn print_row(r: &Row) {
         Pass::Decode => "decode",
     };
     println!(
-        "{:<18} {:<14} {:<5} {:<7} {:>9.2} {:>8.1} {:>8.1} {:>5.0}% {:>6.1}% {:>8.1} {:>9}{}",
+        "{:<18} {:<14} {:<5} {:<7} {:>9.2} {:>8.1} {:>8.1} {limit:>6} {:>5.0}% {:>6.1}% {:>8.1} {:>9}{}",
         format!(
             "{},{}/{},{},{},{}",
             r.batch, r.heads, r.kv_heads, r.lq, r.lk, r.d
@@ -405,12 +406,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     } else {
         f64::NAN
     };
+    let (limits, paths) = (peak::measure(), peak::paths());
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"practical_peak_gflops": peak, "bandwidth_gb_per_s": bw, "threads": rayon::current_num_threads(), "isa": format!("{:?}", maskattn::current_isa())})
+            serde_json::json!({"practical_peak_gflops": peak, "bandwidth_gb_per_s": bw, "threads": rayon::current_num_threads(), "isa": format!("{:?}", maskattn::current_isa()), "peaks": peak::header_json(&limits, &paths)})
         );
     } else {
+        println!("{}", peak::header(&limits, &paths));
         println!(
             "practical peak: {peak:.1} GFLOP/s (2048^3 f32 matrix product, {} threads); kernels on {:?}; GFLOP/s columns: dense counts every pair, useful only allowed ones (fwd+bwd = 3.5x fwd)",
             rayon::current_num_threads(),
@@ -431,11 +434,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 c.shape, c.mask, c.dtype, c.pass
             )
         })?;
+        let limit = peak::RowLimit::of(&limits, &paths, c.dtype == Dtype::Bf16, row.useful_gflops);
         if args.json {
-            println!("{}", serde_json::to_string(&row)?);
+            println!("{}", limit.add_to(&row)?);
         } else {
-            print_row(&row);
+            print_row(&row, &limit.cell());
         }
     }
     Ok(())
 }
+
+#[path = "peak.rs"]
+mod peak;

@@ -75,10 +75,12 @@ pub struct Encoder {
     max_len: usize,
 }
 
-/// One encoded sentence: its embedding, and whether it was cut to the model's length.
+/// One encoded sentence: its embedding, and whether it was cut to the model's length or
+/// had no tokens at all (then the embedding is zero).
 pub struct Embedded {
     pub vector: Vec<f32>,
     pub truncated: bool,
+    pub no_tokens: bool,
 }
 
 impl Encoder {
@@ -118,12 +120,22 @@ impl Encoder {
         };
         let normalize = std::fs::read_to_string(dir.join("modules.json"))
             .is_ok_and(|m| m.contains("models.Normalize"));
-        let max_len = std::fs::read_to_string(dir.join("sentence_bert_config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["max_seq_length"].as_u64())
-            .map_or(bert.config().max_position_embeddings, |m| m as usize)
-            .min(bert.config().max_position_embeddings);
+        let positions = bert.config().max_position_embeddings;
+        let max_len = match std::fs::read_to_string(dir.join("sentence_bert_config.json")) {
+            Err(_) => positions,
+            Ok(t) => {
+                let v: serde_json::Value =
+                    serde_json::from_str(&t).context("sentence_bert_config.json is malformed")?;
+                match &v["max_seq_length"] {
+                    serde_json::Value::Null => positions,
+                    // 0 would leave no room even for the final token that truncation keeps.
+                    m => match m.as_u64() {
+                        Some(n) if n >= 1 => (n as usize).min(positions),
+                        _ => bail!("sentence_bert_config.json: max_seq_length is {m}; it must be a whole number of at least 1"),
+                    },
+                }
+            }
+        };
         Ok(Encoder {
             bert,
             tokenizer,
@@ -159,6 +171,18 @@ impl Encoder {
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| toks[i].0.len());
         let mut out: Vec<Option<Embedded>> = (0..texts.len()).map(|_| None).collect();
+        // A tokenizer without special tokens gives an empty line no tokens: there is nothing to
+        // pool, and sentence-transformers' mean (a sum over max(count, 1e-9)) is the zero
+        // vector. Such lines skip the model (a row of length 0 would pool to 0/0 = NaN).
+        let (empty, order): (Vec<usize>, Vec<usize>) =
+            order.into_iter().partition(|&i| toks[i].0.is_empty());
+        for i in empty {
+            out[i] = Some(Embedded {
+                vector: vec![0.0; self.bert.config().hidden_size],
+                truncated: false,
+                no_tokens: true,
+            });
+        }
         let pad = self.bert.config().pad_token_id;
         for group in order.chunks(batch_size.max(1)) {
             let lmax = group.iter().map(|&i| toks[i].0.len()).max().unwrap_or(1);
@@ -176,6 +200,7 @@ impl Encoder {
                 out[i] = Some(Embedded {
                     vector: pooled[r].clone(),
                     truncated: toks[i].1,
+                    no_tokens: false,
                 });
             }
         }
@@ -231,7 +256,13 @@ fn read_lines(input: Option<&Path>) -> Result<Vec<String>> {
         .collect(),
         None => std::io::stdin().lock().lines().collect(),
     };
-    lines.context("the input is not UTF-8 text")
+    // Only bad bytes are "not UTF-8"; any other failure (a folder given as the input) is
+    // reported as what it is.
+    let what = input.map_or("the input".to_string(), |p| p.display().to_string());
+    lines.map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidData => anyhow::anyhow!("{what} is not UTF-8 text"),
+        _ => anyhow::anyhow!("reading {what}: {e}"),
+    })
 }
 
 fn warn_truncated(embs: &[Embedded], max_len: usize) {
@@ -239,6 +270,12 @@ fn warn_truncated(embs: &[Embedded], max_len: usize) {
         if e.truncated {
             eprintln!(
                 "warning: line {} is longer than {max_len} tokens and was truncated",
+                i + 1
+            );
+        }
+        if e.no_tokens {
+            eprintln!(
+                "warning: line {} has no tokens; its embedding is all zeros",
                 i + 1
             );
         }

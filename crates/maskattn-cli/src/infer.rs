@@ -246,7 +246,8 @@ pub fn attention_map(a: &AttentionMapArgs) -> Result<()> {
             "attention weights of a {objective} model; mask: {name} (hatched pairs are hidden)"
         ),
     };
-    plot::attention_maps(&maps, &a.out)?;
+    // Whole or not at all: drawn into a temporary beside the picture, then renamed.
+    crate::attend::output::write_with(&a.out, |p| plot::attention_maps(&maps, p))?;
     println!(
         "wrote {} ({} layers × {} heads, {} tokens)",
         a.out.display(),

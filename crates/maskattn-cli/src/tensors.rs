@@ -69,8 +69,8 @@ pub fn u8(st: &SafeTensors, name: &str, rank: usize) -> Result<Tensor<u8>> {
     })
 }
 
-/// Writes f32 tensors to `path` atomically: a temporary file beside it, then a rename, so a
-/// crash never leaves a half-written output behind.
+/// Writes f32 tensors to `path` as every program output is written (see `output`): whole
+/// or not at all for a file, through for a FIFO or device.
 pub fn write_f32(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<()> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
@@ -82,9 +82,5 @@ pub fn write_f32(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<
         .map(|((name, shape, _), b)| Ok((*name, TensorView::new(Dtype::F32, shape.clone(), b)?)))
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let buf = safetensors::serialize(views, None)?;
-    let tmp = path.with_extension("safetensors.tmp");
-    std::fs::write(&tmp, buf).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    crate::attend::output::write_bytes(path, &buf)
 }

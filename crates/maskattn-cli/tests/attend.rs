@@ -288,3 +288,241 @@ fn demo_checks_every_mask_kind() {
     }
     assert!(rows.iter().all(|r| r.ends_with("yes")), "{text}");
 }
+
+/// A small valid input (`q`, `k`, `v` [1, 1, L, d]; `dout` too when `grads`) in `dir`.
+fn small_input(dir: &Path, l: usize, d: usize, grads: bool) -> std::path::PathBuf {
+    let input = dir.join("in.safetensors");
+    let x = values(l * d, 7);
+    let t = |name| (name, Dtype::F32, vec![1, 1, l, d], le(&x, f32::to_le_bytes));
+    let mut ts = vec![t("q"), t("k"), t("v")];
+    if grads {
+        ts.push(t("dout"));
+    }
+    write(&input, ts);
+    input
+}
+
+fn attend_to(input: &Path, output: &Path) -> std::process::Output {
+    bin()
+        .args([
+            "attend",
+            input.to_str().unwrap(),
+            "-o",
+            output.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap()
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn assert_attend_output(bytes: &[u8]) {
+    let st = SafeTensors::deserialize(bytes).expect("a safetensors file");
+    let mut names = st.names();
+    names.sort();
+    assert_eq!(names, vec!["lse", "out"]);
+}
+
+/// `-o DIR` is refused before anything is computed, and leaves no temporary file beside it
+/// (it used to leave `DIR.safetensors.tmp`).
+#[test]
+fn attend_refuses_a_directory_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = small_input(dir.path(), 3, 8, false);
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let run = attend_to(&input, &sub);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        err.starts_with("error: ") && err.contains("is a directory"),
+        "{err}"
+    );
+    assert_eq!(names_in(dir.path()), vec!["in.safetensors", "sub"]);
+    assert!(names_in(&sub).is_empty());
+}
+
+/// A symlink stays a link: the file it names is replaced, in its own folder.
+#[test]
+fn attend_writes_through_a_symlink_to_its_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = small_input(dir.path(), 3, 8, false);
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("real.safetensors"), b"old").unwrap();
+    let link = dir.path().join("link.safetensors");
+    std::os::unix::fs::symlink("data/real.safetensors", &link).unwrap();
+    let run = attend_to(&input, &link);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_attend_output(&std::fs::read(data.join("real.safetensors")).unwrap());
+    assert_eq!(names_in(&data), vec!["real.safetensors"]);
+    assert_eq!(
+        names_in(dir.path()),
+        vec!["data", "in.safetensors", "link.safetensors"]
+    );
+}
+
+/// A FIFO and a character device are written through, not replaced by a regular file.
+#[test]
+fn attend_writes_through_fifos_and_devices() {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let input = small_input(dir.path(), 3, 8, false);
+
+    // The FIFO is held open for reading and writing without blocking (O_NONBLOCK), so that
+    // attend's open returns at once and a FIFO replaced by a file fails the test instead of
+    // hanging it. The output (a few hundred bytes) fits in the pipe's buffer.
+    let fifo = dir.path().join("fifo.safetensors");
+    let mk = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(mk.success());
+    const O_NONBLOCK: i32 = 0o4000;
+    let mut reader = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let run = attend_to(&input, &fifo);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    assert_attend_output(&got);
+    assert_eq!(
+        names_in(dir.path()),
+        vec!["fifo.safetensors", "in.safetensors"]
+    );
+
+    // A private copy of /dev/null (needs root for mknod; skipped otherwise). Only once that
+    // passed are the real /dev/null and /dev/stdout used: the old code replaced them.
+    let null = dir.path().join("null");
+    if Command::new("mknod")
+        .args([null.to_str().unwrap(), "c", "1", "3"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        let run = attend_to(&input, &null);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert!(std::fs::symlink_metadata(&null)
+            .unwrap()
+            .file_type()
+            .is_char_device());
+        assert_eq!(
+            names_in(dir.path()),
+            vec!["fifo.safetensors", "in.safetensors", "null"]
+        );
+    } else {
+        eprintln!("mknod not permitted: the private character device case was skipped");
+    }
+    let run = attend_to(&input, Path::new("/dev/null"));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(std::fs::metadata("/dev/null")
+        .unwrap()
+        .file_type()
+        .is_char_device());
+    // `-o /dev/stdout` with stdout a pipe: the file arrives on stdout.
+    let run = attend_to(&input, Path::new("/dev/stdout"));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_attend_output(&run.stdout);
+    // /dev/full: the device's "no space" is the error, one line, exit status 1.
+    let run = attend_to(&input, Path::new("/dev/full"));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("No space left"),
+        "{err}"
+    );
+}
+
+/// A real full disk: a 64 KiB tmpfs in a private mount namespace (`unshare --mount`, as root;
+/// the mount ends with the namespace, nothing is left mounted). The output does not fit:
+/// the run fails with the file system's error, the old output is untouched and no temporary
+/// file is left in the folder.
+#[test]
+fn attend_on_a_full_disk_keeps_the_old_output_and_leaves_no_temporary() {
+    let probe = Command::new("unshare")
+        .args(["--mount", "true"])
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("unshare --mount not permitted here: the full-disk test was skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // out, lse, dq, dk, dv of [1, 1, 256, 64]: about 320 KiB, five times the disk.
+    let input = small_input(dir.path(), 256, 64, true);
+    let disk = dir.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let script = r#"mount -t tmpfs -o size=64k tmpfs "$1" || exit 99
+printf old > "$1/out.safetensors"
+"$2" attend "$3" -o "$1/out.safetensors"
+echo "rc=$?"
+ls -A "$1"
+echo "content=$(cat "$1/out.safetensors")""#;
+    let run = Command::new("unshare")
+        .args(["--mount", "sh", "-c", script, "sh"])
+        .arg(&disk)
+        .arg(env!("CARGO_BIN_EXE_maskattn"))
+        .arg(&input)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&run.stdout);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "mount failed: {out}{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        vec!["rc=1", "out.safetensors", "content=old"],
+        "{err}"
+    );
+    assert!(
+        names_in(&disk).is_empty(),
+        "the mount is gone with its namespace"
+    );
+}

@@ -192,3 +192,129 @@ fn missing_or_malformed_model_folders_are_clear_errors() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// A copy of the model folder (links to its files) with some files replaced.
+fn model_with(replaced: &[(&str, String)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(model()).unwrap() {
+        let e = e.unwrap();
+        std::os::unix::fs::symlink(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    for (name, text) in replaced {
+        let p = dir.path().join(name);
+        let _ = std::fs::remove_file(&p);
+        std::fs::write(p, text).unwrap();
+    }
+    dir
+}
+
+fn embed_with(model: &Path, stdin: &str) -> (Vec<Vec<f64>>, String) {
+    let out = run(&["embed", "--model", model.to_str().unwrap()], Some(stdin));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    let vecs = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| {
+                    x.as_f64()
+                        .unwrap_or_else(|| panic!("not a number: {x} in {l:.200}"))
+                })
+                .collect()
+        })
+        .collect();
+    (vecs, err)
+}
+
+/// Without a post-processor an empty line has no tokens at all (no [CLS] / [SEP]); it used
+/// to come out as NaN (written as JSON `null`) with exit status 0. sentence-transformers
+/// gives such a line the zero vector (its mean pooling divides by max(count, 1e-9)); so
+/// does embed, with a warning.
+#[test]
+fn an_empty_line_without_special_tokens_is_the_zero_vector_not_nan() {
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model().join("tokenizer.json")).unwrap())
+            .unwrap();
+    tok["post_processor"] = serde_json::Value::Null;
+    let m = model_with(&[("tokenizer.json", tok.to_string())]);
+    let (v, err) = embed_with(m.path(), "A cat sleeps.\n\nA dog barks.\n");
+    assert_eq!(v.len(), 3);
+    assert_eq!(v[1].len(), 384);
+    assert!(v[1].iter().all(|&x| x == 0.0), "{:?}", &v[1][..4]);
+    assert!(err.contains("line 2 has no tokens"), "{err}");
+    for e in [&v[0], &v[2]] {
+        let norm: f64 = e.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "{norm}");
+    }
+    // Only empty lines, in one batch: nothing goes to the model, zeros come out.
+    let (v, _) = embed_with(m.path(), "\n\n");
+    assert_eq!(v.len(), 2);
+    assert!(v
+        .iter()
+        .all(|e| e.len() == 384 && e.iter().all(|&x| x == 0.0)));
+}
+
+/// `max_seq_length: 0` (or a value that is not a positive whole number) is refused with a
+/// message naming the file; it used to be accepted.
+#[test]
+fn a_max_seq_length_of_zero_is_refused() {
+    for bad in ["0", "-3", "\"long\"", "1.5"] {
+        let m = model_with(&[(
+            "sentence_bert_config.json",
+            format!("{{\"max_seq_length\": {bad}}}"),
+        )]);
+        let out = run(
+            &["embed", "--model", m.path().to_str().unwrap()],
+            Some("hi\n"),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bad}: {err}");
+        assert!(
+            err.starts_with("error: ")
+                && err.contains("sentence_bert_config.json")
+                && err.contains("max_seq_length"),
+            "{bad}: {err}"
+        );
+    }
+    // 1 keeps only the final token; still an embedding.
+    let m = model_with(&[(
+        "sentence_bert_config.json",
+        "{\"max_seq_length\": 1}".into(),
+    )]);
+    let (v, err) = embed_with(m.path(), "a few words here\n");
+    assert!(v[0].iter().all(|x| x.is_finite()));
+    assert!(err.contains("longer than 1 tokens"), "{err}");
+}
+
+/// `--input DIR` is a read error naming the folder, not "not UTF-8"; a file that really is
+/// not UTF-8 still says so.
+#[test]
+fn input_errors_say_what_went_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model().to_str().unwrap();
+    let d = dir.path().to_str().unwrap();
+    for cmd in [
+        vec!["embed", "--model", m, "--input", d],
+        vec!["similarity", "--model", m, "--query", "x", "--input", d],
+    ] {
+        let out = run(&cmd, None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(d) && err.contains("Is a directory"), "{err}");
+        assert!(!err.contains("UTF-8"), "{err}");
+    }
+    let latin1 = dir.path().join("latin1.txt");
+    std::fs::write(&latin1, b"caf\xe9\n").unwrap();
+    let out = run(
+        &["embed", "--model", m, "--input", latin1.to_str().unwrap()],
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not UTF-8"), "{err}");
+}

@@ -1,0 +1,389 @@
+//! The peaks `bench` measures its figures against, on the spot and with the same threads
+//! (DESIGN.md section 5): the FMA limit of each instruction set the CPU has (a loop of
+//! independent FMAs on registers only, no memory traffic), and the `vdpbf16ps` limit for
+//! bf16; plus what the CPU is and which code path the kernels take. A fraction of one of
+//! these above 100% means the peak is wrong, not the kernel fast.
+//!
+//! Each loop keeps 12–16 accumulators in registers: enough to cover an FMA's latency (4–5
+//! cycles) times the vector FMA ports (2) of current x86 cores, so the loop runs at the
+//! ports' throughput. It runs on every thread of rayon's pool at once (`broadcast`), and the
+//! figure is the FLOPs of all threads over the wall time of the slowest (best of five).
+
+use std::time::Instant;
+
+/// FLOP/s figures in GFLOP/s; `None` where the CPU lacks the instructions.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Peaks {
+    pub threads: usize,
+    pub fma_avx512: Option<f64>,
+    pub fma_avx2: Option<f64>,
+    /// `vdpbf16ps` (AVX512-BF16): 16 lanes × 2 bf16 products, each a multiply and an add.
+    pub bf16_dot: Option<f64>,
+}
+
+/// What the CPU is and which path the kernels take on it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Paths {
+    pub cpu: String,
+    /// `maskattn::current_isa()`.
+    pub isa: String,
+    /// Whether bf16 storage goes to `vdpbf16ps` (else it is widened to f32).
+    pub bf16_dot: bool,
+    /// CPUID leaf 7: AMX-TILE and AMX-BF16. No kernel uses AMX yet.
+    pub amx_tile: bool,
+    pub amx_bf16: bool,
+}
+
+/// The CPU's "model name" from /proc/cpuinfo ("unknown" where there is none).
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The kernels' path: the instruction set in use, and whether bf16 goes to `vdpbf16ps`. The
+/// kernel crate decides the latter internally; this is its rule (AVX-512 in use, the CPU has
+/// AVX512-BF16 and BW, `MASKATTN_BF16_DOT` is not `0`).
+pub fn paths() -> Paths {
+    let isa = maskattn::current_isa();
+    #[cfg(target_arch = "x86_64")]
+    let (bf16_dot, (amx_tile, amx_bf16)) = (
+        isa == maskattn::Isa::Avx512
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512bf16")
+            && std::env::var("MASKATTN_BF16_DOT").as_deref() != Ok("0"),
+        amx(),
+    );
+    #[cfg(not(target_arch = "x86_64"))]
+    let (bf16_dot, (amx_tile, amx_bf16)) = (false, (false, false));
+    Paths {
+        cpu: cpu_model(),
+        isa: format!("{isa:?}"),
+        bf16_dot,
+        amx_tile,
+        amx_bf16,
+    }
+}
+
+/// AMX-TILE and AMX-BF16 from CPUID leaf 7, sub-leaf 0, EDX bits 24 and 22.
+#[cfg(target_arch = "x86_64")]
+fn amx() -> (bool, bool) {
+    use std::arch::x86_64::__cpuid_count;
+    // CPUID exists on every x86-64 CPU; leaf 7 only where the highest leaf reaches it.
+    let max_leaf = __cpuid_count(0, 0).eax;
+    if max_leaf < 7 {
+        return (false, false);
+    }
+    let edx = __cpuid_count(7, 0).edx;
+    (edx & (1 << 24) != 0, edx & (1 << 22) != 0)
+}
+
+impl Paths {
+    pub fn amx_word(&self) -> &'static str {
+        match (self.amx_tile, self.amx_bf16) {
+            (true, true) => "present (unused: no AMX kernel yet)",
+            (true, false) => "tiles without bf16 (unused)",
+            _ => "absent",
+        }
+    }
+}
+
+impl Peaks {
+    /// The limit a row is held to: `vdpbf16ps` for bf16 on that path, else the FMA limit of
+    /// the instruction set in use (none for the portable path: the compiler chooses its
+    /// instructions). Returns the limit's name and GFLOP/s.
+    pub fn limit_for(&self, paths: &Paths, bf16: bool) -> Option<(&'static str, f64)> {
+        if bf16 && paths.bf16_dot {
+            return self.bf16_dot.map(|g| ("vdpbf16ps", g));
+        }
+        match paths.isa.as_str() {
+            "Avx512" => self.fma_avx512.map(|g| ("avx512 fma", g)),
+            "Avx2" => self.fma_avx2.map(|g| ("avx2 fma", g)),
+            _ => None,
+        }
+    }
+}
+
+/// A row's limit: its name, GFLOP/s and the fraction of it the row's useful GFLOP/s reach.
+pub struct RowLimit(Option<(&'static str, f64, f64)>);
+
+impl RowLimit {
+    pub fn of(peaks: &Peaks, paths: &Paths, bf16: bool, useful_gflops: f64) -> RowLimit {
+        RowLimit(
+            peaks
+                .limit_for(paths, bf16)
+                .map(|(name, g)| (name, g, useful_gflops / g)),
+        )
+    }
+
+    /// The table's `%limit` cell.
+    pub fn cell(&self) -> String {
+        self.0
+            .map_or("-".into(), |(_, _, f)| format!("{:.0}%", 100.0 * f))
+    }
+
+    /// The row's JSON object with `limit`, `limit_gflops` and `limit_fraction` added (null
+    /// where there is no limit).
+    pub fn add_to(&self, row: impl serde::Serialize) -> serde_json::Result<serde_json::Value> {
+        let mut v = serde_json::to_value(row)?;
+        if let Some(m) = v.as_object_mut() {
+            let (name, g, f) = self
+                .0
+                .map_or((None, None, None), |(n, g, f)| (Some(n), Some(g), Some(f)));
+            m.insert("limit".into(), serde_json::json!(name));
+            m.insert("limit_gflops".into(), serde_json::json!(g));
+            m.insert("limit_fraction".into(), serde_json::json!(f));
+        }
+        Ok(v)
+    }
+}
+
+/// The lines above the table: the CPU, the kernels' path and the peaks.
+pub fn header(peaks: &Peaks, paths: &Paths) -> String {
+    let g = |x: Option<f64>| x.map_or("absent".to_string(), |g| format!("{g:.1} GFLOP/s"));
+    format!(
+        "CPU: {}; kernels on {}, bf16 {}, AMX: {}\n\
+         limits ({} threads, register-only loops): avx512 fma {}, avx2 fma {}, vdpbf16ps {}; \
+         %limit holds each row to the limit of its path (bf16 on vdpbf16ps: vdpbf16ps; else the fma of the kernels' ISA), \
+         %gemm to the f32 matrix product",
+        paths.cpu,
+        paths.isa,
+        if paths.bf16_dot {
+            "on vdpbf16ps"
+        } else {
+            "widened to f32"
+        },
+        paths.amx_word(),
+        peaks.threads,
+        g(peaks.fma_avx512),
+        g(peaks.fma_avx2),
+        g(peaks.bf16_dot),
+    )
+}
+
+/// The same for `--json`'s first line: `cpu`, `paths`, `limits`.
+pub fn header_json(peaks: &Peaks, paths: &Paths) -> serde_json::Value {
+    serde_json::json!({"cpu": paths.cpu, "paths": paths, "limits_gflops": peaks})
+}
+
+/// Measures every limit this CPU has.
+pub fn measure() -> Peaks {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx512 = is_x86_feature_detected!("avx512f");
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        let bf16 = avx512 && is_x86_feature_detected!("avx512bf16");
+        Peaks {
+            threads: rayon::current_num_threads(),
+            // SAFETY (all three): called only where the CPU has the instructions.
+            fma_avx512: avx512.then(|| rate(512, |n| unsafe { x86::fma_avx512(n) })),
+            fma_avx2: avx2.then(|| rate(192, |n| unsafe { x86::fma_avx2(n) })),
+            bf16_dot: bf16.then(|| rate(1024, |n| unsafe { x86::dpbf16(n) })),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Peaks {
+        threads: rayon::current_num_threads(),
+        fma_avx512: None,
+        fma_avx2: None,
+        bf16_dot: None,
+    }
+}
+
+/// GFLOP/s of `kernel(iterations)` (which does `flops_per_iteration` FLOPs each iteration)
+/// run on every thread at once: the best of five runs of about 25 ms each.
+fn rate(flops_per_iteration: u64, kernel: impl Fn(u64) -> f32 + Sync) -> f64 {
+    // Sized on this thread alone, doubling until a run takes 10 ms: short runs would time
+    // the waking of the pool's threads, not the loop (on a loaded machine, by 100×).
+    let mut n = 1u64 << 12;
+    let n = loop {
+        let t = Instant::now();
+        std::hint::black_box(kernel(n));
+        let s = t.elapsed().as_secs_f64();
+        if s >= 10e-3 || n >= 1 << 40 {
+            break ((n as f64) * 25e-3 / s).max(1.0) as u64;
+        }
+        n *= 2;
+    };
+    let threads = rayon::current_num_threads() as f64;
+    let best = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(rayon::broadcast(|_| kernel(n)));
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    threads * (n * flops_per_iteration) as f64 / best / 1e9
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// 16 accumulators × 16 lanes, `acc = acc · a + b` (converging to 1: no overflow, no
+    /// denormals). 16 × 16 × 2 = 512 FLOPs per iteration.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn fma_avx512(n: u64) -> f32 {
+        let a = _mm512_set1_ps(0.999);
+        let b = _mm512_set1_ps(0.001);
+        let mut acc = [_mm512_set1_ps(0.5); 16];
+        for _ in 0..n {
+            for x in acc.iter_mut() {
+                *x = _mm512_fmadd_ps(*x, a, b);
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for x in acc {
+            s = _mm512_add_ps(s, x);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+
+    /// As [`fma_avx512`] on 8-lane registers, 12 accumulators: AVX2 has 16 registers, and 16
+    /// accumulators beside `a` and `b` would spill to memory (seen in the disassembly); 12
+    /// still cover latency × ports (4 × 2 = 8). 12 × 8 × 2 = 192 FLOPs per iteration.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn fma_avx2(n: u64) -> f32 {
+        let a = _mm256_set1_ps(0.999);
+        let b = _mm256_set1_ps(0.001);
+        let mut acc = [_mm256_set1_ps(0.5); 12];
+        for _ in 0..n {
+            for x in acc.iter_mut() {
+                *x = _mm256_fmadd_ps(*x, a, b);
+            }
+        }
+        let mut s = _mm256_setzero_ps();
+        for x in acc {
+            s = _mm256_add_ps(s, x);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), s);
+        lanes.iter().sum()
+    }
+
+    /// 16 accumulators of `vdpbf16ps`: each adds 2 bf16 products per lane (16 lanes), 64
+    /// FLOPs; 1024 per iteration. The products are 2^-20: the sums stay far from overflow
+    /// for any run length timed here, and far above the denormals `vdpbf16ps` flushes.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn dpbf16(n: u64) -> f32 {
+        let x = _mm512_set1_ps(1.0 / 1024.0);
+        let a = _mm512_cvtne2ps_pbh(x, x);
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for _ in 0..n {
+            for s in acc.iter_mut() {
+                *s = _mm512_dpbf16_ps(*s, a, a);
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for x in acc {
+            s = _mm512_add_ps(s, x);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_model_and_paths_are_named() {
+        let p = paths();
+        assert!(!p.cpu.is_empty());
+        assert_eq!(p.isa, format!("{:?}", maskattn::current_isa()));
+        if p.bf16_dot {
+            assert_eq!(p.isa, "Avx512");
+        }
+    }
+
+    /// The header names the CPU, the paths and every limit; a row's limit follows its path
+    /// (bf16 on vdpbf16ps against that, everything else against the ISA's FMA) and lands in
+    /// its JSON.
+    #[test]
+    fn rows_are_held_to_the_limit_of_their_path() {
+        let peaks = Peaks {
+            threads: 2,
+            fma_avx512: Some(100.0),
+            fma_avx2: Some(50.0),
+            bf16_dot: Some(400.0),
+        };
+        let mut paths = Paths {
+            cpu: "Some CPU 9000".into(),
+            isa: "Avx512".into(),
+            bf16_dot: true,
+            amx_tile: false,
+            amx_bf16: false,
+        };
+        let h = header(&peaks, &paths);
+        for want in [
+            "CPU: Some CPU 9000",
+            "kernels on Avx512",
+            "bf16 on vdpbf16ps",
+            "AMX: absent",
+            "avx512 fma 100.0 GFLOP/s",
+            "avx2 fma 50.0 GFLOP/s",
+            "vdpbf16ps 400.0 GFLOP/s",
+        ] {
+            assert!(h.contains(want), "{want:?} not in {h}");
+        }
+        assert_eq!(RowLimit::of(&peaks, &paths, false, 80.0).cell(), "80%");
+        assert_eq!(RowLimit::of(&peaks, &paths, true, 80.0).cell(), "20%");
+        let v = RowLimit::of(&peaks, &paths, true, 80.0)
+            .add_to(serde_json::json!({"useful_gflops": 80.0}))
+            .unwrap();
+        assert_eq!(v["limit"], "vdpbf16ps");
+        assert_eq!(v["limit_gflops"], 400.0);
+        assert_eq!(v["limit_fraction"], 0.2);
+        paths.bf16_dot = false; // MASKATTN_BF16_DOT=0: bf16 is widened, held to the FMA
+        assert_eq!(RowLimit::of(&peaks, &paths, true, 80.0).cell(), "80%");
+        paths.isa = "Avx2".into();
+        assert_eq!(RowLimit::of(&peaks, &paths, false, 40.0).cell(), "80%");
+        paths.isa = "Portable".into();
+        let none = RowLimit::of(&peaks, &paths, false, 40.0);
+        assert_eq!(none.cell(), "-");
+        assert!(none.add_to(serde_json::json!({})).unwrap()["limit"].is_null());
+        let absent = Peaks {
+            bf16_dot: None,
+            ..peaks
+        };
+        assert!(header(&absent, &paths).contains("vdpbf16ps absent"));
+    }
+
+    /// The loops do the work their FLOP counts say: `n` FMAs on each of their accumulators ×
+    /// lanes (checked against the same arithmetic in scalar code).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_loops_compute_what_they_count() {
+        let scalar = |n: u64| {
+            let mut x = 0.5f32;
+            for _ in 0..n {
+                x = x.mul_add(0.999, 0.001);
+            }
+            x
+        };
+        if is_x86_feature_detected!("avx512f") {
+            let got = unsafe { x86::fma_avx512(3) };
+            assert!((got - 256.0 * scalar(3)).abs() < 1e-3, "{got}");
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            let got = unsafe { x86::fma_avx2(3) };
+            assert!((got - 96.0 * scalar(3)).abs() < 1e-3, "{got}");
+        }
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
+            // 3 iterations × 16 accumulators × 16 lanes × 2 products of 2^-20.
+            let got = unsafe { x86::dpbf16(3) };
+            assert_eq!(got, (3 * 16 * 16 * 2) as f32 / (1u64 << 20) as f32);
+        }
+        let p = measure();
+        for g in [p.fma_avx512, p.fma_avx2, p.bf16_dot].into_iter().flatten() {
+            assert!(g.is_finite() && g > 0.0, "{p:?}");
+        }
+    }
+}
