@@ -7,7 +7,9 @@ on its math path, or that our kernels do not take, goes to ``torch``'s own funct
 float32 / bfloat16 / float16, inputs other than 3-d or 4-d, a value head dim that differs
 from the query's, and every argument combination PyTorch rejects (so its error is raised).
 
-One difference: a query row whose bool mask allows no key gives 0 here, NaN in PyTorch.
+A query row whose bool mask allows no key gives 0 here, never NaN (PyTorch 2.15's CPU
+kernels give 0 as well; earlier PyTorch releases, and its math path with a float mask of
+−∞, give NaN).
 """
 
 from __future__ import annotations

@@ -55,6 +55,9 @@ _cache: "OrderedDict[Tuple[int, int, int, int, int], object]" = OrderedDict()
 _CACHE_SIZE = 64
 
 
+# Under torch.compile the id of a structure is a constant of the trace: Dynamo calls this
+# once while tracing instead of stepping into the lock and the dicts.
+@torch._dynamo.assume_constant_result
 def _structure_id(spec: tuple) -> int:
     with _lock:
         sid = _structure_ids.get(spec)
