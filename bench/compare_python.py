@@ -172,7 +172,7 @@ def overhead(args):
         block = maskattn.causal().compile(b, h, l, l)
         out = torch.empty(b, h, l, d)
         lse = torch.empty(b, h, l)
-        raw = (_raw(q), _raw(k), _raw(v), block._native, 1.0 / math.sqrt(d), _raw_out(out), _raw_out(lse))
+        raw = ((_raw(q), _raw(k), _raw(v)), block._native, 1.0 / math.sqrt(d), (_raw_out(out), _raw_out(lse)))
 
         def bare():
             native.forward(*raw)

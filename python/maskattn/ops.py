@@ -52,7 +52,7 @@ def _attention_fwd(
     B, H, L, _ = q.shape
     out = torch.empty((B, H, L, v.shape[3]), dtype=torch.float32)
     lse = torch.empty((B, H, L), dtype=torch.float32)
-    _native.forward(_raw(q), _raw(k), _raw(v), block, scale, _raw_out(out), _raw_out(lse))
+    _native.forward((_raw(q), _raw(k), _raw(v)), block, scale, (_raw_out(out), _raw_out(lse)))
     return out, lse
 
 
@@ -82,8 +82,11 @@ def _attention_bwd(
     dk = torch.empty(k.shape, dtype=torch.float32)
     dv = torch.empty(v.shape, dtype=torch.float32)
     _native.backward(
-        _raw(q), _raw(k), _raw(v), _raw(out), _raw_out(lse), _raw(dout),
-        block, scale, _raw_out(dq), _raw_out(dk), _raw_out(dv),
+        (_raw(q), _raw(k), _raw(v)),
+        (_raw(out), _raw_out(lse), _raw(dout)),
+        block,
+        scale,
+        (_raw_out(dq), _raw_out(dk), _raw_out(dv)),
     )
     return dq, dk, dv
 

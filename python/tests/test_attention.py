@@ -205,9 +205,9 @@ def test_strided_inputs_are_read_in_place(monkeypatch):
     seen = []
     real = maskattn.ops._native.forward
 
-    def spy(rq, rk, rv, *rest):
-        seen.append((rq, rk, rv))
-        return real(rq, rk, rv, *rest)
+    def spy(qkv, *rest):
+        seen.append(qkv)
+        return real(qkv, *rest)
 
     monkeypatch.setattr(maskattn.ops._native, "forward", spy)
     out = maskattn.attention(q, k, v, maskattn.causal())

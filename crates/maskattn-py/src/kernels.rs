@@ -9,58 +9,63 @@ use crate::masks::NativeBlockMask;
 use crate::raw::{check_disjoint, RawOut, RawTensor, BF16, F16, F32};
 use crate::threads;
 
+/// `q`, `k`, `v` of one call, as Python passes them: a tuple of three raw tensors.
+#[derive(FromPyObject, Clone, Copy)]
+pub struct Qkv(RawTensor, RawTensor, RawTensor);
+
+/// The forward's output buffers: `(out, lse)`.
+#[derive(FromPyObject, Clone, Copy)]
+pub struct ForwardOuts(RawOut, RawOut);
+
+/// What the backward reads besides q, k, v: `(out, lse, dout)`.
+#[derive(FromPyObject, Clone, Copy)]
+pub struct BackwardIns(RawTensor, RawOut, RawTensor);
+
+/// The backward's output buffers: `(dq, dk, dv)`.
+#[derive(FromPyObject, Clone, Copy)]
+pub struct GradOuts(RawOut, RawOut, RawOut);
+
 /// `out [B, H_q, L_q, d]` and `lse [B, H_q, L_q]` (contiguous f32) from `q`, `k`, `v`
 /// (f32, bf16 or f16, one dtype, any non-negative strides).
 #[pyfunction]
-#[pyo3(signature = (q, k, v, block, scale, out, lse))]
 pub fn forward(
     py: Python<'_>,
-    q: RawTensor,
-    k: RawTensor,
-    v: RawTensor,
+    qkv: Qkv,
     block: &NativeBlockMask,
     scale: Option<f32>,
-    out: RawOut,
-    lse: RawOut,
+    outs: ForwardOuts,
 ) -> PyResult<()> {
     let block = block.inner.clone();
+    let Qkv(q, k, v) = qkv;
+    check_disjoint(&[q, k, v], &[outs.0, outs.1]).map_err(PyValueError::new_err)?;
     let call = Call { q, k, v, scale };
-    check_disjoint(&[q, k, v], &[out, lse]).map_err(PyValueError::new_err)?;
     // The kernels touch no Python object: other Python threads run meanwhile.
-    py.detach(move || threads::run(|| call.dispatch(|c, t| c.forward(t, &block, out, lse))))
+    py.detach(move || threads::run(|| call.dispatch(|c, t| c.forward(t, &block, outs))))
         .map_err(PyValueError::new_err)
 }
 
 /// `dq` like q, `dk`, `dv` like k and v (contiguous f32) from the forward's `out` (f32, any
 /// strides), `lse` (contiguous f32) and `dout` (f32, any strides).
 #[pyfunction]
-#[pyo3(signature = (q, k, v, out, lse, dout, block, scale, dq, dk, dv))]
 pub fn backward(
     py: Python<'_>,
-    q: RawTensor,
-    k: RawTensor,
-    v: RawTensor,
-    out: RawTensor,
-    lse: RawOut,
-    dout: RawTensor,
+    qkv: Qkv,
+    ins: BackwardIns,
     block: &NativeBlockMask,
     scale: Option<f32>,
-    dq: RawOut,
-    dk: RawOut,
-    dv: RawOut,
+    grads: GradOuts,
 ) -> PyResult<()> {
     let block = block.inner.clone();
-    let call = Call { q, k, v, scale };
-    let grads = GradOuts { dq, dk, dv };
-    let ins = BackwardIns { out, lse, dout };
+    let Qkv(q, k, v) = qkv;
+    let BackwardIns(out, lse, dout) = ins;
     if out.dtype() != F32 || dout.dtype() != F32 {
         return Err(PyValueError::new_err("out and dout must be float32"));
     }
+    let GradOuts(dq, dk, dv) = grads;
     check_disjoint(&[q, k, v, out, dout], &[dq, dk, dv, lse]).map_err(PyValueError::new_err)?;
-    py.detach(move || {
-        threads::run(|| call.dispatch(|c, t| c.backward(t, &block, ins, grads)))
-    })
-    .map_err(PyValueError::new_err)
+    let call = Call { q, k, v, scale };
+    py.detach(move || threads::run(|| call.dispatch(|c, t| c.backward(t, &block, ins, grads))))
+        .map_err(PyValueError::new_err)
 }
 
 struct Call {
@@ -68,20 +73,6 @@ struct Call {
     k: RawTensor,
     v: RawTensor,
     scale: Option<f32>,
-}
-
-#[derive(Clone, Copy)]
-struct BackwardIns {
-    out: RawTensor,
-    lse: RawOut,
-    dout: RawTensor,
-}
-
-#[derive(Clone, Copy)]
-struct GradOuts {
-    dq: RawOut,
-    dk: RawOut,
-    dv: RawOut,
 }
 
 impl Call {
@@ -110,15 +101,15 @@ impl Call {
         }
     }
 
-    fn forward(&self, t: Dtype, block: &BlockMask, out: RawOut, lse: RawOut) -> Result<(), String> {
+    fn forward(&self, t: Dtype, block: &BlockMask, outs: ForwardOuts) -> Result<(), String> {
         match t {
-            Dtype::F32 => self.forward_t::<f32>(block, out, lse),
-            Dtype::Bf16 => self.forward_t::<bf16>(block, out, lse),
-            Dtype::F16 => self.forward_t::<f16>(block, out, lse),
+            Dtype::F32 => self.forward_t::<f32>(block, outs),
+            Dtype::Bf16 => self.forward_t::<bf16>(block, outs),
+            Dtype::F16 => self.forward_t::<f16>(block, outs),
         }
     }
 
-    fn forward_t<T: Element>(&self, block: &BlockMask, out: RawOut, lse: RawOut) -> Result<(), String> {
+    fn forward_t<T: Element>(&self, block: &BlockMask, outs: ForwardOuts) -> Result<(), String> {
         // SAFETY: the Python caller passes live tensors of the dtype it names and fresh,
         // disjoint (checked above) output buffers, all held until this call returns.
         unsafe {
@@ -127,13 +118,19 @@ impl Call {
                 self.k.view::<T>("k")?,
                 self.v.view::<T>("v")?,
             );
-            let (out, lse) = (out.slice_mut("out")?, lse.slice_mut("lse")?);
+            let (out, lse) = (outs.0.slice_mut("out")?, outs.1.slice_mut("lse")?);
             maskattn::forward_into(&q, &k, &v, block, &self.params(), out, lse)
                 .map_err(|e| e.to_string())
         }
     }
 
-    fn backward(&self, t: Dtype, block: &BlockMask, ins: BackwardIns, g: GradOuts) -> Result<(), String> {
+    fn backward(
+        &self,
+        t: Dtype,
+        block: &BlockMask,
+        ins: BackwardIns,
+        g: GradOuts,
+    ) -> Result<(), String> {
         match t {
             Dtype::F32 => self.backward_t::<f32>(block, ins, g),
             Dtype::Bf16 => self.backward_t::<bf16>(block, ins, g),
@@ -141,7 +138,12 @@ impl Call {
         }
     }
 
-    fn backward_t<T: Element>(&self, block: &BlockMask, ins: BackwardIns, g: GradOuts) -> Result<(), String> {
+    fn backward_t<T: Element>(
+        &self,
+        block: &BlockMask,
+        ins: BackwardIns,
+        g: GradOuts,
+    ) -> Result<(), String> {
         // SAFETY: as in `forward_t`; `out`, `lse` and `dout` are only read.
         unsafe {
             let (q, k, v) = (
@@ -149,13 +151,14 @@ impl Call {
                 self.k.view::<T>("k")?,
                 self.v.view::<T>("v")?,
             );
-            let out = ins.out.view::<f32>("out")?;
-            let dout = ins.dout.view::<f32>("dout")?;
-            let lse = ins.lse.slice("lse")?;
+            let BackwardIns(out, lse, dout) = ins;
+            let out = out.view::<f32>("out")?;
+            let dout = dout.view::<f32>("dout")?;
+            let lse = lse.slice("lse")?;
             let grads = GradsMut {
-                dq: g.dq.slice_mut("dq")?,
-                dk: g.dk.slice_mut("dk")?,
-                dv: g.dv.slice_mut("dv")?,
+                dq: g.0.slice_mut("dq")?,
+                dk: g.1.slice_mut("dk")?,
+                dv: g.2.slice_mut("dv")?,
             };
             maskattn::backward_into(&q, &k, &v, &out, lse, &dout, block, &self.params(), grads)
                 .map_err(|e| e.to_string())

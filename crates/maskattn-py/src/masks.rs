@@ -99,7 +99,7 @@ pub fn documents(ptr: usize, len: usize, rows: usize) -> PyResult<NativeMask> {
     let ids: Vec<i64> = if len == 0 {
         Vec::new()
     } else {
-        if ptr == 0 || ptr % std::mem::align_of::<i64>() != 0 {
+        if ptr == 0 || !ptr.is_multiple_of(std::mem::align_of::<i64>()) {
             return Err(PyValueError::new_err("documents: bad data pointer"));
         }
         // SAFETY: the Python side passes a live, contiguous int64 tensor of `len` values.

@@ -102,8 +102,10 @@ fn check_pointer<T>(name: &str, ptr: usize) -> Result<(), String> {
     if ptr == 0 {
         return Err(format!("{name}: null data pointer"));
     }
-    if ptr % std::mem::align_of::<T>() != 0 {
-        return Err(format!("{name}: data pointer {ptr:#x} is not aligned for its dtype"));
+    if !ptr.is_multiple_of(std::mem::align_of::<T>()) {
+        return Err(format!(
+            "{name}: data pointer {ptr:#x} is not aligned for its dtype"
+        ));
     }
     Ok(())
 }

@@ -30,7 +30,9 @@ pub fn set_num_threads(n: usize) -> PyResult<()> {
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
         Some(Arc::new(pool))
     };
-    *POOL.write().map_err(|_| PyValueError::new_err("thread pool lock poisoned"))? = pool;
+    *POOL
+        .write()
+        .map_err(|_| PyValueError::new_err("thread pool lock poisoned"))? = pool;
     Ok(())
 }
 
