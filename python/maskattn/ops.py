@@ -39,8 +39,7 @@ def _shape(q: torch.Tensor, k: torch.Tensor) -> Tuple[int, int, int, int]:
     return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
-@torch.library.custom_op("maskattn::attention_fwd", mutates_args=(), device_types="cpu")
-def _attention_fwd(
+def _forward_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -56,6 +55,11 @@ def _attention_fwd(
     return out, lse
 
 
+_attention_fwd = torch.library.custom_op("maskattn::attention_fwd", mutates_args=(), device_types="cpu")(
+    _forward_impl
+)
+
+
 @_attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, mask_id, mask_data, scale):
     B, H, L, _ = q.shape
@@ -63,8 +67,7 @@ def _attention_fwd_fake(q, k, v, mask_id, mask_data, scale):
     return out, q.new_empty((B, H, L), dtype=torch.float32)
 
 
-@torch.library.custom_op("maskattn::attention_bwd", mutates_args=(), device_types="cpu")
-def _attention_bwd(
+def _backward_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -89,6 +92,11 @@ def _attention_bwd(
         (_raw_out(dq), _raw_out(dk), _raw_out(dv)),
     )
     return dq, dk, dv
+
+
+_attention_bwd = torch.library.custom_op("maskattn::attention_bwd", mutates_args=(), device_types="cpu")(
+    _backward_impl
+)
 
 
 @_attention_bwd.register_fake
@@ -119,6 +127,42 @@ def _backward(ctx, dout, _dlse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The same forward and backward as the ops' autograd, for plain eager calls.
+
+    The custom op's Python dispatch (schema defaults, pytree flattening) costs more than
+    the kernel at small shapes; outside torch.compile, on plain tensors, the same two
+    functions run behind this autograd.Function instead (tested to agree with the op).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask_id, scale, *mask_data):
+        out, lse = _forward_impl(q, k, v, mask_id, list(mask_data), scale)
+        ctx.save_for_backward(q, k, v, out, lse, *mask_data)
+        ctx.mask_id, ctx.scale = mask_id, scale
+        ctx.block = _blocks.get(mask_id)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, *mask_data = ctx.saved_tensors
+        dq, dk, dv = _backward_impl(q, k, v, out, lse, dout, ctx.mask_id, mask_data, ctx.scale)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None) + (None,) * len(mask_data)
+
+
+def _plain_eager(*ts) -> bool:
+    """True outside torch.compile / export and torch function or dispatch modes, on plain
+    tensors (not fake, not subclasses, not functorch-wrapped): where the op's dispatch
+    adds nothing but time."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._len_torch_dispatch_stack() != 0:
+        return False
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return all(type(t) is torch.Tensor and not is_wrapped(t) for t in ts)
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -140,7 +184,14 @@ def _call(q, k, v, mask_id: int, mask_data: List[torch.Tensor], scale: Optional[
     _check(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[3])
-    out, lse = _attention_fwd(q, k, v, mask_id, mask_data, float(scale))
+    scale = float(scale)
+    if _plain_eager(q, k, v, *mask_data):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            out, lse = _EagerAttention.apply(q, k, v, mask_id, scale, *mask_data)
+        else:
+            out, lse = _forward_impl(q, k, v, mask_id, mask_data, scale)
+    else:
+        out, lse = _attention_fwd(q, k, v, mask_id, mask_data, scale)
     return out.to(q.dtype), lse
 
 
