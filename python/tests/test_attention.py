@@ -266,3 +266,32 @@ def test_custom_op_and_eager_path_agree():
             runs.append([out.detach(), lse] + [t.grad for t in leaves])
         for name, a, o in zip(("out", "lse", "dq", "dk", "dv"), *runs):
             assert torch.equal(a, o), f"{name}: the op and the eager path differ"
+
+
+def test_broadcast_output_gradient_and_thread_counts():
+    # `out.sum().backward()` hands the backward an expanded dout (all strides 0): read in
+    # place like any other strided tensor.
+    b, hq, hkv, l, d = 1, 2, 1, 130, 16
+    q, k, v = (t.float() for t in qkv(b, hq, hkv, l, l, d))
+    mask = maskattn.documents(torch.arange(l).view(1, l) // 50) & maskattn.causal()
+
+    def grads(expanded):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = maskattn.attention(*leaves, mask)
+        if expanded:
+            out.sum().backward()
+        else:
+            out.backward(torch.ones(out.shape))
+        return [t.grad for t in leaves]
+
+    default = maskattn.get_num_threads()
+    try:
+        maskattn.set_num_threads(1)
+        assert maskattn.get_num_threads() == 1
+        one = grads(True)
+    finally:
+        maskattn.set_num_threads(0)
+    assert maskattn.get_num_threads() == default
+    for a, b_ in zip(one, grads(False)):
+        # The backward is deterministic for any number of threads (the kernel crate's promise).
+        assert torch.equal(a, b_)
