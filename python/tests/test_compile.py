@@ -13,12 +13,12 @@ def test_compile_fullgraph_forward_and_backward():
     b, hq, hkv, l, d = 2, 4, 2, 80, 16
     q, k, v = (torch.randn(b, h, l, d, generator=g, requires_grad=True) for h in (hq, hkv, hkv))
     lengths = torch.tensor([80, 50])
-    mask = maskattn.causal() & maskattn.key_padding(lengths)
     block = maskattn.window(8, 0).compile(b, hq, l, l)
 
     def f(q, k, v, lengths):
-        # The mask's tensor is an input of the graph: a new batch needs no recompile.
-        a = maskattn.attention(q, k, v, maskattn.Mask(mask._spec, (lengths,)))
+        # A mask built inside the compiled function: its structure is a constant of the
+        # trace, its tensor an input of the graph (new lengths need no recompile).
+        a = maskattn.attention(q, k, v, maskattn.causal() & maskattn.key_padding(lengths))
         c = maskattn.attention(q, k, v, block)
         return (a * c).sum()
 
@@ -31,6 +31,7 @@ def test_compile_fullgraph_forward_and_backward():
     for got, want in zip(grads, expect):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
-    # Another batch's lengths run through the same graph.
+    # Another batch's lengths run through the same graph, without a recompile.
     lengths2 = torch.tensor([30, 80])
-    assert torch.allclose(compiled(q, k, v, lengths2), f(q, k, v, lengths2), rtol=1e-5, atol=1e-5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert torch.allclose(compiled(q, k, v, lengths2), f(q, k, v, lengths2), rtol=1e-5, atol=1e-5)
