@@ -295,3 +295,17 @@ def test_broadcast_output_gradient_and_thread_counts():
     for a, b_ in zip(one, grads(False)):
         # The backward is deterministic for any number of threads (the kernel crate's promise).
         assert torch.equal(a, b_)
+
+
+def test_block_mask_made_inline_lives_until_the_backward():
+    import gc
+
+    q, k, v = (t.float().requires_grad_(True) for t in qkv(1, 2, 2, 70, 70, 8))
+    # Nothing but the autograd graph holds this block mask once the call returns.
+    out = maskattn.attention(q, k, v, maskattn.causal().compile(1, 2, 70, 70))
+    gc.collect()
+    out.sum().backward()
+    expect = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    maskattn.attention(*expect, maskattn.causal()).sum().backward()
+    for a, b_ in zip((q, k, v), expect):
+        assert torch.equal(a.grad, b_.grad)
