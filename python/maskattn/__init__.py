@@ -1,0 +1,64 @@
+"""maskattn: exact masked multi-head attention on the CPU, for PyTorch.
+
+``maskattn.attention(q, k, v, mask)`` runs fused Rust kernels (online-softmax forward,
+fused backward) over block masks that skip the tiles a mask hides. Masks share the Rust
+crate's vocabulary (``True`` = may attend) and combine with ``&``, ``|``, ``~``;
+``from_mask_mod`` takes a FlexAttention-style ``mask_mod``. ``scaled_dot_product_attention``
+and ``nn.MultiheadAttention`` are drop-ins for PyTorch's.
+"""
+
+from . import _maskattn as _native
+from . import nn
+from .functional import scaled_dot_product_attention
+from .masks import (
+    BlockMask,
+    Mask,
+    block_causal,
+    causal,
+    causal_top_left,
+    chunks,
+    dense,
+    documents,
+    from_mask_mod,
+    full,
+    key_padding,
+    neighbourhood,
+    prefix,
+    window,
+)
+from .ops import attention
+
+__version__ = "0.1.0"
+
+
+def set_num_threads(n: int) -> None:
+    """Run the kernels on ``n`` threads (0: rayon's default, one per core)."""
+    _native.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """Threads the kernels run on."""
+    return _native.get_num_threads()
+
+
+__all__ = [
+    "attention",
+    "scaled_dot_product_attention",
+    "nn",
+    "Mask",
+    "BlockMask",
+    "full",
+    "causal",
+    "causal_top_left",
+    "window",
+    "chunks",
+    "block_causal",
+    "neighbourhood",
+    "key_padding",
+    "documents",
+    "prefix",
+    "dense",
+    "from_mask_mod",
+    "set_num_threads",
+    "get_num_threads",
+]
