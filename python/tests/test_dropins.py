@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import maskattn
 
-TOL = dict(rtol=1e-4, atol=2e-5)
+TOL = dict(rtol=2e-5, atol=1e-5)
 
 
 def leaves(*shapes, seed=0, dtype=torch.float32):

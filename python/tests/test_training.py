@@ -53,6 +53,8 @@ def test_training_matches_sdpa_step_by_step():
             pair.append(loss.item())
         losses.append(pair)
         a, b = pair
-        assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), f"step {step}: loss {a} vs SDPA's {b}"
+        # Rounding: the two differ by about one f32 ulp of the loss (2.4e-7 seen over the
+        # run); a 0.1% change of the attention scale moves the loss by 1.7e-4.
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"step {step}: loss {a} vs SDPA's {b}"
     # And it learned something (the same for both).
     assert losses[-1][0] < 0.8 * losses[0][0]
