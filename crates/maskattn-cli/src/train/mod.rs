@@ -6,10 +6,13 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod corpus;
+pub mod durable;
 pub mod eval;
+pub mod finite;
 pub mod optim;
 pub mod plot;
 pub mod rng;
+pub mod settings;
 pub mod vocab;
 
 use std::collections::HashMap;
@@ -111,7 +114,8 @@ pub enum PositionsArg {
 struct Run {
     state: State,
     vocab: Vocab,
-    tokenizer_file: Option<PathBuf>,
+    /// The `tokenizer.json` bytes (Hugging Face vocabulary), saved with every checkpoint.
+    tokenizer: Option<Vec<u8>>,
     corpus: Corpus,
     vars: VarMap,
     model: TinyLm,
@@ -184,13 +188,6 @@ impl Run {
             bail!("--tokenizer needs --text (the built-in task is defined on bytes)");
         }
         let steps = a.steps.unwrap_or(DEFAULT_STEPS);
-        if a.seq_len < 8 || a.batch == 0 || steps == 0 {
-            bail!("--seq-len must be at least 8, --batch and --steps at least 1");
-        }
-        let vocab = match &a.tokenizer {
-            Some(p) => Vocab::load_hf(p)?,
-            None => Vocab::Bytes,
-        };
         let run = RunSettings {
             objective: a.objective,
             layout: a.layout,
@@ -206,6 +203,14 @@ impl Run {
             weight_decay: a.weight_decay,
             eval_every: a.eval_every,
         };
+        run.validate()?;
+        let (vocab, tokenizer) = match &a.tokenizer {
+            Some(p) => (
+                Vocab::load_hf(p)?,
+                Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
+            ),
+            None => (Vocab::Bytes, None),
+        };
         let cfg = LmConfig {
             vocab: vocab.size(),
             d_model: a.d_model,
@@ -220,12 +225,15 @@ impl Run {
             },
             dropout: a.dropout,
         };
+        settings::validate_model(&cfg, &run)?;
         let corpus = load_corpus(&run, &vocab)?;
         let (vars, model) = build_model(&cfg)?;
         init(&vars, a.seed)?;
         let opt = optim::AdamW::new(&vars, run.weight_decay)?;
         let state = State {
+            config_hash: String::new(),
             format: checkpoint::FORMAT,
+            files: None,
             model: cfg,
             vocab: match &a.tokenizer {
                 Some(_) => VocabSpec::Hf {
@@ -237,12 +245,12 @@ impl Run {
             step: 0,
             losses: Vec::new(),
             evals: Vec::new(),
-            hashes: HashMap::new(),
+            hashes: Default::default(),
         };
         Ok(Run {
             state,
             vocab,
-            tokenizer_file: a.tokenizer.clone(),
+            tokenizer,
             corpus,
             vars,
             model,
@@ -255,8 +263,10 @@ impl Run {
             mut state,
             model: model_t,
             optimizer: opt_t,
+            files,
+            tokenizer,
         } = checkpoint::load(dir)?;
-        let vocab = Vocab::from_spec(&state.vocab, dir)?;
+        let vocab = open_vocab(&state, &files)?;
         let corpus = load_corpus(&state.run, &vocab)?;
         let (vars, model) = build_model(&state.model)?;
         checkpoint::restore(&vars, &model_t)?;
@@ -270,14 +280,10 @@ impl Run {
             Some(n) => state.run.steps = n,
             None => {}
         }
-        let tokenizer_file = match &state.vocab {
-            VocabSpec::Hf { file } => Some(dir.join(file)),
-            VocabSpec::Bytes => None,
-        };
         Ok(Run {
             state,
             vocab,
-            tokenizer_file,
+            tokenizer,
             corpus,
             vars,
             model,
@@ -286,14 +292,50 @@ impl Run {
     }
 
     fn save(&mut self, dir: &Path) -> Result<()> {
-        checkpoint::save(
-            dir,
-            &mut self.state,
-            &weights(&self.vars),
-            &self.opt.state(),
-            self.tokenizer_file.as_deref(),
-        )
+        let contents = checkpoint::Contents {
+            model: &weights(&self.vars),
+            optimizer: &self.opt.state(),
+            tokenizer: self.tokenizer.as_deref(),
+        };
+        checkpoint::save(dir, &mut self.state, &contents)
     }
+}
+
+/// The vocabulary a checkpoint names (its file in `files`), which must be the model's.
+fn open_vocab(state: &State, files: &Path) -> Result<Vocab> {
+    let vocab = Vocab::from_spec(&state.vocab, files)?;
+    if vocab.size() != state.model.vocab {
+        bail!(
+            "{}: the tokenizer has {} tokens, the model {}",
+            files.display(),
+            vocab.size(),
+            state.model.vocab
+        );
+    }
+    Ok(vocab)
+}
+
+/// An output folder: an existing folder or a new one, made now (so that a bad `--out`
+/// fails before training, not at the first checkpoint); its `config.json`, if any, must be
+/// a regular file (never a link to replace).
+fn prepare_out(out: &Path) -> Result<()> {
+    if std::fs::metadata(out).is_ok_and(|m| !m.is_dir()) {
+        bail!("--out {}: is not a folder", out.display());
+    }
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
+    durable::refuse_special(&out.join("config.json"))
+}
+
+/// The error that ends a diverged run: what went wrong, and which checkpoint is on disk.
+fn diverged(step: u64, what: String, out: &Path, saved: Option<u64>) -> anyhow::Error {
+    let kept = match saved {
+        Some(s) => format!("{} keeps the checkpoint of step {s}", out.display()),
+        None => format!("no checkpoint of this run was written to {}", out.display()),
+    };
+    anyhow::anyhow!(
+        "training diverged at step {step}: {what}; nothing saved ({kept}); try a smaller --lr"
+    )
 }
 
 /// The weighted mean cross-entropy of `logits [B, L, V]` against `targets` where `weights`
@@ -315,6 +357,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         None => Run::fresh(a)?,
     };
     let out = a.resume.clone().unwrap_or_else(|| a.out.clone());
+    prepare_out(&out)?;
+    // The checkpoint on disk that belongs to this run (a divergence leaves it there).
+    let mut saved = a.resume.as_ref().map(|_| r.state.step);
     r.model.set_plain_attention(a.plain_attention);
     let s = r.state.run.clone();
     let cfg = r.state.model.clone();
@@ -403,7 +448,16 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         r.opt.step(&grads, lr)?;
         let lv = l.to_scalar::<f32>()?;
         if !lv.is_finite() {
-            bail!("the loss became {lv} at step {step}; try a smaller --lr");
+            return Err(diverged(
+                step + 1,
+                format!("the training loss is {lv}"),
+                &out,
+                saved,
+            ));
+        }
+        if let Some(name) = r.opt.non_finite()? {
+            let what = format!("the weights `{name}` are no longer finite");
+            return Err(diverged(step + 1, what, &out, saved));
         }
         r.state.losses.push(lv);
         r.state.step += 1;
@@ -417,6 +471,10 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             let t_eval = Instant::now();
             let e = eval::evaluate(&r.model, &r.corpus, &r.vocab, &s, r.state.step)?;
             eval_secs += t_eval.elapsed().as_secs_f64();
+            if !e.loss.is_finite() {
+                let what = format!("the held-out loss is {}", e.loss);
+                return Err(diverged(e.step, what, &out, saved));
+            }
             let line = format!(
                 "step {:>5}: train loss {lv:.3}, held-out loss {:.3}, {} {}",
                 e.step,
@@ -431,6 +489,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             }
             r.state.evals.push(e);
             r.save(&out)?;
+            saved = Some(r.state.step);
         }
         if a.stop_after == Some(done_here) && !last {
             r.save(&out)?;
@@ -453,10 +512,11 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             tokens_seen as f64 / train_secs
         );
     }
-    // The pictures are a convenience: a missing font must not fail a finished run.
+    // The pictures are a convenience: a missing font must not fail a finished run. Each is
+    // drawn under a temporary name and renamed, so a failure leaves the previous picture.
     let curve = out.join("loss.svg");
     for p in [out.join("loss.png"), curve.clone()] {
-        if let Err(e) = plot::loss_curve(&r.state, &p) {
+        if let Err(e) = durable::replace_with(&p, |tmp| plot::loss_curve(&r.state, tmp)) {
             eprintln!("warning: no {}: {e:#}", p.display());
         }
     }
@@ -505,9 +565,10 @@ pub fn open(dir: &Path) -> Result<(TinyLm, Vocab, State)> {
     let checkpoint::Loaded {
         state,
         model: model_t,
+        files,
         ..
     } = checkpoint::load(dir)?;
-    let vocab = Vocab::from_spec(&state.vocab, dir)?;
+    let vocab = open_vocab(&state, &files)?;
     let (vars, model) = build_model(&state.model).context("building the checkpoint's model")?;
     checkpoint::restore(&vars, &model_t)?;
     Ok((model, vocab, state))
