@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::checkpoint::{Eval, State};
+use maskattn_train::checkpoint::{Eval, State};
 
 const FONT_PATHS: [&str; 3] = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",

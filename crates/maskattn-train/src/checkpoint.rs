@@ -23,10 +23,10 @@ use candle_core::{Device, Tensor};
 use maskattn_candle::model::LmConfig;
 use serde::{Deserialize, Serialize};
 
-use super::durable;
-use super::finite;
-pub use super::settings::RunSettings;
-use super::vocab::VocabSpec;
+use crate::durable;
+use crate::finite;
+pub use crate::settings::RunSettings;
+use crate::vocab::VocabSpec;
 
 /// One evaluation on the held-out split.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -345,7 +345,7 @@ fn is_plain_name(name: &str) -> bool {
 /// The rules a fresh run's flags obey, and the history's own consistency.
 fn check_state(s: &State) -> Result<()> {
     s.run.validate()?;
-    super::settings::validate_model(&s.model, &s.run)?;
+    crate::settings::validate_model(&s.model, &s.run)?;
     if s.step > s.run.steps || s.losses.len() as u64 != s.step {
         bail!(
             "step {} of {} with {} losses recorded",
@@ -386,7 +386,7 @@ pub fn restore(vars: &candle_nn::VarMap, tensors: &HashMap<String, Tensor>) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::batch::{Layout, Objective};
+    use crate::batch::{Layout, Objective};
     use maskattn_candle::model::Positions;
 
     fn state(step: u64, tokenizer: bool) -> State {
