@@ -183,6 +183,12 @@ fn learned_positions_and_grouped_query_heads_train_too() {
     // 5 prompt tokens + 100 asked for > 48 learned positions: the run says so, and stops there.
     assert!(gen.contains("learned positions stop at 48 tokens"), "{gen}");
     assert!(gen.starts_with("abba|"), "{gen}");
+    // At most 48 − 5 tokens were generated (each at most one character).
+    let generated = gen.lines().next().unwrap().chars().count() - "abba|".len();
+    assert!(
+        generated <= 43,
+        "{generated} tokens after the prompt: {gen}"
+    );
 }
 
 #[test]
@@ -696,4 +702,79 @@ fn outputs_that_are_links_are_never_replaced() {
             assert!(!f.to_string_lossy().contains("tmp"), "{f:?} left behind");
         }
     }
+}
+
+/// What `generate` adds to the prompt (stdout is the prompt, then the continuation).
+fn continuation(run: &Path, prompt: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "generate",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "10",
+    ];
+    args.extend(extra);
+    let out = stdout_of(&args);
+    let line = out.trim_end_matches('\n');
+    assert!(line.starts_with(prompt), "{out}");
+    line[prompt.len()..].to_string()
+}
+
+/// A model trained a little has learnt the shape of the built-in task's documents: after
+/// `letters|` comes one answer letter, then the separator, which ends the generation. The
+/// continuation is checked, not the prompt `generate` repeats.
+#[test]
+fn generate_continues_like_the_training_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("clm");
+    let mut args = vec!["train", "--out", run.to_str().unwrap()];
+    args.extend([
+        "--d-model",
+        "32",
+        "--layers",
+        "2",
+        "--heads",
+        "2",
+        "--seq-len",
+        "40",
+        "--batch",
+        "8",
+        "--warmup",
+        "10",
+        "--lr",
+        "1e-2",
+        "--steps",
+        "120",
+        "--eval-every",
+        "120",
+        "--quiet",
+    ]);
+    ok(&args);
+    for prompt in [
+        "aaaaaaaaab|",
+        "dddddcddd|",
+        "abcbbbbbb|",
+        "ccaccccd|",
+        "cbcaacdcc|",
+    ] {
+        for extra in [
+            &[][..],
+            &["--temperature", "1e-30"],
+            &["--top-k", "1", "--temperature", "2"],
+        ] {
+            let c = continuation(&run, prompt, extra);
+            assert!(
+                c.len() == 1 && "abcd".contains(&c),
+                "{prompt} {extra:?}: continued with {c:?}, not one answer letter"
+            );
+        }
+    }
+    // With a prompt that is not over (no `|` yet), the model goes on writing letters.
+    let c = continuation(&run, "abca", &[]);
+    assert!(
+        !c.is_empty() && c.chars().all(|ch| "abcd|".contains(ch)),
+        "{c:?}"
+    );
 }

@@ -138,7 +138,8 @@ mod tests {
     #[test]
     fn every_bad_setting_is_named() {
         good().validate().unwrap();
-        let cases: [(&str, fn(&mut RunSettings)); 12] = [
+        type Spoil = fn(&mut RunSettings);
+        let cases: [(&str, Spoil); 12] = [
             ("--seq-len 1", |s| s.seq_len = 1),
             ("--batch 0", |s| s.batch = 0),
             ("--steps 0", |s| s.steps = 0),
