@@ -32,12 +32,16 @@ pub struct GenerateArgs {
     pub prompt: String,
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
-    /// 0: greedy.
+    /// 0: greedy; a finite number ≥ 0 (the smaller, the closer to greedy).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
     /// Sample among the k most likely tokens (0: all).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Sample among the most likely tokens that together hold this share of the
+    /// probability (nucleus sampling; in (0, 1], 1: all).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -108,6 +112,15 @@ pub fn fill_mask(a: &FillMaskArgs) -> Result<()> {
 }
 
 pub fn generate(a: &GenerateArgs) -> Result<()> {
+    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+        bail!(
+            "--temperature {}: must be a finite number ≥ 0 (0: greedy)",
+            a.temperature
+        );
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p {}: must be in (0, 1] (1: all tokens)", a.top_p);
+    }
     let (model, vocab, state) = train::open(&a.checkpoint)?;
     if state.run.objective != Objective::Clm {
         bail!(
@@ -143,7 +156,7 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
     }
     for _ in 0..limit {
         let last = logits.squeeze(0)?.get(logits.dim(1)? - 1)?;
-        let next = pick(&last.to_vec1::<f32>()?, a.temperature, a.top_k, &mut rng);
+        let next = pick(&last.to_vec1::<f32>()?, a, &mut rng);
         if next == vocab.sep() {
             break;
         }
@@ -164,31 +177,48 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Greedy at temperature 0; otherwise sampling from the top `k` (0 = all) at `temperature`.
-fn pick(logits: &[f32], temperature: f64, k: usize, rng: &mut Rng) -> u32 {
+/// Greedy at temperature 0; otherwise sampling at `temperature` from the top `k` (0 = all)
+/// tokens, then from the fewest of those that hold `top_p` of their probability.
+fn pick(logits: &[f32], a: &GenerateArgs, rng: &mut Rng) -> u32 {
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&x, &y| logits[y].total_cmp(&logits[x]));
-    if temperature <= 0.0 {
+    let best = logits[order[0]] as f64;
+    if a.temperature <= 0.0 || !best.is_finite() {
         return order[0] as u32;
     }
-    let keep = if k == 0 {
+    let keep = if a.top_k == 0 {
         order.len()
     } else {
-        k.min(order.len())
+        a.top_k.min(order.len())
     };
-    let scaled: Vec<f32> = order[..keep]
+    // Weights relative to the best token, in f64: exp((l − best) / T) is 1 for the best and
+    // falls to 0 (never to NaN, as a softmax of logits / T does once 1/T overflows) for
+    // the others as T → 0, so that a tiny temperature is greedy.
+    let w: Vec<f64> = order[..keep]
         .iter()
-        .map(|&i| logits[i] / temperature as f32)
+        .map(|&i| ((logits[i] as f64 - best) / a.temperature).exp())
         .collect();
-    let p = softmax(&scaled);
-    let mut u = rng.unit() as f32;
-    for (i, &pi) in p.iter().enumerate() {
-        if u < pi {
+    let total: f64 = w.iter().sum();
+    let mut nucleus = 0;
+    let mut mass = 0.0;
+    for &wi in &w {
+        mass += wi;
+        nucleus += 1;
+        if mass >= a.top_p * total {
+            break;
+        }
+    }
+    let w = &w[..nucleus];
+    let mut u = rng.unit() * w.iter().sum::<f64>();
+    for (i, &wi) in w.iter().enumerate() {
+        if u < wi {
             return order[i] as u32;
         }
-        u -= pi;
+        u -= wi;
     }
-    order[keep - 1] as u32
+    // Rounding left a sliver: the last candidate that has any weight.
+    let last = (0..nucleus).rev().find(|&i| w[i] > 0.0).unwrap_or(0);
+    order[last] as u32
 }
 
 pub fn attention_map(a: &AttentionMapArgs) -> Result<()> {

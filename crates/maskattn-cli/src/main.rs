@@ -30,7 +30,7 @@ use clap::{Parser, Subcommand};
     about = "Exact masked multi-head attention on the CPU"
 )]
 struct Cli {
-    /// Worker threads (default: all cores).
+    /// Worker threads (default: all cores; at most 4 × the cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
@@ -78,6 +78,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {
+        // More threads than cores only adds switching; far more spends seconds creating them.
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let most = 4 * cores;
+        if n == 0 || n > most {
+            anyhow::bail!(
+                "--threads {n}: must be between 1 and {most} (4 × the {cores} cores of this machine)"
+            );
+        }
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()?;

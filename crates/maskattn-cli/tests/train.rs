@@ -65,13 +65,11 @@ fn both_objectives_train_and_their_checkpoints_serve() {
     );
     assert!(log.contains("answer accuracy"), "{log}");
     assert!(log.contains("packed  rows"), "{log}");
-    for f in [
-        "config.json",
-        "model.safetensors",
-        "optimizer.safetensors",
-        "loss.svg",
-    ] {
+    for f in ["config.json", "loss.svg"] {
         assert!(clm.join(f).exists(), "{f}");
+    }
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(checkpoint_file(&clm, f).exists(), "{f}");
     }
     let gen = ok(&[
         "generate",
@@ -185,6 +183,12 @@ fn learned_positions_and_grouped_query_heads_train_too() {
     // 5 prompt tokens + 100 asked for > 48 learned positions: the run says so, and stops there.
     assert!(gen.contains("learned positions stop at 48 tokens"), "{gen}");
     assert!(gen.starts_with("abba|"), "{gen}");
+    // At most 48 − 5 tokens were generated (each at most one character).
+    let generated = gen.lines().next().unwrap().chars().count() - "abba|".len();
+    assert!(
+        generated <= 43,
+        "{generated} tokens after the prompt: {gen}"
+    );
 }
 
 #[test]
@@ -210,8 +214,8 @@ fn resume_continues_exactly_where_the_run_stopped() {
         serde_json::from_str(&std::fs::read_to_string(split.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["step"], 2);
     ok(&["train", "--resume", split.to_str().unwrap(), "--quiet"]);
-    let a = std::fs::read(straight.join("model.safetensors")).unwrap();
-    let b = std::fs::read(split.join("model.safetensors")).unwrap();
+    let a = std::fs::read(checkpoint_file(&straight, "model.safetensors")).unwrap();
+    let b = std::fs::read(checkpoint_file(&split, "model.safetensors")).unwrap();
     assert!(a == b, "resumed weights differ from the uninterrupted run");
     let ca: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(straight.join("config.json")).unwrap())
@@ -229,11 +233,7 @@ fn damaged_checkpoints_are_rejected_clearly() {
     train(&run, &["--steps", "2", "--eval-every", "2"]);
     let copy = |name: &str| {
         let d = dir.path().join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        for f in std::fs::read_dir(&run).unwrap() {
-            let f = f.unwrap();
-            std::fs::copy(f.path(), d.join(f.file_name())).unwrap();
-        }
+        copy_tree(&run, &d);
         d
     };
     let args = |d: &Path| {
@@ -251,31 +251,30 @@ fn damaged_checkpoints_are_rejected_clearly() {
     };
     // A flipped byte in the weights.
     let flipped = copy("flipped");
-    let mut w = std::fs::read(flipped.join("model.safetensors")).unwrap();
+    let weights = checkpoint_file(&flipped, "model.safetensors");
+    let mut w = std::fs::read(&weights).unwrap();
     let n = w.len();
     w[n - 3] ^= 0x40;
-    std::fs::write(flipped.join("model.safetensors"), w).unwrap();
+    std::fs::write(&weights, w).unwrap();
     run_args(&flipped, "model.safetensors is corrupt");
     // A truncated config.
     let truncated = copy("truncated");
     let c = std::fs::read_to_string(truncated.join("config.json")).unwrap();
     std::fs::write(truncated.join("config.json"), &c[..c.len() / 2]).unwrap();
     run_args(&truncated, "config.json is corrupt");
-    // A config that does not match the weights.
+    // A config that does not match the weights (written by another tool, with its own
+    // hash recomputed: an edit by hand is refused before the weights are looked at).
     let mismatched = copy("mismatched");
-    let mut v: serde_json::Value = serde_json::from_str(&c).unwrap();
-    v["model"]["d_model"] = serde_json::json!(64);
-    v["model"]["d_ff"] = serde_json::json!(256);
-    std::fs::write(
-        mismatched.join("config.json"),
-        serde_json::to_string(&v).unwrap(),
-    )
-    .unwrap();
+    let edited = c.replace("\"d_model\": 32", "\"d_model\": 64");
+    assert_ne!(edited, c);
+    std::fs::write(mismatched.join("config.json"), with_own_hash(&edited)).unwrap();
     run_args(&mismatched, "shape");
+    std::fs::write(mismatched.join("config.json"), &edited).unwrap();
+    run_args(&mismatched, "config.json does not match its hash");
     // No checkpoint at all; a missing weights file.
     run_args(&dir.path().join("nothing"), "is not a checkpoint");
     let missing = copy("missing");
-    std::fs::remove_file(missing.join("optimizer.safetensors")).unwrap();
+    std::fs::remove_file(checkpoint_file(&missing, "optimizer.safetensors")).unwrap();
     fails(
         &["train", "--resume", missing.to_str().unwrap(), "--quiet"],
         "optimizer.safetensors is missing",
@@ -357,7 +356,7 @@ fn text_files_and_tokenizers() {
         ],
     );
     assert!(
-        run.join("tokenizer.json").exists(),
+        checkpoint_file(&run, "tokenizer.json").exists(),
         "the tokenizer travels with the checkpoint"
     );
     let fill = ok(&[
@@ -399,5 +398,383 @@ fn text_files_and_tokenizers() {
             "--quiet",
         ],
         "not a tokenizer.json",
+    );
+}
+
+/// The file of a checkpoint that plays `name` (`model.safetensors`, `optimizer.safetensors`):
+/// checkpoints keep their files in the sub-folder `config.json` names (`"files"`); older ones
+/// kept them beside it.
+fn checkpoint_file(dir: &Path, name: &str) -> std::path::PathBuf {
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    match c["files"].as_str() {
+        Some(sub) => dir.join(sub).join(name),
+        None => dir.join(name),
+    }
+}
+
+/// `config.json` text with its `config_hash` recomputed: FNV-1a 64 of the text with the
+/// hash's 16 digits all zeros.
+fn with_own_hash(text: &str) -> String {
+    let key = "\"config_hash\": \"";
+    let at = text.find(key).unwrap() + key.len();
+    let mut t = text.to_string();
+    t.replace_range(at..at + 16, "0000000000000000");
+    let h = t.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    t.replace_range(at..at + 16, &format!("{h:016x}"));
+    t
+}
+
+/// Copies a folder and everything in it.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in std::fs::read_dir(from).unwrap() {
+        let f = f.unwrap();
+        if f.file_type().unwrap().is_dir() {
+            copy_tree(&f.path(), &to.join(f.file_name()));
+        } else {
+            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+        }
+    }
+}
+
+fn stdout_of(args: &[&str]) -> String {
+    let o = maskattn(args);
+    assert!(
+        o.status.success(),
+        "maskattn {args:?} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn tiny_temperatures_are_greedy_and_bad_sampling_settings_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("clm");
+    train(&run, &["--steps", "4", "--eval-every", "4"]);
+    let run = run.to_str().unwrap();
+    let gen = |extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            "--checkpoint",
+            run,
+            "--prompt",
+            "abca|",
+            "--max-tokens",
+            "8",
+        ];
+        a.extend(extra);
+        stdout_of(&a)
+    };
+    let greedy = gen(&[]);
+    // 1/T overflows to infinity for all of these: the most likely token must still win.
+    for t in ["1e-40", "1e-300", "5e-324"] {
+        assert_eq!(gen(&["--temperature", t]), greedy, "--temperature {t}");
+        assert_eq!(
+            gen(&["--temperature", t, "--top-k", "3"]),
+            greedy,
+            "--temperature {t} --top-k 3"
+        );
+        assert_eq!(
+            gen(&["--temperature", t, "--top-p", "0.5"]),
+            greedy,
+            "--temperature {t} --top-p 0.5"
+        );
+    }
+    // A nucleus that holds only the top token is greedy at any temperature.
+    assert_eq!(gen(&["--temperature", "5", "--top-p", "1e-9"]), greedy);
+    for (flag, value) in [
+        ("--temperature", "NaN"),
+        ("--temperature", "-1"),
+        ("--temperature", "inf"),
+        ("--top-p", "0"),
+        ("--top-p", "1.5"),
+        ("--top-p", "NaN"),
+    ] {
+        fails(
+            &[
+                "generate",
+                "--checkpoint",
+                run,
+                "--prompt",
+                "a",
+                &format!("{flag}={value}"),
+            ],
+            &format!("{flag} {value}: must be"),
+        );
+    }
+}
+
+#[test]
+fn a_save_that_fails_half_way_leaves_a_resumable_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    train(
+        &run,
+        &["--steps", "4", "--eval-every", "2", "--stop-after", "2"],
+    );
+    // Files used to be written to NAME.tmp and renamed one by one: a folder in the way of
+    // the optimizer's temporary file fails the next save after the weights were replaced.
+    std::fs::create_dir(run.join("optimizer.tmp")).unwrap();
+    let r = run.to_str().unwrap();
+    let _ = maskattn(&["train", "--resume", r, "--quiet"]);
+    // Whatever that run did, the folder holds a complete checkpoint (step 2 or 4) that
+    // resumes and serves.
+    ok(&["train", "--resume", r, "--quiet"]);
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(c["step"], 4);
+    ok(&[
+        "generate",
+        "--checkpoint",
+        r,
+        "--prompt",
+        "ab",
+        "--max-tokens",
+        "2",
+    ]);
+}
+
+/// Counts the `null`s in a JSON value.
+fn walk(v: &serde_json::Value, nulls: &mut usize) {
+    match v {
+        serde_json::Value::Null => *nulls += 1,
+        serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, nulls)),
+        serde_json::Value::Object(o) => o.values().for_each(|x| walk(x, nulls)),
+        _ => {}
+    }
+}
+
+#[test]
+fn divergence_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let r = run.to_str().unwrap();
+    let mut args = vec!["train", "--out", r];
+    args.extend(TINY);
+    args.extend(["1e4", "--steps", "40", "--eval-every", "1"]);
+    fails(&args, "diverged");
+    // What is on disk is a good checkpoint: readable settings (no `null` for a NaN) and
+    // finite weights, and it serves.
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let mut nulls = 0;
+    walk(&c["losses"], &mut nulls);
+    walk(&c["evals"], &mut nulls);
+    assert_eq!(nulls, 0, "{c}");
+    assert!(c["step"].as_u64().unwrap() >= 1, "{c}");
+    let weights = candle_core::safetensors::load(
+        checkpoint_file(&run, "model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    for (name, t) in weights {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{name} is not finite");
+    }
+    ok(&[
+        "generate",
+        "--checkpoint",
+        r,
+        "--prompt",
+        "ab",
+        "--max-tokens",
+        "2",
+    ]);
+}
+
+#[test]
+fn resume_refuses_an_edited_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    train(
+        &run,
+        &["--steps", "4", "--eval-every", "2", "--stop-after", "2"],
+    );
+    for (key, value) in [("seq_len", 1), ("batch", 0), ("lr", 1)] {
+        let edited = dir.path().join(key);
+        copy_tree(&run, &edited);
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(edited.join("config.json")).unwrap())
+                .unwrap();
+        c["run"][key] = serde_json::json!(value);
+        std::fs::write(
+            edited.join("config.json"),
+            serde_json::to_string_pretty(&c).unwrap(),
+        )
+        .unwrap();
+        fails(
+            &["train", "--resume", edited.to_str().unwrap(), "--quiet"],
+            "config.json does not match its hash",
+        );
+    }
+}
+
+#[test]
+fn threads_are_bounded() {
+    for n in ["0", "100000"] {
+        fails(
+            &[
+                "--threads",
+                n,
+                "generate",
+                "--checkpoint",
+                "/nonexistent",
+                "--prompt",
+                "a",
+            ],
+            &format!("--threads {n}: "),
+        );
+    }
+    // Within the bound, the flag works as before.
+    fails(
+        &[
+            "--threads",
+            "2",
+            "generate",
+            "--checkpoint",
+            "/nonexistent",
+            "--prompt",
+            "a",
+        ],
+        "is not a checkpoint",
+    );
+}
+
+#[test]
+fn bad_training_settings_fail_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = out.to_str().unwrap();
+    for (flag, value) in [
+        ("--clip", "NaN"),
+        ("--min-lr-ratio", "NaN"),
+        ("--min-lr-ratio", "2"),
+        ("--lr", "NaN"),
+        ("--lr", "0"),
+        ("--weight-decay", "inf"),
+        ("--dropout", "NaN"),
+    ] {
+        fails(
+            &["train", "--out", o, "--quiet", flag, value],
+            &format!("{flag} {value}: must be"),
+        );
+    }
+    // An --out that is a file fails at once, not at the first checkpoint.
+    let file = dir.path().join("file");
+    std::fs::write(&file, "keep me").unwrap();
+    let mut args = vec!["train", "--out", file.to_str().unwrap()];
+    args.extend(TINY);
+    args.extend(["3e-3", "--steps", "30", "--eval-every", "10"]);
+    let o = maskattn(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("is not a folder"), "{err}");
+    assert!(!err.contains("step "), "trained before failing:\n{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+}
+
+#[cfg(unix)]
+#[test]
+fn outputs_that_are_links_are_never_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("target.txt");
+    std::fs::write(&target, "keep me").unwrap();
+    for name in ["config.json", "loss.svg"] {
+        let run = dir.path().join(format!("run-{name}"));
+        std::fs::create_dir(&run).unwrap();
+        std::os::unix::fs::symlink(&target, run.join(name)).unwrap();
+        let mut args = vec!["train", "--out", run.to_str().unwrap()];
+        args.extend(TINY);
+        args.extend(["3e-3", "--steps", "2", "--eval-every", "2"]);
+        let o = maskattn(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("not a regular file"), "{name}: {err}");
+        let meta = std::fs::symlink_metadata(run.join(name)).unwrap();
+        assert!(meta.file_type().is_symlink(), "{name} was replaced");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me");
+        // No temporary file is left behind.
+        for f in std::fs::read_dir(&run).unwrap() {
+            let f = f.unwrap().file_name();
+            assert!(!f.to_string_lossy().contains("tmp"), "{f:?} left behind");
+        }
+    }
+}
+
+/// What `generate` adds to the prompt (stdout is the prompt, then the continuation).
+fn continuation(run: &Path, prompt: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "generate",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "10",
+    ];
+    args.extend(extra);
+    let out = stdout_of(&args);
+    let line = out.trim_end_matches('\n');
+    assert!(line.starts_with(prompt), "{out}");
+    line[prompt.len()..].to_string()
+}
+
+/// A model trained a little has learnt the shape of the built-in task's documents: after
+/// `letters|` comes one answer letter, then the separator, which ends the generation. The
+/// continuation is checked, not the prompt `generate` repeats.
+#[test]
+fn generate_continues_like_the_training_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("clm");
+    let mut args = vec!["train", "--out", run.to_str().unwrap()];
+    args.extend([
+        "--d-model",
+        "32",
+        "--layers",
+        "2",
+        "--heads",
+        "2",
+        "--seq-len",
+        "40",
+        "--batch",
+        "8",
+        "--warmup",
+        "10",
+        "--lr",
+        "1e-2",
+        "--steps",
+        "120",
+        "--eval-every",
+        "120",
+        "--quiet",
+    ]);
+    ok(&args);
+    for prompt in [
+        "aaaaaaaaab|",
+        "dddddcddd|",
+        "abcbbbbbb|",
+        "ccaccccd|",
+        "cbcaacdcc|",
+    ] {
+        for extra in [
+            &[][..],
+            &["--temperature", "1e-30"],
+            &["--top-k", "1", "--temperature", "2"],
+        ] {
+            let c = continuation(&run, prompt, extra);
+            assert!(
+                c.len() == 1 && "abcd".contains(&c),
+                "{prompt} {extra:?}: continued with {c:?}, not one answer letter"
+            );
+        }
+    }
+    // With a prompt that is not over (no `|` yet), the model goes on writing letters.
+    let c = continuation(&run, "abca", &[]);
+    assert!(
+        !c.is_empty() && c.chars().all(|ch| "abcd|".contains(ch)),
+        "{c:?}"
     );
 }

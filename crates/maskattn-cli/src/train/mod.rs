@@ -1,45 +1,32 @@
-//! `maskattn train`: self-supervised pre-training of a small transformer whose attention is
-//! the masked layer. Masked-token (BERT-style) or next-token (GPT-style) objective, packed
-//! rows with a documents mask or padded rows with a key padding mask, AdamW with warm-up and
-//! cosine decay, gradient clipping, held-out evaluation, checkpoints, resume, Ctrl-C.
+//! `maskattn train`: the command line of the `maskattn-train` library — flags, progress
+//! bar, printing, Ctrl-C and the loss pictures. The training itself (batches, objectives,
+//! AdamW, checkpoints, the loop) is the library's.
 
-pub mod batch;
-pub mod checkpoint;
-pub mod corpus;
-pub mod eval;
-pub mod optim;
 pub mod plot;
-pub mod rng;
-pub mod vocab;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{VarBuilder, VarMap};
+use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use maskattn_candle::model::{LmConfig, Positions, TinyLm};
-use maskattn_candle::Mode;
+use maskattn_train::checkpoint::Eval;
+use maskattn_train::durable;
+use maskattn_train::trainer::{Hooks, Outcome, StepReport, Trainer};
+use maskattn_train::{Layout, Objective, RunSettings, State, Vocab};
 
-use batch::{Batch, Layout, Objective};
-use checkpoint::{RunSettings, State};
-use corpus::Corpus;
-use rng::Rng;
-use vocab::{Vocab, VocabSpec};
+// What the other commands use of training, under the names they have always had.
+pub use maskattn_train::{batch, open, rng};
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
     /// mlm: predict masked tokens (bidirectional attention); clm: predict the next token (causal).
     #[arg(long, value_enum, default_value = "clm")]
-    pub objective: Objective,
+    pub objective: ObjectiveArg,
     /// packed: several documents per row with a documents mask; padded: one per row with key padding.
     #[arg(long, value_enum, default_value = "packed")]
-    pub layout: Layout,
+    pub layout: LayoutArg,
     /// Train on this UTF-8 text (paragraphs are documents) instead of the built-in task.
     #[arg(long)]
     pub text: Option<PathBuf>,
@@ -102,247 +89,156 @@ pub struct TrainArgs {
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObjectiveArg {
+    /// BERT-style: predict masked tokens, attention both ways.
+    Mlm,
+    /// GPT-style: predict the next token, causal attention.
+    Clm,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayoutArg {
+    /// Several documents per row with a documents mask.
+    Packed,
+    /// One document per row, padded, with a key padding mask.
+    Padded,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PositionsArg {
     Rotary,
     Learned,
 }
 
-/// Everything a run needs, built from fresh arguments or from a checkpoint.
-struct Run {
-    state: State,
-    vocab: Vocab,
-    tokenizer_file: Option<PathBuf>,
-    corpus: Corpus,
-    vars: VarMap,
-    model: TinyLm,
-    opt: optim::AdamW,
-}
-
 const DEFAULT_STEPS: u64 = 500;
-const TRAIN_DOCS: usize = 20_000;
-const HELD_OUT_DOCS: usize = 512;
 
-fn load_corpus(run: &RunSettings, vocab: &Vocab) -> Result<Corpus> {
-    match &run.text {
-        None => Ok(corpus::majority(run.seed, TRAIN_DOCS, HELD_OUT_DOCS)),
-        Some(p) => corpus::text(p, vocab, run.seq_len - 1),
-    }
+/// A fresh run from the flags.
+fn fresh(a: &TrainArgs) -> Result<Trainer> {
+    let run = RunSettings {
+        objective: match a.objective {
+            ObjectiveArg::Mlm => Objective::Mlm,
+            ObjectiveArg::Clm => Objective::Clm,
+        },
+        layout: match a.layout {
+            LayoutArg::Packed => Layout::Packed,
+            LayoutArg::Padded => Layout::Padded,
+        },
+        text: a.text.clone(),
+        seed: a.seed,
+        steps: a.steps.unwrap_or(DEFAULT_STEPS),
+        batch: a.batch,
+        seq_len: a.seq_len,
+        lr: a.lr,
+        warmup: a.warmup,
+        min_lr_ratio: a.min_lr_ratio,
+        clip: a.clip,
+        weight_decay: a.weight_decay,
+        eval_every: a.eval_every,
+    };
+    // The tokenizer is read once more by the library; its size is all that is needed here.
+    let vocab = match &a.tokenizer {
+        Some(p) if a.text.is_some() => Vocab::load_hf(p)?.size(),
+        _ => Vocab::Bytes.size(),
+    };
+    let model = LmConfig {
+        vocab,
+        d_model: a.d_model,
+        layers: a.layers,
+        heads: a.heads,
+        kv_heads: a.kv_heads.unwrap_or(a.heads),
+        d_ff: 4 * a.d_model,
+        max_len: a.seq_len,
+        positions: match a.positions {
+            PositionsArg::Rotary => Positions::Rotary,
+            PositionsArg::Learned => Positions::Learned,
+        },
+        dropout: a.dropout,
+    };
+    Trainer::new(model, run, a.tokenizer.as_deref(), &a.out)
 }
 
-/// Seeded initialisation (candle's CPU generator cannot be seeded): weights uniform in
-/// ±1/√fan_in, embeddings N(0, 0.02), norm gains 1, biases 0.
-fn init(vars: &VarMap, seed: u64) -> Result<()> {
-    let data = vars.data().lock().unwrap();
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    for (i, name) in names.into_iter().enumerate() {
-        let var = &data[name];
-        let mut rng = Rng::at(seed, 7, i as u64);
-        let n = var.elem_count();
-        let vals: Vec<f32> = if name.contains(".ln") || name.starts_with("ln_f") {
-            vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
-        } else if name.ends_with("_emb.weight") {
-            (0..n).map(|_| (0.02 * rng.normal()) as f32).collect()
+/// The progress bar and the lines printed at each evaluation.
+struct Progress {
+    bar: ProgressBar,
+    /// From the first step on (not the evaluation of the untrained model).
+    started: Option<Instant>,
+    tokens: usize,
+    eval_secs: f64,
+    last_loss: f32,
+    stop_after: Option<u64>,
+    done: u64,
+}
+
+impl Hooks for Progress {
+    fn on_step(&mut self, r: &StepReport) {
+        let started = *self.started.get_or_insert_with(Instant::now);
+        self.done += 1;
+        self.tokens += r.tokens;
+        self.last_loss = r.loss;
+        let tps = self.tokens as f64 / (started.elapsed().as_secs_f64() - self.eval_secs).max(1e-9);
+        self.bar.set_position(r.step);
+        self.bar.set_message(format!(
+            "loss {:.3} | lr {:.1e} | {tps:.0} tok/s",
+            r.loss, r.lr
+        ));
+    }
+
+    fn on_eval(&mut self, e: &Eval, secs: f64) {
+        self.eval_secs += secs;
+        let line = format!(
+            "step {:>5}: train loss {:.3}, held-out loss {:.3}, {} {}",
+            e.step,
+            self.last_loss,
+            e.loss,
+            e.metric_name,
+            maskattn_train::eval::format_metric(e)
+        );
+        if self.bar.is_hidden() {
+            eprintln!("{line}");
         } else {
-            let fan_in = *var.dims().last().unwrap_or(&1) as f64;
-            let fan_in = if var.rank() == 1 {
-                (n as f64).max(1.0)
-            } else {
-                fan_in
-            };
-            let bound = 1.0 / fan_in.sqrt();
-            (0..n)
-                .map(|_| ((rng.unit() * 2.0 - 1.0) * bound) as f32)
-                .collect()
-        };
-        var.set(&Tensor::from_vec(vals, var.dims(), &Device::Cpu)?)?;
-    }
-    Ok(())
-}
-
-fn build_model(cfg: &LmConfig) -> Result<(VarMap, TinyLm)> {
-    let vars = VarMap::new();
-    let model = TinyLm::new(
-        cfg.clone(),
-        VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu),
-    )?;
-    Ok((vars, model))
-}
-
-fn weights(vars: &VarMap) -> HashMap<String, Tensor> {
-    vars.data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect()
-}
-
-impl Run {
-    fn fresh(a: &TrainArgs) -> Result<Self> {
-        if a.tokenizer.is_some() && a.text.is_none() {
-            bail!("--tokenizer needs --text (the built-in task is defined on bytes)");
+            self.bar.println(line);
         }
-        let steps = a.steps.unwrap_or(DEFAULT_STEPS);
-        if a.seq_len < 8 || a.batch == 0 || steps == 0 {
-            bail!("--seq-len must be at least 8, --batch and --steps at least 1");
-        }
-        let vocab = match &a.tokenizer {
-            Some(p) => Vocab::load_hf(p)?,
-            None => Vocab::Bytes,
-        };
-        let run = RunSettings {
-            objective: a.objective,
-            layout: a.layout,
-            text: a.text.clone(),
-            seed: a.seed,
-            steps,
-            batch: a.batch,
-            seq_len: a.seq_len,
-            lr: a.lr,
-            warmup: a.warmup,
-            min_lr_ratio: a.min_lr_ratio,
-            clip: a.clip,
-            weight_decay: a.weight_decay,
-            eval_every: a.eval_every,
-        };
-        let cfg = LmConfig {
-            vocab: vocab.size(),
-            d_model: a.d_model,
-            layers: a.layers,
-            heads: a.heads,
-            kv_heads: a.kv_heads.unwrap_or(a.heads),
-            d_ff: 4 * a.d_model,
-            max_len: a.seq_len,
-            positions: match a.positions {
-                PositionsArg::Rotary => Positions::Rotary,
-                PositionsArg::Learned => Positions::Learned,
-            },
-            dropout: a.dropout,
-        };
-        let corpus = load_corpus(&run, &vocab)?;
-        let (vars, model) = build_model(&cfg)?;
-        init(&vars, a.seed)?;
-        let opt = optim::AdamW::new(&vars, run.weight_decay)?;
-        let state = State {
-            format: checkpoint::FORMAT,
-            model: cfg,
-            vocab: match &a.tokenizer {
-                Some(_) => VocabSpec::Hf {
-                    file: "tokenizer.json".into(),
-                },
-                None => VocabSpec::Bytes,
-            },
-            run,
-            step: 0,
-            losses: Vec::new(),
-            evals: Vec::new(),
-            hashes: HashMap::new(),
-        };
-        Ok(Run {
-            state,
-            vocab,
-            tokenizer_file: a.tokenizer.clone(),
-            corpus,
-            vars,
-            model,
-            opt,
-        })
     }
 
-    fn resume(dir: &Path, a: &TrainArgs) -> Result<Self> {
-        let checkpoint::Loaded {
-            mut state,
-            model: model_t,
-            optimizer: opt_t,
-        } = checkpoint::load(dir)?;
-        let vocab = Vocab::from_spec(&state.vocab, dir)?;
-        let corpus = load_corpus(&state.run, &vocab)?;
-        let (vars, model) = build_model(&state.model)?;
-        checkpoint::restore(&vars, &model_t)?;
-        let mut opt = optim::AdamW::new(&vars, state.run.weight_decay)?;
-        opt.load_state(&opt_t, state.step)?;
-        match a.steps {
-            Some(n) if n < state.step => bail!(
-                "--steps {n}: the checkpoint is already at step {}",
-                state.step
-            ),
-            Some(n) => state.run.steps = n,
-            None => {}
-        }
-        let tokenizer_file = match &state.vocab {
-            VocabSpec::Hf { file } => Some(dir.join(file)),
-            VocabSpec::Bytes => None,
-        };
-        Ok(Run {
-            state,
-            vocab,
-            tokenizer_file,
-            corpus,
-            vars,
-            model,
-            opt,
-        })
+    fn stop(&mut self, _state: &State) -> bool {
+        self.started.get_or_insert_with(Instant::now);
+        self.done > 0 && self.stop_after == Some(self.done)
     }
-
-    fn save(&mut self, dir: &Path) -> Result<()> {
-        checkpoint::save(
-            dir,
-            &mut self.state,
-            &weights(&self.vars),
-            &self.opt.state(),
-            self.tokenizer_file.as_deref(),
-        )
-    }
-}
-
-/// The weighted mean cross-entropy of `logits [B, L, V]` against `targets` where `weights`
-/// is 1: `(loss, logits flattened to [B·L, V])`.
-pub fn loss(logits: &Tensor, b: &Batch) -> Result<Tensor> {
-    let dev = logits.device();
-    let v = logits.dim(D::Minus1)?;
-    let logp = candle_nn::ops::log_softmax(&logits.reshape(((), v))?, D::Minus1)?;
-    let targets = Tensor::from_slice(&b.targets, b.targets.len(), dev)?;
-    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let w = Tensor::from_slice(&b.weights, b.weights.len(), dev)?;
-    let count = b.weights.iter().sum::<f32>().max(1.0) as f64;
-    Ok(((picked * w)?.sum_all()? * (-1.0 / count))?)
 }
 
 pub fn run(a: &TrainArgs) -> Result<()> {
-    let mut r = match &a.resume {
-        Some(dir) => Run::resume(dir, a)?,
-        None => Run::fresh(a)?,
+    let mut t = match &a.resume {
+        Some(dir) => Trainer::resume(dir, a.steps)?,
+        None => fresh(a)?,
     };
-    let out = a.resume.clone().unwrap_or_else(|| a.out.clone());
-    r.model.set_plain_attention(a.plain_attention);
-    let s = r.state.run.clone();
-    let cfg = r.state.model.clone();
+    let out = t.out().to_path_buf();
+    t.set_plain_attention(a.plain_attention);
+    let s = t.state().run.clone();
+    let cfg = t.state().model.clone();
     eprintln!(
         "model: {} parameters ({} layers, d_model {}, {} heads / {} kv heads, {:?} positions); data: {} ({} train / {} held-out documents); {} × {} tokens per step; {:?}, {:?}",
-        TinyLm::parameters(&r.vars),
+        TinyLm::parameters(t.vars()),
         cfg.layers,
         cfg.d_model,
         cfg.heads,
         cfg.kv_heads,
         cfg.positions,
         s.text.as_ref().map_or("built-in majority task".to_string(), |p| p.display().to_string()),
-        r.corpus.train.len(),
-        r.corpus.held_out.len(),
+        t.corpus().train.len(),
+        t.corpus().held_out.len(),
         s.batch,
         s.seq_len,
         s.objective,
         s.layout
     );
-    report_savings(&r, &s)?;
+    report_savings(&t)?;
 
-    let stop = Arc::new(AtomicBool::new(false));
     {
-        let stop = stop.clone();
+        let stop = t.stop_flag();
         // A second Ctrl-C while saving is ignored; the save is quick.
-        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+        let _ = ctrlc::set_handler(move || stop.store(true, std::sync::atomic::Ordering::SeqCst));
     }
-    let todo = s.steps.saturating_sub(r.state.step);
+    let todo = s.steps.saturating_sub(t.state().step);
     let bar = if a.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         ProgressBar::hidden()
     } else {
@@ -352,120 +248,65 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
             .expect("valid template"),
     );
-    bar.set_position(r.state.step);
-    if r.state.step == 0 && r.state.evals.is_empty() {
-        // Where the untrained model stands (chance level), the first point of the curve.
-        r.state
-            .evals
-            .push(eval::evaluate(&r.model, &r.corpus, &r.vocab, &s, 0)?);
-    }
-    let started = Instant::now();
-    let mut tokens_seen = 0usize;
-    let mut done_here = 0u64;
-    let mut eval_secs = 0f64;
-    while r.state.step < s.steps {
-        if stop.load(Ordering::SeqCst) {
+    bar.set_position(t.state().step);
+    let mut progress = Progress {
+        bar,
+        started: None,
+        tokens: 0,
+        eval_secs: 0.0,
+        last_loss: f32::NAN,
+        stop_after: a.stop_after,
+        done: 0,
+    };
+    let report = t.run(&mut progress);
+    let bar = progress.bar;
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            bar.abandon();
+            return Err(e);
+        }
+    };
+    match report.outcome {
+        Outcome::Interrupted => {
             bar.abandon_with_message("interrupted");
-            r.save(&out)?;
             eprintln!(
                 "interrupted at step {}: checkpoint saved to {} (continue with --resume {})",
-                r.state.step,
+                t.state().step,
                 out.display(),
                 out.display()
             );
             std::process::exit(130);
         }
-        let step = r.state.step;
-        let b = batch::for_step(
-            &r.corpus.train,
-            s.seed,
-            step,
-            s.batch,
-            s.seq_len,
-            s.layout,
-            s.objective,
-            &r.vocab,
-        )?;
-        let tokens = Tensor::from_slice(&b.inputs, (b.rows, b.len), &Device::Cpu)?;
-        let mask = b.mask(s.objective);
-        let logits = r.model.forward(
-            &tokens,
-            &mask,
-            Mode::Train {
-                seed: Rng::at(s.seed, 3, step).next_u64(),
-            },
-        )?;
-        let l = loss(&logits, &b)?;
-        let mut grads = l.backward()?;
-        let vars: Vec<_> = r.opt.vars().cloned().collect();
-        optim::clip(&mut grads, &vars, s.clip)?;
-        let lr = optim::lr_at(step, s.warmup, s.steps, s.lr, s.min_lr_ratio);
-        r.opt.step(&grads, lr)?;
-        let lv = l.to_scalar::<f32>()?;
-        if !lv.is_finite() {
-            bail!("the loss became {lv} at step {step}; try a smaller --lr");
-        }
-        r.state.losses.push(lv);
-        r.state.step += 1;
-        done_here += 1;
-        tokens_seen += b.lengths.iter().sum::<usize>();
-        let tps = tokens_seen as f64 / (started.elapsed().as_secs_f64() - eval_secs).max(1e-9);
-        bar.set_position(r.state.step);
-        bar.set_message(format!("loss {lv:.3} | lr {lr:.1e} | {tps:.0} tok/s"));
-        let last = r.state.step == s.steps;
-        if r.state.step % s.eval_every.max(1) == 0 || last {
-            let t_eval = Instant::now();
-            let e = eval::evaluate(&r.model, &r.corpus, &r.vocab, &s, r.state.step)?;
-            eval_secs += t_eval.elapsed().as_secs_f64();
-            let line = format!(
-                "step {:>5}: train loss {lv:.3}, held-out loss {:.3}, {} {}",
-                e.step,
-                e.loss,
-                e.metric_name,
-                eval::format_metric(&e)
-            );
-            if bar.is_hidden() {
-                eprintln!("{line}");
-            } else {
-                bar.println(line);
-            }
-            r.state.evals.push(e);
-            r.save(&out)?;
-        }
-        if a.stop_after == Some(done_here) && !last {
-            r.save(&out)?;
+        Outcome::Stopped => {
             bar.abandon();
             eprintln!(
-                "stopped after {done_here} steps at step {}: checkpoint in {}",
-                r.state.step,
+                "stopped after {} steps at step {}: checkpoint in {}",
+                report.steps,
+                t.state().step,
                 out.display()
             );
             return Ok(());
         }
+        Outcome::Finished => {}
     }
     bar.finish_and_clear();
-    let secs = started.elapsed().as_secs_f64();
     if todo > 0 {
+        let (secs, eval_secs) = (report.secs, report.eval_secs);
         let train_secs = secs - eval_secs;
         eprintln!(
             "{todo} steps in {secs:.1} s: {:.0} ms/step training ({:.0} tokens/s), {eval_secs:.1} s evaluating",
             1e3 * train_secs / todo as f64,
-            tokens_seen as f64 / train_secs
+            report.tokens as f64 / train_secs
         );
     }
-    // The pictures are a convenience: a missing font must not fail a finished run.
-    let curve = out.join("loss.svg");
-    for p in [out.join("loss.png"), curve.clone()] {
-        if let Err(e) = plot::loss_curve(&r.state, &p) {
-            eprintln!("warning: no {}: {e:#}", p.display());
-        }
-    }
-    if let Some(e) = r.state.evals.last() {
+    let curve = write_pictures(t.state(), &out);
+    if let Some(e) = t.state().evals.last() {
         println!(
             "held-out {} after {} steps: {} (loss {:.3}); checkpoint {}; loss curve {}",
             e.metric_name,
             e.step,
-            eval::format_metric(e),
+            maskattn_train::eval::format_metric(e),
             e.loss,
             out.display(),
             curve.display()
@@ -474,20 +315,25 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// The loss pictures, `loss.png` and `loss.svg` in the checkpoint folder; returns the SVG's
+/// path. They are a convenience: a missing font must not fail a finished run. Each is drawn
+/// under a temporary name and renamed, so a failure leaves the previous picture.
+fn write_pictures(state: &State, out: &Path) -> PathBuf {
+    let curve = out.join("loss.svg");
+    for p in [out.join("loss.png"), curve.clone()] {
+        if let Err(e) = durable::replace_with(&p, |tmp| plot::loss_curve(state, tmp)) {
+            eprintln!("warning: no {}: {e:#}", p.display());
+        }
+    }
+    curve
+}
+
 /// Prints what each layout saves on a batch of this run's data.
-fn report_savings(r: &Run, s: &RunSettings) -> Result<()> {
+fn report_savings(t: &Trainer) -> Result<()> {
+    let s = &t.state().run;
     for layout in [Layout::Packed, Layout::Padded] {
-        let b = batch::for_step(
-            &r.corpus.train,
-            s.seed,
-            0,
-            s.batch,
-            s.seq_len,
-            layout,
-            s.objective,
-            &r.vocab,
-        )?;
-        let (real, hidden, skipped) = b.savings(s.objective, r.state.model.heads)?;
+        let b = t.batch(layout)?;
+        let (real, hidden, skipped) = b.savings(s.objective, t.state().model.heads)?;
         eprintln!(
             "{:<7} rows: {:>5.1}% of token slots hold tokens; the mask hides {:>5.1}% of attention pairs, the kernels skip {:>5.1}% of tiles{}",
             format!("{layout:?}").to_lowercase(),
@@ -498,97 +344,4 @@ fn report_savings(r: &Run, s: &RunSettings) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Opens a checkpoint for inference: the model, its vocabulary and its state.
-pub fn open(dir: &Path) -> Result<(TinyLm, Vocab, State)> {
-    let checkpoint::Loaded {
-        state,
-        model: model_t,
-        ..
-    } = checkpoint::load(dir)?;
-    let vocab = Vocab::from_spec(&state.vocab, dir)?;
-    let (vars, model) = build_model(&state.model).context("building the checkpoint's model")?;
-    checkpoint::restore(&vars, &model_t)?;
-    Ok((model, vocab, state))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use batch::MlmChoice;
-    use corpus::Doc;
-
-    /// No attention weight crosses a document boundary in a packed batch, for either
-    /// objective, in any layer or head: asserted on the weights themselves.
-    #[test]
-    fn packed_documents_never_attend_to_each_other() {
-        let vocab = Vocab::Bytes;
-        let cfg = LmConfig {
-            vocab: vocab.size(),
-            d_model: 32,
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            d_ff: 64,
-            max_len: 40,
-            positions: Positions::Rotary,
-            dropout: 0.0,
-        };
-        let (vars, model) = build_model(&cfg).unwrap();
-        init(&vars, 1).unwrap();
-        let docs: Vec<Doc> = [7usize, 12, 5, 9, 15]
-            .iter()
-            .enumerate()
-            .map(|(k, &n)| Doc {
-                tokens: (0..n as u32)
-                    .map(|i| 97 + (i * 7 + k as u32) % 26)
-                    .collect(),
-                answers: Vec::new(),
-            })
-            .collect();
-        let refs: Vec<&Doc> = docs.iter().collect();
-        for objective in [Objective::Mlm, Objective::Clm] {
-            let b = batch::make(
-                &refs,
-                2,
-                40,
-                Layout::Packed,
-                objective,
-                MlmChoice::Random,
-                &vocab,
-                &mut Rng::new(2),
-            )
-            .unwrap();
-            assert!(
-                b.doc_ids.iter().filter(|&&d| d >= 0).count() > 40,
-                "two rows in use"
-            );
-            let tokens = Tensor::from_slice(&b.inputs, (2, 40), &Device::Cpu).unwrap();
-            let out = model
-                .forward_with_weights(&tokens, &b.mask(objective))
-                .unwrap();
-            assert_eq!(out.weights.len(), 2);
-            for w in &out.weights {
-                let w: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
-                let mut inside = 0f64;
-                for row in 0..2 {
-                    for h in 0..4 {
-                        for i in 0..40 {
-                            for j in 0..40 {
-                                let p = w[((row * 4 + h) * 40 + i) * 40 + j];
-                                let (di, dj) = (b.doc_ids[row * 40 + i], b.doc_ids[row * 40 + j]);
-                                if di != dj {
-                                    assert_eq!(p, 0.0, "{objective:?}: row {row} head {h}: {i} (doc {di}) attends to {j} (doc {dj})");
-                                } else {
-                                    inside += p as f64;
-                                }
-                            }
-                        }
-                    }
-                }
-                assert!(inside > 1.0, "weights inside documents are not all zero");
-            }
-        }
-    }
 }

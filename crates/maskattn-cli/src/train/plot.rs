@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::checkpoint::State;
+use maskattn_train::checkpoint::{Eval, State};
 
 const FONT_PATHS: [&str; 3] = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -68,20 +68,34 @@ fn draw(
 
 /// Training loss per step (and its running mean) with held-out losses marked.
 pub fn loss_curve(state: &State, path: &Path) -> Result<()> {
-    draw(path, (900, 500), |r| curve(r, state), |r| curve(r, state))
+    let c = Curve {
+        losses: &state.losses,
+        evals: &state.evals,
+        objective: format!("{:?}", state.run.objective).to_uppercase(),
+    };
+    draw(path, (900, 500), |r| curve(r, &c), |r| curve(r, &c))
 }
 
-fn curve<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, state: &State) -> Result<()>
+/// What the loss picture shows.
+struct Curve<'a> {
+    losses: &'a [f32],
+    evals: &'a [Eval],
+    objective: String,
+}
+
+fn curve<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, c: &Curve) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    let losses = &state.losses;
+    let losses = c.losses;
     if losses.is_empty() {
         bail!("no training steps to draw");
     }
-    let top = losses.iter().cloned().fold(0f32, f32::max).max(0.1) * 1.05;
-    let objective = format!("{:?}", state.run.objective).to_uppercase();
-    let metric = state.evals.first().map(|e| e.metric_name.clone());
+    // Non-finite values (a diverged loss, a perplexity of ∞) are left out: an axis that
+    // ran to infinity would never finish drawing.
+    let top = axis_top(losses.iter().copied(), 0.1);
+    let objective = &c.objective;
+    let metric = c.evals.first().map(|e| e.metric_name.clone());
     let percent = metric.as_deref().is_some_and(|m| m != "perplexity");
     let caption = match &metric {
         Some(m) => {
@@ -92,12 +106,7 @@ where
     let m_top = if percent {
         1.0
     } else {
-        state
-            .evals
-            .iter()
-            .map(|e| e.metric as f32)
-            .fold(1.0, f32::max)
-            * 1.05
+        axis_top(c.evals.iter().map(|e| e.metric as f32), 1.0)
     };
     let mut chart = ChartBuilder::on(root)
         .caption(caption, ("sans-serif", 20))
@@ -126,47 +135,64 @@ where
         })
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
-    chart
-        .draw_series(LineSeries::new(
-            losses.iter().enumerate().map(|(i, &l)| (i as f32, l)),
-            RGBColor(180, 200, 230),
-        ))
-        .map_err(|e| anyhow!("{e}"))?;
+    for run in finite_runs(losses.iter().enumerate().map(|(i, &l)| (i as f32, l))) {
+        chart
+            .draw_series(LineSeries::new(run, RGBColor(180, 200, 230)))
+            .map_err(|e| anyhow!("{e}"))?;
+    }
     let w = 20usize;
-    let mean: Vec<(f32, f32)> = (0..losses.len())
-        .map(|i| {
-            let lo = i.saturating_sub(w - 1);
-            let s: f32 = losses[lo..=i].iter().sum();
-            (i as f32, s / (i - lo + 1) as f32)
-        })
-        .collect();
-    chart
-        .draw_series(LineSeries::new(mean, BLUE.stroke_width(2)))
-        .map_err(|e| anyhow!("{e}"))?;
+    let mean = (0..losses.len()).map(|i| {
+        let window = losses[i.saturating_sub(w - 1)..=i]
+            .iter()
+            .filter(|l| l.is_finite());
+        let (s, n) = window.fold((0f32, 0usize), |(s, n), l| (s + l, n + 1));
+        (i as f32, if n == 0 { f32::NAN } else { s / n as f32 })
+    });
+    for run in finite_runs(mean) {
+        chart
+            .draw_series(LineSeries::new(run, BLUE.stroke_width(2)))
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    let held_out = finite_runs(c.evals.iter().map(|e| (e.step as f32, e.loss as f32)));
     chart
         .draw_series(
-            state
-                .evals
-                .iter()
-                .map(|e| Circle::new((e.step as f32, e.loss as f32), 5, RED.filled())),
+            held_out
+                .into_iter()
+                .flatten()
+                .map(|p| Circle::new(p, 5, RED.filled())),
         )
         .map_err(|e| anyhow!("{e}"))?;
     let green = RGBColor(0, 150, 60);
-    chart
-        .draw_secondary_series(LineSeries::new(
-            state.evals.iter().map(|e| (e.step as f32, e.metric as f32)),
-            green.stroke_width(2),
-        ))
-        .map_err(|e| anyhow!("{e}"))?;
-    chart
-        .draw_secondary_series(
-            state
-                .evals
-                .iter()
-                .map(|e| Circle::new((e.step as f32, e.metric as f32), 4, green.filled())),
-        )
-        .map_err(|e| anyhow!("{e}"))?;
+    for run in finite_runs(c.evals.iter().map(|e| (e.step as f32, e.metric as f32))) {
+        chart
+            .draw_secondary_series(LineSeries::new(run.clone(), green.stroke_width(2)))
+            .map_err(|e| anyhow!("{e}"))?;
+        chart
+            .draw_secondary_series(run.into_iter().map(|p| Circle::new(p, 4, green.filled())))
+            .map_err(|e| anyhow!("{e}"))?;
+    }
     Ok(())
+}
+
+/// The top of an axis that shows the finite `values` (at least `least`), with a margin.
+fn axis_top(values: impl Iterator<Item = f32>, least: f32) -> f32 {
+    let max = values.filter(|v| v.is_finite()).fold(least, f32::max);
+    (max * 1.05).min(f32::MAX)
+}
+
+/// The stretches of consecutive finite points: a line is drawn through each, with a gap
+/// where a value is NaN or infinite.
+fn finite_runs(points: impl Iterator<Item = (f32, f32)>) -> Vec<Vec<(f32, f32)>> {
+    let mut runs = vec![Vec::new()];
+    for (x, y) in points {
+        if y.is_finite() {
+            runs.last_mut().expect("never empty").push((x, y));
+        } else if !runs.last().expect("never empty").is_empty() {
+            runs.push(Vec::new());
+        }
+    }
+    runs.retain(|r| !r.is_empty());
+    runs
 }
 
 /// One heat map per (layer, head): weights `[L, L]` per map, `allowed` says which pairs the
@@ -273,4 +299,46 @@ where
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An infinite perplexity (or loss) must not send the axes to infinity: the picture
+    /// is drawn, with the finite points.
+    #[test]
+    fn non_finite_points_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let eval = |step, loss, metric| Eval {
+            step,
+            loss,
+            metric,
+            metric_name: "perplexity".into(),
+        };
+        let evals = [
+            eval(0, 5.0, 150.0),
+            eval(2, 800.0, f64::INFINITY),
+            eval(3, f64::NAN, f64::NAN),
+        ];
+        let losses = [5.0, f32::INFINITY, f32::NAN, 3.0];
+        let c = Curve {
+            losses: &losses,
+            evals: &evals,
+            objective: "CLM".into(),
+        };
+        for name in ["loss.svg", "loss.png"] {
+            let path = dir.path().join(name);
+            draw(&path, (900, 500), |r| curve(r, &c), |r| curve(r, &c)).unwrap();
+            assert!(std::fs::metadata(&path).unwrap().len() > 1000, "{name}");
+        }
+        let nothing = [f32::NAN; 3];
+        let c = Curve {
+            losses: &nothing,
+            evals: &[],
+            objective: "CLM".into(),
+        };
+        let path = dir.path().join("nothing.svg");
+        draw(&path, (900, 500), |r| curve(r, &c), |r| curve(r, &c)).unwrap();
+    }
 }

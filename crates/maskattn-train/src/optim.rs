@@ -105,6 +105,17 @@ impl AdamW {
         Ok(())
     }
 
+    /// The first parameter (by name) holding a NaN or an infinity: a diverged run.
+    pub fn non_finite(&self) -> Result<Option<&str>> {
+        for (name, var) in &self.vars {
+            let v = var.flatten_all()?.to_vec1::<f32>()?;
+            if !v.iter().all(|x| x.is_finite()) {
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
+    }
+
     pub fn vars(&self) -> impl Iterator<Item = &Var> {
         self.vars.iter().map(|(_, v)| v)
     }

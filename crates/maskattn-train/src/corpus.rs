@@ -11,8 +11,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use super::rng::Rng;
-use super::vocab::Vocab;
+use crate::rng::Rng;
+use crate::vocab::Vocab;
 
 /// One document: its tokens and, for the built-in task, the positions of answer tokens.
 #[derive(Clone, Debug)]

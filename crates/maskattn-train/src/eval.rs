@@ -9,11 +9,11 @@ use candle_core::{Device, Tensor, D};
 use maskattn_candle::model::TinyLm;
 use maskattn_candle::Mode;
 
-use super::batch::{self, Layout, MlmChoice, Objective};
-use super::checkpoint::{Eval, RunSettings};
-use super::corpus::Corpus;
-use super::rng::Rng;
-use super::vocab::Vocab;
+use crate::batch::{self, Layout, MlmChoice, Objective};
+use crate::checkpoint::{Eval, RunSettings};
+use crate::corpus::Corpus;
+use crate::rng::Rng;
+use crate::vocab::Vocab;
 
 /// Held-out documents used per evaluation.
 const EVAL_DOCS: usize = 256;
@@ -48,7 +48,7 @@ pub fn evaluate(
         let tokens = Tensor::from_slice(&b.inputs, (b.rows, b.len), &Device::Cpu)?;
         let logits = model.forward(&tokens, &b.mask(s.objective), Mode::Eval)?;
         let w: f32 = b.weights.iter().sum();
-        loss_sum += super::loss(&logits, &b)?.to_scalar::<f32>()? as f64 * w as f64;
+        loss_sum += crate::trainer::loss(&logits, &b)?.to_scalar::<f32>()? as f64 * w as f64;
         weight_sum += w as f64;
         let flat = logits.reshape(((), logits.dim(D::Minus1)?))?;
         // The positions whose predictions are scored, with the right answer.

@@ -3,15 +3,14 @@
 //! padding mask hides the padding); targets and loss weights for either objective.
 
 use anyhow::{bail, Result};
-use clap::ValueEnum;
 use maskattn::{BlockMask, Mask, MaskShape};
 use serde::{Deserialize, Serialize};
 
-use super::corpus::Doc;
-use super::rng::Rng;
-use super::vocab::Vocab;
+use crate::corpus::Doc;
+use crate::rng::Rng;
+use crate::vocab::Vocab;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Objective {
     /// BERT-style: predict masked tokens, attention both ways.
@@ -20,7 +19,7 @@ pub enum Objective {
     Clm,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Layout {
     /// Several documents per row with a documents mask.
