@@ -198,7 +198,9 @@ impl Bert {
         for layer in &self.layers {
             let a = layer.attn.forward_with_block(&x, &x, block, Mode::Eval)?;
             x = layer.ln_attn.forward(&(x + a)?)?;
-            let f = layer.out.forward(&layer.inter.forward(&x)?.gelu_erf()?)?;
+            let f = layer
+                .out
+                .forward(&crate::fused::gelu_erf(&layer.inter.forward(&x)?)?)?;
             x = layer.ln_out.forward(&(x + f)?)?;
         }
         Ok(x)

@@ -5,12 +5,13 @@
 //! mask decides which.
 //!
 //! Shapes: `tokens [B, L]` (u32) → logits `[B, L, vocab]`.
-//! Every op on the training path has a backward: the layer norm is written with plain ops
-//! (candle-nn's `LayerNorm` fast path and `ops::layer_norm` drop gradients).
+//! Every op on the training path has a backward: the layer norm and the GELU are this
+//! crate's fused ops ([`crate::fused`]; candle-nn's `LayerNorm` fast path and
+//! `ops::layer_norm` drop gradients).
 
 use std::sync::Arc;
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 use maskattn::{BlockMask, Mask, MaskShape};
 use serde::{Deserialize, Serialize};
@@ -75,7 +76,7 @@ impl LmConfig {
     }
 }
 
-/// Layer normalisation over the last dimension, with plain (differentiable) ops.
+/// Layer normalisation over the last dimension (differentiable in input, weight and bias).
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -98,14 +99,9 @@ impl LayerNorm {
 }
 
 impl Module for LayerNorm {
+    /// One fused op with a backward for all three of input, weight and bias.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        crate::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -131,8 +127,9 @@ impl Block {
     }
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2
-            .forward(&self.fc1.forward(&self.ln2.forward(x)?)?.gelu()?)
+        self.fc2.forward(&crate::fused::gelu_tanh(
+            &self.fc1.forward(&self.ln2.forward(x)?)?,
+        )?)
     }
 
     pub fn attention(&self) -> &MaskedMultiHeadAttention {
