@@ -7,10 +7,11 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Error, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
-use maskattn::Mask;
+use maskattn::{BlockMask, Mask, MaskShape};
 use serde::Deserialize;
 
 use crate::interop::WeightFormat;
@@ -160,8 +161,25 @@ impl Bert {
     }
 
     /// Hidden states `[B, L, hidden]` of `ids [B, L]`; row `b` has `lengths[b]` real tokens
-    /// (the rest is padding, which no query attends to).
+    /// (the rest is padding, which no query attends to). The padding mask is compiled once
+    /// for the call and used by every layer.
     pub fn forward(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let block = self.compile_mask(&Mask::key_lengths(lengths.to_vec()), b, l)?;
+        self.forward_with_block(ids, &block)
+    }
+
+    /// `mask` compiled for this encoder's attention on `batch` rows of `len` tokens
+    /// (`[batch, heads, len, len]`), for [`forward_with_block`](Self::forward_with_block).
+    pub fn compile_mask(&self, mask: &Mask, batch: usize, len: usize) -> Result<Arc<BlockMask>> {
+        let shape = MaskShape::new(batch, self.cfg.num_attention_heads, len, len);
+        Ok(Arc::new(BlockMask::new(mask, shape).map_err(Error::wrap)?))
+    }
+
+    /// Hidden states `[B, L, hidden]` of `ids [B, L]` under a mask compiled beforehand
+    /// ([`compile_mask`](Self::compile_mask)); `forward` is this with the key padding mask
+    /// of its lengths. A block mask of another shape is an error.
+    pub fn forward_with_block(&self, ids: &Tensor, block: &Arc<BlockMask>) -> Result<Tensor> {
         let (_, l) = ids.dims2()?;
         if l > self.cfg.max_position_embeddings {
             return Err(bad(format!(
@@ -177,11 +195,12 @@ impl Bert {
             .broadcast_add(&self.pos.forward(&positions)?)?
             .add(&self.typ.forward(&types)?)?;
         let mut x = self.ln.forward(&x)?;
-        let mask = Mask::key_lengths(lengths.to_vec());
         for layer in &self.layers {
-            let a = layer.attn.forward(&x, &x, &mask, Mode::Eval)?;
+            let a = layer.attn.forward_with_block(&x, &x, block, Mode::Eval)?;
             x = layer.ln_attn.forward(&(x + a)?)?;
-            let f = layer.out.forward(&layer.inter.forward(&x)?.gelu_erf()?)?;
+            let f = layer
+                .out
+                .forward(&crate::fused::gelu_erf(&layer.inter.forward(&x)?)?)?;
             x = layer.ln_out.forward(&(x + f)?)?;
         }
         Ok(x)

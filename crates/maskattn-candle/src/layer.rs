@@ -146,6 +146,48 @@ enum Backend<'a> {
     Plain(Option<&'a Tensor>),
 }
 
+/// The mask of one call: as written (compiled by the call for its shape), or compiled
+/// beforehand — once per model call rather than once per layer.
+#[derive(Clone, Copy, Debug)]
+enum MaskArg<'a> {
+    Mask(&'a Mask),
+    Block(&'a Arc<BlockMask>),
+}
+
+impl MaskArg<'_> {
+    /// The block mask for a call of `shape`: compiled now, or the given one after checking
+    /// that it was compiled for this shape (the kernel would refuse it too, but in its own
+    /// words, which do not say how to compile the right one).
+    fn block(&self, shape: MaskShape) -> Result<Arc<BlockMask>> {
+        match self {
+            MaskArg::Mask(m) => Ok(Arc::new(
+                BlockMask::new(m, shape).map_err(candle_core::Error::wrap)?,
+            )),
+            MaskArg::Block(b) if b.shape() == shape => Ok(Arc::clone(b)),
+            MaskArg::Block(b) => Err(candle_core::Error::Msg(format!(
+                "MaskedMultiHeadAttention: the block mask was compiled for {}, but this call \
+                 is {} (compile it with MaskShape::new(batch, num_heads, L_q, L_k))",
+                fmt_shape(b.shape()),
+                fmt_shape(shape)
+            ))),
+        }
+    }
+
+    fn mask(&self) -> Result<&Mask> {
+        match self {
+            MaskArg::Mask(m) => Ok(m),
+            MaskArg::Block(_) => Err(candle_core::Error::Msg(
+                "MaskedMultiHeadAttention: this path needs the mask itself, not a block mask"
+                    .into(),
+            )),
+        }
+    }
+}
+
+fn fmt_shape(s: MaskShape) -> String {
+    format!("[B {}, H {}, L_q {}, L_k {}]", s.batch, s.heads, s.lq, s.lk)
+}
+
 impl MaskedMultiHeadAttention {
     pub fn new(cfg: MhaConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
@@ -241,7 +283,66 @@ impl MaskedMultiHeadAttention {
         mode: Mode,
     ) -> Result<Tensor> {
         Ok(self
-            .run(x_q, x_k, x_v, mask, mode, Backend::Kernels, false)?
+            .run(
+                x_q,
+                x_k,
+                x_v,
+                MaskArg::Mask(mask),
+                mode,
+                Backend::Kernels,
+                false,
+            )?
+            .0)
+    }
+
+    /// Compiles `mask` for this layer's calls on `batch` rows of `lq` queries and `lk` keys
+    /// (`[B, H_q, L_q, L_k]`), for [`forward_with_block`](Self::forward_with_block): a model
+    /// compiles its mask once per call and hands it to every layer.
+    pub fn compile_mask(
+        &self,
+        mask: &Mask,
+        batch: usize,
+        lq: usize,
+        lk: usize,
+    ) -> Result<Arc<BlockMask>> {
+        let shape = MaskShape::new(batch, self.cfg.num_heads, lq, lk);
+        Ok(Arc::new(
+            BlockMask::new(mask, shape).map_err(candle_core::Error::wrap)?,
+        ))
+    }
+
+    /// As [`forward`](Self::forward) with the mask compiled beforehand (for
+    /// `[B, H_q, L_q, L_k]`, [`compile_mask`](Self::compile_mask)); the same bits as
+    /// `forward` with the mask it was compiled from. A block mask of another shape is an error.
+    pub fn forward_with_block(
+        &self,
+        x_q: &Tensor,
+        x_kv: &Tensor,
+        block: &Arc<BlockMask>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        self.forward_qkv_with_block(x_q, x_kv, x_kv, block, mode)
+    }
+
+    /// As [`forward_qkv`](Self::forward_qkv) with the mask compiled beforehand.
+    pub fn forward_qkv_with_block(
+        &self,
+        x_q: &Tensor,
+        x_k: &Tensor,
+        x_v: &Tensor,
+        block: &Arc<BlockMask>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        Ok(self
+            .run(
+                x_q,
+                x_k,
+                x_v,
+                MaskArg::Block(block),
+                mode,
+                Backend::Kernels,
+                false,
+            )?
             .0)
     }
 
@@ -253,7 +354,15 @@ impl MaskedMultiHeadAttention {
         x_kv: &Tensor,
         mask: &Mask,
     ) -> Result<(Tensor, Tensor)> {
-        let (out, weights) = self.run(x_q, x_kv, x_kv, mask, Mode::Eval, Backend::Kernels, true)?;
+        let (out, weights) = self.run(
+            x_q,
+            x_kv,
+            x_kv,
+            MaskArg::Mask(mask),
+            Mode::Eval,
+            Backend::Kernels,
+            true,
+        )?;
         Ok((out, weights.expect("asked for weights")))
     }
 
@@ -264,7 +373,7 @@ impl MaskedMultiHeadAttention {
                 x_q,
                 x_kv,
                 x_kv,
-                mask,
+                MaskArg::Mask(mask),
                 Mode::Eval,
                 Backend::Plain(None),
                 false,
@@ -285,7 +394,7 @@ impl MaskedMultiHeadAttention {
                 x_q,
                 x_kv,
                 x_kv,
-                &Mask::full(),
+                MaskArg::Mask(&Mask::full()),
                 Mode::Eval,
                 Backend::Plain(Some(keep)),
                 false,
@@ -299,13 +408,18 @@ impl MaskedMultiHeadAttention {
         x_q: &Tensor,
         x_k: &Tensor,
         x_v: &Tensor,
-        mask: &Mask,
+        mask: MaskArg,
         mode: Mode,
         backend: Backend,
         weights: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         self.check_inputs(x_q, x_k, x_v)?;
         let (hq, hkv) = (self.cfg.num_heads, self.cfg.num_kv_heads);
+        if let MaskArg::Block(_) = mask {
+            // Refuse a block mask of another shape before any work is done.
+            let ((b, lq, _), lk) = (x_q.dims3()?, x_k.dim(1)?);
+            mask.block(MaskShape::new(b, hq, lq, lk))?;
+        }
         let q = self.heads(x_q, &self.q_proj, hq, Some(0))?;
         let k = self.heads(x_k, &self.k_proj, hkv, Some(0))?;
         let v = self.heads(x_v, &self.v_proj, hkv, None)?;
@@ -319,7 +433,7 @@ impl MaskedMultiHeadAttention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        mask: &Mask,
+        mask: MaskArg,
         mode: Mode,
         backend: Backend,
         weights: bool,
@@ -327,11 +441,11 @@ impl MaskedMultiHeadAttention {
         let (b, hq, lq, hd) = q.dims4()?;
         let lk = k.dim(2)?;
         let (out, w) = match backend {
-            Backend::Plain(None) => (plain::attention(q, k, v, mask, None)?, None),
+            Backend::Plain(None) => (plain::attention(q, k, v, mask.mask()?, None)?, None),
             Backend::Plain(Some(keep)) => (plain::attention_with_keep(q, k, v, keep, None)?, None),
             Backend::Kernels => {
                 let shape = MaskShape::new(b, hq, lq, lk);
-                let block = BlockMask::new(mask, shape).map_err(candle_core::Error::wrap)?;
+                let block = mask.block(shape)?;
                 let dropout = match mode {
                     Mode::Train { seed } if self.cfg.dropout > 0.0 => Some(
                         Dropout::new(self.cfg.dropout, seed).map_err(candle_core::Error::wrap)?,
@@ -342,9 +456,9 @@ impl MaskedMultiHeadAttention {
                     scale: None,
                     dropout,
                 };
-                let a = attention_with_block(q, k, v, Arc::new(block), opts)?;
+                let a = attention_with_block(q, k, v, block, opts)?;
                 let w = if weights {
-                    Some(attention_weights(q, k, &a.lse, mask, shape)?)
+                    Some(attention_weights(q, k, &a.lse, mask.mask()?, shape)?)
                 } else {
                     None
                 };
@@ -386,7 +500,15 @@ impl MaskedMultiHeadAttention {
             None => Mask::causal(),
         };
         Ok(self
-            .attend(&q, &k, &v, &mask, Mode::Eval, Backend::Kernels, false)?
+            .attend(
+                &q,
+                &k,
+                &v,
+                MaskArg::Mask(&mask),
+                Mode::Eval,
+                Backend::Kernels,
+                false,
+            )?
             .0)
     }
 }

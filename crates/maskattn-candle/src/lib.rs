@@ -38,6 +38,7 @@
 //! ```
 
 pub mod bert;
+pub mod fused;
 pub mod interop;
 mod kv_cache;
 mod layer;

@@ -5,12 +5,15 @@
 //! mask decides which.
 //!
 //! Shapes: `tokens [B, L]` (u32) → logits `[B, L, vocab]`.
-//! Every op on the training path has a backward: the layer norm is written with plain ops
-//! (candle-nn's `LayerNorm` fast path and `ops::layer_norm` drop gradients).
+//! Every op on the training path has a backward: the layer norm and the GELU are this
+//! crate's fused ops ([`crate::fused`]; candle-nn's `LayerNorm` fast path and
+//! `ops::layer_norm` drop gradients).
 
-use candle_core::{Module, Result, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
-use maskattn::Mask;
+use maskattn::{BlockMask, Mask, MaskShape};
 use serde::{Deserialize, Serialize};
 
 use crate::kv_cache::KvCache;
@@ -73,7 +76,7 @@ impl LmConfig {
     }
 }
 
-/// Layer normalisation over the last dimension, with plain (differentiable) ops.
+/// Layer normalisation over the last dimension (differentiable in input, weight and bias).
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -96,14 +99,9 @@ impl LayerNorm {
 }
 
 impl Module for LayerNorm {
+    /// One fused op with a backward for all three of input, weight and bias.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        crate::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -129,13 +127,25 @@ impl Block {
     }
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2
-            .forward(&self.fc1.forward(&self.ln2.forward(x)?)?.gelu()?)
+        self.fc2.forward(&crate::fused::gelu_tanh(
+            &self.fc1.forward(&self.ln2.forward(x)?)?,
+        )?)
     }
 
     pub fn attention(&self) -> &MaskedMultiHeadAttention {
         &self.attn
     }
+}
+
+/// How the layers of one forward pass attend.
+#[derive(Clone, Copy)]
+enum Layers<'a> {
+    /// The kernels, with the mask compiled once for the pass.
+    Block(&'a Arc<BlockMask>),
+    /// The kernels, and each layer's attention weights (recomputed from the mask).
+    Weights(&'a Mask),
+    /// Plain candle ops (comparisons).
+    Plain(&'a Mask),
 }
 
 /// What a forward pass can also hand back.
@@ -220,17 +230,45 @@ impl TinyLm {
         h.broadcast_matmul(&self.tok.embeddings().t()?)
     }
 
-    /// Logits `[B, L, vocab]` for `tokens [B, L]` under `mask` (`[B, heads, L, L]`).
+    /// Logits `[B, L, vocab]` for `tokens [B, L]` under `mask` (`[B, heads, L, L]`), compiled
+    /// once for the call and used by every layer.
     pub fn forward(&self, tokens: &Tensor, mask: &Mask, mode: Mode) -> Result<Tensor> {
-        Ok(self.run(tokens, mask, mode, false)?.logits)
+        if self.plain {
+            return Ok(self.run(tokens, Layers::Plain(mask), mode)?.logits);
+        }
+        let (b, l) = tokens.dims2()?;
+        let block = self.compile_mask(mask, b, l)?;
+        self.forward_with_block(tokens, &block, mode)
+    }
+
+    /// `mask` compiled for this model's attention on `batch` rows of `len` tokens
+    /// (`[batch, heads, len, len]`), for [`forward_with_block`](Self::forward_with_block).
+    pub fn compile_mask(&self, mask: &Mask, batch: usize, len: usize) -> Result<Arc<BlockMask>> {
+        let shape = MaskShape::new(batch, self.cfg.heads, len, len);
+        Ok(Arc::new(
+            BlockMask::new(mask, shape).map_err(candle_core::Error::wrap)?,
+        ))
+    }
+
+    /// As [`forward`](Self::forward) with the mask compiled beforehand
+    /// ([`compile_mask`](Self::compile_mask)); the same bits as `forward` with the mask it
+    /// was compiled from. Always the kernels, even with plain attention set. A block mask of
+    /// another shape is an error.
+    pub fn forward_with_block(
+        &self,
+        tokens: &Tensor,
+        block: &Arc<BlockMask>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        Ok(self.run(tokens, Layers::Block(block), mode)?.logits)
     }
 
     /// The forward and every layer's attention weights (for pictures).
     pub fn forward_with_weights(&self, tokens: &Tensor, mask: &Mask) -> Result<Outputs> {
-        self.run(tokens, mask, Mode::Eval, true)
+        self.run(tokens, Layers::Weights(mask), Mode::Eval)
     }
 
-    fn run(&self, tokens: &Tensor, mask: &Mask, mode: Mode, weights: bool) -> Result<Outputs> {
+    fn run(&self, tokens: &Tensor, layers: Layers, mode: Mode) -> Result<Outputs> {
         let mut x = self.embed(tokens, 0)?;
         let mut all = Vec::new();
         for (i, b) in self.blocks.iter().enumerate() {
@@ -242,14 +280,14 @@ impl TinyLm {
                 },
                 Mode::Eval => Mode::Eval,
             };
-            let a = if weights {
-                let (a, w) = b.attn.forward_with_weights(&h, &h, mask)?;
-                all.push(w);
-                a
-            } else if self.plain {
-                b.attn.forward_plain(&h, &h, mask)?
-            } else {
-                b.attn.forward(&h, &h, mask, layer_mode)?
+            let a = match layers {
+                Layers::Weights(mask) => {
+                    let (a, w) = b.attn.forward_with_weights(&h, &h, mask)?;
+                    all.push(w);
+                    a
+                }
+                Layers::Plain(mask) => b.attn.forward_plain(&h, &h, mask)?,
+                Layers::Block(block) => b.attn.forward_with_block(&h, &h, block, layer_mode)?,
             };
             x = (x + a)?;
             x = (&x + b.mlp(&x)?)?;

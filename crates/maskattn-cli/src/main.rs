@@ -66,6 +66,14 @@ enum Command {
 
 fn main() -> ExitCode {
     alloc_count::keep_freed_memory();
+    // candle runs its element-wise ops on a thread pool of its own, whose threads spin
+    // between ops; beside rayon's (matrix products, attention kernels, fused ops) they only
+    // compete for the same cores, and on a busy machine the spinning took most of the time.
+    // One thread leaves that pool without workers: those ops run on the calling thread.
+    // Set before any thread exists; a value in the environment is kept.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,0 +1,97 @@
+//! Element-wise loops over f32 slices: vectorised for the widest instruction set the CPU has
+//! (the same body compiled three times, chosen at run time) and split over rayon's pool —
+//! the pool the matrix products and the attention kernels already run on, so no second set
+//! of spinning threads competes with them for the cores.
+
+use rayon::prelude::*;
+
+/// Below this many elements a loop runs on the calling thread.
+const PAR_MIN: usize = 32 * 1024;
+/// Elements per parallel piece (a multiple of every vector width).
+const PIECE: usize = 8 * 1024;
+
+/// Which compiled copy of a loop body runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+pub(crate) fn isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                Isa::Avx512
+            } else if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                Isa::Avx2
+            } else {
+                Isa::Portable
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Isa::Portable
+}
+
+/// `fn name(args)` that runs the `#[inline(always)]` function `body(args)` compiled for the
+/// widest instruction set the CPU has: `body` is inlined into a copy built with AVX-512, one
+/// with AVX2 + FMA, and a portable one (which the compiler vectorises for the baseline).
+macro_rules! multiversion {
+    ($vis:vis fn $name:ident($($a:ident: $t:ty),*) => $body:path) => {
+        $vis fn $name($($a: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn v4($($a: $t),*) { $body($($a),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($a: $t),*) { $body($($a),*) }
+                match $crate::fused::par::isa() {
+                    // SAFETY: the instruction set was detected on this CPU.
+                    $crate::fused::par::Isa::Avx512 => unsafe { v4($($a),*) },
+                    $crate::fused::par::Isa::Avx2 => unsafe { v3($($a),*) },
+                    $crate::fused::par::Isa::Portable => $body($($a),*),
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            $body($($a),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
+/// `out[i] = f(x[i])` in pieces, in parallel when large.
+pub(crate) fn map1(x: &[f32], f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    if x.len() < PAR_MIN {
+        f(x, &mut out);
+    } else {
+        out.par_chunks_mut(PIECE)
+            .zip(x.par_chunks(PIECE))
+            .for_each(|(o, x)| f(x, o));
+    }
+    out
+}
+
+/// `out[i] = f(x[i], y[i])` in pieces, in parallel when large.
+pub(crate) fn map2(
+    x: &[f32],
+    y: &[f32],
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    assert_eq!(x.len(), y.len());
+    let mut out = vec![0f32; x.len()];
+    if x.len() < PAR_MIN {
+        f(x, y, &mut out);
+    } else {
+        out.par_chunks_mut(PIECE)
+            .zip(x.par_chunks(PIECE).zip(y.par_chunks(PIECE)))
+            .for_each(|(o, (x, y))| f(x, y, o));
+    }
+    out
+}
