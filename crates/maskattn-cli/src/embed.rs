@@ -320,10 +320,11 @@ pub fn similarity(a: &SimilarityArgs) -> Result<()> {
     if texts.is_empty() {
         bail!("{} has no lines", a.input.display());
     }
-    let q = enc
-        .embed(std::slice::from_ref(&a.query), 1)?
-        .remove(0)
-        .vector;
+    let q = enc.embed(std::slice::from_ref(&a.query), 1)?.remove(0);
+    if q.no_tokens {
+        eprintln!("warning: the query has no tokens; every line scores 0");
+    }
+    let q = q.vector;
     let embs = enc.embed(&texts, a.batch_size)?;
     warn_truncated(&embs, enc.max_len);
     let cos = |x: &[f32]| {

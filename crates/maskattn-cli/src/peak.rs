@@ -34,18 +34,29 @@ pub struct Paths {
     pub amx_bf16: bool,
 }
 
-/// The CPU's "model name" from /proc/cpuinfo ("unknown" where there is none).
+/// The CPU's "model name" from /proc/cpuinfo ("unknown" where there is none), with its
+/// family and model numbers: a virtual machine may name only the vendor's line ("AMD EPYC"),
+/// and the numbers still tell the generation apart (family 25 is Zen 3/4, 26 is Zen 5).
 pub fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".into())
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    cpu_model_from(&info)
+}
+
+fn cpu_model_from(cpuinfo: &str) -> String {
+    let field = |key: &str| {
+        cpuinfo
+            .lines()
+            .take_while(|l| !l.trim().is_empty()) // the first processor only
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim() == key)
+            .map(|(_, v)| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    let name = field("model name").unwrap_or_else(|| "unknown".into());
+    match (field("cpu family"), field("model")) {
+        (Some(f), Some(m)) => format!("{name} (family {f}, model {m})"),
+        _ => name,
+    }
 }
 
 /// The kernels' path: the instruction set in use, and whether bf16 goes to `vdpbf16ps`. The
@@ -292,6 +303,15 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cpu_model_is_read_from_the_first_processor() {
+        let info = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n\
+                    model name\t: AMD EPYC\nstepping\t: 1\n\nprocessor\t: 1\nmodel name\t: other\n";
+        assert_eq!(cpu_model_from(info), "AMD EPYC (family 26, model 2)");
+        assert_eq!(cpu_model_from("model name : Some CPU\n"), "Some CPU");
+        assert_eq!(cpu_model_from(""), "unknown");
+    }
 
     #[test]
     fn the_cpu_model_and_paths_are_named() {

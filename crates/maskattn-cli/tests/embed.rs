@@ -257,6 +257,29 @@ fn an_empty_line_without_special_tokens_is_the_zero_vector_not_nan() {
     assert!(v
         .iter()
         .all(|e| e.len() == 384 && e.iter().all(|&x| x == 0.0)));
+    // An empty query scores 0 against everything, and says why.
+    let lines = tempfile::tempdir().unwrap();
+    let lines = lines.path().join("lines.txt");
+    std::fs::write(&lines, "A cat sleeps.\n").unwrap();
+    let out = run(
+        &[
+            "similarity",
+            "--model",
+            m.path().to_str().unwrap(),
+            "--query",
+            "",
+            "--input",
+            lines.to_str().unwrap(),
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "0.0000\tA cat sleeps.\n"
+    );
+    assert!(err.contains("the query has no tokens"), "{err}");
 }
 
 /// `max_seq_length: 0` (or a value that is not a positive whole number) is refused with a
