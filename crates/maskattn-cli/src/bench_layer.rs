@@ -15,8 +15,8 @@ pub struct BenchLayerArgs {
     /// Shapes B,H,L,d to run (repeat the flag for several).
     #[arg(long, value_parser = crate::measure::parse_dims::<4>, default_values = ["4,8,512,64", "4,8,2048,64"])]
     pub shape: Vec<[usize; 4]>,
-    /// Mask expression (structured terms only: causal, window(..), prefix(..), full).
-    #[arg(long, default_value = "causal")]
+    /// Mask expression (structured terms only: no data terms).
+    #[arg(long, default_value = "causal", long_help = crate::mask_expr::SYNTAX)]
     pub mask: String,
     /// Timed repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]

@@ -15,7 +15,8 @@ use crate::mask::Mask;
 
 /// The terms of an `&` or `|`: at least two, none of them the same operator again. A
 /// deque, so that chains grow in O(1) at either end (`a & chain` as well as `chain & a`).
-#[derive(Clone, Default)]
+/// Built only by `&` and `|` (no public constructor, no `Default`), so the invariant holds.
+#[derive(Clone)]
 pub struct Terms(Arc<VecDeque<Mask>>);
 
 impl Terms {
@@ -31,14 +32,16 @@ impl Terms {
         self.0.is_empty()
     }
 
+    /// Moves the terms out of `t`, leaving an empty list in a mask about to be dropped.
+    fn take(t: &mut Terms) -> Terms {
+        std::mem::replace(t, Terms(Arc::new(VecDeque::new())))
+    }
+
     /// `a ∘ b` with the terms of either side that is already a `∘` spliced in, so that a
     /// chain stays one level deep however it associates. `of` picks the terms of a `∘`.
     fn join(mut a: Mask, mut b: Mask, of: fn(&mut Mask) -> Option<&mut Terms>) -> Terms {
         // Growing a chain the caller no longer shares is amortised O(1) at either end.
-        match (
-            of(&mut a).map(std::mem::take),
-            of(&mut b).map(std::mem::take),
-        ) {
+        match (of(&mut a).map(Terms::take), of(&mut b).map(Terms::take)) {
             (Some(mut t), None) => {
                 Arc::make_mut(&mut t.0).push_back(b);
                 t

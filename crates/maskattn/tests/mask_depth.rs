@@ -92,3 +92,22 @@ fn nesting_up_to_the_limit_compiles() {
         BlockMask::new(&m, s).unwrap();
     });
 }
+
+#[test]
+fn extending_a_shared_chain_leaves_the_original_as_it_was() {
+    let a = Mask::causal() & Mask::window(3, 0);
+    let b = a.clone() & Mask::prefix(2);
+    let c = Mask::chunks(4) & a.clone();
+    let d = a.clone() & b.clone();
+    assert_eq!(a.to_string(), "causal & window(3,0)");
+    assert_eq!(b.to_string(), "causal & window(3,0) & prefix(2)");
+    assert_eq!(c.to_string(), "chunks(4) & causal & window(3,0)");
+    assert_eq!(
+        d.to_string(),
+        "causal & window(3,0) & causal & window(3,0) & prefix(2)"
+    );
+    let n = !a.clone();
+    assert!(!n.clone() == a, "!!a is a");
+    assert_eq!(n.to_string(), "!(causal & window(3,0))");
+    assert_eq!((a.clone() | n.clone()).depth(), 4);
+}
