@@ -484,6 +484,11 @@ fn tiny_temperatures_are_greedy_and_bad_sampling_settings_are_refused() {
             "--temperature {t} --top-p 0.5"
         );
     }
+    // More candidates than tokens means all of them.
+    assert_eq!(
+        gen(&["--temperature", "1e-40", "--top-k", "100000"]),
+        greedy
+    );
     // A nucleus that holds only the top token is greedy at any temperature.
     assert_eq!(gen(&["--temperature", "5", "--top-p", "1e-9"]), greedy);
     for (flag, value) in [

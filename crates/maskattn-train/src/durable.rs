@@ -113,4 +113,31 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
         assert!(write_new(&p, b"x").is_err(), "write_new never overwrites");
     }
+
+    /// A link, a FIFO or a folder where a file would go is refused and left as it is.
+    #[cfg(unix)]
+    #[test]
+    fn what_is_not_a_regular_file_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        fs::write(&target, "keep").unwrap();
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let fifo = dir.path().join("fifo.json");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        let sub = dir.path().join("sub.json");
+        fs::create_dir(&sub).unwrap();
+        let mut paths = vec![(link, "a symbolic link"), (sub, "a folder")];
+        if made.is_ok_and(|s| s.success()) {
+            paths.push((fifo, "a FIFO"));
+        }
+        for (p, kind) in paths {
+            let e = replace_with(&p, |tmp| Ok(fs::write(tmp, "new")?)).unwrap_err();
+            let e = e.to_string();
+            assert!(e.contains("not a regular file") && e.contains(kind), "{e}");
+            assert!(!fs::symlink_metadata(&p).unwrap().is_file());
+            assert!(!temp_name(&p).exists());
+        }
+        assert_eq!(fs::read_to_string(&target).unwrap(), "keep");
+    }
 }
