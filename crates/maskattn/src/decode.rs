@@ -305,6 +305,10 @@ unsafe fn step<S: Simd>(
     l: &mut [f32],
 ) {
     let (tk_pad, d_pad) = (g.tk_pad, g.d_pad);
+    // SAFETY: `chunk` sizes `q` as `rows × d_pad`, `s` as `rows × tk_pad`, `qt` and `st`
+    // for `rows_pad`, and `k` is either a packed tile or an f32 cache read in place, whose
+    // `cols` rows `k_ld` apart of `d` features `View::strided` checked (the trait is sealed,
+    // so `as_f32` returns the view's own slice).
     unsafe {
         if let Some(qt) = qt {
             let rows_pad = pad16(rows);

@@ -398,6 +398,9 @@ unsafe fn step<S: Simd>(
     l: &mut [f32],
 ) {
     let (tk_pad, d_pad) = (g.tk_pad, g.d_pad);
+    // SAFETY: `Scratch` sizes `q`, `o` as `tile_q × d_pad` and `s` as `tile_q × tk_pad`
+    // (`rows ≤ tile_q`); `pack_kv` sizes the `Kᵀ` tile `d_pad × tk_pad` and the V tile
+    // `tk_pad × d_pad`; `tk_pad`, `d_pad` are multiples of 16 (`pad16`).
     unsafe {
         // Q·Kᵀ over the real features (the padding is zero); scaled in `mask_row`.
         let qa = Strided {
@@ -471,6 +474,9 @@ unsafe fn step_bf16(g: &Geom, t: &BfTile, sc: BfWork) {
         m,
         l,
     } = sc;
+    // SAFETY: as in `step`, with the bf16 buffers (`q16`, `p16`, `vp_fix`, the pair tiles)
+    // sized for the bf16 path in `forward_into` and `pack_kv`; AVX512-BF16 is this
+    // function's contract.
     unsafe {
         // Q · Kᵀ, scaled in `softmax_rows` as on every path
         bf16dot::gemm(
@@ -539,6 +545,7 @@ pub(crate) unsafe fn softmax_pv<S: Simd>(
     m: &mut [f32],
     l: &mut [f32],
 ) {
+    // SAFETY: the callers' buffers are sized as `step` documents.
     unsafe {
         softmax_rows::<S>(g, rows, cols, scale, bits, bias, drop, s, o, m, l);
         pv::<S>(g, rows, cols, v, v_ld, bits, exact, s, o);
@@ -563,6 +570,8 @@ unsafe fn softmax_rows<S: Simd>(
     l: &mut [f32],
 ) {
     let (tk_pad, d_pad) = (g.tk_pad, g.d_pad);
+    // SAFETY: each row slice is `tk_pad` long (a multiple of `W`), as are the bias rows;
+    // `o` rows are `d_pad` long: what `mask_row`, `exp_row` and `scale` require.
     unsafe {
         for r in 0..rows {
             let x = &mut s[r * tk_pad..(r + 1) * tk_pad];
@@ -612,6 +621,9 @@ unsafe fn pv<S: Simd>(
     o: &mut [f32],
 ) {
     let (tk_pad, d_pad) = (g.tk_pad, g.d_pad);
+    // SAFETY: `s` is `rows × tk_pad`, `o` `rows × d_pad`, `v` holds `cols` rows `v_ld`
+    // apart of at least `d_pad` values (the callers' tiles, or a cache row of exactly `d`
+    // when `d == d_pad`, checked by `View::strided`).
     unsafe {
         if !exact {
             let pa = Strided {

@@ -79,6 +79,8 @@ pub(crate) unsafe fn gemm<S: Simd>(
     debug_assert!(n.is_multiple_of(S::W));
     macro_rules! go {
         ($mr:literal, $nv:literal, $i:ident, $j:ident) => {{
+            // SAFETY: `register_tiles!` hands out blocks with `i < m`, `j·W < n`, so these
+            // offsets stay inside A, B and C as sized in this function's contract.
             let a_blk = Strided {
                 ptr: unsafe { a.ptr.add($i * a.rs) },
                 ..a
@@ -100,6 +102,8 @@ unsafe fn micro<S: Simd, const R: usize, const NV: usize>(
     ldc: usize,
     accumulate: bool,
 ) {
+    // SAFETY: the block is inside the operands (`gemm` hands out only such blocks): A rows
+    // `< R`, B and C vectors `< NV`, `p < k`.
     unsafe {
         let mut acc = [[S::splat(0.0); NV]; R];
         for p in 0..k {

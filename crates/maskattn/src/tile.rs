@@ -47,6 +47,8 @@ pub(crate) unsafe fn mask_row<S: Simd>(
     r: usize,
     cols: usize,
 ) -> f32 {
+    // SAFETY: every access is at `c0 < s.len()` for `W` lanes, inside `s` and `bias` because
+    // both hold `tk_pad` values and `tk_pad % W == 0` (this function's contract).
     unsafe {
         let ninf = S::splat(f32::NEG_INFINITY);
         let sv = S::splat(scale);
@@ -74,6 +76,7 @@ pub(crate) unsafe fn mask_row<S: Simd>(
 /// As for [`mask_row`].
 #[inline(always)]
 pub(crate) unsafe fn exp_row<S: Simd>(s: &mut [f32], sub: f32) -> f32 {
+    // SAFETY: `c0 + W ≤ s.len()` because `s.len() % W == 0` (the contract).
     unsafe {
         let subv = S::splat(sub);
         let mut sum = S::splat(0.0);
@@ -93,6 +96,7 @@ pub(crate) unsafe fn exp_row<S: Simd>(s: &mut [f32], sub: f32) -> f32 {
 /// `y` is at least as long as `x`.
 #[inline(always)]
 pub(crate) unsafe fn axpy<S: Simd>(a: f32, x: &[f32], y: &mut [f32]) {
+    // SAFETY: `c0 + W ≤ x.len() ≤ y.len()` (the contract: whole vectors, `y` not shorter).
     unsafe {
         let av = S::splat(a);
         for c0 in (0..x.len()).step_by(S::W) {
@@ -108,6 +112,7 @@ pub(crate) unsafe fn axpy<S: Simd>(a: f32, x: &[f32], y: &mut [f32]) {
 /// `y.len() % S::W == 0`.
 #[inline(always)]
 pub(crate) unsafe fn scale<S: Simd>(a: f32, y: &mut [f32]) {
+    // SAFETY: `c0 + W ≤ y.len()` because `y.len() % W == 0` (the contract).
     unsafe {
         let av = S::splat(a);
         for c0 in (0..y.len()).step_by(S::W) {

@@ -134,6 +134,9 @@ pub(super) unsafe fn step(
 ) {
     let (rows, cols, tk_pad, d_pad) = (t.rows, t.cols, g.tk_pad, g.d_pad);
     let (fp, rp) = (d_pad / 2, t.tq_pad / 2);
+    // SAFETY: AVX512-BF16 is this function's contract; the operands are sized by
+    // `QuerySide`, `KeySide::new`, `Work16::new` and the f32 path's `Scratch`, as the
+    // products below read them (the layouts table above).
     unsafe {
         // Q·Kᵀ (scaled in `ds_rows`, as on every path) ; dP = dO·Vᵀ
         let (q, dout) = (t.q.as_ptr().cast(), t.dout.as_ptr().cast());

@@ -562,6 +562,7 @@ fn query_side<T: Element>(
 unsafe fn dot_in_order<S: Simd>(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
+        // SAFETY: `fma1` is scalar arithmetic on a set `dispatch!` checked.
         .fold(0.0, |acc, (&x, &y)| unsafe { S::fma1(x, y, acc) })
 }
 
@@ -597,6 +598,10 @@ unsafe fn step<S: Simd>(
     let (tk_pad, d_pad, words) = (g.tk_pad, g.d_pad, g.words);
     let rowwise = |ptr: *const f32, ld: usize| Strided { ptr, rs: ld, cs: 1 };
     let colwise = |ptr: *const f32, ld: usize| Strided { ptr, rs: 1, cs: ld };
+    // SAFETY: `Scratch` sizes the key tiles (`k`, `kt`, `vt`, `dk`, `dv`) `tk_pad × d_pad`
+    // and `p`, `pz`, `ds` `tile_q × tk_pad`; `q`, `dout` hold `rows` rows `q_ld`/`dout_ld`
+    // apart (a padded copy, or rows read in place that `View::strided` checked); `dq` holds
+    // the tile's `rows × d_pad` (`chunk` sizes it for every query row of the group).
     unsafe {
         // x = Q·Kᵀ (scaled in `ds_rows`)
         gemm::<S>(
@@ -702,6 +707,7 @@ unsafe fn ds_rows<S: Simd>(
     ds: &mut [f32],
 ) {
     let (tk_pad, words) = (g.tk_pad, g.words);
+    // SAFETY: every row slice is `tk_pad` long, a multiple of `W` (`pad16`).
     unsafe {
         for r in 0..rows {
             let pr = &mut p[r * tk_pad..(r + 1) * tk_pad];

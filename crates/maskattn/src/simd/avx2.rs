@@ -8,6 +8,8 @@ use super::Simd;
 #[derive(Clone, Copy)]
 pub(crate) struct Avx2;
 
+// SAFETY: every method enables exactly AVX2+FMA, and `dispatch!` reaches this set only
+// where `Isa::available` found them.
 unsafe impl Simd for Avx2 {
     const NV_MAX: usize = 2;
     const W: usize = 8;
@@ -21,11 +23,13 @@ unsafe impl Simd for Avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn load(p: *const f32) -> __m256 {
+        // SAFETY: the `Simd` contract: `p` is valid for `W` lanes (the caller's bounds).
         unsafe { _mm256_loadu_ps(p) }
     }
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn store(p: *mut f32, v: __m256) {
+        // SAFETY: the `Simd` contract: `p` is valid for `W` lanes (the caller's bounds).
         unsafe { _mm256_storeu_ps(p, v) }
     }
     #[inline]

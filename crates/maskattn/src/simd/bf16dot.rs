@@ -62,6 +62,8 @@ pub(crate) unsafe fn gemm(
     debug_assert!(n.is_multiple_of(W));
     macro_rules! go {
         ($mr:literal, $nv:literal, $i:ident, $j:ident) => {{
+            // SAFETY: `register_tiles!` hands out blocks with `i < m`, `j·W < n`: inside A, B
+            // and C as sized in the contract; AVX512-BF16 is present (`enabled()`).
             let (a_blk, b_blk, c_blk) =
                 unsafe { (a.add($i * lda), b.add($j * W), c.add($i * ldc + $j * W)) };
             unsafe { micro::<$mr, $nv>(kp, a_blk, lda, b_blk, ldb, c_blk, ldc, accumulate) }
@@ -82,6 +84,8 @@ unsafe fn micro<const R: usize, const NV: usize>(
     ldc: usize,
     accumulate: bool,
 ) {
+    // SAFETY: the block is inside the operands (`gemm` hands out only such blocks); the
+    // caller (`gemm`, a `target_feature` function) runs only where `enabled()` is true.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); NV]; R];
         for p in 0..kp {
@@ -125,6 +129,7 @@ unsafe fn micro<const R: usize, const NV: usize>(
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub(crate) unsafe fn round_rows(src: &[f32], rows: usize, ld: usize, n: usize, dst: &mut [u16]) {
     debug_assert!(n.is_multiple_of(W) && dst.len() >= rows * n);
+    // SAFETY: `r < rows`, `c0 + W ≤ n ≤ ld`: inside `src` and `dst` as the contract sizes them.
     unsafe {
         for r in 0..rows {
             for c0 in (0..n).step_by(W) {
@@ -152,6 +157,8 @@ pub(crate) unsafe fn interleave_rows(
     dst: &mut [u32],
 ) {
     debug_assert!(n.is_multiple_of(W) && dst.len() >= rows.div_ceil(2) * n);
+    // SAFETY: rows `r0, r1 < rows` (the second is read only when it exists), `c0 + W ≤ n`:
+    // inside `src` and `dst` as the contract sizes them.
     unsafe {
         // Lane 2l takes element l of the first row, lane 2l + 1 element l of the second.
         let idx = _mm512_set_epi16(

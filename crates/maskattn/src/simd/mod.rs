@@ -113,23 +113,30 @@ macro_rules! dispatch {
         #[target_feature(enable = "avx512f,avx2,fma")]
         #[allow(clippy::too_many_arguments)]
         unsafe fn on_avx512($($a: $t),*) $(-> $r)? {
+            // SAFETY: the wrapper's features are those `Avx512` needs; `$f`'s own contract
+            // is the caller's (checked where the arguments are built).
             unsafe { $f::<$crate::simd::Avx512>($($a),*) }
         }
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         #[allow(clippy::too_many_arguments)]
         unsafe fn on_avx2($($a: $t),*) $(-> $r)? {
+            // SAFETY: as for `on_avx512`, with the features `Avx2` needs.
             unsafe { $f::<$crate::simd::Avx2>($($a),*) }
         }
         match $isa {
-            // SAFETY: `Isa::detect` only returns a set the CPU supports.
+            // SAFETY: `current_isa` only returns a set the CPU supports (`Isa::detect`,
+            // and `set_isa` refuses a set `Isa::available` does not list).
             #[cfg(target_arch = "x86_64")]
             $crate::simd::Isa::Avx512 => unsafe { on_avx512($($v),*) },
+            // SAFETY: as for AVX-512.
             #[cfg(target_arch = "x86_64")]
             $crate::simd::Isa::Avx2 => unsafe { on_avx2($($v),*) },
             // NEON is part of every aarch64 target: no wrapper with extra features needed.
             #[cfg(target_arch = "aarch64")]
+            // SAFETY: NEON is always present on aarch64.
             $crate::simd::Isa::Neon => unsafe { $f::<$crate::simd::Neon>($($v),*) },
+            // SAFETY: the portable set needs no CPU feature.
             _ => unsafe { $f::<$crate::simd::Portable>($($v),*) },
         }
     }};
