@@ -101,12 +101,15 @@ fn merge(states: &[State], g: &Geom, out: &mut [f32], lse: &mut [f32]) {
     for (r, (o, x)) in out.chunks_exact_mut(g.d).zip(lse.iter_mut()).enumerate() {
         let m = states.iter().fold(f32::NEG_INFINITY, |a, s| a.max(s.m[r]));
         o.fill(0.0);
-        if m == f32::NEG_INFINITY {
+        // A chunk saw something where its sum is not 0 (a NaN sum: it saw a NaN or +∞
+        // score, and the row is NaN, see `forward::softmax_rows`).
+        let saw = |s: &&State| s.l[r] != 0.0;
+        if !states.iter().any(|s| saw(&s)) {
             *x = f32::NEG_INFINITY;
             continue;
         }
         let mut l = 0.0;
-        for s in states.iter().filter(|s| s.m[r] != f32::NEG_INFINITY) {
+        for s in states.iter().filter(saw) {
             let w = (s.m[r] - m).exp();
             l += w * s.l[r];
             for (ov, a) in o.iter_mut().zip(&s.acc[r * g.d_pad..]) {

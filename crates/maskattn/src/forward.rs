@@ -7,12 +7,12 @@ use rayon::prelude::*;
 use crate::bias::Bias;
 use crate::block::{BlockMask, Tile};
 use crate::error::{AttnError, Result};
-use crate::gemm::{gemm, Strided};
+use crate::gemm::{gemm, gemm_visible, Strided};
 use crate::pack::{self, pad16};
 use crate::params::{keep_hash, DropTile, Dropout, Params};
 use crate::shape::AttnDims;
 use crate::simd::{current_isa, dispatch, Simd};
-use crate::tile::{axpy, exp_row, mask_row, scale as scale_row, visible};
+use crate::tile::{exp_row, mask_row, scale as scale_row, visible};
 use crate::view::{Element, View};
 
 /// `out [B, H_q, L_q, d]` and `lse [B, H_q, L_q]` (−∞ where a row allows nothing).
@@ -78,6 +78,18 @@ pub(crate) struct Geom {
 
 /// Masked attention forward. `q [B, H_q, L_q, d]`, `k, v [B, H_kv, L_k, d]` (any strides),
 /// `block` compiled for `(B, H_q, L_q, L_k)`; see [`Params`] for scale, bias and dropout.
+///
+/// Non-finite values follow IEEE arithmetic on the pairs the mask allows, and only on
+/// those (the f64 [`reference`](crate::reference) is the definition):
+/// - a row that may attend to nothing has output 0 and LSE −∞ (and zero gradients), whatever
+///   its query, keys and values hold;
+/// - NaN or ±∞ where the mask hides it (keys or values no allowed pair reads) changes
+///   nothing, bit for bit;
+/// - a row whose allowed scores include NaN or +∞ has NaN output and NaN LSE (an allowed
+///   score of −∞ is a weight of 0); a NaN or ±∞ value reaches the outputs of the rows that
+///   may see it, in its own feature; in the backward a non-finite `dO`, `Q`, `K` or `V`
+///   value reaches the gradients the formulas of DESIGN.md section 1 carry it to over
+///   allowed pairs (`0 · NaN` included), and no gradient of a pair the mask hides.
 pub fn forward<T: Element>(
     q: &View<T>,
     k: &View<T>,
@@ -361,10 +373,11 @@ fn query_tile<T: Element>(
         ));
     }
 
-    // O_i = acc_i / l_i, LSE_i = m_i + ln l_i; a row that saw nothing keeps O = 0, LSE = −∞.
+    // O_i = acc_i / l_i, LSE_i = m_i + ln l_i; a row that saw nothing (l = 0) keeps O = 0,
+    // LSE = −∞. A NaN or +∞ score made l NaN: O and LSE are NaN.
     for r in 0..rows {
         let dst = &mut out[r * g.d..(r + 1) * g.d];
-        if sc.l[r] > 0.0 {
+        if sc.l[r] != 0.0 {
             let inv = 1.0 / sc.l[r];
             for (o, a) in dst.iter_mut().zip(&sc.o[r * g.d_pad..]) {
                 *o = a * inv;
@@ -579,7 +592,12 @@ unsafe fn softmax_rows<S: Simd>(
             let m_tile = mask_row::<S>(x, scale, brow, bits, g.words, r, cols);
             let m_new = m[r].max(m_tile);
             if m_new == f32::NEG_INFINITY {
-                x.fill(0.0); // nothing visible yet: P̃ = 0, and no −∞ − −∞
+                // Nothing visible yet, or only NaN scores (the maxima skip NaN): a NaN
+                // marks the row's sum, which stays NaN, so the row ends NaN, not empty.
+                if x.iter().any(|v| v.is_nan()) {
+                    l[r] = f32::NAN;
+                }
+                x.fill(0.0); // P̃ = 0, and no −∞ − −∞
                 continue;
             }
             // P̃_ij = e^(x_ij − m_new); rescale what was summed under the old max.
@@ -643,16 +661,18 @@ unsafe fn pv<S: Simd>(
                 true,
             );
         } else {
-            for r in 0..rows {
-                for c in (0..cols).filter(|&c| visible(bits, g.words, r, c)) {
-                    let p = s[r * tk_pad + c];
-                    axpy::<S>(
-                        p,
-                        &v[c * v_ld..c * v_ld + d_pad],
-                        &mut o[r * d_pad..(r + 1) * d_pad],
-                    );
-                }
-            }
+            let pa = Strided {
+                ptr: s.as_ptr(),
+                rs: tk_pad,
+                cs: 1,
+            };
+            gemm_visible::<S>(
+                (rows, d_pad, cols),
+                pa,
+                (v.as_ptr(), v_ld),
+                (o.as_mut_ptr(), d_pad),
+                |r, c| visible(bits, g.words, r, c),
+            );
         }
     }
 }

@@ -134,3 +134,36 @@ unsafe fn micro<S: Simd, const R: usize, const NV: usize>(
         }
     }
 }
+
+/// `C += A·B` over the pairs `(i, p)` that `vis(i, p)` allows only: the product of a tile
+/// where a row or key that some pairs must not see holds NaN or ±∞ (`0 · NaN` would
+/// spread it). Each entry is summed as [`gemm`]'s micro-kernel sums it — from zero, `p`
+/// ascending, fused, then added to `C` — so where the skipped products are finite (and so
+/// `±0`), the result is [`gemm`]'s to the bit.
+///
+/// # Safety
+/// As for [`gemm`]; `b` is `(pointer, row stride)`, `c` likewise.
+#[inline(always)]
+pub(crate) unsafe fn gemm_visible<S: Simd>(
+    (m, n, k): (usize, usize, usize),
+    a: Strided,
+    (b, ldb): (*const f32, usize),
+    (c, ldc): (*mut f32, usize),
+    vis: impl Fn(usize, usize) -> bool,
+) {
+    debug_assert!(n.is_multiple_of(S::W));
+    // SAFETY: `i < m`, `j + W ≤ n`, `p < k`: inside the operands as the contract sizes them.
+    unsafe {
+        for i in 0..m {
+            for j in (0..n).step_by(S::W) {
+                let mut acc = S::splat(0.0);
+                for p in (0..k).filter(|&p| vis(i, p)) {
+                    let av = S::splat(*a.ptr.add(i * a.rs + p * a.cs));
+                    acc = S::fma(av, S::load(b.add(p * ldb + j)), acc);
+                }
+                let cp = c.add(i * ldc + j);
+                S::store(cp, S::add(S::load(cp), acc));
+            }
+        }
+    }
+}

@@ -50,5 +50,5 @@ pub use half;
 pub use mask::{CausalAlign, DenseMask, Mask, MaskFn, MaskShape};
 pub use params::{Dropout, Params};
 pub use shape::AttnDims;
-pub use simd::{current_isa, set_isa, Isa};
+pub use simd::{bf16_dot_available, current_isa, set_isa, Isa};
 pub use view::{Element, View};

@@ -90,22 +90,6 @@ pub(crate) unsafe fn exp_row<S: Simd>(s: &mut [f32], sub: f32) -> f32 {
     }
 }
 
-/// `y += a · x` over whole vectors (`x.len() % S::W == 0`).
-///
-/// # Safety
-/// `y` is at least as long as `x`.
-#[inline(always)]
-pub(crate) unsafe fn axpy<S: Simd>(a: f32, x: &[f32], y: &mut [f32]) {
-    // SAFETY: `c0 + W ≤ x.len() ≤ y.len()` (the contract: whole vectors, `y` not shorter).
-    unsafe {
-        let av = S::splat(a);
-        for c0 in (0..x.len()).step_by(S::W) {
-            let yp = y.as_mut_ptr().add(c0);
-            S::store(yp, S::fma(av, S::load(x.as_ptr().add(c0)), S::load(yp)));
-        }
-    }
-}
-
 /// `y *= a` over whole vectors.
 ///
 /// # Safety

@@ -19,10 +19,11 @@
 //! back (and `dK` scaled by `s`) once per key tile.
 
 use super::{ds_rows, Geom};
+use crate::gemm::{gemm_visible, Strided};
 use crate::pack;
 use crate::params::DropTile;
 use crate::simd::{bf16dot, Avx512};
-use crate::tile::{axpy, visible};
+use crate::tile::visible;
 
 /// The query-side operands of every (b, query head, query tile), made once per call.
 pub(super) struct QuerySide {
@@ -113,6 +114,8 @@ pub(super) struct QueryTile<'a> {
     pub bias: Option<&'a [f32]>,
     pub drop: Option<DropTile<'a>>,
     pub scale: f32,
+    /// Every Q and dO value of the tile is finite.
+    pub rows_finite: bool,
 }
 
 /// The five products of one pair; `dq` receives `dS·K` (the caller applies `s`), `ks`
@@ -168,36 +171,53 @@ pub(super) unsafe fn step(
             g, rows, cols, t.lse, t.delta, t.scale, t.bits, t.bias, t.drop, p, pz, ds,
         );
         let pv = if t.drop.is_some() { &*pz } else { &*p };
-        bf16dot::interleave_rows(pv, rows, tk_pad, tk_pad, &mut w.pi);
-        bf16dot::interleave_rows(ds, rows, tk_pad, tk_pad, &mut w.dsi);
         bf16dot::round_rows(ds, rows, tk_pad, tk_pad, &mut w.ds16);
-        // dVᵀ += dOᵀ·P ; dKᵀ += Qᵀ·dS (over the query rows, in pairs; padding rows are 0)
-        let pairs = rows.div_ceil(2);
-        let (qt, doutt) = (t.qt.as_ptr().cast(), t.doutt.as_ptr().cast());
-        bf16dot::gemm(
-            g.d,
-            tk_pad,
-            pairs,
-            doutt,
-            rp,
-            w.pi.as_ptr(),
-            tk_pad,
-            ks.dvt.as_mut_ptr(),
-            tk_pad,
-            true,
-        );
-        bf16dot::gemm(
-            g.d,
-            tk_pad,
-            pairs,
-            qt,
-            rp,
-            w.dsi.as_ptr(),
-            tk_pad,
-            ks.dkt.as_mut_ptr(),
-            tk_pad,
-            true,
-        );
+        if let (false, Some(bits)) = (t.rows_finite, t.bits) {
+            // A non-finite Q or dO value in a row that some keys must not see: `0 · NaN`
+            // would reach those keys' gradients, so the visible pairs are summed one by one
+            // (on the bf16-rounded P and dS, as the products below take them).
+            let round = |x: f32| half::bf16::from_f32(x).to_f32();
+            let wide = |x: u16| half::bf16::from_bits(x).to_f32();
+            for r in 0..rows {
+                for c in (0..cols).filter(|&c| visible(Some(bits), g.words, r, c)) {
+                    let (pr, dsr) = (round(pv[r * tk_pad + c]), round(ds[r * tk_pad + c]));
+                    for x in 0..g.d {
+                        ks.dvt[x * tk_pad + c] += pr * wide(t.dout[r * d_pad + x]);
+                        ks.dkt[x * tk_pad + c] += dsr * wide(t.q[r * d_pad + x]);
+                    }
+                }
+            }
+        } else {
+            bf16dot::interleave_rows(pv, rows, tk_pad, tk_pad, &mut w.pi);
+            bf16dot::interleave_rows(ds, rows, tk_pad, tk_pad, &mut w.dsi);
+            // dVᵀ += dOᵀ·P ; dKᵀ += Qᵀ·dS (over the query rows, in pairs; padding rows are 0)
+            let pairs = rows.div_ceil(2);
+            let (qt, doutt) = (t.qt.as_ptr().cast(), t.doutt.as_ptr().cast());
+            bf16dot::gemm(
+                g.d,
+                tk_pad,
+                pairs,
+                doutt,
+                rp,
+                w.pi.as_ptr(),
+                tk_pad,
+                ks.dvt.as_mut_ptr(),
+                tk_pad,
+                true,
+            );
+            bf16dot::gemm(
+                g.d,
+                tk_pad,
+                pairs,
+                qt,
+                rp,
+                w.dsi.as_ptr(),
+                tk_pad,
+                ks.dkt.as_mut_ptr(),
+                tk_pad,
+                true,
+            );
+        }
         // dQ += dS·K. As on the f32 path, keys no row of the tile sees are zeroed first
         // (dS = 0 there, and 0 · NaN = NaN); a non-finite key seen by some rows only sends
         // dQ down the per-element path.
@@ -208,12 +228,18 @@ pub(super) unsafe fn step(
             pack::zero_unseen_pairs(&mut ks.k_fix, d_pad, cols, &w.seen);
             if !pack::pairs_finite(&ks.k_fix) {
                 pack::v_from_pairs(&ks.k_fix, tk_pad, d_pad, &mut ks.k_f32);
-                for r in 0..rows {
-                    for c in (0..cols).filter(|&c| visible(t.bits, g.words, r, c)) {
-                        let (kr, dqr) = (c * d_pad..(c + 1) * d_pad, r * d_pad..(r + 1) * d_pad);
-                        axpy::<Avx512>(ds[r * tk_pad + c], &ks.k_f32[kr], &mut dq[dqr]);
-                    }
-                }
+                let ds = Strided {
+                    ptr: ds.as_ptr(),
+                    rs: tk_pad,
+                    cs: 1,
+                };
+                gemm_visible::<Avx512>(
+                    (rows, d_pad, cols),
+                    ds,
+                    (ks.k_f32.as_ptr(), d_pad),
+                    (dq.as_mut_ptr(), d_pad),
+                    |r, c| visible(t.bits, g.words, r, c),
+                );
                 return;
             }
             k = &ks.k_fix;

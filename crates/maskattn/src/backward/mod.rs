@@ -15,12 +15,12 @@ use rayon::prelude::*;
 use crate::bias::Bias;
 use crate::block::{BlockMask, Tile};
 use crate::error::{AttnError, Result};
-use crate::gemm::{gemm, Strided};
+use crate::gemm::{gemm, gemm_visible, Strided};
 use crate::pack::{self, pad16};
 use crate::params::{DropTile, Dropout, Params};
 use crate::shape::AttnDims;
 use crate::simd::{current_isa, dispatch, Simd};
-use crate::tile::{axpy, exp_row, lane_bits, mask_row, visible};
+use crate::tile::{exp_row, lane_bits, mask_row, visible};
 use crate::view::{Element, View};
 
 /// `dq` like q `[B, H_q, L_q, d]`; `dk`, `dv` like k and v `[B, H_kv, L_k, d]`.
@@ -56,6 +56,8 @@ struct Ctx<'a, 'b, T> {
     block: &'a BlockMask,
     lse: &'a [f32],
     delta: Vec<f32>,
+    /// Per (b, query head, query tile): every Q and dO value of the tile is finite.
+    rows_finite: Vec<bool>,
     dims: AttnDims,
     scale: f32,
     g: Geom,
@@ -168,18 +170,27 @@ pub fn backward_into<T: Element>(
     }
     let scale = dims.scale(params.scale)?;
 
-    // D_i = dO_i · O_i, one per query row.
+    // D_i = dO_i · O_i, one per query row; and which query tiles hold a non-finite Q or dO
+    // value (their products over query rows must skip the pairs the mask hides).
+    let (tq, nq) = (block.tile_q(), block.grid().0);
     let mut delta = vec![0f32; batch * q_heads * lq];
+    let mut rows_finite = vec![true; batch * q_heads * nq];
     let isa = current_isa();
-    delta.par_chunks_mut(lq).enumerate().for_each(|(bh, dl)| {
-        let (b, h) = (bh / q_heads, bh % q_heads);
-        let (mut o, mut g) = (vec![0f32; d], vec![0f32; d]);
-        for (i, x) in dl.iter_mut().enumerate() {
-            out.load_rows(b, h, i, &mut o);
-            dout.load_rows(b, h, i, &mut g);
-            *x = dispatch!(isa => dot_in_order(a: &[f32] = &o, b: &[f32] = &g) -> f32);
-        }
-    });
+    delta
+        .par_chunks_mut(lq)
+        .zip(rows_finite.par_chunks_mut(nq))
+        .enumerate()
+        .for_each(|(bh, (dl, fin))| {
+            let (b, h) = (bh / q_heads, bh % q_heads);
+            let (mut o, mut g, mut qr) = (vec![0f32; d], vec![0f32; d], vec![0f32; d]);
+            for (i, x) in dl.iter_mut().enumerate() {
+                out.load_rows(b, h, i, &mut o);
+                dout.load_rows(b, h, i, &mut g);
+                q.load_rows(b, h, i, &mut qr);
+                *x = dispatch!(isa => dot_in_order(a: &[f32] = &o, b: &[f32] = &g) -> f32);
+                fin[i / tq] &= pack::all_finite(&g) & pack::all_finite(&qr);
+            }
+        });
 
     let g = Geom {
         d,
@@ -198,6 +209,7 @@ pub fn backward_into<T: Element>(
         block,
         lse,
         delta,
+        rows_finite,
         dims,
         scale,
         g,
@@ -414,6 +426,7 @@ impl<T: Element> Ctx<'_, '_, T> {
                 scale: dr.keep_scale(),
             }),
             scale: self.scale,
+            rows_finite: self.rows_finite[idx],
         };
         // SAFETY: `qs` exists only where `bf16_dot()` found AVX512-BF16; buffers sized by
         // `QuerySide`, `KeySide::new`, `Work16::new` and `Scratch`.
@@ -468,6 +481,8 @@ impl<T: Element> Ctx<'_, '_, T> {
                 *key = dr.row_key(b, h, i0 + r, self.dims.q_heads, self.dims.lq);
             }
         }
+        let (tq, nq) = (self.block.tile_q(), self.block.grid().0);
+        let rows_finite = self.rows_finite[(b * self.dims.q_heads + h) * nq + i0 / tq];
         let isa = current_isa();
         dispatch!(isa => step(
             g: &Geom = g,
@@ -492,6 +507,7 @@ impl<T: Element> Ctx<'_, '_, T> {
                 scale: dr.keep_scale(),
             }),
             exact: bool = exact,
+            exact_rows: bool = bits.is_some() && !rows_finite,
             p: &mut [f32] = &mut sc.p,
             pz: &mut [f32] = &mut sc.pz,
             ds: &mut [f32] = &mut sc.ds,
@@ -514,7 +530,9 @@ fn exactly_bf16(dout: &View<f32>) -> bool {
     let mut row = vec![0f32; d];
     (0..batch * heads * l).all(|n| {
         dout.load_rows(n / (heads * l), n / l % heads, n % l, &mut row);
-        row.iter().all(|&x| half::bf16::from_f32(x).to_f32() == x)
+        // NaN is a bf16 too (the products carry it as they should).
+        row.iter()
+            .all(|&x| x.is_nan() || half::bf16::from_f32(x).to_f32() == x)
     })
 }
 
@@ -588,6 +606,7 @@ unsafe fn step<S: Simd>(
     bias: Option<&[f32]>,
     drop: Option<DropTile>,
     exact: bool,
+    exact_rows: bool,
     p: &mut [f32],
     pz: &mut [f32],
     ds: &mut [f32],
@@ -636,28 +655,48 @@ unsafe fn step<S: Simd>(
         } else {
             p.as_ptr()
         };
-        gemm::<S>(
-            cols,
-            d_pad,
-            rows,
-            colwise(pv, tk_pad),
-            dout.as_ptr(),
-            dout_ld,
-            dv.as_mut_ptr(),
-            d_pad,
-            true,
-        );
-        gemm::<S>(
-            cols,
-            d_pad,
-            rows,
-            colwise(ds.as_ptr(), tk_pad),
-            q.as_ptr(),
-            q_ld,
-            dk.as_mut_ptr(),
-            d_pad,
-            true,
-        );
+        if !exact_rows {
+            gemm::<S>(
+                cols,
+                d_pad,
+                rows,
+                colwise(pv, tk_pad),
+                dout.as_ptr(),
+                dout_ld,
+                dv.as_mut_ptr(),
+                d_pad,
+                true,
+            );
+            gemm::<S>(
+                cols,
+                d_pad,
+                rows,
+                colwise(ds.as_ptr(), tk_pad),
+                q.as_ptr(),
+                q_ld,
+                dk.as_mut_ptr(),
+                d_pad,
+                true,
+            );
+        } else {
+            // A non-finite Q or dO value in a row that some keys must not see: `0 · NaN`
+            // would reach those keys' gradients, so the hidden pairs are skipped.
+            let vis = |c: usize, r: usize| visible(bits, words, r, c);
+            gemm_visible::<S>(
+                (cols, d_pad, rows),
+                colwise(pv, tk_pad),
+                (dout.as_ptr(), dout_ld),
+                (dv.as_mut_ptr(), d_pad),
+                vis,
+            );
+            gemm_visible::<S>(
+                (cols, d_pad, rows),
+                colwise(ds.as_ptr(), tk_pad),
+                (q.as_ptr(), q_ld),
+                (dk.as_mut_ptr(), d_pad),
+                vis,
+            );
+        }
         // dQ += dS·K
         if !exact {
             gemm::<S>(
@@ -672,15 +711,13 @@ unsafe fn step<S: Simd>(
                 true,
             );
         } else {
-            for r in 0..rows {
-                for c in (0..cols).filter(|&c| visible(bits, words, r, c)) {
-                    axpy::<S>(
-                        ds[r * tk_pad + c],
-                        &k[c * d_pad..(c + 1) * d_pad],
-                        &mut dq[r * d_pad..(r + 1) * d_pad],
-                    );
-                }
-            }
+            gemm_visible::<S>(
+                (rows, d_pad, cols),
+                rowwise(ds.as_ptr(), tk_pad),
+                (k.as_ptr(), d_pad),
+                (dq.as_mut_ptr(), d_pad),
+                |r, c| visible(bits, words, r, c),
+            );
         }
     }
 }
@@ -722,7 +759,17 @@ unsafe fn ds_rows<S: Simd>(
             }
             let brow = bias.map(|b| &b[r * tk_pad..(r + 1) * tk_pad]);
             mask_row::<S>(pr, scale, brow, bits, words, r, cols);
-            exp_row::<S>(pr, lse[r]);
+            if lse[r].is_nan() {
+                // The forward met a NaN or +∞ score in this row: P is NaN on every pair
+                // the row may see and 0 elsewhere (e^(−∞ − NaN) would be NaN too).
+                let (nan, zero) = (S::splat(f32::NAN), S::splat(0.0));
+                for c0 in (0..tk_pad).step_by(S::W) {
+                    let vis = lane_bits::<S>(bits, words, r, c0, cols);
+                    S::store(pr.as_mut_ptr().add(c0), S::select(vis, nan, zero));
+                }
+            } else {
+                exp_row::<S>(pr, lse[r]);
+            }
             // Dropout: dP' = z ∘ dP, and dV takes P ∘ z; the z of padding columns is 0.
             if let Some(dt) = drop {
                 let pzr = &mut pz[r * tk_pad..(r + 1) * tk_pad];

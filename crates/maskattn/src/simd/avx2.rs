@@ -81,8 +81,10 @@ unsafe impl Simd for Avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn exp(x: __m256) -> __m256 {
-        let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(MIN_X));
-        let x = _mm256_min_ps(x, _mm256_set1_ps(MAX_X));
+        // Unordered "not less than": NaN lanes are kept, and `min` returns its second
+        // operand where one is NaN, so e^NaN = NaN.
+        let keep = _mm256_cmp_ps::<_CMP_NLT_UQ>(x, _mm256_set1_ps(MIN_X));
+        let x = _mm256_min_ps(_mm256_set1_ps(MAX_X), x);
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
         );

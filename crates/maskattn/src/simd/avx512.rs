@@ -76,7 +76,8 @@ unsafe impl Simd for Avx512 {
     #[target_feature(enable = "avx512f")]
     unsafe fn exp(x: __m512) -> __m512 {
         let zero = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(MIN_X));
-        let x = _mm512_min_ps(x, _mm512_set1_ps(MAX_X));
+        // `min` returns its second operand where one is NaN: NaN stays NaN (e^NaN = NaN).
+        let x = _mm512_min_ps(_mm512_set1_ps(MAX_X), x);
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
         );

@@ -51,7 +51,8 @@ pub(crate) unsafe trait Simd: Copy + 'static {
     unsafe fn reduce_max(v: Self::V) -> f32;
     unsafe fn reduce_add(v: Self::V) -> f32;
     /// `e^x`, within a few ulp; exactly 0 for `x < −87.3` (so `e^−∞ = 0`, and a hidden
-    /// score never turns into a tiny non-zero weight).
+    /// score never turns into a tiny non-zero weight); NaN for NaN (a NaN score must reach
+    /// the row sum, see `forward`).
     unsafe fn exp(x: Self::V) -> Self::V;
     /// Lane `l` from `a` where bit `l` of `bits` is set, else from `b`.
     unsafe fn select(bits: u32, a: Self::V, b: Self::V) -> Self::V;
@@ -154,6 +155,13 @@ pub(crate) fn bf16_dot() -> bool {
     {
         false
     }
+}
+
+/// Whether bf16 storage runs on the CPU's bf16 dot products now (AVX512-BF16 present, the
+/// kernels on AVX-512, and `MASKATTN_BF16_DOT=0` not set); otherwise bf16 is widened and
+/// computed in f32. Lets a test or a benchmark say which path it measured.
+pub fn bf16_dot_available() -> bool {
+    bf16_dot()
 }
 
 static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
