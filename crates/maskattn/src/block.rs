@@ -12,7 +12,9 @@ use crate::mask::{Mask, MaskShape};
 pub const DEFAULT_TILE_Q: usize = 64;
 pub const DEFAULT_TILE_K: usize = 64;
 
-/// One tile as a kernel sees it.
+/// One compiled tile as a kernel reads it from a [`BlockMask`]: its class *and*, for a
+/// partial tile, the bitmap of allowed pairs. (The class alone, as the analytic classifier
+/// answers it before any bitmap exists, is [`TileClass`](crate::TileClass).)
 #[derive(Clone, Copy, Debug)]
 pub enum Tile<'a> {
     Empty,

@@ -72,6 +72,9 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// Every set the kernels are written for, on any CPU (tests list those they skip).
+    pub const ALL: [Isa; 4] = [Isa::Avx512, Isa::Avx2, Isa::Neon, Isa::Portable];
+
     /// The widest set this CPU supports; `MASKATTN_ISA=avx2|portable` forces a narrower one
     /// (for testing and comparison).
     pub fn detect() -> Isa {
@@ -154,6 +157,33 @@ pub(crate) fn bf16_dot() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+/// The kernel code a call takes now: the instruction set of the f32 products, and whether
+/// bf16 storage goes to the bf16 dot products. `Display` names both, for logs and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelPath {
+    pub isa: Isa,
+    pub bf16_dot: bool,
+}
+
+impl std::fmt::Display for KernelPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bf16 = if self.bf16_dot {
+            "bf16 on AVX512-BF16 dot products"
+        } else {
+            "bf16 widened to f32"
+        };
+        write!(f, "f32 on {:?}; {bf16}", self.isa)
+    }
+}
+
+/// The kernel path calls take now (see [`KernelPath`]).
+pub fn kernel_path() -> KernelPath {
+    KernelPath {
+        isa: current_isa(),
+        bf16_dot: bf16_dot(),
     }
 }
 
