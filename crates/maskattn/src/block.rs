@@ -116,7 +116,7 @@ impl BlockMask {
                 let (bh, qt) = (task / grid.nq, task % grid.nq);
                 let (b, h) = (bh / rows_h, bh % rows_h);
                 (0..grid.nk)
-                    .map(|kt| compile_tile(mask, &classifier, &grid, words, b, h, qt, kt))
+                    .map(|kt| compile_tile(mask, (&classifier, &grid, words), (b, h, qt, kt)))
                     .collect()
             })
             .collect();
@@ -232,16 +232,11 @@ impl BlockMask {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One tile `(b, h, query tile, key tile)` of the grid: its class and, if partial, bitmap.
 fn compile_tile(
     mask: &Mask,
-    classifier: &Classifier,
-    g: &Grid,
-    words: usize,
-    b: usize,
-    h: usize,
-    qt: usize,
-    kt: usize,
+    (classifier, g, words): (&Classifier, &Grid, usize),
+    (b, h, qt, kt): (usize, usize, usize, usize),
 ) -> Compiled {
     let r = g.rect(qt, kt);
     let area = ((r.i1 - r.i0) * (r.j1 - r.j0)) as u64;

@@ -25,6 +25,7 @@
 mod backward;
 mod bias;
 mod block;
+mod call;
 mod classify;
 mod decode;
 mod error;
@@ -37,7 +38,7 @@ pub mod reference;
 mod rng;
 mod shape;
 mod simd;
-mod tile;
+mod softmax;
 mod view;
 
 pub use backward::{backward, backward_into, Grads, GradsMut};
