@@ -229,8 +229,8 @@ fn chunk<T: Element>(
         let (v_tile, exact) = unseen.rows(&job, v_tile, v_ld, finite);
         let step = Step {
             job,
-            q: MatRef::new(&qs, rows, g.d, g.d_pad),
-            k: MatRef::new(k_tile, cols, g.d, k_ld),
+            q: MatRef::new(&qs, rows, g.d_pad, g.d_pad),
+            k: MatRef::new(k_tile, cols, g.d_pad, k_ld),
             qt: product.then(|| MatRef::new(&qt, g.d, rows_pad, rows_pad)),
             v: MatRef::new(v_tile, cols, g.d_pad, v_ld),
             exact,
@@ -258,8 +258,9 @@ fn chunk<T: Element>(
 /// is as accurate but not bit-identical — they serve few rows, whose `dV` sums are short.
 struct Step<'a> {
     job: TileJob<'a>,
-    /// Q rows (`rows × d`, padded rows `d_pad` apart), key rows (`cols × d`), `Qᵀ`
-    /// (`d × rows_pad`) for the product form, value rows (`cols × d_pad`).
+    /// Q rows and key rows over the padded features (`rows × d_pad`, `cols × d_pad`: a
+    /// packed tile, or a cache read in place where `d = d_pad`), `Qᵀ` (`d × rows_pad`) for
+    /// the product form, value rows (`cols × d_pad`).
     q: MatRef<'a>,
     k: MatRef<'a>,
     qt: Option<MatRef<'a>>,
@@ -294,12 +295,8 @@ impl WithSimd for Step<'_> {
             if let Some(qt) = qt {
                 // x = (K·Qᵀ)ᵀ
                 let rows_pad = qt.cols();
-                gemm::<S>(
-                    MatMut::new(st, cols, rows_pad, rows_pad),
-                    k,
-                    qt,
-                    Update::Set,
-                );
+                let kq = MatMut::new(&mut *st, cols, rows_pad, rows_pad);
+                gemm::<S>(kq, k.first_cols(job.g.d), qt, Update::Set);
                 for r in 0..rows {
                     for c in 0..cols {
                         *s.get_unchecked_mut(r * tk_pad + c) = *st.get_unchecked(c * rows_pad + r);

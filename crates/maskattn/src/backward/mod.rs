@@ -467,10 +467,8 @@ impl<T: Element> Pass<'_, '_, T> {
             job,
             lse: &self.lse[row0..row0 + rows],
             delta: &self.delta[row0..row0 + rows],
-            q: MatRef::new(q, rows, g.d, q_ld),
-            dout: MatRef::new(dout, rows, g.d, dout_ld),
-            dout_pad: MatRef::new(dout, rows, d_pad, dout_ld),
-            q_pad: MatRef::new(q, rows, d_pad, q_ld),
+            q: MatRef::new(q, rows, d_pad, q_ld),
+            dout: MatRef::new(dout, rows, d_pad, dout_ld),
             k: MatRef::new(k, cols, d_pad, d_pad),
             kt: MatRef::new(kt, g.d, tk_pad, tk_pad),
             vt: MatRef::new(vt, g.d, tk_pad, tk_pad),
@@ -575,11 +573,9 @@ struct Step<'a> {
     job: TileJob<'a>,
     lse: &'a [f32],
     delta: &'a [f32],
-    /// Q and dO rows over the real features (`rows × d`), and over the padded ones.
+    /// Q and dO rows over the padded features (`rows × d_pad`).
     q: MatRef<'a>,
     dout: MatRef<'a>,
-    q_pad: MatRef<'a>,
-    dout_pad: MatRef<'a>,
     /// K rows (`cols × d_pad`), `Kᵀ` and `Vᵀ` (`d × tk_pad`).
     k: MatRef<'a>,
     kt: MatRef<'a>,
@@ -609,8 +605,6 @@ impl WithSimd for Step<'_> {
             delta,
             q,
             dout,
-            q_pad,
-            dout_pad,
             k,
             kt,
             vt,
@@ -627,10 +621,12 @@ impl WithSimd for Step<'_> {
         let by_row = exact_rows.then_some(|c: usize, r: usize| job.visible(r, c));
         let by_key = exact_k.then_some(|r: usize, c: usize| job.visible(r, c));
         let scores = |x| MatMut::new(x, rows, tk_pad, tk_pad);
+        // The score products reduce over the real features only (the padding is zero).
+        let (q_d, dout_d) = (q.first_cols(job.g.d), dout.first_cols(job.g.d));
         // SAFETY: `S`'s features are present (`simd::run`); operands checked when made.
         unsafe {
-            gemm::<S>(scores(p), q, kt, Update::Set); //       x  = Q·Kᵀ
-            gemm::<S>(scores(ds), dout, vt, Update::Set); //   dP = dO·Vᵀ
+            gemm::<S>(scores(p), q_d, kt, Update::Set); //     x  = Q·Kᵀ
+            gemm::<S>(scores(ds), dout_d, vt, Update::Set); // dP = dO·Vᵀ
             sm::probs::<S>(&job, lse, p); //                    P  = e^(s·x + β − LSE)
             ds_rows::<S>(&job, (lse, delta), p, pz, ds); //            dS = P ∘ (z dP − D)
             let pv = if job.drop.is_some() { &*pz } else { &*p };
@@ -638,8 +634,8 @@ impl WithSimd for Step<'_> {
                 MatRef::new(pv, rows, cols, tk_pad),
                 MatRef::new(ds, rows, cols, tk_pad),
             );
-            gemm_add::<S>(dv, pv.t(), dout_pad, by_row); //     dV += Pᵀ·dO
-            gemm_add::<S>(dk, ds.t(), q_pad, by_row); //        dK += dSᵀ·Q
+            gemm_add::<S>(dv, pv.t(), dout, by_row); //     dV += Pᵀ·dO
+            gemm_add::<S>(dk, ds.t(), q, by_row); //        dK += dSᵀ·Q
             gemm_add::<S>(dq, ds, k, by_key); //                dQ += dS·K
         }
     }

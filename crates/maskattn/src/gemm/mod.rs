@@ -56,6 +56,13 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// The first `n` columns (the real features of a padded row).
+    #[inline(always)]
+    pub fn first_cols(self, n: usize) -> Self {
+        assert!(n <= self.cols);
+        MatRef { cols: n, ..self }
+    }
+
     pub fn cols(&self) -> usize {
         self.cols
     }
