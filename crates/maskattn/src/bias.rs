@@ -48,19 +48,14 @@ impl<'a> Bias<'a> {
         &self.data[start..start + dk]
     }
 
-    /// The bias of tile rows `i0..i0 + rows` and columns `j0..j0 + cols` into `out`
-    /// (`rows × ld`, padding columns 0).
-    #[allow(clippy::too_many_arguments)]
+    /// The bias of tile rows `i0..i0 + rows` and columns `j0..j0 + cols` of head `(b, h)`
+    /// into `out` (`rows × ld`, padding columns 0).
     pub(crate) fn tile(
         &self,
-        b: usize,
-        h: usize,
-        i0: usize,
-        rows: usize,
-        j0: usize,
-        cols: usize,
-        ld: usize,
-        out: &mut [f32],
+        (b, h): (usize, usize),
+        (i0, rows): (usize, usize),
+        (j0, cols): (usize, usize),
+        (ld, out): (usize, &mut [f32]),
     ) {
         for (r, dst) in out[..rows * ld].chunks_exact_mut(ld).enumerate() {
             let row = self.row(b, h, i0 + r);

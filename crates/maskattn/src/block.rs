@@ -12,7 +12,9 @@ use crate::mask::{Mask, MaskShape};
 pub const DEFAULT_TILE_Q: usize = 64;
 pub const DEFAULT_TILE_K: usize = 64;
 
-/// One tile as a kernel sees it.
+/// One compiled tile as a kernel reads it from a [`BlockMask`]: its class *and*, for a
+/// partial tile, the bitmap of allowed pairs. (The class alone, as the analytic classifier
+/// answers it before any bitmap exists, is [`TileClass`](crate::TileClass).)
 #[derive(Clone, Copy, Debug)]
 pub enum Tile<'a> {
     Empty,
@@ -140,7 +142,7 @@ impl BlockMask {
                 let (bh, qt) = (task / grid.nq, task % grid.nq);
                 let (b, h) = (bh / rows_h, bh % rows_h);
                 (0..grid.nk)
-                    .map(|kt| compile_tile(mask, &classifier, &grid, words, b, h, qt, kt))
+                    .map(|kt| compile_tile(mask, (&classifier, &grid, words), (b, h, qt, kt)))
                     .collect()
             })
             .collect();
@@ -255,16 +257,11 @@ impl BlockMask {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One tile `(b, h, query tile, key tile)` of the grid: its class and, if partial, bitmap.
 fn compile_tile(
     mask: &Mask,
-    classifier: &Classifier,
-    g: &Grid,
-    words: usize,
-    b: usize,
-    h: usize,
-    qt: usize,
-    kt: usize,
+    (classifier, g, words): (&Classifier, &Grid, usize),
+    (b, h, qt, kt): (usize, usize, usize, usize),
 ) -> Compiled {
     let r = g.rect(qt, kt);
     let area = ((r.i1 - r.i0) * (r.j1 - r.j0)) as u64;

@@ -25,6 +25,7 @@
 mod backward;
 mod bias;
 mod block;
+mod call;
 mod classify;
 mod decode;
 mod error;
@@ -36,9 +37,10 @@ mod mask_tree;
 mod pack;
 mod params;
 pub mod reference;
+mod rng;
 mod shape;
 mod simd;
-mod tile;
+mod softmax;
 mod view;
 
 pub use backward::{backward, backward_into, Grads, GradsMut};
@@ -52,6 +54,7 @@ pub use half;
 pub use mask::{CausalAlign, DenseMask, Mask, MaskFn, MaskShape, Terms};
 pub use mask_syntax::{MaskExpr, DATA_TERMS, STRUCTURED_TERMS};
 pub use params::{Dropout, Params};
+pub use rng::SplitMix64;
 pub use shape::AttnDims;
-pub use simd::{current_isa, set_isa, Isa};
+pub use simd::{bf16_dot_available, current_isa, kernel_path, set_isa, Isa, KernelPath};
 pub use view::{Element, View};

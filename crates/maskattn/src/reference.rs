@@ -90,7 +90,16 @@ impl Inputs<'_, '_> {
         let mut lse = vec![T::neg_infinity(); lq];
         for i in 0..lq {
             let row = &x[i * lk..(i + 1) * lk];
-            let m = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+            // IEEE arithmetic on the allowed pairs: a NaN score makes the row's sum, and so
+            // its LSE, NaN (`Float::max` alone would skip it, and a row of NaN scores would
+            // pass for one that sees nothing).
+            let m = row.iter().fold(T::neg_infinity(), |a, &b| {
+                if a.is_nan() || b.is_nan() {
+                    T::nan()
+                } else {
+                    a.max(b)
+                }
+            });
             if m == T::neg_infinity() {
                 continue; // nothing visible: P = 0, LSE = −∞
             }

@@ -6,7 +6,21 @@ use crate::error::{AttnError, Result};
 /// A storage type the kernels can read. Values are widened to `f32` when a tile is loaded,
 /// so the kernels compute in `f32` whatever the storage — except bf16 on a CPU with
 /// AVX512-BF16, whose products take bf16 pairs as they are (accumulating in `f32`).
-pub trait Element: Copy + Send + Sync + 'static {
+///
+/// The trait is sealed: the kernels trust [`Element::as_f32`] to return a slice exactly as
+/// long as its input (they index it with raw pointers), so only the three storage types
+/// implemented here can be used. An implementation outside the crate does not compile:
+///
+/// ```compile_fail,E0277
+/// #[derive(Clone, Copy)]
+/// struct Mine(f32);
+/// impl maskattn::Element for Mine {
+///     fn to_f32(self) -> f32 {
+///         self.0
+///     }
+/// }
+/// ```
+pub trait Element: sealed::Sealed + Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     /// The same memory as `f32`, when the storage type is `f32` (lets memory-bound paths
     /// read a view in place instead of copying it).
@@ -20,6 +34,15 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn bf16_bits(self) -> u16 {
         half::bf16::from_f32(self.to_f32()).to_bits()
     }
+}
+
+/// The private supertrait that seals [`Element`]: nothing outside this crate can name it,
+/// so nothing outside can implement `Element`.
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
 }
 
 impl Element for f32 {

@@ -48,6 +48,7 @@ fn results_do_not_depend_on_thread_count() {
 #[test]
 fn bf16_results_do_not_depend_on_thread_count_or_run() {
     use maskattn::half::bf16;
+    common::report_bf16_path("bf16_results_do_not_depend_on_thread_count_or_run");
     for seed in 0..4 {
         let c =
             random_case(seed, [2, 6, 3, 97, 131, 20], (16, 32), seed % 2 == 0).rounded::<bf16>();

@@ -158,6 +158,7 @@ proptest! {
         bad in prop_oneof![Just(f32::NAN), Just(f32::INFINITY), Just(f32::NEG_INFINITY)],
     ) {
         use maskattn::half::bf16;
+        common::report_bf16_path("hidden_nan_and_inf_change_nothing_in_bf16");
         let c = random_case(seed, [b, hkv * group, hkv, lq, lk, d], tiles, seed % 3 == 0);
         let (n, clean, dirty) =
             clean_and_poisoned(c.rounded::<bf16>(), seed, bad, Case::run_kernel_half::<bf16>);

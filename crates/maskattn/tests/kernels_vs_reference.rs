@@ -81,6 +81,7 @@ fn decode_shapes() {
 #[test]
 fn half_precision_storage() {
     use maskattn::half::{bf16, f16};
+    common::report_bf16_path("half_precision_storage");
     let shapes: &[[usize; 6]] = &[
         [1, 2, 2, 113, 203, 59],
         [2, 4, 2, 130, 77, 64],

@@ -1,4 +1,4 @@
-//! The backward's five products on AVX512-BF16 pairs (see `simd::bf16dot`), for bf16
+//! The backward's five products on AVX512-BF16 pairs (see `gemm::bf16`), for bf16
 //! storage whose output gradient `dO` is bf16 as well (every value exactly a bf16 — what a
 //! framework training in bf16 hands over). `P` and `dS` are rounded to bf16 for their
 //! products, as PyTorch's flash kernel does; everything else is f32 as on the f32 path.
@@ -18,11 +18,12 @@
 //! pair-interleaved operand, which vector code builds from their rows; they are transposed
 //! back (and `dK` scaled by `s`) once per key tile.
 
-use super::{ds_rows, Geom};
-use crate::pack;
-use crate::params::DropTile;
-use crate::simd::{bf16dot, Avx512};
-use crate::tile::{axpy, visible};
+use super::ds_rows;
+use crate::gemm::bf16::{self as bf, Pairs};
+use crate::gemm::{gemm_add, MatMut, MatRef, Update};
+use crate::pack::Unseen;
+use crate::simd::Avx512;
+use crate::softmax::{self as sm, Geom, TileJob};
 
 /// The query-side operands of every (b, query head, query tile), made once per call.
 pub(super) struct QuerySide {
@@ -43,9 +44,8 @@ pub(super) struct KeySide {
     /// `tk_pad/2 × d_pad` pairs.
     pub k: Vec<u32>,
     pub k_finite: bool,
-    /// `k` with the keys a query tile doesn't see zeroed, and as f32 rows (`tk_pad × d_pad`).
-    pub k_fix: Vec<u32>,
-    pub k_f32: Vec<f32>,
+    /// The guard against `0 · NaN` in `dS·K`.
+    pub unseen: Unseen,
     /// Accumulated `dKᵀ`, `dVᵀ` (`d_pad × tk_pad`).
     pub dkt: Vec<f32>,
     pub dvt: Vec<f32>,
@@ -59,8 +59,7 @@ impl KeySide {
             vt: vec![0; n / 2],
             k: vec![0; n / 2],
             k_finite: true,
-            k_fix: vec![0; n / 2],
-            k_f32: vec![0.0; n],
+            unseen: Unseen::new(g.words, n),
             dkt: vec![0.0; n],
             dvt: vec![0.0; n],
         }
@@ -84,7 +83,6 @@ pub(super) struct Work16 {
     pub dsi: Vec<u32>,
     /// dS rows in bf16: `tq × tk_pad`.
     pub ds16: Vec<u16>,
-    pub seen: Vec<u64>,
 }
 
 impl Work16 {
@@ -93,141 +91,123 @@ impl Work16 {
             pi: vec![0; tq_pad / 2 * g.tk_pad],
             dsi: vec![0; tq_pad / 2 * g.tk_pad],
             ds16: vec![0; tq_pad * g.tk_pad],
-            seen: vec![0; g.words],
         }
     }
 }
 
 /// The query side of one (query tile, key tile) pair.
 pub(super) struct QueryTile<'a> {
-    pub rows: usize,
-    pub cols: usize,
+    pub job: TileJob<'a>,
     pub lse: &'a [f32],
     pub delta: &'a [f32],
+    /// Q and dO rows as bf16 (`tile_q × d_pad`), and transposed (`d_pad × tq_pad`).
     pub q: &'a [u16],
     pub dout: &'a [u16],
     pub qt: &'a [u16],
     pub doutt: &'a [u16],
     pub tq_pad: usize,
-    pub bits: Option<&'a [u64]>,
-    pub bias: Option<&'a [f32]>,
-    pub drop: Option<DropTile<'a>>,
-    pub scale: f32,
+    /// Every Q and dO value of the tile is finite.
+    pub rows_finite: bool,
+}
+
+/// The f32 tiles of the step: `P`, `P ∘ z`, `dS` (`tile_q × tk_pad`) and the `dQ` rows.
+pub(super) struct F32Tiles<'a> {
+    pub p: &'a mut [f32],
+    pub pz: &'a mut [f32],
+    pub ds: &'a mut [f32],
+    pub dq: &'a mut [f32],
 }
 
 /// The five products of one pair; `dq` receives `dS·K` (the caller applies `s`), `ks`
 /// accumulates `dKᵀ` (unscaled) and `dVᵀ`.
 ///
 /// # Safety
-/// `bf16dot::enabled()`; every buffer sized as documented on its type.
+/// `gemm::bf16::enabled()`. (The operands are checked as they are made.)
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn step(
-    g: &Geom,
-    t: &QueryTile,
-    ks: &mut KeySide,
-    w: &mut Work16,
-    p: &mut [f32],
-    pz: &mut [f32],
-    ds: &mut [f32],
-    dq: &mut [f32],
-) {
-    let (rows, cols, tk_pad, d_pad) = (t.rows, t.cols, g.tk_pad, g.d_pad);
+pub(super) unsafe fn step(t: &QueryTile, ks: &mut KeySide, w: &mut Work16, f: F32Tiles) {
+    let F32Tiles { p, pz, ds, dq } = f;
+    let job = &t.job;
+    let g = job.g;
+    let (rows, cols, tk_pad, d_pad) = (job.rows, job.cols, g.tk_pad, g.d_pad);
     let (fp, rp) = (d_pad / 2, t.tq_pad / 2);
+    let scores = |x| MatMut::new(x, rows, tk_pad, tk_pad);
+    // SAFETY: AVX512-BF16 is this function's contract; operands checked when made.
     unsafe {
-        // Q·Kᵀ (scaled in `ds_rows`, as on every path) ; dP = dO·Vᵀ
-        let (q, dout) = (t.q.as_ptr().cast(), t.dout.as_ptr().cast());
-        bf16dot::gemm(
-            rows,
-            tk_pad,
-            fp,
+        let (q, dout) = (
+            Pairs::of_u16(t.q, rows, fp, fp),
+            Pairs::of_u16(t.dout, rows, fp, fp),
+        );
+        bf::gemm(
+            scores(p),
             q,
-            fp,
-            ks.kt.as_ptr(),
-            tk_pad,
-            p.as_mut_ptr(),
-            tk_pad,
-            false,
-        );
-        bf16dot::gemm(
-            rows,
-            tk_pad,
-            fp,
+            Pairs::of_u32(&ks.kt, fp, tk_pad, tk_pad),
+            Update::Set,
+        ); // x = Q·Kᵀ
+        bf::gemm(
+            scores(ds),
             dout,
-            fp,
-            ks.vt.as_ptr(),
-            tk_pad,
-            ds.as_mut_ptr(),
-            tk_pad,
-            false,
-        );
-        ds_rows::<Avx512>(
-            g, rows, cols, t.lse, t.delta, t.scale, t.bits, t.bias, t.drop, p, pz, ds,
-        );
-        let pv = if t.drop.is_some() { &*pz } else { &*p };
-        bf16dot::interleave_rows(pv, rows, tk_pad, tk_pad, &mut w.pi);
-        bf16dot::interleave_rows(ds, rows, tk_pad, tk_pad, &mut w.dsi);
-        bf16dot::round_rows(ds, rows, tk_pad, tk_pad, &mut w.ds16);
-        // dVᵀ += dOᵀ·P ; dKᵀ += Qᵀ·dS (over the query rows, in pairs; padding rows are 0)
-        let pairs = rows.div_ceil(2);
-        let (qt, doutt) = (t.qt.as_ptr().cast(), t.doutt.as_ptr().cast());
-        bf16dot::gemm(
-            g.d,
-            tk_pad,
-            pairs,
-            doutt,
-            rp,
-            w.pi.as_ptr(),
-            tk_pad,
-            ks.dvt.as_mut_ptr(),
-            tk_pad,
-            true,
-        );
-        bf16dot::gemm(
-            g.d,
-            tk_pad,
-            pairs,
-            qt,
-            rp,
-            w.dsi.as_ptr(),
-            tk_pad,
-            ks.dkt.as_mut_ptr(),
-            tk_pad,
-            true,
-        );
-        // dQ += dS·K. As on the f32 path, keys no row of the tile sees are zeroed first
-        // (dS = 0 there, and 0 · NaN = NaN); a non-finite key seen by some rows only sends
-        // dQ down the per-element path.
-        let mut k = &ks.k[..];
-        if let (false, Some(bits)) = (ks.k_finite, t.bits) {
-            pack::seen_columns(bits, g.words, rows, &mut w.seen);
-            ks.k_fix.copy_from_slice(&ks.k);
-            pack::zero_unseen_pairs(&mut ks.k_fix, d_pad, cols, &w.seen);
-            if !pack::pairs_finite(&ks.k_fix) {
-                pack::v_from_pairs(&ks.k_fix, tk_pad, d_pad, &mut ks.k_f32);
-                for r in 0..rows {
-                    for c in (0..cols).filter(|&c| visible(t.bits, g.words, r, c)) {
-                        let (kr, dqr) = (c * d_pad..(c + 1) * d_pad, r * d_pad..(r + 1) * d_pad);
-                        axpy::<Avx512>(ds[r * tk_pad + c], &ks.k_f32[kr], &mut dq[dqr]);
+            Pairs::of_u32(&ks.vt, fp, tk_pad, tk_pad),
+            Update::Set,
+        ); // dP = dO·Vᵀ
+        sm::probs::<Avx512>(job, t.lse, p); //                       P  = e^(s·x + β − LSE)
+        ds_rows::<Avx512>(job, (t.lse, t.delta), p, pz, ds); //     dS = P ∘ (z dP − D)
+        let pv = if job.drop.is_some() { &*pz } else { &*p };
+        bf::round_rows(ds, rows, tk_pad, tk_pad, &mut w.ds16);
+        let dvt = MatMut::new(&mut ks.dvt, g.d, tk_pad, tk_pad);
+        let dkt = MatMut::new(&mut ks.dkt, g.d, tk_pad, tk_pad);
+        if let (false, Some(bits)) = (t.rows_finite, job.bits) {
+            // A non-finite Q or dO value in a row that some keys must not see: `0 · NaN`
+            // would reach those keys' gradients, so the visible pairs are summed one by one
+            // (on the bf16-rounded P and dS, as the products below take them).
+            let _ = (dvt, dkt);
+            let round = |x: f32| half::bf16::from_f32(x).to_f32();
+            let wide = |x: u16| half::bf16::from_bits(x).to_f32();
+            for r in 0..rows {
+                for c in (0..cols).filter(|&c| sm::visible(Some(bits), g.words, r, c)) {
+                    let (pr, dsr) = (round(pv[r * tk_pad + c]), round(ds[r * tk_pad + c]));
+                    for x in 0..g.d {
+                        ks.dvt[x * tk_pad + c] += pr * wide(t.dout[r * d_pad + x]);
+                        ks.dkt[x * tk_pad + c] += dsr * wide(t.q[r * d_pad + x]);
                     }
                 }
-                return;
             }
-            k = &ks.k_fix;
+        } else {
+            // Over the query rows, in pairs; padding rows are 0.
+            let pairs = rows.div_ceil(2);
+            bf::interleave_rows(pv, rows, tk_pad, tk_pad, &mut w.pi);
+            bf::interleave_rows(ds, rows, tk_pad, tk_pad, &mut w.dsi);
+            let (qt, doutt) = (
+                Pairs::of_u16(t.qt, g.d, pairs, rp),
+                Pairs::of_u16(t.doutt, g.d, pairs, rp),
+            );
+            bf::gemm(
+                dvt,
+                doutt,
+                Pairs::of_u32(&w.pi, pairs, tk_pad, tk_pad),
+                Update::Add,
+            ); // dVᵀ += dOᵀ·P
+            bf::gemm(
+                dkt,
+                qt,
+                Pairs::of_u32(&w.dsi, pairs, tk_pad, tk_pad),
+                Update::Add,
+            ); // dKᵀ += Qᵀ·dS
         }
-        // Over the keys, in pairs; dS past `cols` is 0, and so are padding keys.
-        let ds16 = w.ds16.as_ptr().cast();
-        bf16dot::gemm(
-            rows,
-            d_pad,
-            cols.div_ceil(2),
-            ds16,
-            tk_pad / 2,
-            k.as_ptr(),
-            d_pad,
-            dq.as_mut_ptr(),
-            d_pad,
-            true,
-        );
+        // dQ += dS·K, over the keys in pairs (dS past `cols` is 0, and so are padding keys),
+        // with the guard against 0 · NaN: on the exact f32 values where a non-finite key
+        // some rows see remains.
+        let dq = MatMut::new(dq, rows, d_pad, d_pad);
+        match ks.unseen.pairs(job, &ks.k, d_pad, ks.k_finite) {
+            Ok(k) => {
+                let kp = cols.div_ceil(2);
+                let ds16 = Pairs::of_u16(&w.ds16, rows, kp, tk_pad / 2);
+                bf::gemm(dq, ds16, Pairs::of_u32(k, kp, d_pad, d_pad), Update::Add);
+            }
+            Err(k) => {
+                let ds = MatRef::new(ds, rows, cols, tk_pad);
+                let k = MatRef::new(k, cols, d_pad, d_pad);
+                gemm_add::<Avx512>(dq, ds, k, Some(|r, c| job.visible(r, c)));
+            }
+        }
     }
 }

@@ -12,15 +12,15 @@ mod bf16;
 
 use rayon::prelude::*;
 
-use crate::bias::Bias;
 use crate::block::{BlockMask, Tile};
+use crate::call::Call;
 use crate::error::{AttnError, Result};
-use crate::gemm::{gemm, Strided};
-use crate::pack::{self, pad16};
-use crate::params::{DropTile, Dropout, Params};
+use crate::gemm::{gemm, gemm_add, MatMut, MatRef, Update};
+use crate::pack::{self, Span, Unseen};
+use crate::params::{DropTile, Params};
 use crate::shape::AttnDims;
-use crate::simd::{current_isa, dispatch, Simd};
-use crate::tile::{axpy, exp_row, lane_bits, mask_row, visible};
+use crate::simd::{self, Simd, WithSimd};
+use crate::softmax::{self as sm, Geom, TileJob};
 use crate::view::{Element, View};
 
 /// `dq` like q `[B, H_q, L_q, d]`; `dk`, `dv` like k and v `[B, H_kv, L_k, d]`.
@@ -45,32 +45,19 @@ const TARGET_TASKS: usize = 16;
 /// ...but their private `dQ` buffers stay under this many bytes per (b, kv head).
 const CHUNK_DQ_BYTES: usize = 32 << 20;
 
-/// Everything the tasks share.
-struct Ctx<'a, 'b, T> {
-    q: &'a View<'b, T>,
-    k: &'a View<'b, T>,
-    v: &'a View<'b, T>,
+/// Everything the tasks share: the call, and what the backward adds to it.
+struct Pass<'a, 'b, T> {
+    call: Call<'a, 'b, T>,
     dout: &'a View<'b, f32>,
-    bias: Option<&'a Bias<'b>>,
-    dropout: Option<Dropout>,
-    block: &'a BlockMask,
     lse: &'a [f32],
+    /// `D_i = dO_i · O_i`, one per query row.
     delta: Vec<f32>,
-    dims: AttnDims,
-    scale: f32,
+    /// Per (b, query head, query tile): every Q and dO value of the tile is finite.
+    rows_finite: Vec<bool>,
     g: Geom,
     /// The bf16 dot-product path's query-side operands, where it is taken.
     #[cfg(target_arch = "x86_64")]
     qs: Option<bf16::QuerySide>,
-}
-
-#[derive(Clone, Copy)]
-struct Geom {
-    d: usize,
-    d_pad: usize,
-    tk: usize,
-    tk_pad: usize,
-    words: usize,
 }
 
 /// Scratch of one task: one key tile in three layouts, its gradients, one query tile and
@@ -79,7 +66,6 @@ struct Scratch {
     k: Vec<f32>,
     kt: Vec<f32>,
     vt: Vec<f32>,
-    k_fix: Vec<f32>,
     dk: Vec<f32>,
     dv: Vec<f32>,
     q: Vec<f32>,
@@ -90,7 +76,29 @@ struct Scratch {
     drop_keys: Vec<u32>,
     ds: Vec<f32>,
     bias: Vec<f32>,
-    seen: Vec<u64>,
+    unseen: Unseen,
+}
+
+impl Scratch {
+    fn new(g: &Geom, tq: usize, bias: bool, dropout: bool) -> Self {
+        let tile = g.tk_pad * g.d_pad;
+        let score = tq * g.tk_pad;
+        Scratch {
+            k: vec![0.0; tile],
+            kt: vec![0.0; tile],
+            vt: vec![0.0; tile],
+            dk: vec![0.0; tile],
+            dv: vec![0.0; tile],
+            q: vec![0.0; tq * g.d_pad],
+            dout: vec![0.0; tq * g.d_pad],
+            p: vec![0.0; score],
+            pz: vec![0.0; if dropout { score } else { 0 }],
+            drop_keys: vec![0; tq],
+            ds: vec![0.0; score],
+            bias: vec![0.0; if bias { score } else { 0 }],
+            unseen: Unseen::new(g.words, tile),
+        }
+    }
 }
 
 /// What one task hands back: its `dQ` buffer (`group · L_q × d_pad`) and its key tiles' gradients.
@@ -167,39 +175,45 @@ pub fn backward_into<T: Element>(
         });
     }
     let scale = dims.scale(params.scale)?;
-
-    // D_i = dO_i · O_i, one per query row.
+    // D_i = dO_i · O_i, one per query row; and which query tiles hold a non-finite Q or dO
+    // value (their products over query rows must skip the pairs the mask hides).
+    let (tq, nq) = (block.tile_q(), block.grid().0);
     let mut delta = vec![0f32; batch * q_heads * lq];
-    let isa = current_isa();
-    delta.par_chunks_mut(lq).enumerate().for_each(|(bh, dl)| {
-        let (b, h) = (bh / q_heads, bh % q_heads);
-        let (mut o, mut g) = (vec![0f32; d], vec![0f32; d]);
-        for (i, x) in dl.iter_mut().enumerate() {
-            out.load_rows(b, h, i, &mut o);
-            dout.load_rows(b, h, i, &mut g);
-            *x = dispatch!(isa => dot_in_order(a: &[f32] = &o, b: &[f32] = &g) -> f32);
-        }
-    });
+    let mut rows_finite = vec![true; batch * q_heads * nq];
+    delta
+        .par_chunks_mut(lq)
+        .zip(rows_finite.par_chunks_mut(nq))
+        .enumerate()
+        .for_each(|(bh, (dl, fin))| {
+            let (b, h) = (bh / q_heads, bh % q_heads);
+            let (mut o, mut g, mut qr) = (vec![0f32; d], vec![0f32; d], vec![0f32; d]);
+            for (i, x) in dl.iter_mut().enumerate() {
+                out.load_rows(b, h, i, &mut o);
+                dout.load_rows(b, h, i, &mut g);
+                q.load_rows(b, h, i, &mut qr);
+                // SAFETY: `DotInOrder` reads only its two slices.
+                *x = unsafe { simd::run(DotInOrder(&o, &g)) };
+                fin[i / tq] &= pack::all_finite(&g) & pack::all_finite(&qr);
+            }
+        });
 
-    let g = Geom {
-        d,
-        d_pad: pad16(d),
-        tk: block.tile_k(),
-        tk_pad: pad16(block.tile_k()),
-        words: block.words(),
-    };
-    let ctx = Ctx {
+    let call = Call {
         q,
         k,
         v,
-        dout,
-        bias,
-        dropout: params.dropout,
+        bias: params.bias.as_ref(),
+        dropout: params.dropout.as_ref(),
         block,
-        lse,
-        delta,
         dims,
         scale,
+    };
+    let g = call.geom();
+    let pass = Pass {
+        call,
+        dout,
+        lse,
+        delta,
+        rows_finite,
         g,
         #[cfg(target_arch = "x86_64")]
         qs: (T::IS_BF16 && crate::simd::bf16_dot() && exactly_bf16(dout))
@@ -224,7 +238,7 @@ pub fn backward_into<T: Element>(
             let (b, hk) = (bhk / kv_heads, bhk % kv_heads);
             let results: Vec<ChunkResult> = (0..chunks)
                 .into_par_iter()
-                .map(|c| ctx.chunk(b, hk, c, chunks))
+                .map(|c| pass.chunk((b, hk), c, chunks))
                 .collect();
             // dQ = s · Σ_chunks (dS · K), summed in chunk order.
             for (r, dst) in dq.chunks_exact_mut(d).enumerate() {
@@ -247,45 +261,15 @@ pub fn backward_into<T: Element>(
     Ok(())
 }
 
-impl<T: Element> Ctx<'_, '_, T> {
+impl<T: Element> Pass<'_, '_, T> {
     /// Key tiles `c, c + chunks, …` of kv head `(b, hk)` (interleaved, so that a causal
     /// mask's work is shared evenly).
-    fn chunk(&self, b: usize, hk: usize, c: usize, chunks: usize) -> ChunkResult {
-        let g = self.g;
-        let (tq, lq, lk) = (self.block.tile_q(), self.dims.lq, self.dims.lk);
-        let group = self.dims.group();
-        let (nq, nk) = self.block.grid();
-        let tile = g.tk_pad * g.d_pad;
-        let mut sc = Scratch {
-            k: vec![0.0; tile],
-            kt: vec![0.0; tile],
-            vt: vec![0.0; tile],
-            k_fix: vec![0.0; tile],
-            dk: vec![0.0; tile],
-            dv: vec![0.0; tile],
-            q: vec![0.0; tq * g.d_pad],
-            dout: vec![0.0; tq * g.d_pad],
-            p: vec![0.0; tq * g.tk_pad],
-            pz: vec![
-                0.0;
-                if self.dropout.is_some() {
-                    tq * g.tk_pad
-                } else {
-                    0
-                }
-            ],
-            drop_keys: vec![0; tq],
-            ds: vec![0.0; tq * g.tk_pad],
-            bias: vec![
-                0.0;
-                if self.bias.is_some() {
-                    tq * g.tk_pad
-                } else {
-                    0
-                }
-            ],
-            seen: vec![0; g.words],
-        };
+    fn chunk(&self, (b, hk): (usize, usize), c: usize, chunks: usize) -> ChunkResult {
+        let (g, call) = (self.g, &self.call);
+        let (tq, lq, lk) = (call.block.tile_q(), call.dims.lq, call.dims.lk);
+        let group = call.dims.group();
+        let (nq, nk) = call.block.grid();
+        let mut sc = Scratch::new(&g, tq, call.bias.is_some(), call.dropout.is_some());
         let mut dq = vec![0f32; group * lq * g.d_pad];
         let mut tiles = Vec::new();
         #[cfg(target_arch = "x86_64")]
@@ -303,7 +287,7 @@ impl<T: Element> Ctx<'_, '_, T> {
                 (0..group)
                     .flat_map(|hi| (0..nq).map(move |qt| (hi, qt)))
                     .filter_map(
-                        |(hi, qt)| match self.block.tile(b, hk * group + hi, qt, kt) {
+                        |(hi, qt)| match call.block.tile(b, hk * group + hi, qt, kt) {
                             Tile::Empty => None,
                             Tile::Full => Some((hi, qt, None)),
                             Tile::Partial(bits) => Some((hi, qt, Some(bits))),
@@ -313,91 +297,110 @@ impl<T: Element> Ctx<'_, '_, T> {
             if pairs.is_empty() {
                 continue; // no query sees these keys: their gradients stay the caller's zeros
             }
+            let keys = Span {
+                b,
+                h: hk,
+                start: j0,
+                len: cols,
+            };
+            let kv_tile = (g.tk_pad, g.d_pad);
             #[cfg(target_arch = "x86_64")]
             if let (Some(qs), Some((ks, w))) = (&self.qs, &mut bf) {
-                pack::kt_pairs(self.k, b, hk, j0, cols, g.tk_pad, g.d_pad, &mut ks.kt);
-                pack::kt_pairs(self.v, b, hk, j0, cols, g.tk_pad, g.d_pad, &mut ks.vt);
-                ks.k_finite = pack::v_pairs(self.k, b, hk, j0, cols, g.tk_pad, g.d_pad, &mut ks.k);
+                pack::kt_pairs(call.k, keys, kv_tile, &mut ks.kt);
+                pack::kt_pairs(call.v, keys, kv_tile, &mut ks.vt);
+                ks.k_finite = pack::v_pairs(call.k, keys, kv_tile, &mut ks.k);
                 ks.dkt.fill(0.0);
                 ks.dvt.fill(0.0);
                 for &(hi, qt, bits) in &pairs {
-                    let i0 = qt * tq;
-                    let rows = (lq - i0).min(tq);
-                    let dq = &mut dq[(hi * lq + i0) * g.d_pad..];
-                    let h = hk * group + hi;
-                    self.pair16(qs, ks, w, &mut sc, dq, b, h, qt, rows, j0, cols, bits);
+                    let dq = &mut dq[(hi * lq + qt * tq) * g.d_pad..];
+                    self.pair16(qs, (ks, w), &mut sc, dq, (b, hk * group + hi, qt, kt, bits));
                 }
-                ks.transpose_into(&g, self.scale, &mut sc.dk, &mut sc.dv);
+                ks.transpose_into(&g, call.scale, &mut sc.dk, &mut sc.dv);
                 tiles.push((kt, sc.dk.clone(), sc.dv.clone()));
                 continue;
             }
-            pack::rows(self.k, b, hk, j0, cols, g.d_pad, &mut sc.k);
+            pack::rows(call.k, keys, g.d_pad, &mut sc.k);
             sc.k[cols * g.d_pad..].fill(0.0);
-            pack::transposed(self.k, b, hk, j0, cols, g.tk_pad, g.d_pad, &mut sc.kt);
-            pack::transposed(self.v, b, hk, j0, cols, g.tk_pad, g.d_pad, &mut sc.vt);
+            pack::transposed(call.k, keys, kv_tile, &mut sc.kt);
+            pack::transposed(call.v, keys, kv_tile, &mut sc.vt);
             let k_finite = pack::all_finite(&sc.k);
             sc.dk.fill(0.0);
             sc.dv.fill(0.0);
             for &(hi, qt, bits) in &pairs {
-                let h = hk * group + hi;
-                let i0 = qt * tq;
-                let rows = (lq - i0).min(tq);
-                self.pair(
-                    &mut sc,
-                    &mut dq[(hi * lq + i0) * g.d_pad..],
-                    b,
-                    h,
-                    i0,
-                    rows,
-                    j0,
-                    cols,
-                    bits,
-                    k_finite,
-                );
+                let dq = &mut dq[(hi * lq + qt * tq) * g.d_pad..];
+                self.pair(&mut sc, dq, (b, hk * group + hi, qt, kt, bits), k_finite);
             }
             // dK = s · dSᵀ·Q
-            sc.dk.iter_mut().for_each(|x| *x *= self.scale);
+            sc.dk.iter_mut().for_each(|x| *x *= call.scale);
             tiles.push((kt, sc.dk.clone(), sc.dv.clone()));
         }
         ChunkResult { dq, tiles }
     }
 
-    /// [`Ctx::pair`] on the bf16 dot-product path.
+    /// The job of one (query tile, key tile) pair, with its bias tile and dropout keys
+    /// written into the scratch, and the first row's index among all query rows.
+    fn job<'s>(
+        &self,
+        bias: &'s mut [f32],
+        drop_keys: &'s mut [u32],
+        (b, h, qt, kt, bits): PairAt<'s>,
+    ) -> (TileJob<'s>, usize) {
+        let (g, call) = (self.g, &self.call);
+        let (tq, dims) = (call.block.tile_q(), call.dims);
+        let (i0, j0) = (qt * tq, kt * g.tk);
+        let (rows, cols) = ((dims.lq - i0).min(tq), (dims.lk - j0).min(g.tk));
+        if let Some(dr) = call.dropout {
+            for (r, key) in drop_keys[..rows].iter_mut().enumerate() {
+                *key = dr.row_key(b, h, i0 + r, dims.q_heads, dims.lq);
+            }
+        }
+        let tile_bias = call.bias.map(|bs| {
+            bs.tile((b, h), (i0, rows), (j0, cols), (g.tk_pad, bias));
+            &bias[..]
+        });
+        let job = TileJob {
+            g,
+            rows,
+            cols,
+            bits,
+            scale: call.scale,
+            bias: tile_bias,
+            drop: call.dropout.map(|dr| DropTile {
+                rows: &drop_keys[..rows],
+                j0,
+                threshold: dr.threshold(),
+                scale: dr.keep_scale(),
+            }),
+        };
+        (job, (b * dims.q_heads + h) * dims.lq + i0)
+    }
+
+    /// Whether every Q and dO value of the pair's query tile is finite.
+    fn rows_finite(&self, (b, h, qt): (usize, usize, usize)) -> bool {
+        let nq = self.call.block.grid().0;
+        self.rows_finite[(b * self.call.dims.q_heads + h) * nq + qt]
+    }
+
+    /// [`Pass::pair`] on the bf16 dot-product path.
     #[cfg(target_arch = "x86_64")]
-    #[allow(clippy::too_many_arguments)]
     fn pair16(
         &self,
         qs: &bf16::QuerySide,
-        ks: &mut bf16::KeySide,
-        w: &mut bf16::Work16,
+        (ks, w): (&mut bf16::KeySide, &mut bf16::Work16),
         sc: &mut Scratch,
         dq: &mut [f32],
-        b: usize,
-        h: usize,
-        qt: usize,
-        rows: usize,
-        j0: usize,
-        cols: usize,
-        bits: Option<&[u64]>,
+        at: PairAt,
     ) {
         let g = &self.g;
-        let (tq, nq) = (self.block.tile_q(), self.block.grid().0);
-        let i0 = qt * tq;
-        let tile_bias = self.bias.map(|bs| {
-            bs.tile(b, h, i0, rows, j0, cols, g.tk_pad, &mut sc.bias);
-            &sc.bias[..]
-        });
-        let row0 = (b * self.dims.q_heads + h) * self.dims.lq + i0;
-        if let Some(dr) = &self.dropout {
-            for (r, key) in sc.drop_keys[..rows].iter_mut().enumerate() {
-                *key = dr.row_key(b, h, i0 + r, self.dims.q_heads, self.dims.lq);
-            }
-        }
-        let idx = (b * self.dims.q_heads + h) * nq + qt;
-        let (n_rows, n_t) = (tq * g.d_pad, g.d_pad * qs.tq_pad);
+        let (b, h, qt, _, _) = at;
+        let nq = self.call.block.grid().0;
+        let rows_finite = self.rows_finite((b, h, qt));
+        let (job, row0) = self.job(&mut sc.bias, &mut sc.drop_keys, at);
+        let rows = job.rows;
+        let idx = (b * self.call.dims.q_heads + h) * nq + qt;
+        let (n_rows, n_t) = (self.call.block.tile_q() * g.d_pad, g.d_pad * qs.tq_pad);
         let t = bf16::QueryTile {
-            rows,
-            cols,
+            job,
             lse: &self.lse[row0..row0 + rows],
             delta: &self.delta[row0..row0 + rows],
             q: &qs.q[idx * n_rows..(idx + 1) * n_rows],
@@ -405,102 +408,87 @@ impl<T: Element> Ctx<'_, '_, T> {
             qt: &qs.qt[idx * n_t..(idx + 1) * n_t],
             doutt: &qs.doutt[idx * n_t..(idx + 1) * n_t],
             tq_pad: qs.tq_pad,
-            bits,
-            bias: tile_bias,
-            drop: self.dropout.map(|dr| DropTile {
-                rows: &sc.drop_keys[..rows],
-                j0,
-                threshold: dr.threshold(),
-                scale: dr.keep_scale(),
-            }),
-            scale: self.scale,
+            rows_finite,
+        };
+        let f32_tiles = bf16::F32Tiles {
+            p: &mut sc.p,
+            pz: &mut sc.pz,
+            ds: &mut sc.ds,
+            dq,
         };
         // SAFETY: `qs` exists only where `bf16_dot()` found AVX512-BF16; buffers sized by
-        // `QuerySide`, `KeySide::new`, `Work16::new` and `Scratch`.
-        unsafe { bf16::step(g, &t, ks, w, &mut sc.p, &mut sc.pz, &mut sc.ds, dq) };
+        // `QuerySide`, `KeySide::new`, `Work16::new` and `Scratch::new`.
+        unsafe { bf16::step(&t, ks, w, f32_tiles) };
     }
 
     /// One (query tile, key tile) pair: loads the query side, then runs the vector step.
-    #[allow(clippy::too_many_arguments)]
-    fn pair(
-        &self,
-        sc: &mut Scratch,
-        dq: &mut [f32],
-        b: usize,
-        h: usize,
-        i0: usize,
-        rows: usize,
-        j0: usize,
-        cols: usize,
-        bits: Option<&[u64]>,
-        k_finite: bool,
-    ) {
-        let g = &self.g;
+    fn pair(&self, sc: &mut Scratch, dq: &mut [f32], at: PairAt, k_finite: bool) {
+        let (g, call) = (self.g, &self.call);
+        let (b, h, qt, _, _) = at;
+        let rows_finite = self.rows_finite((b, h, qt));
+        let Scratch {
+            k,
+            kt,
+            vt,
+            dk,
+            dv,
+            q,
+            dout,
+            p,
+            pz,
+            drop_keys,
+            ds,
+            bias,
+            unseen,
+        } = sc;
+        let (job, row0) = self.job(bias, drop_keys, at);
+        let (rows, cols, i0) = (job.rows, job.cols, qt * call.block.tile_q());
+        let span = Span {
+            b,
+            h,
+            start: i0,
+            len: rows,
+        };
         // Q and dO rows are read in place where they are f32 rows of exactly `d_pad`
         // features (every (query tile, key tile) pair reads them: no copy per pair), else
         // copied into padded rows.
-        let (q, q_ld) = in_place(self.q.f32_rows(b, h, i0), g).unwrap_or_else(|| {
-            pack::rows(self.q, b, h, i0, rows, g.d_pad, &mut sc.q);
-            (&sc.q[..], g.d_pad)
+        let (q, q_ld) = in_place(call.q.f32_rows(b, h, i0), &g).unwrap_or_else(|| {
+            pack::rows(call.q, span, g.d_pad, q);
+            (&q[..], g.d_pad)
         });
-        let (dout, dout_ld) = in_place(self.dout.f32_rows(b, h, i0), g).unwrap_or_else(|| {
-            pack::rows(self.dout, b, h, i0, rows, g.d_pad, &mut sc.dout);
-            (&sc.dout[..], g.d_pad)
+        let (dout, dout_ld) = in_place(self.dout.f32_rows(b, h, i0), &g).unwrap_or_else(|| {
+            pack::rows(self.dout, span, g.d_pad, dout);
+            (&dout[..], g.d_pad)
         });
-        let tile_bias = self.bias.map(|bs| {
-            bs.tile(b, h, i0, rows, j0, cols, g.tk_pad, &mut sc.bias);
-            &sc.bias[..]
-        });
-        // As in the forward: keys that no row of this tile sees are zeroed before dS·K, and a
-        // non-finite key some rows see and others don't sends dQ down the select path.
-        let mut k_tile = &sc.k[..];
-        let mut exact = false;
-        if let (Some(bits), false) = (bits, k_finite) {
-            pack::seen_columns(bits, g.words, rows, &mut sc.seen);
-            sc.k_fix.copy_from_slice(&sc.k);
-            pack::zero_unseen_rows(&mut sc.k_fix, g.d_pad, cols, &sc.seen);
-            exact = !pack::all_finite(&sc.k_fix);
-            k_tile = &sc.k_fix;
-        }
-        let row0 = (b * self.dims.q_heads + h) * self.dims.lq + i0;
-        if let Some(dr) = &self.dropout {
-            for (r, key) in sc.drop_keys[..rows].iter_mut().enumerate() {
-                *key = dr.row_key(b, h, i0 + r, self.dims.q_heads, self.dims.lq);
-            }
-        }
-        let isa = current_isa();
-        dispatch!(isa => step(
-            g: &Geom = g,
-            rows: usize = rows,
-            cols: usize = cols,
-            lse: &[f32] = &self.lse[row0..row0 + rows],
-            delta: &[f32] = &self.delta[row0..row0 + rows],
-            scale: f32 = self.scale,
-            q: &[f32] = q,
-            q_ld: usize = q_ld,
-            dout: &[f32] = dout,
-            dout_ld: usize = dout_ld,
-            k: &[f32] = k_tile,
-            kt: &[f32] = &sc.kt,
-            vt: &[f32] = &sc.vt,
-            bits: Option<&[u64]> = bits,
-            bias: Option<&[f32]> = tile_bias,
-            drop: Option<DropTile> = self.dropout.map(|dr| DropTile {
-                rows: &sc.drop_keys[..rows],
-                j0,
-                threshold: dr.threshold(),
-                scale: dr.keep_scale(),
-            }),
-            exact: bool = exact,
-            p: &mut [f32] = &mut sc.p,
-            pz: &mut [f32] = &mut sc.pz,
-            ds: &mut [f32] = &mut sc.ds,
-            dk: &mut [f32] = &mut sc.dk,
-            dv: &mut [f32] = &mut sc.dv,
-            dq: &mut [f32] = dq,
-        ));
+        // The guard against 0 · NaN for dS·K, as on every path.
+        let (k, exact_k) = unseen.rows(&job, k, g.d_pad, k_finite);
+        let (tk_pad, d_pad) = (g.tk_pad, g.d_pad);
+        let step = Step {
+            job,
+            lse: &self.lse[row0..row0 + rows],
+            delta: &self.delta[row0..row0 + rows],
+            q: MatRef::new(q, rows, d_pad, q_ld),
+            dout: MatRef::new(dout, rows, d_pad, dout_ld),
+            k: MatRef::new(k, cols, d_pad, d_pad),
+            kt: MatRef::new(kt, g.d, tk_pad, tk_pad),
+            vt: MatRef::new(vt, g.d, tk_pad, tk_pad),
+            exact_k,
+            exact_rows: job.bits.is_some() && !rows_finite,
+            p,
+            pz,
+            ds,
+            dk: MatMut::new(dk, cols, d_pad, d_pad),
+            dv: MatMut::new(dv, cols, d_pad, d_pad),
+            dq: MatMut::new(dq, rows, d_pad, d_pad),
+        };
+        // SAFETY: the operands were checked as they were made; the score tiles are sized by
+        // `Scratch::new` for `tile_q ≥ rows` rows.
+        unsafe { simd::run(step) };
     }
 }
+
+/// Where one (query tile, key tile) pair is: `(b, query head, query tile, key tile, bitmap)`.
+type PairAt<'a> = (usize, usize, usize, usize, Option<&'a [u64]>);
 
 /// Rows read in place when they hold exactly the padded number of features.
 fn in_place<'a>(rows: Option<(&'a [f32], usize)>, g: &Geom) -> Option<(&'a [f32], usize)> {
@@ -514,7 +502,9 @@ fn exactly_bf16(dout: &View<f32>) -> bool {
     let mut row = vec![0f32; d];
     (0..batch * heads * l).all(|n| {
         dout.load_rows(n / (heads * l), n / l % heads, n % l, &mut row);
-        row.iter().all(|&x| half::bf16::from_f32(x).to_f32() == x)
+        // NaN is a bf16 too (the products carry it as they should).
+        row.iter()
+            .all(|&x| x.is_nan() || half::bf16::from_f32(x).to_f32() == x)
     })
 }
 
@@ -546,11 +536,16 @@ fn query_side<T: Element>(
         .for_each(|(idx, (((qr, dr), qt), dt))| {
             let (bh, t) = (idx / nq, idx % nq);
             let (b, h, i0) = (bh / heads, bh % heads, t * tq);
-            let rows = (lq - i0).min(tq);
-            pack::rows_bf16(q, b, h, i0, rows, g.d_pad, qr);
-            pack::rows_bf16(dout, b, h, i0, rows, g.d_pad, dr);
-            pack::transposed_bf16(q, b, h, i0, rows, tq_pad, g.d_pad, qt);
-            pack::transposed_bf16(dout, b, h, i0, rows, tq_pad, g.d_pad, dt);
+            let span = Span {
+                b,
+                h,
+                start: i0,
+                len: (lq - i0).min(tq),
+            };
+            pack::rows_bf16(q, span, g.d_pad, qr);
+            pack::rows_bf16(dout, span, g.d_pad, dr);
+            pack::transposed_bf16(q, span, (tq_pad, g.d_pad), qt);
+            pack::transposed_bf16(dout, span, (tq_pad, g.d_pad), dt);
         });
     qs
 }
@@ -558,167 +553,123 @@ fn query_side<T: Element>(
 /// `a · b` as one fused multiply-add chain in feature order: the rounding of every entry of
 /// the micro-kernel's products. `D_i` computed this way cancels `dP_ij` exactly where the
 /// mathematics says it does (a row with one visible key has `dS = 0`, as in the reference).
-#[inline(always)]
-unsafe fn dot_in_order<S: Simd>(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .fold(0.0, |acc, (&x, &y)| unsafe { S::fma1(x, y, acc) })
+struct DotInOrder<'a>(&'a [f32], &'a [f32]);
+
+impl WithSimd for DotInOrder<'_> {
+    type Output = f32;
+
+    #[inline(always)]
+    unsafe fn with_simd<S: Simd>(self) -> f32 {
+        self.0
+            .iter()
+            .zip(self.1)
+            // SAFETY: `fma1` is scalar arithmetic on a set `simd::run` checked.
+            .fold(0.0, |acc, (&x, &y)| unsafe { S::fma1(x, y, acc) })
+    }
 }
 
-/// The five products of one (query tile, key tile) pair. `q` and `dout` rows are `q_ld`
-/// and `dout_ld` apart; `dq` receives `dS·K` and `dk` `dSᵀ·Q` (the caller applies `s`).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn step<S: Simd>(
-    g: &Geom,
-    rows: usize,
-    cols: usize,
-    lse: &[f32],
-    delta: &[f32],
-    scale: f32,
-    q: &[f32],
-    q_ld: usize,
-    dout: &[f32],
-    dout_ld: usize,
-    k: &[f32],
-    kt: &[f32],
-    vt: &[f32],
-    bits: Option<&[u64]>,
-    bias: Option<&[f32]>,
-    drop: Option<DropTile>,
-    exact: bool,
-    p: &mut [f32],
-    pz: &mut [f32],
-    ds: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
-    dq: &mut [f32],
-) {
-    let (tk_pad, d_pad, words) = (g.tk_pad, g.d_pad, g.words);
-    let rowwise = |ptr: *const f32, ld: usize| Strided { ptr, rs: ld, cs: 1 };
-    let colwise = |ptr: *const f32, ld: usize| Strided { ptr, rs: 1, cs: ld };
-    unsafe {
-        // x = Q·Kᵀ (scaled in `ds_rows`)
-        gemm::<S>(
-            rows,
-            tk_pad,
-            g.d,
-            rowwise(q.as_ptr(), q_ld),
-            kt.as_ptr(),
-            tk_pad,
-            p.as_mut_ptr(),
-            tk_pad,
-            false,
-        );
-        // dP = dO·Vᵀ
-        gemm::<S>(
-            rows,
-            tk_pad,
-            g.d,
-            rowwise(dout.as_ptr(), dout_ld),
-            vt.as_ptr(),
-            tk_pad,
-            ds.as_mut_ptr(),
-            tk_pad,
-            false,
-        );
-        ds_rows::<S>(
-            g, rows, cols, lse, delta, scale, bits, bias, drop, p, pz, ds,
-        );
-        // dV += Pᵀ·dO ; dK += dSᵀ·Q
-        let pv = if drop.is_some() {
-            pz.as_ptr()
-        } else {
-            p.as_ptr()
-        };
-        gemm::<S>(
-            cols,
-            d_pad,
-            rows,
-            colwise(pv, tk_pad),
-            dout.as_ptr(),
-            dout_ld,
-            dv.as_mut_ptr(),
-            d_pad,
-            true,
-        );
-        gemm::<S>(
-            cols,
-            d_pad,
-            rows,
-            colwise(ds.as_ptr(), tk_pad),
-            q.as_ptr(),
-            q_ld,
-            dk.as_mut_ptr(),
-            d_pad,
-            true,
-        );
-        // dQ += dS·K
-        if !exact {
-            gemm::<S>(
-                rows,
-                d_pad,
-                cols,
-                rowwise(ds.as_ptr(), tk_pad),
-                k.as_ptr(),
-                d_pad,
-                dq.as_mut_ptr(),
-                d_pad,
-                true,
+/// The five products of one (query tile, key tile) pair, on f32.
+struct Step<'a> {
+    job: TileJob<'a>,
+    lse: &'a [f32],
+    delta: &'a [f32],
+    /// Q and dO rows over the padded features (`rows × d_pad`).
+    q: MatRef<'a>,
+    dout: MatRef<'a>,
+    /// K rows (`cols × d_pad`), `Kᵀ` and `Vᵀ` (`d × tk_pad`).
+    k: MatRef<'a>,
+    kt: MatRef<'a>,
+    vt: MatRef<'a>,
+    /// K holds a non-finite value only some rows see; Q or dO a non-finite value in a
+    /// partial tile: the products over those skip the hidden pairs.
+    exact_k: bool,
+    exact_rows: bool,
+    /// `rows × tk_pad` score tiles (`tile_q` rows allocated).
+    p: &'a mut [f32],
+    pz: &'a mut [f32],
+    ds: &'a mut [f32],
+    /// `dk`, `dv` receive `dSᵀ·Q` (the caller applies `s`) and `Pᵀ·dO`; `dq` `dS·K`.
+    dk: MatMut<'a>,
+    dv: MatMut<'a>,
+    dq: MatMut<'a>,
+}
+
+impl WithSimd for Step<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    unsafe fn with_simd<S: Simd>(self) {
+        let Step {
+            job,
+            lse,
+            delta,
+            q,
+            dout,
+            k,
+            kt,
+            vt,
+            exact_k,
+            exact_rows,
+            p,
+            pz,
+            ds,
+            dk,
+            dv,
+            dq,
+        } = self;
+        let (rows, cols, tk_pad) = (job.rows, job.cols, job.g.tk_pad);
+        let by_row = exact_rows.then_some(|c: usize, r: usize| job.visible(r, c));
+        let by_key = exact_k.then_some(|r: usize, c: usize| job.visible(r, c));
+        let scores = |x| MatMut::new(x, rows, tk_pad, tk_pad);
+        // The score products reduce over the real features only (the padding is zero).
+        let (q_d, dout_d) = (q.first_cols(job.g.d), dout.first_cols(job.g.d));
+        // SAFETY: `S`'s features are present (`simd::run`); operands checked when made.
+        unsafe {
+            gemm::<S>(scores(p), q_d, kt, Update::Set); //     x  = Q·Kᵀ
+            gemm::<S>(scores(ds), dout_d, vt, Update::Set); // dP = dO·Vᵀ
+            sm::probs::<S>(&job, lse, p); //                    P  = e^(s·x + β − LSE)
+            ds_rows::<S>(&job, (lse, delta), p, pz, ds); //            dS = P ∘ (z dP − D)
+            let pv = if job.drop.is_some() { &*pz } else { &*p };
+            let (pv, ds) = (
+                MatRef::new(pv, rows, cols, tk_pad),
+                MatRef::new(ds, rows, cols, tk_pad),
             );
-        } else {
-            for r in 0..rows {
-                for c in (0..cols).filter(|&c| visible(bits, words, r, c)) {
-                    axpy::<S>(
-                        ds[r * tk_pad + c],
-                        &k[c * d_pad..(c + 1) * d_pad],
-                        &mut dq[r * d_pad..(r + 1) * d_pad],
-                    );
-                }
-            }
+            gemm_add::<S>(dv, pv.t(), dout, by_row); //     dV += Pᵀ·dO
+            gemm_add::<S>(dk, ds.t(), q, by_row); //        dK += dSᵀ·Q
+            gemm_add::<S>(dq, ds, k, by_key); //                dQ += dS·K
         }
     }
 }
 
-/// Turns the product tile `p` (`Q·Kᵀ`, scaled here by `scale`) into `P` and the `dP` tile
-/// `ds` into `dS`, row by row:
-/// `P = e^(x − LSE)` (0 where hidden or where the row sees nothing), dropout's `z` into
-/// `dP` and into `pz = P ∘ z`, and `dS = P ∘ (dP − D)` selected to 0 where hidden (dP may
-/// be NaN there).
+/// Turns the `dP` tile `ds` into `dS = P ∘ (dP − D)` row by row, given `P` in `p`:
+/// dropout's `z` into `dP` and into `pz = P ∘ z`, and `dS` selected to 0 where hidden
+/// (dP may be NaN there); a row that sees nothing (`LSE = −∞`) gets 0.
+///
+/// # Safety
+/// The tiles are `rows × tk_pad`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn ds_rows<S: Simd>(
-    g: &Geom,
-    rows: usize,
-    cols: usize,
-    lse: &[f32],
-    delta: &[f32],
-    scale: f32,
-    bits: Option<&[u64]>,
-    bias: Option<&[f32]>,
-    drop: Option<DropTile>,
+    job: &TileJob,
+    (lse, delta): (&[f32], &[f32]),
     p: &mut [f32],
     pz: &mut [f32],
     ds: &mut [f32],
 ) {
-    let (tk_pad, words) = (g.tk_pad, g.words);
+    let (tk_pad, cols) = (job.g.tk_pad, job.cols);
+    // SAFETY: every row slice is `tk_pad` long, a multiple of `W` (`pad16`).
     unsafe {
-        for r in 0..rows {
+        for r in 0..job.rows {
             let pr = &mut p[r * tk_pad..(r + 1) * tk_pad];
             let dsr = &mut ds[r * tk_pad..(r + 1) * tk_pad];
             if lse[r] == f32::NEG_INFINITY {
-                pr.fill(0.0);
                 dsr.fill(0.0);
-                if drop.is_some() {
+                if job.drop.is_some() {
                     pz[r * tk_pad..(r + 1) * tk_pad].fill(0.0);
                 }
                 continue;
             }
-            let brow = bias.map(|b| &b[r * tk_pad..(r + 1) * tk_pad]);
-            mask_row::<S>(pr, scale, brow, bits, words, r, cols);
-            exp_row::<S>(pr, lse[r]);
             // Dropout: dP' = z ∘ dP, and dV takes P ∘ z; the z of padding columns is 0.
-            if let Some(dt) = drop {
+            if let Some(dt) = job.drop {
                 let pzr = &mut pz[r * tk_pad..(r + 1) * tk_pad];
                 dt.fill(r, &mut pzr[..cols]);
                 pzr[cols..].fill(0.0);
@@ -732,7 +683,7 @@ unsafe fn ds_rows<S: Simd>(
             for c0 in (0..tk_pad).step_by(S::W) {
                 let pv = S::load(pr.as_ptr().add(c0));
                 let x = S::mul(pv, S::sub(S::load(dsr.as_ptr().add(c0)), dv_));
-                let vis = lane_bits::<S>(bits, words, r, c0, cols);
+                let vis = job.lane_bits::<S>(r, c0);
                 S::store(dsr.as_mut_ptr().add(c0), S::select(vis, x, zero));
             }
         }

@@ -8,6 +8,8 @@ use super::Simd;
 #[derive(Clone, Copy)]
 pub(crate) struct Avx2;
 
+// SAFETY: every method enables exactly AVX2+FMA, and `dispatch!` reaches this set only
+// where `Isa::available` found them.
 unsafe impl Simd for Avx2 {
     const NV_MAX: usize = 2;
     const W: usize = 8;
@@ -21,11 +23,13 @@ unsafe impl Simd for Avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn load(p: *const f32) -> __m256 {
+        // SAFETY: the `Simd` contract: `p` is valid for `W` lanes (the caller's bounds).
         unsafe { _mm256_loadu_ps(p) }
     }
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn store(p: *mut f32, v: __m256) {
+        // SAFETY: the `Simd` contract: `p` is valid for `W` lanes (the caller's bounds).
         unsafe { _mm256_storeu_ps(p, v) }
     }
     #[inline]
@@ -77,8 +81,10 @@ unsafe impl Simd for Avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn exp(x: __m256) -> __m256 {
-        let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(MIN_X));
-        let x = _mm256_min_ps(x, _mm256_set1_ps(MAX_X));
+        // Unordered "not less than": NaN lanes are kept, and `min` returns its second
+        // operand where one is NaN, so e^NaN = NaN.
+        let keep = _mm256_cmp_ps::<_CMP_NLT_UQ>(x, _mm256_set1_ps(MIN_X));
+        let x = _mm256_min_ps(_mm256_set1_ps(MAX_X), x);
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
         );

@@ -8,6 +8,8 @@ use super::Simd;
 #[derive(Clone, Copy)]
 pub(crate) struct Avx512;
 
+// SAFETY: every method enables exactly AVX-512F (+FMA), and `dispatch!` reaches this set
+// only where `Isa::available` found it.
 unsafe impl Simd for Avx512 {
     const NV_MAX: usize = 4;
     const W: usize = 16;
@@ -21,11 +23,13 @@ unsafe impl Simd for Avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn load(p: *const f32) -> __m512 {
+        // SAFETY: the `Simd` contract: `p` is valid for `W` lanes (the caller's bounds).
         unsafe { _mm512_loadu_ps(p) }
     }
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn store(p: *mut f32, v: __m512) {
+        // SAFETY: the `Simd` contract: `p` is valid for `W` lanes (the caller's bounds).
         unsafe { _mm512_storeu_ps(p, v) }
     }
     #[inline]
@@ -72,7 +76,8 @@ unsafe impl Simd for Avx512 {
     #[target_feature(enable = "avx512f")]
     unsafe fn exp(x: __m512) -> __m512 {
         let zero = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(MIN_X));
-        let x = _mm512_min_ps(x, _mm512_set1_ps(MAX_X));
+        // `min` returns its second operand where one is NaN: NaN stays NaN (e^NaN = NaN).
+        let x = _mm512_min_ps(_mm512_set1_ps(MAX_X), x);
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
         );

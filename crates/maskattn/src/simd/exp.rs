@@ -22,7 +22,8 @@ pub(crate) fn exp_scalar(x: f32) -> f32 {
     if x < MIN_X {
         return 0.0; // also −∞
     }
-    let x = x.min(MAX_X);
+    // Not `f32::min`, which would turn NaN into MAX_X: e^NaN must be NaN.
+    let x = if x > MAX_X { MAX_X } else { x };
     let n = (x * LOG2E).round();
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = ((((P0 * r + P1) * r + P2) * r + P3) * r + P4) * r + P5;

@@ -10,8 +10,6 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
-#[cfg(target_arch = "x86_64")]
-pub(crate) mod bf16dot;
 mod exp;
 #[cfg(target_arch = "aarch64")]
 mod neon;
@@ -51,7 +49,8 @@ pub(crate) unsafe trait Simd: Copy + 'static {
     unsafe fn reduce_max(v: Self::V) -> f32;
     unsafe fn reduce_add(v: Self::V) -> f32;
     /// `e^x`, within a few ulp; exactly 0 for `x < −87.3` (so `e^−∞ = 0`, and a hidden
-    /// score never turns into a tiny non-zero weight).
+    /// score never turns into a tiny non-zero weight); NaN for NaN (a NaN score must reach
+    /// the row sum, see `forward`).
     unsafe fn exp(x: Self::V) -> Self::V;
     /// Lane `l` from `a` where bit `l` of `bits` is set, else from `b`.
     unsafe fn select(bits: u32, a: Self::V, b: Self::V) -> Self::V;
@@ -71,6 +70,9 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// Every set the kernels are written for, on any CPU (tests list those they skip).
+    pub const ALL: [Isa; 4] = [Isa::Avx512, Isa::Avx2, Isa::Neon, Isa::Portable];
+
     /// The widest set this CPU supports; `MASKATTN_ISA=avx2|portable` forces a narrower one
     /// (for testing and comparison).
     pub fn detect() -> Isa {
@@ -103,50 +105,98 @@ impl Isa {
     }
 }
 
-/// Calls `$f::<S>(args)` with `S` the [`Simd`] set of `$isa`, from inside a function compiled
-/// with that set's target features, so that `$f` (which must be `#[inline(always)]` and
-/// generic over `S` alone) and every vector op in it inline into one function per set.
-/// Arguments are listed with their types because the wrappers are real functions.
-macro_rules! dispatch {
-    ($isa:expr => $f:ident ( $($a:ident : $t:ty = $v:expr),* $(,)? ) $(-> $r:ty)?) => {{
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx512f,avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn on_avx512($($a: $t),*) $(-> $r)? {
-            unsafe { $f::<$crate::simd::Avx512>($($a),*) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn on_avx2($($a: $t),*) $(-> $r)? {
-            unsafe { $f::<$crate::simd::Avx2>($($a),*) }
-        }
-        match $isa {
-            // SAFETY: `Isa::detect` only returns a set the CPU supports.
-            #[cfg(target_arch = "x86_64")]
-            $crate::simd::Isa::Avx512 => unsafe { on_avx512($($v),*) },
-            #[cfg(target_arch = "x86_64")]
-            $crate::simd::Isa::Avx2 => unsafe { on_avx2($($v),*) },
-            // NEON is part of every aarch64 target: no wrapper with extra features needed.
-            #[cfg(target_arch = "aarch64")]
-            $crate::simd::Isa::Neon => unsafe { $f::<$crate::simd::Neon>($($v),*) },
-            _ => unsafe { $f::<$crate::simd::Portable>($($v),*) },
-        }
-    }};
+/// A kernel step written once for every instruction set: [`run`] calls `with_simd::<S>`
+/// with `S` the [`Simd`] set of [`current_isa`], from inside a function compiled with that
+/// set's target features, so that `with_simd` (which must be `#[inline(always)]`) and every
+/// vector op in it inline into one function per set (the `pulp` / `faer` pattern). The
+/// step's operands are the implementing value's fields.
+pub(crate) trait WithSimd {
+    type Output;
+    /// # Safety
+    /// The CPU has `S`'s features (what [`run`] guarantees), and the step's own contract.
+    unsafe fn with_simd<S: Simd>(self) -> Self::Output;
 }
-pub(crate) use dispatch;
+
+/// Runs `op` on the instruction set the kernels use now.
+///
+/// # Safety
+/// `op`'s own contract (its buffers sized as its fields document).
+#[inline(always)]
+pub(crate) unsafe fn run<Op: WithSimd>(op: Op) -> Op::Output {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn on_avx512<Op: WithSimd>(op: Op) -> Op::Output {
+        // SAFETY: this function's features are those `Avx512` needs; `op`'s contract is
+        // `run`'s caller's.
+        unsafe { op.with_simd::<Avx512>() }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn on_avx2<Op: WithSimd>(op: Op) -> Op::Output {
+        // SAFETY: as for `on_avx512`, with the features `Avx2` needs.
+        unsafe { op.with_simd::<Avx2>() }
+    }
+    match current_isa() {
+        // SAFETY: `current_isa` only returns a set the CPU supports (`Isa::detect`, and
+        // `set_isa` refuses a set `Isa::available` does not list).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { on_avx512(op) },
+        // SAFETY: as for AVX-512.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { on_avx2(op) },
+        // SAFETY: NEON is part of every aarch64 target: no wrapper with extra features needed.
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { op.with_simd::<Neon>() },
+        // SAFETY: the portable set needs no CPU feature.
+        _ => unsafe { op.with_simd::<Portable>() },
+    }
+}
 
 /// Whether bf16 storage goes to the CPU's bf16 dot products (AVX512-BF16) instead of
-/// being widened to f32; see `bf16dot`.
+/// being widened to f32; see `gemm::bf16`.
 pub(crate) fn bf16_dot() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        bf16dot::enabled()
+        crate::gemm::bf16::enabled()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
     }
+}
+
+/// The kernel code a call takes now: the instruction set of the f32 products, and whether
+/// bf16 storage goes to the bf16 dot products. `Display` names both, for logs and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelPath {
+    pub isa: Isa,
+    pub bf16_dot: bool,
+}
+
+impl std::fmt::Display for KernelPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bf16 = if self.bf16_dot {
+            "bf16 on AVX512-BF16 dot products"
+        } else {
+            "bf16 widened to f32"
+        };
+        write!(f, "f32 on {:?}; {bf16}", self.isa)
+    }
+}
+
+/// The kernel path calls take now (see [`KernelPath`]).
+pub fn kernel_path() -> KernelPath {
+    KernelPath {
+        isa: current_isa(),
+        bf16_dot: bf16_dot(),
+    }
+}
+
+/// Whether bf16 storage runs on the CPU's bf16 dot products now (AVX512-BF16 present, the
+/// kernels on AVX-512, and `MASKATTN_BF16_DOT=0` not set); otherwise bf16 is widened and
+/// computed in f32. Lets a test or a benchmark say which path it measured.
+pub fn bf16_dot_available() -> bool {
+    bf16_dot()
 }
 
 static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();

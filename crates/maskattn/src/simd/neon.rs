@@ -10,6 +10,7 @@ use super::Simd;
 #[derive(Clone, Copy)]
 pub(crate) struct Neon;
 
+// SAFETY: NEON is part of every aarch64 target.
 unsafe impl Simd for Neon {
     const NV_MAX: usize = 4;
     const W: usize = 4;
@@ -17,18 +18,22 @@ unsafe impl Simd for Neon {
 
     #[inline(always)]
     unsafe fn splat(x: f32) -> float32x4_t {
+        // SAFETY: NEON is part of every aarch64 target; no memory is touched.
         unsafe { vdupq_n_f32(x) }
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> float32x4_t {
+        // SAFETY: the `Simd` contract: `p` is valid for `W` lanes (the caller's bounds).
         unsafe { vld1q_f32(p) }
     }
     #[inline(always)]
     unsafe fn store(p: *mut f32, v: float32x4_t) {
+        // SAFETY: the `Simd` contract: `p` is valid for `W` lanes (the caller's bounds).
         unsafe { vst1q_f32(p, v) }
     }
     #[inline(always)]
     unsafe fn fma(a: float32x4_t, b: float32x4_t, c: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON is part of every aarch64 target; no memory is touched.
         unsafe { vfmaq_f32(c, a, b) }
     }
     #[inline(always)]
@@ -37,30 +42,37 @@ unsafe impl Simd for Neon {
     }
     #[inline(always)]
     unsafe fn add(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON is part of every aarch64 target; no memory is touched.
         unsafe { vaddq_f32(a, b) }
     }
     #[inline(always)]
     unsafe fn sub(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON is part of every aarch64 target; no memory is touched.
         unsafe { vsubq_f32(a, b) }
     }
     #[inline(always)]
     unsafe fn mul(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON is part of every aarch64 target; no memory is touched.
         unsafe { vmulq_f32(a, b) }
     }
     #[inline(always)]
     unsafe fn max(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON is part of every aarch64 target; no memory is touched.
         unsafe { vmaxq_f32(a, b) }
     }
     #[inline(always)]
     unsafe fn reduce_max(v: float32x4_t) -> f32 {
+        // SAFETY: NEON is part of every aarch64 target; no memory is touched.
         unsafe { vmaxvq_f32(v) }
     }
     #[inline(always)]
     unsafe fn reduce_add(v: float32x4_t) -> f32 {
+        // SAFETY: NEON is part of every aarch64 target; no memory is touched.
         unsafe { vaddvq_f32(v) }
     }
     #[inline(always)]
     unsafe fn exp(x: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON is part of every aarch64 target; register arithmetic only.
         unsafe {
             let zero = vcltq_f32(x, vdupq_n_f32(MIN_X));
             let x = vminq_f32(x, vdupq_n_f32(MAX_X));
@@ -83,6 +95,7 @@ unsafe impl Simd for Neon {
     }
     #[inline(always)]
     unsafe fn select(bits: u32, a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON is part of every aarch64 target; the load reads a local array of 4.
         unsafe {
             let lane_bit = vld1q_u32([1u32, 2, 4, 8].as_ptr());
             vbslq_f32(vtstq_u32(vdupq_n_u32(bits), lane_bit), a, b)

@@ -19,6 +19,7 @@ fn map2(a: V, b: V, f: impl Fn(f32, f32) -> f32) -> V {
     o
 }
 
+// SAFETY: plain Rust; no CPU feature is assumed.
 unsafe impl Simd for Portable {
     const NV_MAX: usize = 1;
     const W: usize = W;
@@ -30,16 +31,19 @@ unsafe impl Simd for Portable {
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> V {
+        // SAFETY: the `Simd` contract: `p` is valid for `W` lanes (the caller's bounds).
         unsafe { (p as *const V).read_unaligned() }
     }
     #[inline(always)]
     unsafe fn store(p: *mut f32, v: V) {
+        // SAFETY: the `Simd` contract: `p` is valid for `W` lanes (the caller's bounds).
         unsafe { (p as *mut V).write_unaligned(v) }
     }
     #[inline(always)]
     unsafe fn fma(a: V, b: V, c: V) -> V {
         let mut o = [0.0; W];
         for l in 0..W {
+            // SAFETY: `fma1` of the portable set is plain arithmetic.
             o[l] = unsafe { Self::fma1(a[l], b[l], c[l]) };
         }
         o

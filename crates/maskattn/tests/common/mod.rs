@@ -2,23 +2,22 @@
 //! DESIGN.md section 4.
 #![allow(dead_code)]
 
-use maskattn::{reference, BlockMask, DenseMask, Dropout, Mask, MaskShape, Params, View};
+use maskattn::{
+    reference, BlockMask, DenseMask, Dropout, Mask, MaskShape, Params, SplitMix64, View,
+};
 use proptest::prelude::*;
 
-/// SplitMix64: reproducible data from a seed drawn by proptest.
-pub struct Rng(u64);
+/// Reproducible data from a seed drawn by proptest: the crate's [`SplitMix64`] and the
+/// draws the tests need.
+pub struct Rng(SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed)
+        Rng(SplitMix64::new(seed))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [−1, 1).
@@ -32,6 +31,34 @@ impl Rng {
 
     pub fn vec(&mut self, n: usize) -> Vec<f32> {
         (0..n).map(|_| self.uniform()).collect()
+    }
+}
+
+/// A line for whoever runs the tests, shown even when the test passes: written to the
+/// process's stderr directly, not through `eprintln!`, which the test harness captures.
+/// Tests use it to say which kernel path ran and which they skipped (a CPU without it).
+pub fn report(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Reports which bf16 path the test ran: the dot products, or SKIPPED where the CPU lacks
+/// them (bf16 then runs widened to f32, which the test still checks). Once per test and
+/// process (a property test calls it for every case).
+pub fn report_bf16_path(test: &str) {
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if said.iter().any(|t| t == test) {
+        return;
+    }
+    said.push(test.to_string());
+    if maskattn::bf16_dot_available() {
+        report(&format!("{test}: ran bf16 on AVX512-BF16 dot products"));
+    } else {
+        report(&format!(
+            "{test}: SKIPPED bf16 dot products (not available: no AVX512-BF16, a narrower \
+             instruction set forced, or MASKATTN_BF16_DOT=0); ran bf16 widened to f32"
+        ));
     }
 }
 

@@ -19,8 +19,8 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::{current_isa, Isa};
-use crate::gemm::register_tiles;
+use super::{check_sizes, register_tiles, MatMut, Update};
+use crate::simd::{current_isa, Isa};
 
 const NV_MAX: usize = 4;
 const W: usize = 16;
@@ -39,49 +39,84 @@ pub(crate) fn enabled() -> bool {
         })
 }
 
-/// `C = A·B` (`accumulate == false`) or `C += A·B` over `kp` pairs, layouts as in
-/// the module comment; `c` rows `ldc` apart.
+/// bf16 values in pairs, as the pair products read them: `rows` rows of `pairs` pairs
+/// (`u32`: the first value in the low half), rows `rs` pairs apart — the A operand (bf16
+/// rows in natural order) or the pair-interleaved B operand of the module comment.
+#[derive(Clone, Copy)]
+pub(crate) struct Pairs<'a> {
+    ptr: *const u32,
+    rows: usize,
+    pairs: usize,
+    rs: usize,
+    _data: std::marker::PhantomData<&'a [u32]>,
+}
+
+impl<'a> Pairs<'a> {
+    fn checked(ptr: *const u32, len: usize, rows: usize, pairs: usize, rs: usize) -> Self {
+        let needed = if rows == 0 || pairs == 0 {
+            0
+        } else {
+            (rows - 1) * rs + pairs
+        };
+        assert!(needed <= len, "pair operand outside its buffer");
+        Pairs {
+            ptr,
+            rows,
+            pairs,
+            rs,
+            _data: std::marker::PhantomData,
+        }
+    }
+
+    /// Pairs stored as `u32`.
+    pub fn of_u32(data: &'a [u32], rows: usize, pairs: usize, rs: usize) -> Self {
+        Self::checked(data.as_ptr(), data.len(), rows, pairs, rs)
+    }
+
+    /// bf16 bits stored as `u16` and read two at a time (unaligned reads).
+    pub fn of_u16(data: &'a [u16], rows: usize, pairs: usize, rs: usize) -> Self {
+        Self::checked(data.as_ptr().cast(), data.len() / 2, rows, pairs, rs)
+    }
+}
+
+/// `C = A·B` or `C += A·B`, reducing over A's pairs (= B's rows), layouts as in the module
+/// comment.
 ///
 /// # Safety
-/// [`enabled`] is true; A is `m` rows of `kp` pairs (stride `lda`), B `kp` rows of `n`
-/// pairs (stride `ldb`), C `m × n` (stride `ldc`); `n % 16 == 0`.
-#[allow(clippy::too_many_arguments)]
+/// [`enabled`] is true. (The operands' bounds were checked when they were made.)
 #[target_feature(enable = "avx512f,avx512bf16")]
-pub(crate) unsafe fn gemm(
-    m: usize,
-    n: usize,
-    kp: usize,
-    a: *const u32,
-    lda: usize,
-    b: *const u32,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-) {
-    debug_assert!(n.is_multiple_of(W));
+pub(crate) unsafe fn gemm(c: MatMut, a: Pairs, b: Pairs, update: Update) {
+    check_sizes((c.rows, c.cols), (a.rows, a.pairs), (b.rows, b.pairs, 1));
+    debug_assert!(b.pairs.is_multiple_of(W));
+    let (m, n, kp, accumulate) = (a.rows, b.pairs, a.pairs, update == Update::Add);
+    let (cp, ldc) = (c.data.as_mut_ptr(), c.rs);
     macro_rules! go {
         ($mr:literal, $nv:literal, $i:ident, $j:ident) => {{
-            let (a_blk, b_blk, c_blk) =
-                unsafe { (a.add($i * lda), b.add($j * W), c.add($i * ldc + $j * W)) };
-            unsafe { micro::<$mr, $nv>(kp, a_blk, lda, b_blk, ldb, c_blk, ldc, accumulate) }
+            // SAFETY: `register_tiles!` hands out blocks with `i < m`, `j·W < n`: inside A, B
+            // and C as `check_sizes` matched them; AVX512-BF16 is present (`enabled()`).
+            let (a_blk, b_blk, c_blk) = unsafe {
+                (
+                    a.ptr.add($i * a.rs),
+                    b.ptr.add($j * W),
+                    cp.add($i * ldc + $j * W),
+                )
+            };
+            unsafe { micro::<$mr, $nv>(kp, (a_blk, a.rs), (b_blk, b.rs), (c_blk, ldc), accumulate) }
         }};
     }
     register_tiles!(m, n / W, NV_MAX, |i, j| go);
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn micro<const R: usize, const NV: usize>(
     kp: usize,
-    a: *const u32,
-    lda: usize,
-    b: *const u32,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
+    (a, lda): (*const u32, usize),
+    (b, ldb): (*const u32, usize),
+    (c, ldc): (*mut f32, usize),
     accumulate: bool,
 ) {
+    // SAFETY: the block is inside the operands (`gemm` hands out only such blocks); the
+    // caller (`gemm`, a `target_feature` function) runs only where `enabled()` is true.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); NV]; R];
         for p in 0..kp {
@@ -125,6 +160,7 @@ unsafe fn micro<const R: usize, const NV: usize>(
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub(crate) unsafe fn round_rows(src: &[f32], rows: usize, ld: usize, n: usize, dst: &mut [u16]) {
     debug_assert!(n.is_multiple_of(W) && dst.len() >= rows * n);
+    // SAFETY: `r < rows`, `c0 + W ≤ n ≤ ld`: inside `src` and `dst` as the contract sizes them.
     unsafe {
         for r in 0..rows {
             for c0 in (0..n).step_by(W) {
@@ -152,6 +188,8 @@ pub(crate) unsafe fn interleave_rows(
     dst: &mut [u32],
 ) {
     debug_assert!(n.is_multiple_of(W) && dst.len() >= rows.div_ceil(2) * n);
+    // SAFETY: rows `r0, r1 < rows` (the second is read only when it exists), `c0 + W ≤ n`:
+    // inside `src` and `dst` as the contract sizes them.
     unsafe {
         // Lane 2l takes element l of the first row, lane 2l + 1 element l of the second.
         let idx = _mm512_set_epi16(

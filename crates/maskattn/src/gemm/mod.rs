@@ -1,0 +1,312 @@
+//! The matrix products of the kernels (two in the forward, five in the backward):
+//! `C[m × n] (+)= A[m × k] · B[k × n]`, on f32 here (any [`Simd`] set) and on bf16 pairs in
+//! [`bf16`] (AVX512-BF16).
+//!
+//! Operands are [`MatRef`] / [`MatMut`] views, checked against their buffers when made, so
+//! a product reads as its formula: `gemm::<S>(dv, p.t(), dout, Update::Add)` is `dV += Pᵀ·dO`.
+//!
+//! Register tiling: an `MR × NV` block of C (MR rows, NV vectors of W lanes) stays in
+//! registers while `k` runs; each step loads NV vectors of one B row and broadcasts MR
+//! elements of A. A is read through strides, so `Pᵀ` and `dSᵀ` need no transposed copy.
+//! B and C rows are contiguous and `n` is a multiple of 16: callers pad their buffers
+//! (zeros) to make it so.
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod bf16;
+
+use crate::simd::Simd;
+
+/// A read-only matrix: element `(i, p)` at `data[i·rs + p·cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// `rows × cols`, rows `rs` apart, contiguous within a row. Panics if `data` is too short.
+    #[inline(always)]
+    pub fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize) -> Self {
+        let m = MatRef {
+            data,
+            rows,
+            cols,
+            rs,
+            cs: 1,
+        };
+        assert!(
+            m.needed() <= data.len(),
+            "matrix operand outside its buffer"
+        );
+        m
+    }
+
+    /// The transpose, in place (no copy): `Pᵀ`, `dSᵀ`.
+    #[inline(always)]
+    pub fn t(self) -> Self {
+        MatRef {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    /// The first `n` columns (the real features of a padded row).
+    #[inline(always)]
+    pub fn first_cols(self, n: usize) -> Self {
+        assert!(n <= self.cols);
+        MatRef { cols: n, ..self }
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn row_stride(&self) -> usize {
+        self.rs
+    }
+
+    pub fn as_ptr(&self) -> *const f32 {
+        self.data.as_ptr()
+    }
+
+    #[inline(always)]
+    fn needed(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.rs + (self.cols - 1) * self.cs + 1
+        }
+    }
+}
+
+/// A matrix that a product writes: `rows × cols`, rows `rs` apart, contiguous within a row.
+pub(crate) struct MatMut<'a> {
+    data: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+}
+
+impl<'a> MatMut<'a> {
+    /// Panics if `data` is too short.
+    #[inline(always)]
+    pub fn new(data: &'a mut [f32], rows: usize, cols: usize, rs: usize) -> Self {
+        let needed = if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + cols
+        };
+        assert!(needed <= data.len(), "matrix result outside its buffer");
+        MatMut {
+            data,
+            rows,
+            cols,
+            rs,
+        }
+    }
+}
+
+/// Whether a product overwrites its result or adds to it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Update {
+    Set,
+    Add,
+}
+
+/// Rows of C per register tile.
+pub(crate) const MR: usize = 4;
+/// The register-tile walk both micro-kernel families share: C in blocks of up to `MR` rows
+/// by up to `nv_max` vectors, each handed to the caller's macro `$go!(R, NV)` with the
+/// block's size as literals (so that a micro-kernel is compiled per size and its loops
+/// unroll), and the block's first row and first vector as `$go!(R, NV, i, j)`.
+macro_rules! register_tiles {
+    ($m:expr, $nvec:expr, $nv_max:expr, |$i:ident, $j:ident| $go:ident) => {{
+        let (m, nvec, nv_max): (usize, usize, usize) = ($m, $nvec, $nv_max);
+        let mut $j = 0;
+        while $j < nvec {
+            let nv = nv_max.min(nvec - $j);
+            let mut $i = 0;
+            while $i < m {
+                let mr = $crate::gemm::MR.min(m - $i);
+                match (mr, nv) {
+                    (4, 4) => $go!(4, 4, $i, $j),
+                    (4, 3) => $go!(4, 3, $i, $j),
+                    (4, 2) => $go!(4, 2, $i, $j),
+                    (4, 1) => $go!(4, 1, $i, $j),
+                    (3, 4) => $go!(3, 4, $i, $j),
+                    (3, 3) => $go!(3, 3, $i, $j),
+                    (3, 2) => $go!(3, 2, $i, $j),
+                    (3, 1) => $go!(3, 1, $i, $j),
+                    (2, 4) => $go!(2, 4, $i, $j),
+                    (2, 3) => $go!(2, 3, $i, $j),
+                    (2, 2) => $go!(2, 2, $i, $j),
+                    (2, 1) => $go!(2, 1, $i, $j),
+                    (1, 4) => $go!(1, 4, $i, $j),
+                    (1, 3) => $go!(1, 3, $i, $j),
+                    (1, 2) => $go!(1, 2, $i, $j),
+                    _ => $go!(1, 1, $i, $j),
+                }
+                $i += mr;
+            }
+            $j += nv;
+        }
+    }};
+}
+#[cfg(target_arch = "x86_64")] // for the bf16 products
+pub(crate) use register_tiles;
+
+/// `C = A·B` or `C += A·B`.
+///
+/// # Safety
+/// The CPU has `S`'s features. (The operands' bounds were checked when they were made.)
+#[inline(always)]
+pub(crate) unsafe fn gemm<S: Simd>(c: MatMut, a: MatRef, b: MatRef, update: Update) {
+    let (m, n, k) = check::<S>(&c, &a, &b);
+    let accumulate = update == Update::Add;
+    let (ap, bp, cp) = (a.data.as_ptr(), b.data.as_ptr(), c.data.as_mut_ptr());
+    let (ldb, ldc) = (b.rs, c.rs);
+    macro_rules! go {
+        ($mr:literal, $nv:literal, $i:ident, $j:ident) => {{
+            // SAFETY: `register_tiles!` hands out blocks with `i < m`, `j·W < n`, inside the
+            // operands `check` matched against their buffers.
+            let a_blk = Strided {
+                ptr: unsafe { ap.add($i * a.rs) },
+                rs: a.rs,
+                cs: a.cs,
+            };
+            let (b_blk, c_blk) = unsafe { (bp.add($j * S::W), cp.add($i * ldc + $j * S::W)) };
+            unsafe { micro::<S, $mr, $nv>(k, a_blk, b_blk, ldb, c_blk, ldc, accumulate) }
+        }};
+    }
+    register_tiles!(m, n / S::W, S::NV_MAX, |i, j| go);
+}
+
+/// The sizes of `C = A·B`, checked: `A` is `m × k`, `B` `k × n`, `C` `m × n`, `n` whole
+/// vectors, B and C rows contiguous.
+#[inline(always)]
+fn check<S: Simd>(c: &MatMut, a: &MatRef, b: &MatRef) -> (usize, usize, usize) {
+    check_sizes((c.rows, c.cols), (a.rows, a.cols), (b.rows, b.cols, b.cs));
+    debug_assert!(b.cols.is_multiple_of(S::W));
+    (a.rows, b.cols, a.cols)
+}
+
+/// `C (rows, cols)`, `A (rows, cols)`, `B (rows, cols, column stride)`.
+#[inline(always)]
+fn check_sizes(c: (usize, usize), a: (usize, usize), b: (usize, usize, usize)) {
+    assert!(
+        a.1 == b.0 && c.0 == a.0 && c.1 == b.1 && b.2 == 1,
+        "product sizes do not match"
+    );
+}
+
+/// An A operand as the micro-kernel reads it.
+#[derive(Clone, Copy)]
+struct Strided {
+    ptr: *const f32,
+    rs: usize,
+    cs: usize,
+}
+
+#[inline(always)]
+unsafe fn micro<S: Simd, const R: usize, const NV: usize>(
+    k: usize,
+    a: Strided,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    // SAFETY: the block is inside the operands (`gemm` hands out only such blocks): A rows
+    // `< R`, B and C vectors `< NV`, `p < k`.
+    unsafe {
+        let mut acc = [[S::splat(0.0); NV]; R];
+        for p in 0..k {
+            let bp = b.add(p * ldb);
+            let mut bv = [S::splat(0.0); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = S::load(bp.add(v * S::W));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av = S::splat(*a.ptr.add(r * a.rs + p * a.cs));
+                for v in 0..NV {
+                    row[v] = S::fma(av, bv[v], row[v]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, &x) in row.iter().enumerate() {
+                let cp = c.add(r * ldc + v * S::W);
+                S::store(
+                    cp,
+                    if accumulate {
+                        S::add(S::load(cp), x)
+                    } else {
+                        x
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// `C += A·B` over the pairs `(i, p)` that `vis(i, p)` allows only: the product of a tile
+/// where a row or key that some pairs must not see holds NaN or ±∞ (`0 · NaN` would
+/// spread it). Each entry is summed as [`gemm`]'s micro-kernel sums it — from zero, `p`
+/// ascending, fused, then added to `C` — so where the skipped products are finite (and so
+/// `±0`), the result is [`gemm`]'s to the bit.
+///
+/// # Safety
+/// As for [`gemm`].
+#[inline(always)]
+pub(crate) unsafe fn gemm_visible<S: Simd>(
+    c: MatMut,
+    a: MatRef,
+    b: MatRef,
+    vis: impl Fn(usize, usize) -> bool,
+) {
+    let (m, n, k) = check::<S>(&c, &a, &b);
+    let (ap, bp, cp) = (a.data.as_ptr(), b.data.as_ptr(), c.data.as_mut_ptr());
+    // SAFETY: `i < m`, `j + W ≤ n`, `p < k`: inside the operands `check` matched.
+    unsafe {
+        for i in 0..m {
+            for j in (0..n).step_by(S::W) {
+                let mut acc = S::splat(0.0);
+                for p in (0..k).filter(|&p| vis(i, p)) {
+                    let av = S::splat(*ap.add(i * a.rs + p * a.cs));
+                    acc = S::fma(av, S::load(bp.add(p * b.rs + j)), acc);
+                }
+                let cq = cp.add(i * c.rs + j);
+                S::store(cq, S::add(S::load(cq), acc));
+            }
+        }
+    }
+}
+
+/// `C += A·B`; with `Some(vis)`, over the pairs `vis` allows only ([`gemm_visible`]): what
+/// a product over a partial tile takes where the `0 · NaN` guard (`pack::Unseen`) says a
+/// non-finite value some rows must not see remains.
+///
+/// # Safety
+/// As for [`gemm`].
+#[inline(always)]
+pub(crate) unsafe fn gemm_add<S: Simd>(
+    c: MatMut,
+    a: MatRef,
+    b: MatRef,
+    only: Option<impl Fn(usize, usize) -> bool>,
+) {
+    // SAFETY: the contract.
+    unsafe {
+        match only {
+            Some(vis) => gemm_visible::<S>(c, a, b, vis),
+            None => gemm::<S>(c, a, b, Update::Add),
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The one home of "scores → masked, scaled → running max and sum → P", for the forward,
+//! the decode path and the backward (DESIGN.md section 1):
+//!
+//! - [`mask_row`]: `x_ij = s·(q_i·k_j) + β_ij` where allowed, `−∞` where hidden (selected,
+//!   never multiplied, so a NaN key's product cannot leak in);
+//! - [`Online::update`]: the forward's running max `m_i` and sum `l_i` over key tiles, the
+//!   accumulator rescaled by `e^(m_old − m_new)`, and `P̃_ij = e^(x_ij − m_i)`;
+//! - [`Online::finish`]: `O_i = acc_i / l_i`, `LSE_i = m_i + ln l_i`;
+//! - [`probs`]: the backward's `P_ij = e^(x_ij − LSE_i)`.
+//!
+//! Two rules live here and nowhere else. A row that sees nothing (`l = 0`) has `O = 0`,
+//! `LSE = −∞`, `P = 0`, with no `−∞ − −∞`. A NaN or +∞ among a row's allowed scores makes
+//! its sum NaN (`e^NaN` is NaN on every instruction set, `+∞ − +∞` is NaN), so `O` and
+//! `LSE` are NaN and the backward's `P` is NaN on that row's allowed pairs — as IEEE
+//! arithmetic on the allowed pairs says.
+//!
+//! A score tile is `rows × tk_pad`; columns at or past `cols` are padding and count as hidden.
+
+use crate::params::{keep_hash, DropTile};
+use crate::simd::Simd;
+
+/// Sizes every step needs.
+#[derive(Clone, Copy)]
+pub(crate) struct Geom {
+    /// Features, and features padded to whole vectors.
+    pub d: usize,
+    pub d_pad: usize,
+    /// Keys per tile, and padded to whole vectors.
+    pub tk: usize,
+    pub tk_pad: usize,
+    /// `u64` words per bitmap row of a partial tile.
+    pub words: usize,
+}
+
+/// One (query tile, key tile) pair as the softmax sees it: its size, its block-mask tile
+/// and the call's score parameters.
+#[derive(Clone, Copy)]
+pub(crate) struct TileJob<'a> {
+    pub g: Geom,
+    pub rows: usize,
+    pub cols: usize,
+    /// The partial tile's bitmap; `None` for a full tile.
+    pub bits: Option<&'a [u64]>,
+    pub scale: f32,
+    /// `rows × tk_pad` bias values.
+    pub bias: Option<&'a [f32]>,
+    pub drop: Option<DropTile<'a>>,
+}
+
+impl TileJob<'_> {
+    /// Whether pair (r, c) of the tile is allowed.
+    #[inline(always)]
+    pub fn visible(&self, r: usize, c: usize) -> bool {
+        visible(self.bits, self.g.words, r, c)
+    }
+
+    /// Visibility bits of lanes `c0 .. c0 + W` of tile row `r`: from the partial tile's
+    /// bitmap (all visible in a full tile), and never past the tile's real columns.
+    #[inline(always)]
+    pub fn lane_bits<S: Simd>(&self, r: usize, c0: usize) -> u32 {
+        let all = (1u32 << S::W) - 1;
+        let mut m = match self.bits {
+            Some(b) => (b[r * self.g.words + c0 / 64] >> (c0 % 64)) as u32 & all,
+            None => all,
+        };
+        if c0 + S::W > self.cols {
+            m &= (1u32 << self.cols.saturating_sub(c0)) - 1;
+        }
+        m
+    }
+}
+
+/// Whether pair (r, c) is visible in a tile with optional bitmap.
+#[inline(always)]
+pub(crate) fn visible(bits: Option<&[u64]>, words: usize, r: usize, c: usize) -> bool {
+    bits.is_none_or(|b| b[r * words + c / 64] >> (c % 64) & 1 == 1)
+}
+
+/// Turns row `r` of raw products `q·k` into scores `x = scale·(q·k) + bias`, sets hidden and
+/// padding columns to `−∞` (overwriting whatever a NaN key produced) and returns the row's
+/// maximum (which may skip a NaN; [`Online::update`] catches those).
+///
+/// Every path (forward, decode, backward) forms its scores here, from products summed in
+/// the same order, so the backward's `e^(x − LSE)` meets the very `x` the forward's LSE
+/// came from: where one key dominates a row, `P` is then exactly 1 and `dV`, which sums `P`
+/// over many rows, carries no systematic error. (Folding the scale into `Q` in one pass
+/// and not the other rounds `x` differently, and `dV` drifted past the accuracy bound.)
+///
+/// # Safety
+/// `x` (and the job's bias rows) hold `tk_pad` values, a multiple of `S::W`.
+#[inline(always)]
+pub(crate) unsafe fn mask_row<S: Simd>(job: &TileJob, r: usize, x: &mut [f32]) -> f32 {
+    let tk_pad = job.g.tk_pad;
+    let bias = job.bias.map(|b| &b[r * tk_pad..(r + 1) * tk_pad]);
+    // SAFETY: every access is at `c0 < x.len()` for `W` lanes, inside `x` and the bias row
+    // because both hold `tk_pad` values and `tk_pad % W == 0` (this function's contract).
+    unsafe {
+        let ninf = S::splat(f32::NEG_INFINITY);
+        let sv = S::splat(job.scale);
+        let mut mx = ninf;
+        for c0 in (0..x.len()).step_by(S::W) {
+            let p = x.as_mut_ptr().add(c0);
+            let mut v = S::mul(S::load(p), sv);
+            if let Some(bias) = bias {
+                v = S::add(v, S::load(bias.as_ptr().add(c0)));
+            }
+            let vis = job.lane_bits::<S>(r, c0);
+            if vis != (1u32 << S::W) - 1 {
+                v = S::select(vis, v, ninf);
+            }
+            S::store(p, v);
+            mx = S::max(mx, v);
+        }
+        S::reduce_max(mx)
+    }
+}
+
+/// `s[c] = e^(s[c] − sub)` in place (0 where `s[c] = −∞`); returns the row sum.
+///
+/// # Safety
+/// `s.len() % S::W == 0`.
+#[inline(always)]
+unsafe fn exp_row<S: Simd>(s: &mut [f32], sub: f32) -> f32 {
+    // SAFETY: `c0 + W ≤ s.len()` because `s.len() % W == 0` (the contract).
+    unsafe {
+        let subv = S::splat(sub);
+        let mut sum = S::splat(0.0);
+        for c0 in (0..s.len()).step_by(S::W) {
+            let p = s.as_mut_ptr().add(c0);
+            let e = S::exp(S::sub(S::load(p), subv));
+            S::store(p, e);
+            sum = S::add(sum, e);
+        }
+        S::reduce_add(sum)
+    }
+}
+
+/// `y *= a` over whole vectors.
+///
+/// # Safety
+/// `y.len() % S::W == 0`.
+#[inline(always)]
+unsafe fn scale<S: Simd>(a: f32, y: &mut [f32]) {
+    // SAFETY: `c0 + W ≤ y.len()` because `y.len() % W == 0` (the contract).
+    unsafe {
+        let av = S::splat(a);
+        for c0 in (0..y.len()).step_by(S::W) {
+            let yp = y.as_mut_ptr().add(c0);
+            S::store(yp, S::mul(av, S::load(yp)));
+        }
+    }
+}
+
+/// The forward's running state of a block of query rows: max `m`, sum `l` (of
+/// `e^(x − m)`, undropped), and the accumulator `acc = Σ_j P̃_ij z_ij v_j` (`rows × d_pad`).
+pub(crate) struct Online<'a> {
+    pub m: &'a mut [f32],
+    pub l: &'a mut [f32],
+    pub acc: &'a mut [f32],
+}
+
+impl Online<'_> {
+    /// Nothing seen yet: `m = −∞`, `l = 0`, `acc = 0` for the first `rows` rows.
+    pub fn reset(&mut self, rows: usize, d_pad: usize) {
+        self.m[..rows].fill(f32::NEG_INFINITY);
+        self.l[..rows].fill(0.0);
+        self.acc[..rows * d_pad].fill(0.0);
+    }
+
+    /// One key tile of products `s` (`rows × tk_pad`, `q·k` before scale and bias): `s`
+    /// becomes `P̃` (times dropout's `z`; zero where hidden and past `cols`), `m` and `l`
+    /// move to the new maximum and `acc` is rescaled to it. The caller adds `P̃·V` to `acc`.
+    ///
+    /// # Safety
+    /// `s` is `rows × tk_pad`, `acc` `rows × d_pad`, as in the job's geometry.
+    #[inline(always)]
+    pub unsafe fn update<S: Simd>(&mut self, job: &TileJob, s: &mut [f32]) {
+        let (tk_pad, d_pad) = (job.g.tk_pad, job.g.d_pad);
+        // SAFETY: each row slice is `tk_pad` long (a multiple of `W`), `acc` rows `d_pad`:
+        // what `mask_row`, `exp_row` and `scale` require.
+        unsafe {
+            for r in 0..job.rows {
+                let x = &mut s[r * tk_pad..(r + 1) * tk_pad];
+                let m_tile = mask_row::<S>(job, r, x);
+                let m_new = self.m[r].max(m_tile);
+                if m_new == f32::NEG_INFINITY {
+                    // Nothing visible yet, or only NaN scores (the maxima skip NaN): a NaN
+                    // marks the row's sum, which stays NaN, so the row ends NaN, not empty.
+                    if x.iter().any(|v| v.is_nan()) {
+                        self.l[r] = f32::NAN;
+                    }
+                    x.fill(0.0); // P̃ = 0, and no −∞ − −∞
+                    continue;
+                }
+                // P̃_ij = e^(x_ij − m_new); rescale what was summed under the old max.
+                let alpha = (self.m[r] - m_new).exp();
+                let sum = exp_row::<S>(x, m_new);
+                self.l[r] = self.l[r] * alpha + sum;
+                if alpha != 1.0 {
+                    scale::<S>(alpha, &mut self.acc[r * d_pad..(r + 1) * d_pad]);
+                }
+                self.m[r] = m_new;
+                // Dropout weights the values, not the normaliser: l keeps the undropped sum.
+                if let Some(dt) = job.drop {
+                    let key = dt.rows[r];
+                    for (c, xv) in x[..job.cols].iter_mut().enumerate() {
+                        if keep_hash(key, dt.j0 + c) >= dt.threshold {
+                            *xv *= dt.scale;
+                        } else {
+                            *xv = 0.0;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `O_i = acc_i / l_i` into `out` (`rows × d`), `LSE_i = m_i + ln l_i` into `lse`; a row
+    /// that saw nothing (`l = 0`) gets `O = 0`, `LSE = −∞`, and a NaN sum NaN.
+    pub fn finish(&self, d: usize, d_pad: usize, out: &mut [f32], lse: &mut [f32]) {
+        for (r, (dst, x)) in out.chunks_exact_mut(d).zip(lse.iter_mut()).enumerate() {
+            if self.l[r] != 0.0 {
+                let inv = 1.0 / self.l[r];
+                for (o, a) in dst.iter_mut().zip(&self.acc[r * d_pad..]) {
+                    *o = a * inv;
+                }
+                *x = self.m[r] + self.l[r].ln();
+            } else {
+                dst.fill(0.0);
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+/// The backward's `P = e^(x − LSE)` from the products `p` (`rows × tk_pad`, `q·k` before
+/// scale and bias), in place: 0 where hidden, and on a row that sees nothing
+/// (`LSE = −∞`); NaN on the allowed pairs of a row whose forward met a NaN or +∞ score
+/// (`LSE` NaN; `e^(−∞ − NaN)` would put NaN on its hidden pairs too).
+///
+/// # Safety
+/// `p` is `rows × tk_pad`.
+#[inline(always)]
+pub(crate) unsafe fn probs<S: Simd>(job: &TileJob, lse: &[f32], p: &mut [f32]) {
+    let tk_pad = job.g.tk_pad;
+    // SAFETY: every row slice is `tk_pad` long, a multiple of `W` (`pad16`).
+    unsafe {
+        for r in 0..job.rows {
+            let pr = &mut p[r * tk_pad..(r + 1) * tk_pad];
+            if lse[r] == f32::NEG_INFINITY {
+                pr.fill(0.0);
+                continue;
+            }
+            mask_row::<S>(job, r, pr);
+            if lse[r].is_nan() {
+                let (nan, zero) = (S::splat(f32::NAN), S::splat(0.0));
+                for c0 in (0..tk_pad).step_by(S::W) {
+                    let vis = job.lane_bits::<S>(r, c0);
+                    S::store(pr.as_mut_ptr().add(c0), S::select(vis, nan, zero));
+                }
+            } else {
+                exp_row::<S>(pr, lse[r]);
+            }
+        }
+    }
+}
