@@ -1,5 +1,5 @@
 """The oracle: attention materialised with plain torch ops, in float64 (golden) or in the
-kernel's storage type (naive), and DESIGN.md's accuracy rule
+kernel's storage type (naive), and docs/design.md's accuracy rule
 
     |kernel − golden64|max ≤ 2 · |naive_same_dtype − golden64|max + ε.
 
@@ -51,7 +51,7 @@ def assert_rule(name, kernel, naive, golden, eps):
 
 
 def ulp_eps(dtype, golden):
-    """About one ulp of ``dtype`` at the data's scale (DESIGN.md's ε for half types)."""
+    """About one ulp of ``dtype`` at the data's scale (docs/design.md's ε for half types)."""
     if dtype == torch.float32:
         return 1e-5
     bits = {torch.bfloat16: 8, torch.float16: 11}[dtype]

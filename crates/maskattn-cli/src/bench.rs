@@ -1,5 +1,5 @@
 //! `maskattn bench`: times the kernels on one shape and mask (or the suite of the speed
-//! issue), and reports them as DESIGN.md section 5 asks: median ms, dense and useful
+//! issue), and reports them as docs/design.md section 5 asks: median ms, dense and useful
 //! GFLOP/s, the fraction of this machine's practical peak (a large f32 matrix product,
 //! measured on the spot with the same threads), tiles skipped and extra memory.
 

@@ -1,5 +1,5 @@
 //! The peaks `bench` measures its figures against, on the spot and with the same threads
-//! (DESIGN.md section 5): the FMA limit of each instruction set the CPU has (a loop of
+//! (docs/design.md section 5): the FMA limit of each instruction set the CPU has (a loop of
 //! independent FMAs on registers only, no memory traffic), and the `vdpbf16ps` limit for
 //! bf16; plus what the CPU is and which code path the kernels take. A fraction of one of
 //! these above 100% means the peak is wrong, not the kernel fast.

@@ -42,7 +42,7 @@ fn read_f32(st: &SafeTensors, name: &str) -> Vec<f32> {
         .collect()
 }
 
-/// The accuracy rule of DESIGN.md section 4.
+/// The accuracy rule of docs/design.md section 4.
 fn assert_close(what: &str, got: &[f32], golden: &[f64], naive: &[f32]) {
     let a = reference::accuracy(got, golden, naive, reference::EPS_F32);
     assert!(a.ok, "{what}: {a:?}");

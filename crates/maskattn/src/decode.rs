@@ -5,7 +5,7 @@
 //! streams its keys once past *all* query rows of the kv head's group (query heads ×
 //! queries), reading an f32 cache in place. Scores are dot products (a key row against each
 //! query row, no transposed copy of the keys); the online softmax is `softmax`'s, as
-//! on every path. Chunks are merged with the LSE rule of DESIGN.md section 1:
+//! on every path. Chunks are merged with the LSE rule of docs/design.md section 1:
 //! `LSE = logaddexp(LSE_a, LSE_b)`, `O = e^(LSE_a−LSE) O_a + e^(LSE_b−LSE) O_b`.
 //! The number of chunks depends on the shape only, so results do not depend on threads.
 

@@ -95,7 +95,7 @@ struct KvHead<'a, 'b, 'c, T> {
 /// - a row whose allowed scores include NaN or +∞ has NaN output and NaN LSE (an allowed
 ///   score of −∞ is a weight of 0); a NaN or ±∞ value reaches the outputs of the rows that
 ///   may see it, in its own feature; in the backward a non-finite `dO`, `Q`, `K` or `V`
-///   value reaches the gradients the formulas of DESIGN.md section 1 carry it to over
+///   value reaches the gradients the formulas of docs/design.md section 1 carry it to over
 ///   allowed pairs (`0 · NaN` included), and no gradient of a pair the mask hides.
 pub fn forward<T: Element>(
     q: &View<T>,

@@ -1,4 +1,4 @@
-//! The mask vocabulary (DESIGN.md section 2). Polarity everywhere: `true` = may attend.
+//! The mask vocabulary (docs/design.md section 2). Polarity everywhere: `true` = may attend.
 //!
 //! A [`Mask`] is a small description, not a matrix: structured masks are a few numbers,
 //! and [`Mask::allowed`] answers for one `(b, h, i, j)`. Masks compose with `&`, `|`, `!`.

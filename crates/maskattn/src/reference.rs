@@ -1,4 +1,4 @@
-//! The oracle: DESIGN.md section 1 written out literally, materialising the `L_q × L_k`
+//! The oracle: docs/design.md section 1 written out literally, materialising the `L_q × L_k`
 //! score matrix for one (batch row, head) at a time. Generic over the float type, so the
 //! same code gives the f64 golden result and the "naive, same storage type" result whose
 //! rounding error sets the tolerance of every kernel test. Never used for speed.
@@ -247,7 +247,7 @@ fn inputs<'a, 'b>(
 }
 
 /// How a kernel's result compares with the golden one under the accuracy rule of
-/// DESIGN.md section 4: `|kernel − golden|max ≤ 2 · |naive − golden|max + eps`.
+/// docs/design.md section 4: `|kernel − golden|max ≤ 2 · |naive − golden|max + eps`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Accuracy {
     /// `|kernel − golden|max` over finite golden entries.

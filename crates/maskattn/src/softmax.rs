@@ -1,5 +1,5 @@
 //! The one home of "scores → masked, scaled → running max and sum → P", for the forward,
-//! the decode path and the backward (DESIGN.md section 1):
+//! the decode path and the backward (docs/design.md section 1):
 //!
 //! - [`mask_row`]: `x_ij = s·(q_i·k_j) + β_ij` where allowed, `−∞` where hidden (selected,
 //!   never multiplied, so a NaN key's product cannot leak in);

@@ -1,4 +1,4 @@
-//! Forward and backward kernels against the f64 reference (DESIGN.md section 4), on random
+//! Forward and backward kernels against the f64 reference (docs/design.md section 4), on random
 //! shapes, layouts, tile sizes, biases and masks drawn from the whole vocabulary.
 
 mod common;
@@ -33,7 +33,7 @@ proptest! {
     }
 }
 
-/// The shapes DESIGN.md names, each with several random masks.
+/// The shapes docs/design.md names, each with several random masks.
 #[test]
 fn named_shapes() {
     let shapes: &[[usize; 6]] = &[

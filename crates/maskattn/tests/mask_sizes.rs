@@ -4,7 +4,7 @@
 
 use maskattn::{AttnError, BlockMask, DenseMask, Mask, MaskShape, Tile, TileClass, View};
 
-/// The element-wise definition of DESIGN.md section 2, in `i128` so that no `usize` value of
+/// The element-wise definition of docs/design.md section 2, in `i128` so that no `usize` value of
 /// a size or a length can overflow it: an oracle independent of the kernel crate's arithmetic.
 fn defined(m: &Mask, s: &MaskShape, i: usize, j: usize) -> bool {
     let (i, j) = (i as i128, j as i128);

@@ -28,7 +28,7 @@ pub fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {
     t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()
 }
 
-/// The accuracy rule of DESIGN.md section 4 on tensors: `kernel` against the f64 `golden`,
+/// The accuracy rule of docs/design.md section 4 on tensors: `kernel` against the f64 `golden`,
 /// bounded by twice the error of the f32 `naive` plus 1e-5.
 pub fn assert_close(what: &str, kernel: &Tensor, golden: &Tensor, naive: &Tensor) {
     let (k, g, n) = (

@@ -1,5 +1,5 @@
 //! Shared test helpers: random data, random masks, layouts, and the accuracy rule of
-//! DESIGN.md section 4.
+//! docs/design.md section 4.
 #![allow(dead_code)]
 
 use maskattn::{
@@ -97,7 +97,7 @@ pub fn to_bhld(v: &View) -> Vec<f32> {
     out
 }
 
-/// The accuracy rule of DESIGN.md section 4, asserted.
+/// The accuracy rule of docs/design.md section 4, asserted.
 pub fn assert_close(what: &str, kernel: &[f32], golden: &[f64], naive: &[f32], eps: f64) {
     let a = reference::accuracy(kernel, golden, naive, eps);
     assert!(
@@ -414,7 +414,7 @@ impl Case {
     /// [`Case::rounded`]) against the f64 reference, `ε` one ulp of `H` at the scale of
     /// each result.
     ///
-    /// The forward meets a stricter rule than DESIGN.md section 4 asks: its "naive" side is
+    /// The forward meets a stricter rule than docs/design.md section 4 asks: its "naive" side is
     /// the f32 reference on the same inputs (the reference computing in `H` rounds far
     /// more), although the bf16 products round `P̃` to bf16. The gradients are held to the
     /// rule as written — naive = the reference computed in `H` — because the bf16 backward
