@@ -13,7 +13,7 @@ use maskattn::{BlockMask, Dropout, Mask, MaskShape};
 
 use crate::kv_cache::KvCache;
 use crate::op::{attention_with_block, AttnOptions};
-use crate::plain;
+use crate::reference;
 use crate::rope::Rope;
 
 /// The layer's hyper-parameters.
@@ -143,7 +143,7 @@ pub struct MaskedMultiHeadAttention {
 #[derive(Clone, Copy, Debug)]
 enum Backend<'a> {
     Kernels,
-    Plain(Option<&'a Tensor>),
+    Reference(Option<&'a Tensor>),
 }
 
 /// The mask of one call: as written (compiled by the call for its shape), or compiled
@@ -367,7 +367,7 @@ impl MaskedMultiHeadAttention {
     }
 
     /// The same forward with attention in plain candle ops (for comparisons; no dropout).
-    pub fn forward_plain(&self, x_q: &Tensor, x_kv: &Tensor, mask: &Mask) -> Result<Tensor> {
+    pub fn forward_reference(&self, x_q: &Tensor, x_kv: &Tensor, mask: &Mask) -> Result<Tensor> {
         Ok(self
             .run(
                 x_q,
@@ -375,15 +375,15 @@ impl MaskedMultiHeadAttention {
                 x_kv,
                 MaskArg::Mask(mask),
                 Mode::Eval,
-                Backend::Plain(None),
+                Backend::Reference(None),
                 false,
             )?
             .0)
     }
 
-    /// [`forward_plain`](Self::forward_plain) with the mask as a ready 0/1 tensor
-    /// ([`plain::dense_mask`]), as a benchmark of candle's own ops wants it.
-    pub fn forward_plain_with_keep(
+    /// [`forward_reference`](Self::forward_reference) with the mask as a ready 0/1 tensor
+    /// ([`reference::dense_mask`]), as a benchmark of candle's own ops wants it.
+    pub fn forward_reference_with_keep(
         &self,
         x_q: &Tensor,
         x_kv: &Tensor,
@@ -396,7 +396,7 @@ impl MaskedMultiHeadAttention {
                 x_kv,
                 MaskArg::Mask(&Mask::full()),
                 Mode::Eval,
-                Backend::Plain(Some(keep)),
+                Backend::Reference(Some(keep)),
                 false,
             )?
             .0)
@@ -441,8 +441,10 @@ impl MaskedMultiHeadAttention {
         let (b, hq, lq, hd) = q.dims4()?;
         let lk = k.dim(2)?;
         let (out, w) = match backend {
-            Backend::Plain(None) => (plain::attention(q, k, v, mask.mask()?, None)?, None),
-            Backend::Plain(Some(keep)) => (plain::attention_with_keep(q, k, v, keep, None)?, None),
+            Backend::Reference(None) => (reference::attention(q, k, v, mask.mask()?, None)?, None),
+            Backend::Reference(Some(keep)) => {
+                (reference::attention_with_keep(q, k, v, keep, None)?, None)
+            }
             Backend::Kernels => {
                 let shape = MaskShape::new(b, hq, lq, lk);
                 let block = mask.block(shape)?;
@@ -526,9 +528,10 @@ fn attention_weights(
         k.detach().to_dtype(DType::F32)?,
     );
     let hd = q.dim(D::Minus1)?;
-    let k = plain::repeat_kv(&k, shape.heads / k.dim(1)?)?;
+    let k = reference::repeat_kv(&k, shape.heads / k.dim(1)?)?;
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
     let p = scores.broadcast_sub(&lse.unsqueeze(3)?)?.exp()?;
-    let keep = plain::dense_mask(mask, shape, DType::U8, q.device())?.broadcast_as(p.shape())?;
+    let keep =
+        reference::dense_mask(mask, shape, DType::U8, q.device())?.broadcast_as(p.shape())?;
     keep.where_cond(&p, &p.zeros_like()?)
 }

@@ -45,7 +45,7 @@ mod layer;
 pub mod mask_convert;
 pub mod model;
 mod op;
-pub mod plain;
+pub mod reference;
 mod rope;
 
 pub use interop::WeightFormat;

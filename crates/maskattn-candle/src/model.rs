@@ -145,7 +145,7 @@ enum Layers<'a> {
     /// The kernels, and each layer's attention weights (recomputed from the mask).
     Weights(&'a Mask),
     /// Plain candle ops (comparisons).
-    Plain(&'a Mask),
+    Reference(&'a Mask),
 }
 
 /// What a forward pass can also hand back.
@@ -193,7 +193,7 @@ impl TinyLm {
 
     /// Runs attention with plain candle ops (matmul, mask, softmax) instead of the maskattn
     /// kernels: the same model, for measuring what the kernels change. No dropout there.
-    pub fn set_plain_attention(&mut self, plain: bool) {
+    pub fn set_reference_attention(&mut self, plain: bool) {
         self.plain = plain;
     }
 
@@ -234,7 +234,7 @@ impl TinyLm {
     /// once for the call and used by every layer.
     pub fn forward(&self, tokens: &Tensor, mask: &Mask, mode: Mode) -> Result<Tensor> {
         if self.plain {
-            return Ok(self.run(tokens, Layers::Plain(mask), mode)?.logits);
+            return Ok(self.run(tokens, Layers::Reference(mask), mode)?.logits);
         }
         let (b, l) = tokens.dims2()?;
         let block = self.compile_mask(mask, b, l)?;
@@ -286,7 +286,7 @@ impl TinyLm {
                     all.push(w);
                     a
                 }
-                Layers::Plain(mask) => b.attn.forward_plain(&h, &h, mask)?,
+                Layers::Reference(mask) => b.attn.forward_reference(&h, &h, mask)?,
                 Layers::Block(block) => b.attn.forward_with_block(&h, &h, block, layer_mode)?,
             };
             x = (x + a)?;

@@ -204,8 +204,15 @@ impl CustomOp3 for AttnOp {
             as_cpu(&vs),
             |qd, kd, vd, _to, _wrap| {
                 let (qv, kv, vv) = (view("q", qd, ql)?, view("k", kd, kl)?, view("v", vd, vl)?);
-                maskattn::backward(&qv, &kv, &vv, &ov, lse, &gv, &self.block, &self.params())
-                    .map_err(Error::wrap)
+                maskattn::backward(
+                    &maskattn::Qkv::new(&qv, &kv, &vv),
+                    &ov,
+                    lse,
+                    &gv,
+                    &self.block,
+                    &self.params(),
+                )
+                .map_err(Error::wrap)
             }
         )?;
         let dims = {

@@ -48,7 +48,7 @@ fn run(
     let xkv = xkv.map(|x| Var::from_tensor(x).unwrap());
     let kv = xkv.as_ref().map_or(xq.as_tensor(), |v| v.as_tensor());
     let out = if plain {
-        l.forward_plain(xq.as_tensor(), kv, mask).unwrap()
+        l.forward_reference(xq.as_tensor(), kv, mask).unwrap()
     } else {
         l.forward(xq.as_tensor(), kv, mask, Mode::Eval).unwrap()
     };
@@ -196,7 +196,7 @@ fn dropout_is_seeded_and_off_in_eval() {
     let b = l.forward(&x, &x, &m, Mode::Train { seed: 1 }).unwrap();
     let c = l.forward(&x, &x, &m, Mode::Train { seed: 2 }).unwrap();
     let e1 = l.forward(&x, &x, &m, Mode::Eval).unwrap();
-    let plain = l.forward_plain(&x, &x, &m).unwrap();
+    let plain = l.forward_reference(&x, &x, &m).unwrap();
     let diff = max_diff;
     assert_eq!(diff(&a, &b), 0.0);
     assert!(diff(&a, &c) > 1e-3);

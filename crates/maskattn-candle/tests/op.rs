@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::{assert_close, tensor};
 use maskattn::Mask;
-use maskattn_candle::{attention, plain, AttnOptions};
+use maskattn_candle::{attention, reference, AttnOptions};
 
 /// Runs `f(q, k, v)`, backpropagates `Σ out · dout`, returns (out, dq, dk, dv).
 fn run(
@@ -81,10 +81,10 @@ fn forward_and_gradients_match_plain_candle() {
             });
             let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
             let golden = run(&f64s(&q), &f64s(&k), &f64s(&v), &f64s(&dout), |q, k, v| {
-                plain::attention(q, k, v, &mask, None)
+                reference::attention(q, k, v, &mask, None)
             });
             let naive = run(&q, &k, &v, &dout, |q, k, v| {
-                plain::attention(q, k, v, &mask, None)
+                reference::attention(q, k, v, &mask, None)
             });
             for (i, name) in ["out", "dq", "dk", "dv"].iter().enumerate() {
                 assert_close(

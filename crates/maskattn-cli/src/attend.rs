@@ -11,10 +11,6 @@ use safetensors::SafeTensors;
 use crate::mask_expr::{self, MaskData};
 use crate::tensors::{self, Tensor};
 
-// Every program output file goes through this module (attend here, attention-map too).
-#[path = "output.rs"]
-pub mod output;
-
 #[derive(Args, Debug)]
 pub struct AttendArgs {
     /// Input safetensors file: `q` [B, H_q, L_q, d], `k`, `v` [B, H_kv, L_k, d] (f32); optional
@@ -161,7 +157,14 @@ pub fn compute(
         let dout = tensors::f32(&st, "dout", 4)?;
         let dv = View::bhld("dout", &dout.data, shape4(&dout, "dout")?)?;
         let ov = View::bhld("out", &fwd.out, qs)?;
-        let g = maskattn::backward(&qv, &kv, &vv, &ov, &fwd.lse, &dv, &block, &params)?;
+        let g = maskattn::backward(
+            &maskattn::Qkv::new(&qv, &kv, &vv),
+            &ov,
+            &fwd.lse,
+            &dv,
+            &block,
+            &params,
+        )?;
         outputs.push(("dq", qs.to_vec(), g.dq));
         outputs.push(("dk", ks.to_vec(), g.dk));
         outputs.push(("dv", vs.to_vec(), g.dv));
@@ -181,7 +184,7 @@ pub fn compute(
 pub fn run(args: &AttendArgs) -> Result<()> {
     let terms = mask_expr::parse(&args.mask)?;
     // Refuse an output that cannot be written (a directory) before the work, not after.
-    output::plan(&args.output)?;
+    crate::output::plan(&args.output)?;
     let bytes =
         std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
     let c = compute(

@@ -195,8 +195,14 @@ fn run_typed<T: Element>(
         Pass::FwdBwd => {
             let f = maskattn::forward(&qv, &kv, &vv, &block, &Params::default())?;
             let fo = View::bhld("out", &f.out, qs)?;
-            let g =
-                maskattn::backward(&qv, &kv, &vv, &fo, &f.lse, &dv, &block, &Params::default())?;
+            let g = maskattn::backward(
+                &maskattn::Qkv::new(&qv, &kv, &vv),
+                &fo,
+                &f.lse,
+                &dv,
+                &block,
+                &Params::default(),
+            )?;
             drop(g);
             alloc_count::peak() - before - out_bytes - grad_bytes
         }
@@ -211,8 +217,15 @@ fn run_typed<T: Element>(
         Pass::FwdBwd => time(reps, || {
             let f = maskattn::forward(&qv, &kv, &vv, &block, &Params::default()).unwrap();
             let fo = View::bhld("out", &f.out, qs).unwrap();
-            maskattn::backward(&qv, &kv, &vv, &fo, &f.lse, &dv, &block, &Params::default())
-                .unwrap();
+            maskattn::backward(
+                &maskattn::Qkv::new(&qv, &kv, &vv),
+                &fo,
+                &f.lse,
+                &dv,
+                &block,
+                &Params::default(),
+            )
+            .unwrap();
         }),
         _ => time(reps, || {
             maskattn::forward(&qv, &kv, &vv, &block, &Params::default()).unwrap();
@@ -406,14 +419,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     } else {
         f64::NAN
     };
-    let (limits, paths) = (peak::measure(), peak::paths());
+    let (limits, paths) = (crate::peak::measure(), crate::peak::paths());
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"practical_peak_gflops": peak, "bandwidth_gb_per_s": bw, "threads": rayon::current_num_threads(), "isa": format!("{:?}", maskattn::current_isa()), "peaks": peak::header_json(&limits, &paths)})
+            serde_json::json!({"practical_peak_gflops": peak, "bandwidth_gb_per_s": bw, "threads": rayon::current_num_threads(), "isa": format!("{:?}", maskattn::current_isa()), "peaks": crate::peak::header_json(&limits, &paths)})
         );
     } else {
-        println!("{}", peak::header(&limits, &paths));
+        println!("{}", crate::peak::header(&limits, &paths));
         println!(
             "practical peak: {peak:.1} GFLOP/s (2048^3 f32 matrix product, {} threads); kernels on {:?}; GFLOP/s columns: dense counts every pair, useful only allowed ones (fwd+bwd = 3.5x fwd)",
             rayon::current_num_threads(),
@@ -434,7 +447,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 c.shape, c.mask, c.dtype, c.pass
             )
         })?;
-        let limit = peak::RowLimit::of(&limits, &paths, c.dtype == Dtype::Bf16, row.useful_gflops);
+        let limit =
+            crate::peak::RowLimit::of(&limits, &paths, c.dtype == Dtype::Bf16, row.useful_gflops);
         if args.json {
             println!("{}", limit.add_to(&row)?);
         } else {
@@ -443,6 +457,3 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     Ok(())
 }
-
-#[path = "peak.rs"]
-mod peak;

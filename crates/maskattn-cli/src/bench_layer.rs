@@ -5,7 +5,9 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
-use maskattn_candle::{attention, plain, AttnOptions, MaskedMultiHeadAttention, MhaConfig, Mode};
+use maskattn_candle::{
+    attention, reference, AttnOptions, MaskedMultiHeadAttention, MhaConfig, Mode,
+};
 
 use crate::mask_expr;
 use crate::measure::{elements, median_ms, try_data};
@@ -84,14 +86,14 @@ pub fn run(args: &BenchLayerArgs) -> Result<()> {
             Ok(())
         };
         // The candle side gets its mask as a ready tensor, built outside the timing.
-        let keep = plain::dense_mask(
+        let keep = reference::dense_mask(
             &mask,
             maskattn::MaskShape::new(b, h, l, l),
             DType::F32,
             &Device::Cpu,
         )?;
         let theirs = |bwd: bool| -> Result<()> {
-            let out = plain::attention_with_keep(
+            let out = reference::attention_with_keep(
                 qv.as_tensor(),
                 kv.as_tensor(),
                 vv.as_tensor(),
@@ -114,7 +116,7 @@ pub fn run(args: &BenchLayerArgs) -> Result<()> {
         let layer_run = |plain_attn: bool, bwd: bool| -> Result<()> {
             let xt = x.as_tensor();
             let out = if plain_attn {
-                layer.forward_plain_with_keep(xt, xt, &keep)?
+                layer.forward_reference_with_keep(xt, xt, &keep)?
             } else {
                 layer.forward(xt, xt, &mask, Mode::Eval)?
             };

@@ -162,9 +162,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         let ov = View::bhld("out", &fwd.out, qs)?;
         let (g, t_bwd) = median_of(3, || {
             maskattn::backward(
-                &qv,
-                &kv,
-                &vv,
+                &maskattn::Qkv::new(&qv, &kv, &vv),
                 &ov,
                 &fwd.lse,
                 &dv,

@@ -277,7 +277,7 @@ pub fn attention_map(a: &AttentionMapArgs) -> Result<()> {
         ),
     };
     // Whole or not at all: drawn into a temporary beside the picture, then renamed.
-    crate::attend::output::write_with(&a.out, |p| plot::attention_maps(&maps, p))?;
+    crate::output::write_with(&a.out, |p| plot::attention_maps(&maps, p))?;
     println!(
         "wrote {} ({} layers × {} heads, {} tokens)",
         a.out.display(),

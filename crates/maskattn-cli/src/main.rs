@@ -12,6 +12,9 @@ mod embed;
 mod infer;
 mod mask_expr;
 mod measure;
+/// Every program output file goes through this module (attend, attention-map, tensors).
+mod output;
+mod peak;
 mod tensors;
 mod train;
 

@@ -82,5 +82,5 @@ pub fn write_f32(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<
         .map(|((name, shape, _), b)| Ok((*name, TensorView::new(Dtype::F32, shape.clone(), b)?)))
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let buf = safetensors::serialize(views, None)?;
-    crate::attend::output::write_bytes(path, &buf)
+    crate::output::write_bytes(path, &buf)
 }

@@ -160,8 +160,16 @@ impl Call {
                 dk: g.1.slice_mut("dk")?,
                 dv: g.2.slice_mut("dv")?,
             };
-            maskattn::backward_into(&q, &k, &v, &out, lse, &dout, block, &self.params(), grads)
-                .map_err(|e| e.to_string())
+            maskattn::backward_into(
+                &maskattn::Qkv::new(&q, &k, &v),
+                &out,
+                lse,
+                &dout,
+                block,
+                &self.params(),
+                grads,
+            )
+            .map_err(|e| e.to_string())
         }
     }
 }

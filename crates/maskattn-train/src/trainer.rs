@@ -375,8 +375,8 @@ impl Trainer {
     }
 
     /// Attention in plain candle ops instead of the maskattn kernels (to compare times).
-    pub fn set_plain_attention(&mut self, plain: bool) {
-        self.model.set_plain_attention(plain);
+    pub fn set_reference_attention(&mut self, plain: bool) {
+        self.model.set_reference_attention(plain);
     }
 
     /// Raising this flag (from a Ctrl-C handler, another thread) makes [`Trainer::run`]

@@ -43,7 +43,7 @@ mod simd;
 mod softmax;
 mod view;
 
-pub use backward::{backward, backward_into, Grads, GradsMut};
+pub use backward::{backward, backward_into, Grads, GradsMut, Qkv};
 pub use bias::Bias;
 pub use block::{BlockMask, BlockStats, Tile, DEFAULT_TILE_K, DEFAULT_TILE_Q};
 pub use classify::TileClass;

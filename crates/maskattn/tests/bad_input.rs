@@ -130,9 +130,7 @@ fn bad_views_bias_lse_and_tiles() {
     let fwd = maskattn::forward(&qv, &k, &v, &block, &Params::default()).unwrap();
     let out = View::bhld("out", &fwd.out, [1, 2, 4, 8]).unwrap();
     let e = maskattn::backward(
-        &qv,
-        &k,
-        &v,
+        &maskattn::Qkv::new(&qv, &k, &v),
         &out,
         &fwd.lse[..3],
         &out,
@@ -149,9 +147,7 @@ fn bad_views_bias_lse_and_tiles() {
     );
     let short = View::bhld("dout", &q[..32], [1, 1, 4, 8]).unwrap();
     let e = maskattn::backward(
-        &qv,
-        &k,
-        &v,
+        &maskattn::Qkv::new(&qv, &k, &v),
         &out,
         &fwd.lse,
         &short,
@@ -202,7 +198,16 @@ fn caller_buffers_of_the_wrong_size() {
         dk: &mut vec![0f32; 64],
         dv: &mut dv,
     };
-    let e = maskattn::backward_into(&qv, &k, &v, &ov, &lse, &ov, &block, &p, grads).unwrap_err();
+    let e = maskattn::backward_into(
+        &maskattn::Qkv::new(&qv, &k, &v),
+        &ov,
+        &lse,
+        &ov,
+        &block,
+        &p,
+        grads,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("dk holds 64 values"), "{e}");
     assert!(e.to_string().contains("= 40"), "{e}");
     let grads = maskattn::GradsMut {
@@ -210,5 +215,14 @@ fn caller_buffers_of_the_wrong_size() {
         dk: &mut dk,
         dv: &mut dv,
     };
-    maskattn::backward_into(&qv, &k, &v, &ov, &lse, &ov, &block, &p, grads).unwrap();
+    maskattn::backward_into(
+        &maskattn::Qkv::new(&qv, &k, &v),
+        &ov,
+        &lse,
+        &ov,
+        &block,
+        &p,
+        grads,
+    )
+    .unwrap();
 }

@@ -47,8 +47,16 @@ fn every_value_of_the_callers_buffers_is_written() {
                 dk: &mut dk2,
                 dv: &mut dv2,
             };
-            maskattn::backward_into(&q, &k, &v, &ov, &lse2, &c.dout_view(), &block, &p, grads)
-                .unwrap();
+            maskattn::backward_into(
+                &maskattn::Qkv::new(&q, &k, &v),
+                &ov,
+                &lse2,
+                &c.dout_view(),
+                &block,
+                &p,
+                grads,
+            )
+            .unwrap();
             assert_eq!(bits(&dq2), bits(&dq), "dq, {dims:?} seed {seed}");
             assert_eq!(bits(&dk2), bits(&dk), "dk, {dims:?} seed {seed}");
             assert_eq!(bits(&dv2), bits(&dv), "dv, {dims:?} seed {seed}");

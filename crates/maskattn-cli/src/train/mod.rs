@@ -83,9 +83,10 @@ pub struct TrainArgs {
     /// No progress bar (also when stderr is not a terminal).
     #[arg(long)]
     pub quiet: bool,
-    /// Attention in plain candle ops instead of the maskattn kernels (to compare step times).
-    #[arg(long)]
-    pub plain_attention: bool,
+    /// Attention in candle ops with the scores materialised (the reference path, as
+    /// `maskattn_candle::reference`) instead of the maskattn kernels, to compare step times.
+    #[arg(long, alias = "plain-attention")]
+    pub reference_attention: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,7 +213,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         None => fresh(a)?,
     };
     let out = t.out().to_path_buf();
-    t.set_plain_attention(a.plain_attention);
+    t.set_reference_attention(a.reference_attention);
     let s = t.state().run.clone();
     let cfg = t.state().model.clone();
     eprintln!(

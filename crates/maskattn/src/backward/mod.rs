@@ -107,21 +107,37 @@ struct ChunkResult {
     tiles: Vec<(usize, Vec<f32>, Vec<f32>)>,
 }
 
+/// The three attention inputs, as the forward took them: `q [B, H_q, L_q, d]`,
+/// `k, v [B, H_kv, L_k, d]` (any strides). The backward takes them as one operand.
+#[derive(Clone, Copy, Debug)]
+pub struct Qkv<'a, T = f32> {
+    pub q: View<'a, T>,
+    pub k: View<'a, T>,
+    pub v: View<'a, T>,
+}
+
+impl<'a, T: Element> Qkv<'a, T> {
+    pub fn new(q: &View<'a, T>, k: &View<'a, T>, v: &View<'a, T>) -> Self {
+        Qkv {
+            q: *q,
+            k: *k,
+            v: *v,
+        }
+    }
+}
+
 /// Masked attention backward: gradients of `q`, `k`, `v` given the forward's `out` and `lse`
-/// and the output gradient `dout` (shaped like q). Same block mask and [`Params`] (scale,
-/// bias, dropout) as the forward.
-#[allow(clippy::too_many_arguments)]
+/// and the output gradient `dout` (shaped like q). Same inputs, block mask and [`Params`]
+/// (scale, bias, dropout) as the forward.
 pub fn backward<T: Element>(
-    q: &View<T>,
-    k: &View<T>,
-    v: &View<T>,
+    qkv: &Qkv<T>,
     out: &View<f32>,
     lse: &[f32],
     dout: &View<f32>,
     block: &BlockMask,
     params: &Params,
 ) -> Result<Grads> {
-    let dims = AttnDims::of(q, k, v)?;
+    let dims = AttnDims::of(&qkv.q, &qkv.k, &qkv.v)?;
     let mut grads = Grads {
         dq: vec![0f32; dims.q_len()],
         dk: vec![0f32; dims.kv_len()],
@@ -132,17 +148,14 @@ pub fn backward<T: Element>(
         dk: &mut grads.dk,
         dv: &mut grads.dv,
     };
-    backward_into(q, k, v, out, lse, dout, block, params, into)?;
+    backward_into(qkv, out, lse, dout, block, params, into)?;
     Ok(grads)
 }
 
 /// [`backward`] into buffers the caller owns (every value overwritten): for writing straight
 /// into another framework's gradient storage, or reusing buffers call after call.
-#[allow(clippy::too_many_arguments)]
 pub fn backward_into<T: Element>(
-    q: &View<T>,
-    k: &View<T>,
-    v: &View<T>,
+    qkv: &Qkv<T>,
     out: &View<f32>,
     lse: &[f32],
     dout: &View<f32>,
@@ -150,6 +163,7 @@ pub fn backward_into<T: Element>(
     params: &Params,
     grads: GradsMut<'_>,
 ) -> Result<()> {
+    let Qkv { q, k, v } = qkv;
     let dims = AttnDims::of(q, k, v)?;
     let GradsMut { dq, dk, dv } = grads;
     AttnDims::check_buffer("dq", dq.len(), dims.q_len(), "B * H_q * L_q * d")?;

@@ -297,9 +297,7 @@ impl Case {
         let fwd = maskattn::forward(&q, &k, &v, &block, &self.params()).unwrap();
         let out = View::bhld("out", &fwd.out, self.q_shape()).unwrap();
         let g = maskattn::backward(
-            &q,
-            &k,
-            &v,
+            &maskattn::Qkv::new(&q, &k, &v),
             &out,
             &fwd.lse,
             &self.dout_view(),
@@ -406,7 +404,15 @@ impl Case {
         let fwd = maskattn::forward(&qv, &kv, &vv, &block, &p).unwrap();
         let out = View::bhld("out", &fwd.out, self.q_shape()).unwrap();
         let dout = self.dout_view();
-        let g = maskattn::backward(&qv, &kv, &vv, &out, &fwd.lse, &dout, &block, &p).unwrap();
+        let g = maskattn::backward(
+            &maskattn::Qkv::new(&qv, &kv, &vv),
+            &out,
+            &fwd.lse,
+            &dout,
+            &block,
+            &p,
+        )
+        .unwrap();
         [fwd.out, fwd.lse, g.dq, g.dk, g.dv]
     }
 

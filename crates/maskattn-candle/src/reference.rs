@@ -1,5 +1,7 @@
-//! Attention written with plain candle ops (matmul, mask, softmax): the comparison every
-//! test and benchmark of this crate measures against. Materialises `L_q × L_k` scores.
+//! The reference path in candle: attention written with candle ops (matmul, mask, softmax),
+//! the comparison every test and benchmark of this crate measures against (the kernel crate's
+//! `reference` is the same in f64; `maskattn bench --reference` times it). Materialises
+//! `L_q × L_k` scores.
 //!
 //! Hidden pairs get a large negative score before the softmax and the probabilities are
 //! multiplied by the 0/1 mask after it, so a row that sees nothing gives 0 instead of NaN.
