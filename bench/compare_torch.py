@@ -108,23 +108,34 @@ def main():
     cases = [json.loads(x) for x in subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()]
     # rounds × cases: (maskattn row, PyTorch ms); the machine's practical peak per call.
     ours, theirs, peaks, head = [[] for _ in cases], [[] for _ in cases], [], None
+    limits = {}  # limit name -> GFLOP/s measured at each call
     for rnd in range(args.rounds):
         for n, case in enumerate(cases):
             print(f"round {rnd + 1}/{args.rounds}, case {n + 1}/{len(cases)}", end="\r", file=sys.stderr)
             head, row = maskattn_case(args, case)
             peaks.append(head["practical_peak_gflops"])
+            if row.get("limit"):
+                limits.setdefault(row["limit"], []).append(row["limit_gflops"])
             ours[n].append(row)
             theirs[n].append(torch_case(torch, F, row, args.reps))
     print(file=sys.stderr)
+    info = head.get("peaks", {})
+    paths = info.get("paths", {})
+    print(f"CPU: {info.get('cpu', 'unknown')}; AMX: {'yes' if paths.get('amx_bf16') else 'absent'}")
+    lim = "; ".join(
+        f"{name} {statistics.median(v):.0f} ({min(v):.0f}-{max(v):.0f})" for name, v in sorted(limits.items())
+    )
     print(
-        f"threads {args.threads}; maskattn on {head['isa']}, practical peak {statistics.median(peaks):.0f} GFLOP/s "
-        f"(median; {min(peaks):.0f}-{max(peaks):.0f} over the calls); "
+        f"threads {args.threads}; maskattn on {head['isa']} (bf16 {'on vdpbf16ps' if paths.get('bf16_dot') else 'widened to f32'}), "
+        f"limits GFLOP/s (median, range over the calls): {lim}; "
+        f"2048^3 f32 product {statistics.median(peaks):.0f} GFLOP/s "
+        f"({min(peaks):.0f}-{max(peaks):.0f}); "
         f"PyTorch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}); "
         f"medians over {args.rounds} round(s) of {args.reps} reps"
     )
     sep = " | " if args.markdown else "  "
-    cols = ["B,H/Hkv,Lq,Lk,d", "mask", "dtype", "pass", "maskattn ms", "PyTorch ms", "ratio", "useful GF/s", "% peak", "tiles skipped"]
-    widths = [20, 14, 5, 7, 11, 10, 6, 11, 6, 13]
+    cols = ["B,H/Hkv,Lq,Lk,d", "mask", "dtype", "pass", "maskattn ms", "PyTorch ms", "ratio", "useful GF/s", "% limit", "% gemm", "tiles skipped"]
+    widths = [20, 14, 5, 7, 11, 10, 6, 11, 7, 6, 13]
     if args.markdown:
         print("| " + " | ".join(cols) + " |")
         print("|" + "|".join(" --- " for _ in cols) + "|")
@@ -144,6 +155,7 @@ def main():
             f"{t:.2f}",
             f"{t / ms:.2f}",
             f"{useful:.0f}",
+            f"{100 * useful / statistics.median(limits[r['limit']]):.0f}%" if r.get("limit") else "-",
             f"{100 * useful / statistics.median(peaks):.0f}%",
             f"{100 * r['tiles_skipped']:.0f}%",
         ]

@@ -316,6 +316,25 @@ fn suite() -> Vec<Case> {
         add(shape, Dtype::F32);
     }
     add([1, 8, 2048, 64], Dtype::Bf16);
+    // Head size 128 (most current LLMs) and grouped-query prefill (32 query heads on 8
+    // key/value heads, causal), in f32 and bf16.
+    for dtype in [Dtype::F32, Dtype::Bf16] {
+        for pass in [Pass::Fwd, Pass::FwdBwd] {
+            for (shape, kv_heads, mask) in [
+                ([1, 8, 2048, 128], 8, "full"),
+                ([1, 32, 2048, 128], 8, "causal"),
+            ] {
+                cases.push(Case {
+                    shape,
+                    lk: shape[2],
+                    kv_heads,
+                    mask: mask.into(),
+                    dtype,
+                    pass,
+                });
+            }
+        }
+    }
     for (lk, kvh) in [(4096, 8), (32768, 8), (32768, 2)] {
         cases.push(Case {
             shape: [1, 32, 1, 128],
