@@ -8,7 +8,7 @@ and ``nn.MultiheadAttention`` are drop-ins for PyTorch's.
 """
 
 from . import _maskattn as _native
-from . import nn
+from . import masks, nn
 from .functional import scaled_dot_product_attention
 from .masks import (
     BlockMask,
@@ -45,20 +45,7 @@ __all__ = [
     "attention",
     "scaled_dot_product_attention",
     "nn",
-    "Mask",
-    "BlockMask",
-    "full",
-    "causal",
-    "causal_top_left",
-    "window",
-    "chunks",
-    "block_causal",
-    "neighbourhood",
-    "key_padding",
-    "documents",
-    "prefix",
-    "dense",
-    "from_mask_mod",
+    *masks.__all__,
     "set_num_threads",
     "get_num_threads",
 ]

@@ -197,12 +197,7 @@ fn chunk<T: Element>(
             bits: (!all).then_some(&bits[..]),
             scale,
             bias: bias.map(|_| &bias_tile[..]),
-            drop: dropout.map(|dr| DropTile {
-                rows: &drop_keys,
-                j0,
-                threshold: dr.threshold(),
-                scale: dr.keep_scale(),
-            }),
+            drop: dropout.map(|dr| DropTile::new(dr, &drop_keys, j0)),
         };
         // Where every row sees every key of the tile and the storage is f32, read the cache
         // in place; V then needs whole vectors per row, so d must be a multiple of 16.

@@ -14,7 +14,7 @@ use crate::call::Call;
 use crate::error::{AttnError, Result};
 use crate::gemm::{gemm, gemm_add, MatMut, MatRef, Update};
 use crate::pack::{self, Span, Unseen};
-use crate::params::{DropTile, Params};
+use crate::params::Params;
 use crate::shape::AttnDims;
 use crate::simd::{self, Simd, WithSimd};
 use crate::softmax::{Geom, Online, TileJob};
@@ -248,7 +248,6 @@ fn query_tile<T: Element>(
     let block = call.block;
     let rows = lse.len();
     let i0 = qt * block.tile_q();
-    let lk = call.dims.lk;
     let span = Span {
         b,
         h,
@@ -262,12 +261,7 @@ fn query_tile<T: Element>(
         // The scale goes on the products, in `mask_row`, as in the backward.
         pack::rows(call.q, span, g.d_pad, &mut sc.q);
     }
-    if let Some(dr) = call.dropout {
-        let shape = block.shape();
-        for (r, key) in sc.drop_keys[..rows].iter_mut().enumerate() {
-            *key = dr.row_key(b, h, i0 + r, shape.heads, shape.lq);
-        }
-    }
+    call.drop_keys((b, h, i0), &mut sc.drop_keys[..rows]);
     let Scratch {
         q,
         s,
@@ -293,26 +287,8 @@ fn query_tile<T: Element>(
             Tile::Full => None,
             Tile::Partial(bits) => Some(bits),
         };
-        let j0 = kt * g.tk;
-        let cols = (lk - j0).min(g.tk);
-        let tile_bias = call.bias.map(|bs| {
-            bs.tile((b, h), (i0, rows), (j0, cols), (g.tk_pad, bias));
-            &bias[..]
-        });
-        let job = TileJob {
-            g,
-            rows,
-            cols,
-            bits,
-            scale: call.scale,
-            bias: tile_bias,
-            drop: call.dropout.map(|dr| DropTile {
-                rows: &drop_keys[..rows],
-                j0,
-                threshold: dr.threshold(),
-                scale: dr.keep_scale(),
-            }),
-        };
+        let job = call.tile_job(g, (b, h, i0, kt * g.tk), bits, bias, drop_keys);
+        let cols = job.cols;
         #[cfg(target_arch = "x86_64")]
         if dot {
             let (kp_len, vp_len) = (g.d_pad * g.tk_pad / 2, g.tk_pad * g.d_pad / 2);

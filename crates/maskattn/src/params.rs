@@ -108,7 +108,17 @@ pub(crate) struct DropTile<'a> {
     pub scale: f32,
 }
 
-impl DropTile<'_> {
+impl<'a> DropTile<'a> {
+    /// `dropout` on the key tile that starts at column `j0`, for rows with keys `rows`.
+    pub fn new(dropout: &Dropout, rows: &'a [u32], j0: usize) -> Self {
+        DropTile {
+            rows,
+            j0,
+            threshold: dropout.threshold(),
+            scale: dropout.keep_scale(),
+        }
+    }
+
     /// `z[c] = 1/(1 − p)` where pair (r, j0 + c) is kept, else 0, for `c < z.len()`.
     #[inline(always)]
     pub fn fill(&self, r: usize, z: &mut [f32]) {

@@ -17,7 +17,7 @@ use crate::call::Call;
 use crate::error::{AttnError, Result};
 use crate::gemm::{gemm, gemm_add, MatMut, MatRef, Update};
 use crate::pack::{self, Span, Unseen};
-use crate::params::{DropTile, Params};
+use crate::params::Params;
 use crate::shape::AttnDims;
 use crate::simd::{self, Simd, WithSimd};
 use crate::softmax::{self as sm, Geom, TileJob};
@@ -362,30 +362,9 @@ impl<T: Element> Pass<'_, '_, T> {
         let (g, call) = (self.g, &self.call);
         let (tq, dims) = (call.block.tile_q(), call.dims);
         let (i0, j0) = (qt * tq, kt * g.tk);
-        let (rows, cols) = ((dims.lq - i0).min(tq), (dims.lk - j0).min(g.tk));
-        if let Some(dr) = call.dropout {
-            for (r, key) in drop_keys[..rows].iter_mut().enumerate() {
-                *key = dr.row_key(b, h, i0 + r, dims.q_heads, dims.lq);
-            }
-        }
-        let tile_bias = call.bias.map(|bs| {
-            bs.tile((b, h), (i0, rows), (j0, cols), (g.tk_pad, bias));
-            &bias[..]
-        });
-        let job = TileJob {
-            g,
-            rows,
-            cols,
-            bits,
-            scale: call.scale,
-            bias: tile_bias,
-            drop: call.dropout.map(|dr| DropTile {
-                rows: &drop_keys[..rows],
-                j0,
-                threshold: dr.threshold(),
-                scale: dr.keep_scale(),
-            }),
-        };
+        let rows = (dims.lq - i0).min(tq);
+        call.drop_keys((b, h, i0), &mut drop_keys[..rows]);
+        let job = call.tile_job(g, (b, h, i0, j0), bits, bias, drop_keys);
         (job, (b * dims.q_heads + h) * dims.lq + i0)
     }
 
