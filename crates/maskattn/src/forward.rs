@@ -280,6 +280,8 @@ fn query_tile<T: Element>(
         acc: &mut acc[..],
     };
     st.reset(rows, g.d_pad);
+    #[cfg(target_arch = "x86_64")]
+    let engine = crate::gemm::amx::Engine::now(); // AMX or not: once per task
 
     for kt in 0..block.grid().1 {
         let bits = match block.tile(b, h, qt, kt) {
@@ -294,6 +296,7 @@ fn query_tile<T: Element>(
             let (kp_len, vp_len) = (g.d_pad * g.tk_pad / 2, g.tk_pad * g.d_pad / 2);
             let t = BfStep {
                 job,
+                engine,
                 q16,
                 kp: &kv.kp[kt * kp_len..(kt + 1) * kp_len],
                 vp: &kv.vp[kt * vp_len..(kt + 1) * vp_len],
@@ -377,6 +380,8 @@ impl WithSimd for Step<'_, '_, '_> {
 #[cfg(target_arch = "x86_64")]
 struct BfStep<'a> {
     job: TileJob<'a>,
+    /// Which code runs the pair products (`gemm::amx`).
+    engine: crate::gemm::amx::Engine,
     /// Q rows as bf16 (`rows × d_pad`); `Kᵀ` over features and V over keys in pairs.
     q16: &'a [u16],
     kp: &'a [u32],
@@ -399,6 +404,7 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
     use crate::simd::Avx512;
     let BfStep {
         job,
+        engine,
         q16,
         kp,
         vp,
@@ -413,7 +419,7 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
         // x = Q·Kᵀ, scaled and masked in `update` as on every path
         let q = Pairs::of_u16(q16, rows, d_pad / 2, d_pad / 2);
         let s_mat = MatMut::new(s, rows, tk_pad, tk_pad);
-        bf16::gemm(
+        engine.gemm(
             s_mat,
             q,
             Pairs::of_u32(kp, d_pad / 2, tk_pad, tk_pad),
@@ -429,7 +435,7 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
                 // bf16(P̃) · V; P̃ past `cols` is 0 and so are the padding keys of V.
                 bf16::round_rows(s, rows, tk_pad, tk_pad, p16);
                 let p = Pairs::of_u16(p16, rows, cols.div_ceil(2), tk_pad / 2);
-                bf16::gemm(
+                engine.gemm(
                     acc,
                     p,
                     Pairs::of_u32(vp, cols.div_ceil(2), d_pad, d_pad),

@@ -19,6 +19,7 @@
 //! back (and `dK` scaled by `s`) once per key tile.
 
 use super::ds_rows;
+use crate::gemm::amx::Engine;
 use crate::gemm::bf16::{self as bf, Pairs};
 use crate::gemm::{gemm_add, MatMut, MatRef, Update};
 use crate::pack::Unseen;
@@ -27,6 +28,8 @@ use crate::softmax::{self as sm, Geom, TileJob};
 
 /// The query-side operands of every (b, query head, query tile), made once per call.
 pub(super) struct QuerySide {
+    /// Which code runs the pair products (`gemm::amx`), picked once per call.
+    pub engine: Engine,
     /// `[B·H_q·n_q] × (tq × d_pad)`: Q and dO rows.
     pub q: Vec<u16>,
     pub dout: Vec<u16>,
@@ -98,6 +101,7 @@ impl Work16 {
 /// The query side of one (query tile, key tile) pair.
 pub(super) struct QueryTile<'a> {
     pub job: TileJob<'a>,
+    pub engine: Engine,
     pub lse: &'a [f32],
     pub delta: &'a [f32],
     /// Q and dO rows as bf16 (`tile_q × d_pad`), and transposed (`d_pad × tq_pad`).
@@ -137,13 +141,13 @@ pub(super) unsafe fn step(t: &QueryTile, ks: &mut KeySide, w: &mut Work16, f: F3
             Pairs::of_u16(t.q, rows, fp, fp),
             Pairs::of_u16(t.dout, rows, fp, fp),
         );
-        bf::gemm(
+        t.engine.gemm(
             scores(p),
             q,
             Pairs::of_u32(&ks.kt, fp, tk_pad, tk_pad),
             Update::Set,
         ); // x = Q·Kᵀ
-        bf::gemm(
+        t.engine.gemm(
             scores(ds),
             dout,
             Pairs::of_u32(&ks.vt, fp, tk_pad, tk_pad),
@@ -180,13 +184,13 @@ pub(super) unsafe fn step(t: &QueryTile, ks: &mut KeySide, w: &mut Work16, f: F3
                 Pairs::of_u16(t.qt, g.d, pairs, rp),
                 Pairs::of_u16(t.doutt, g.d, pairs, rp),
             );
-            bf::gemm(
+            t.engine.gemm(
                 dvt,
                 doutt,
                 Pairs::of_u32(&w.pi, pairs, tk_pad, tk_pad),
                 Update::Add,
             ); // dVᵀ += dOᵀ·P
-            bf::gemm(
+            t.engine.gemm(
                 dkt,
                 qt,
                 Pairs::of_u32(&w.dsi, pairs, tk_pad, tk_pad),
@@ -201,7 +205,8 @@ pub(super) unsafe fn step(t: &QueryTile, ks: &mut KeySide, w: &mut Work16, f: F3
             Ok(k) => {
                 let kp = cols.div_ceil(2);
                 let ds16 = Pairs::of_u16(&w.ds16, rows, kp, tk_pad / 2);
-                bf::gemm(dq, ds16, Pairs::of_u32(k, kp, d_pad, d_pad), Update::Add);
+                t.engine
+                    .gemm(dq, ds16, Pairs::of_u32(k, kp, d_pad, d_pad), Update::Add);
             }
             Err(k) => {
                 let ds = MatRef::new(ds, rows, cols, tk_pad);

@@ -394,6 +394,7 @@ impl<T: Element> Pass<'_, '_, T> {
         let (n_rows, n_t) = (self.call.block.tile_q() * g.d_pad, g.d_pad * qs.tq_pad);
         let t = bf16::QueryTile {
             job,
+            engine: qs.engine,
             lse: &self.lse[row0..row0 + rows],
             delta: &self.delta[row0..row0 + rows],
             q: &qs.q[idx * n_rows..(idx + 1) * n_rows],
@@ -520,6 +521,7 @@ fn query_side<T: Element>(
         qt: vec![0; tiles * n_t],
         doutt: vec![0; tiles * n_t],
         tq_pad,
+        engine: crate::gemm::amx::Engine::now(),
     };
     qs.q.par_chunks_mut(n_rows)
         .zip(qs.dout.par_chunks_mut(n_rows))

@@ -44,10 +44,10 @@ pub(crate) fn enabled() -> bool {
 /// rows in natural order) or the pair-interleaved B operand of the module comment.
 #[derive(Clone, Copy)]
 pub(crate) struct Pairs<'a> {
-    ptr: *const u32,
-    rows: usize,
-    pairs: usize,
-    rs: usize,
+    pub(super) ptr: *const u32,
+    pub(super) rows: usize,
+    pub(super) pairs: usize,
+    pub(super) rs: usize,
     _data: std::marker::PhantomData<&'a [u32]>,
 }
 

@@ -11,6 +11,7 @@
 //! B and C rows are contiguous and `n` is a multiple of 16: callers pad their buffers
 //! (zeros) to make it so.
 
+pub(crate) mod amx;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod bf16;
 

@@ -165,20 +165,25 @@ pub(crate) fn bf16_dot() -> bool {
     }
 }
 
-/// The kernel code a call takes now: the instruction set of the f32 products, and whether
-/// bf16 storage goes to the bf16 dot products. `Display` names both, for logs and tests.
+/// The kernel code a call takes now: the instruction set of the f32 products, whether
+/// bf16 storage goes to the bf16 dot products, and whether those run on AMX tiles (the
+/// hardware, or the plain-Rust model of it; `Off` when `bf16_dot` is false). `Display`
+/// names all three, for logs and tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelPath {
     pub isa: Isa,
     pub bf16_dot: bool,
+    pub amx: crate::AmxMode,
 }
 
 impl std::fmt::Display for KernelPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let bf16 = if self.bf16_dot {
-            "bf16 on AVX512-BF16 dot products"
-        } else {
-            "bf16 widened to f32"
+        use crate::AmxMode;
+        let bf16 = match (self.bf16_dot, self.amx) {
+            (false, _) => "bf16 widened to f32",
+            (true, AmxMode::Off) => "bf16 on AVX512-BF16 dot products",
+            (true, AmxMode::Hardware) => "bf16 on AMX tiles (tdpbf16ps)",
+            (true, AmxMode::Model) => "bf16 on AMX tiles run by the plain-Rust model",
         };
         write!(f, "f32 on {:?}; {bf16}", self.isa)
     }
@@ -186,9 +191,15 @@ impl std::fmt::Display for KernelPath {
 
 /// The kernel path calls take now (see [`KernelPath`]).
 pub fn kernel_path() -> KernelPath {
+    let bf16_dot = bf16_dot();
     KernelPath {
         isa: current_isa(),
-        bf16_dot: bf16_dot(),
+        bf16_dot,
+        amx: if bf16_dot {
+            crate::amx_mode()
+        } else {
+            crate::AmxMode::Off
+        },
     }
 }
 

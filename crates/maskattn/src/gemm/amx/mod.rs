@@ -1,0 +1,75 @@
+//! The bf16 products on AMX tiles (`tdpbf16ps`), written once over a [`tile::TileUnit`]:
+//! [`model::Model`] runs the instructions' semantics in plain Rust (every x86-64 CPU: the
+//! tests), [`hardware::Hardware`] runs them (CPUs with AMX-TILE and AMX-BF16, after the OS
+//! has granted the tile state).
+//!
+//! The operands are the [`Pairs`](super::bf16::Pairs) of the AVX512-BF16 path, whose
+//! layouts already are the tiles' (see [`kernel`]), and the softmax between the products
+//! stays the f32 one: a call takes one [`Engine`] (picked once, [`Engine::now`]) for all
+//! its bf16 products, so a CPU without AMX pays one branch per product, no more.
+
+mod mode;
+pub use mode::{amx_mode, amx_model_products, set_amx, AmxMode};
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod hardware;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod kernel;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod model;
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod tile;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use engine::Engine;
+
+#[cfg(target_arch = "x86_64")]
+mod engine {
+    use super::super::bf16::{self, Pairs};
+    use super::super::{MatMut, Update};
+    use super::{hardware::Hardware, kernel, model::Model, AmxMode};
+
+    /// Which code computes a call's bf16 pair products.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) enum Engine {
+        /// `vdpbf16ps` on AVX-512 registers (`gemm::bf16`).
+        Vnni,
+        /// AMX tiles, the plain-Rust model of the instructions.
+        AmxModel,
+        /// AMX tiles, the instructions.
+        AmxHardware,
+    }
+
+    impl Engine {
+        /// The engine for a call starting now ([`super::amx_mode`]); one check per call.
+        pub fn now() -> Engine {
+            match super::amx_mode() {
+                AmxMode::Off => Engine::Vnni,
+                AmxMode::Model => Engine::AmxModel,
+                AmxMode::Hardware => Engine::AmxHardware,
+            }
+        }
+
+        /// `C = A·B` or `C += A·B` on pairs, as [`bf16::gemm`] defines it.
+        ///
+        /// # Safety
+        /// `gemm::bf16::enabled()` (the surrounding bf16 path's condition); for
+        /// `AmxHardware`, what [`Engine::now`] only returns where `hardware::available()`.
+        #[inline(always)]
+        pub unsafe fn gemm(self, c: MatMut, a: Pairs, b: Pairs, update: Update) {
+            // SAFETY: the contract; the AMX kernel reads only inside the checked operands.
+            unsafe {
+                match self {
+                    Engine::Vnni => bf16::gemm(c, a, b, update),
+                    Engine::AmxModel => {
+                        super::mode::count_model_product();
+                        kernel::gemm(&mut Model::new(), c, a, b, update)
+                    }
+                    Engine::AmxHardware => kernel::gemm(&mut Hardware, c, a, b, update),
+                }
+            }
+        }
+    }
+}
