@@ -61,97 +61,147 @@ pub(crate) unsafe fn gemm<U: TileUnit>(
         b.pairs.is_multiple_of(TW),
         "product columns not in whole tiles"
     );
-    let (m, n, kp) = (a.rows, b.pairs, a.pairs);
-    let (cp, ldc) = (c.data.as_mut_ptr(), c.rs);
+    let (m, n) = (a.rows, b.pairs);
     if m == 0 || n == 0 {
         return;
     }
-    let mut sa = [Staged([[0; TW]; ROWS]), Staged([[0; TW]; ROWS])];
-    let mut sb = [Staged([[0; TW]; ROWS]), Staged([[0; TW]; ROWS])];
-    let mut sc = Staged([[0; TW]; ROWS]);
-    // SAFETY: every pointer below is inside its operand: rows `i0 + 16·rb + r < m`, pairs
-    // `p0 + q < kp`, columns `j0 + 16·cb + 16 ≤ n`, as `check_sizes` matched them against
-    // the buffers the operands were checked against; the staged tiles are this frame's.
+    let mut p = Product {
+        a,
+        b,
+        c: c.data.as_mut_ptr(),
+        ldc: c.rs,
+        m,
+        update,
+        stage: [
+            Staged([[0; TW]; ROWS]),
+            Staged([[0; TW]; ROWS]),
+            Staged([[0; TW]; ROWS]),
+            Staged([[0; TW]; ROWS]),
+            Staged([[0; TW]; ROWS]),
+        ],
+    };
+    // SAFETY: the blocks handed out are inside C (`i0 < m`, `j0 + 16·nb ≤ n`); `unit` runs.
     unsafe {
         unit.configure(&CONFIG);
         for j0 in (0..n).step_by(2 * TW) {
             let nb = ((n - j0) / TW).min(2);
             for i0 in (0..m).step_by(2 * ROWS) {
-                let mb = (m - i0).div_ceil(ROWS).min(2);
-                let rows = |rb: usize| (m - i0 - ROWS * rb).min(ROWS);
-                let c_at = |rb: usize, cb: usize| cp.add((i0 + ROWS * rb) * ldc + j0 + TW * cb);
-                for rb in 0..mb {
-                    for cb in 0..nb {
-                        if update == Update::Add && rows(rb) == ROWS {
-                            unit.load(c_tile(rb, cb), c_at(rb, cb) as *const u8, 4 * ldc);
-                        } else {
-                            unit.zero(c_tile(rb, cb));
-                        }
+                // Block sizes as constants, so that the tile numbers are constants too.
+                match ((m - i0).div_ceil(ROWS).min(2), nb) {
+                    (2, 2) => p.block::<U, 2, 2>(unit, i0, j0),
+                    (2, _) => p.block::<U, 2, 1>(unit, i0, j0),
+                    (_, 2) => p.block::<U, 1, 2>(unit, i0, j0),
+                    _ => p.block::<U, 1, 1>(unit, i0, j0),
+                }
+            }
+        }
+        unit.release();
+    }
+}
+
+/// One product's operands and the staged edge tiles (A rows `0, 1`, B columns `0, 1`, C).
+struct Product<'a> {
+    a: Pairs<'a>,
+    b: Pairs<'a>,
+    c: *mut f32,
+    ldc: usize,
+    m: usize,
+    update: Update,
+    stage: [Staged; 5],
+}
+
+impl Product<'_> {
+    /// The C block of `MB × NB` tiles at row `i0`, column `j0`, over every pair.
+    ///
+    /// # Safety
+    /// `i0 + 16·(MB − 1) < m`, `j0 + 16·NB ≤ n`; the unit is configured with `CONFIG`.
+    #[inline(always)]
+    unsafe fn block<U: TileUnit, const MB: usize, const NB: usize>(
+        &mut self,
+        unit: &mut U,
+        i0: usize,
+        j0: usize,
+    ) {
+        let (a, b, ldc, kp) = (self.a, self.b, self.ldc, self.a.pairs);
+        let add = self.update == Update::Add;
+        let rows = |rb: usize| (self.m - i0 - ROWS * rb).min(ROWS);
+        let [sa0, sa1, sb0, sb1, sc] = &mut self.stage;
+        let (mut sa, mut sb) = ([sa0, sa1], [sb0, sb1]);
+        // SAFETY: rows `i0 + 16·rb + r < m`, pairs `p0 + q < kp`, columns
+        // `j0 + 16·cb + q < n`: inside the operands as `check_sizes` matched them against
+        // the buffers they were checked against; the staged tiles are this value's.
+        unsafe {
+            let c_at = |rb: usize, cb: usize| self.c.add((i0 + ROWS * rb) * ldc + j0 + TW * cb);
+            for rb in 0..MB {
+                for cb in 0..NB {
+                    if add && rows(rb) == ROWS {
+                        unit.load(c_tile(rb, cb), c_at(rb, cb) as *const u8, 4 * ldc);
+                    } else {
+                        unit.zero(c_tile(rb, cb));
                     }
                 }
-                for p0 in (0..kp).step_by(TW) {
-                    let kr = (kp - p0).min(TW);
-                    for (rb, stage) in sa.iter_mut().enumerate().take(mb) {
-                        let src = a.ptr.add((i0 + ROWS * rb) * a.rs + p0);
-                        if rows(rb) == ROWS && kr == TW {
-                            unit.load(a_tile(rb), src as *const u8, 4 * a.rs);
-                        } else {
-                            let s = &mut stage.0;
-                            for (r, row) in s.iter_mut().enumerate() {
-                                for (q, x) in row.iter_mut().enumerate() {
-                                    let inside = r < rows(rb) && q < kr;
-                                    *x = if inside {
-                                        src.add(r * a.rs + q).read_unaligned()
-                                    } else {
-                                        0
-                                    };
-                                }
+            }
+            for p0 in (0..kp).step_by(TW) {
+                let kr = (kp - p0).min(TW);
+                for (rb, stage) in sa.iter_mut().enumerate().take(MB) {
+                    let src = a.ptr.add((i0 + ROWS * rb) * a.rs + p0);
+                    if rows(rb) == ROWS && kr == TW {
+                        unit.load(a_tile(rb), src as *const u8, 4 * a.rs);
+                    } else {
+                        let s = &mut stage.0;
+                        for (r, row) in s.iter_mut().enumerate() {
+                            for (q, x) in row.iter_mut().enumerate() {
+                                let inside = r < rows(rb) && q < kr;
+                                *x = if inside {
+                                    src.add(r * a.rs + q).read_unaligned()
+                                } else {
+                                    0
+                                };
                             }
-                            unit.load(a_tile(rb), s.as_ptr() as *const u8, COLSB);
                         }
-                    }
-                    for (cb, stage) in sb.iter_mut().enumerate().take(nb) {
-                        let src = b.ptr.add(p0 * b.rs + j0 + TW * cb);
-                        if kr == TW {
-                            unit.load(b_tile(cb), src as *const u8, 4 * b.rs);
-                        } else {
-                            let s = &mut stage.0;
-                            for (r, row) in s.iter_mut().enumerate() {
-                                for (q, x) in row.iter_mut().enumerate() {
-                                    *x = if r < kr {
-                                        src.add(r * b.rs + q).read_unaligned()
-                                    } else {
-                                        0
-                                    };
-                                }
-                            }
-                            unit.load(b_tile(cb), s.as_ptr() as *const u8, COLSB);
-                        }
-                    }
-                    for rb in 0..mb {
-                        for cb in 0..nb {
-                            unit.dpbf16ps(c_tile(rb, cb), a_tile(rb), b_tile(cb));
-                        }
+                        unit.load(a_tile(rb), s.as_ptr() as *const u8, COLSB);
                     }
                 }
-                for rb in 0..mb {
-                    for cb in 0..nb {
-                        let dst = c_at(rb, cb);
-                        if rows(rb) == ROWS {
-                            unit.store(c_tile(rb, cb), dst as *mut u8, 4 * ldc);
-                            continue;
-                        }
-                        unit.store(c_tile(rb, cb), sc.0.as_mut_ptr() as *mut u8, COLSB);
-                        for (r, row) in sc.0.iter().enumerate().take(rows(rb)) {
-                            for (q, &x) in row.iter().enumerate() {
-                                let (y, out) = (f32::from_bits(x), dst.add(r * ldc + q));
-                                *out = if update == Update::Add { *out + y } else { y };
+                for (cb, stage) in sb.iter_mut().enumerate().take(NB) {
+                    let src = b.ptr.add(p0 * b.rs + j0 + TW * cb);
+                    if kr == TW {
+                        unit.load(b_tile(cb), src as *const u8, 4 * b.rs);
+                    } else {
+                        let s = &mut stage.0;
+                        for (r, row) in s.iter_mut().enumerate() {
+                            for (q, x) in row.iter_mut().enumerate() {
+                                *x = if r < kr {
+                                    src.add(r * b.rs + q).read_unaligned()
+                                } else {
+                                    0
+                                };
                             }
+                        }
+                        unit.load(b_tile(cb), s.as_ptr() as *const u8, COLSB);
+                    }
+                }
+                for rb in 0..MB {
+                    for cb in 0..NB {
+                        unit.dpbf16ps(c_tile(rb, cb), a_tile(rb), b_tile(cb));
+                    }
+                }
+            }
+            for rb in 0..MB {
+                for cb in 0..NB {
+                    let dst = c_at(rb, cb);
+                    if rows(rb) == ROWS {
+                        unit.store(c_tile(rb, cb), dst as *mut u8, 4 * ldc);
+                        continue;
+                    }
+                    unit.store(c_tile(rb, cb), sc.0.as_mut_ptr() as *mut u8, COLSB);
+                    for (r, row) in sc.0.iter().enumerate().take(rows(rb)) {
+                        for (q, &x) in row.iter().enumerate() {
+                            let (y, out) = (f32::from_bits(x), dst.add(r * ldc + q));
+                            *out = if add { *out + y } else { y };
                         }
                     }
                 }
             }
         }
-        unit.release();
     }
 }
