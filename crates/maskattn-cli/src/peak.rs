@@ -1,7 +1,8 @@
 //! The peaks `bench` measures its figures against, on the spot and with the same threads
 //! (docs/design.md section 5): the FMA limit of each instruction set the CPU has (a loop of
-//! independent FMAs on registers only, no memory traffic), and the `vdpbf16ps` limit for
-//! bf16; plus what the CPU is and which code path the kernels take. A fraction of one of
+//! independent FMAs on registers only, no memory traffic), the `vdpbf16ps` limit for bf16,
+//! and where the CPU has AMX the `tdpbf16ps` limit (four independent tile products on
+//! tiles loaded once); plus what the CPU is and which code path the kernels take. A fraction of one of
 //! these above 100% means the peak is wrong, not the kernel fast.
 //!
 //! Each loop keeps 12–16 accumulators in registers: enough to cover an FMA's latency (4–5
@@ -19,6 +20,8 @@ pub struct Peaks {
     pub fma_avx2: Option<f64>,
     /// `vdpbf16ps` (AVX512-BF16): 16 lanes × 2 bf16 products, each a multiply and an add.
     pub bf16_dot: Option<f64>,
+    /// `tdpbf16ps` (AMX-BF16): 4 tile products of 16 × 16 × 32, 16384 FLOPs each.
+    pub amx: Option<f64>,
 }
 
 /// What the CPU is and which path the kernels take on it.
@@ -29,9 +32,12 @@ pub struct Paths {
     pub isa: String,
     /// Whether bf16 storage goes to `vdpbf16ps` (else it is widened to f32).
     pub bf16_dot: bool,
-    /// CPUID leaf 7: AMX-TILE and AMX-BF16. No kernel uses AMX yet.
+    /// CPUID leaf 7: AMX-TILE and AMX-BF16.
     pub amx_tile: bool,
     pub amx_bf16: bool,
+    /// `maskattn::kernel_path().amx`: where the bf16 products run (`Hardware` tiles, the
+    /// `Model` of them, `Off`).
+    pub amx: String,
 }
 
 /// The CPU's "model name" from /proc/cpuinfo ("unknown" where there is none), with its
@@ -80,6 +86,7 @@ pub fn paths() -> Paths {
         bf16_dot,
         amx_tile,
         amx_bf16,
+        amx: format!("{:?}", maskattn::kernel_path().amx),
     }
 }
 
@@ -98,9 +105,11 @@ fn amx() -> (bool, bool) {
 
 impl Paths {
     pub fn amx_word(&self) -> &'static str {
-        match (self.amx_tile, self.amx_bf16) {
-            (true, true) => "present (unused: no AMX kernel yet)",
-            (true, false) => "tiles without bf16 (unused)",
+        match (self.amx.as_str(), self.amx_tile, self.amx_bf16) {
+            ("Hardware", ..) => "bf16 products on AMX tiles",
+            ("Model", ..) => "bf16 products on the plain-Rust AMX model (slow)",
+            (_, true, true) => "present, unused (MASKATTN_AMX=0, or no tile state from the OS)",
+            (_, true, false) => "tiles without bf16 (unused)",
             _ => "absent",
         }
     }
@@ -111,6 +120,9 @@ impl Peaks {
     /// the instruction set in use (none for the portable path: the compiler chooses its
     /// instructions). Returns the limit's name and GFLOP/s.
     pub fn limit_for(&self, paths: &Paths, bf16: bool) -> Option<(&'static str, f64)> {
+        if bf16 && paths.bf16_dot && paths.amx == "Hardware" {
+            return self.amx.map(|g| ("tdpbf16ps", g));
+        }
         if bf16 && paths.bf16_dot {
             return self.bf16_dot.map(|g| ("vdpbf16ps", g));
         }
@@ -161,12 +173,14 @@ pub fn header(peaks: &Peaks, paths: &Paths) -> String {
     let g = |x: Option<f64>| x.map_or("absent".to_string(), |g| format!("{g:.1} GFLOP/s"));
     format!(
         "CPU: {}; kernels on {}, bf16 {}, AMX: {}\n\
-         limits ({} threads, register-only loops): avx512 fma {}, avx2 fma {}, vdpbf16ps {}; \
-         %limit holds each row to the limit of its path (bf16 on vdpbf16ps: vdpbf16ps; else the fma of the kernels' ISA), \
+         limits ({} threads, register-only loops): avx512 fma {}, avx2 fma {}, vdpbf16ps {}, amx tdpbf16ps {}; \
+         %limit holds each row to the limit of its path (bf16 on AMX tiles: tdpbf16ps; bf16 on vdpbf16ps: vdpbf16ps; else the fma of the kernels' ISA), \
          %gemm to the f32 matrix product",
         paths.cpu,
         paths.isa,
-        if paths.bf16_dot {
+        if paths.bf16_dot && paths.amx != "Off" {
+            "on AMX tiles"
+        } else if paths.bf16_dot {
             "on vdpbf16ps"
         } else {
             "widened to f32"
@@ -176,6 +190,7 @@ pub fn header(peaks: &Peaks, paths: &Paths) -> String {
         g(peaks.fma_avx512),
         g(peaks.fma_avx2),
         g(peaks.bf16_dot),
+        peaks.amx.map_or("no AMX".to_string(), |x| format!("{x:.1} GFLOP/s")),
     )
 }
 
@@ -197,6 +212,9 @@ pub fn measure() -> Peaks {
             fma_avx512: avx512.then(|| rate(512, |n| unsafe { x86::fma_avx512(n) })),
             fma_avx2: avx2.then(|| rate(192, |n| unsafe { x86::fma_avx2(n) })),
             bf16_dot: bf16.then(|| rate(1024, |n| unsafe { x86::dpbf16(n) })),
+            // 65536 FLOPs a round (see `maskattn::amx_tdpbf16ps_loop`).
+            amx: maskattn::amx_tdpbf16ps_loop(1)
+                .map(|_| rate(65536, |n| maskattn::amx_tdpbf16ps_loop(n).unwrap_or(0.0))),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -205,6 +223,7 @@ pub fn measure() -> Peaks {
         fma_avx512: None,
         fma_avx2: None,
         bf16_dot: None,
+        amx: None,
     }
 }
 
@@ -333,6 +352,7 @@ mod tests {
             fma_avx512: Some(100.0),
             fma_avx2: Some(50.0),
             bf16_dot: Some(400.0),
+            amx: None,
         };
         let mut paths = Paths {
             cpu: "Some CPU 9000".into(),
@@ -340,6 +360,7 @@ mod tests {
             bf16_dot: true,
             amx_tile: false,
             amx_bf16: false,
+            amx: "Off".into(),
         };
         let h = header(&peaks, &paths);
         for want in [
@@ -350,6 +371,7 @@ mod tests {
             "avx512 fma 100.0 GFLOP/s",
             "avx2 fma 50.0 GFLOP/s",
             "vdpbf16ps 400.0 GFLOP/s",
+            "amx tdpbf16ps no AMX",
         ] {
             assert!(h.contains(want), "{want:?} not in {h}");
         }
@@ -374,6 +396,32 @@ mod tests {
             ..peaks
         };
         assert!(header(&absent, &paths).contains("vdpbf16ps absent"));
+        // bf16 on AMX tiles is held to the tdpbf16ps limit, and the header says so.
+        let (amx_peaks, mut amx_paths) = (
+            Peaks {
+                amx: Some(1600.0),
+                ..peaks
+            },
+            Paths {
+                isa: "Avx512".into(),
+                bf16_dot: true,
+                amx: "Hardware".into(),
+                ..paths
+            },
+        );
+        assert_eq!(
+            RowLimit::of(&amx_peaks, &amx_paths, true, 80.0).cell(),
+            "5%"
+        );
+        assert_eq!(
+            RowLimit::of(&amx_peaks, &amx_paths, false, 80.0).cell(),
+            "80%"
+        );
+        let h = header(&amx_peaks, &amx_paths);
+        assert!(h.contains("AMX: bf16 products on AMX tiles"), "{h}");
+        assert!(h.contains("amx tdpbf16ps 1600.0 GFLOP/s"), "{h}");
+        amx_paths.amx = "Model".into();
+        assert!(header(&amx_peaks, &amx_paths).contains("plain-Rust AMX model"));
     }
 
     /// The loops do the work their FLOP counts say: `n` FMAs on each of their accumulators ×
@@ -402,7 +450,10 @@ mod tests {
             assert_eq!(got, (3 * 16 * 16 * 2) as f32 / (1u64 << 20) as f32);
         }
         let p = measure();
-        for g in [p.fma_avx512, p.fma_avx2, p.bf16_dot].into_iter().flatten() {
+        for g in [p.fma_avx512, p.fma_avx2, p.bf16_dot, p.amx]
+            .into_iter()
+            .flatten()
+        {
             assert!(g.is_finite() && g > 0.0, "{p:?}");
         }
     }

@@ -9,7 +9,7 @@
 //! its bf16 products, so a CPU without AMX pays one branch per product, no more.
 
 mod mode;
-pub use mode::{amx_mode, amx_model_products, set_amx, AmxMode};
+pub use mode::{amx_mode, amx_model_products, amx_tdpbf16ps_loop, set_amx, AmxMode};
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod hardware;
@@ -17,6 +17,8 @@ pub(crate) mod hardware;
 pub(crate) mod kernel;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod model;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod peak;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests;
 #[cfg(target_arch = "x86_64")]

@@ -61,6 +61,22 @@ pub(super) fn count_model_product() {
     MODEL_PRODUCTS.fetch_add(1, Ordering::Relaxed);
 }
 
+/// `bench`'s AMX limit: `rounds` rounds of four independent `tdpbf16ps` on the CPU's
+/// tiles (`rounds · 65536` FLOPs), returning the sum of the results (`rounds / 32` exactly,
+/// so that the work is not dead); `None` where the CPU or OS lacks AMX.
+#[doc(hidden)]
+pub fn amx_tdpbf16ps_loop(rounds: u64) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if hardware_available() {
+        // SAFETY: the hardware is available.
+        return Some(unsafe {
+            super::peak::tdpbf16ps_loop(&mut super::hardware::Hardware, rounds)
+        });
+    }
+    let _ = rounds;
+    None
+}
+
 fn detect() -> AmxMode {
     match std::env::var("MASKATTN_AMX").as_deref() {
         Ok("0") | Ok("off") => AmxMode::Off,

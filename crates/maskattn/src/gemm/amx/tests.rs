@@ -375,3 +375,20 @@ fn amx_kernel_keeps_nan_in_its_row_and_column() {
         }
     }
 }
+
+/// The AMX limit's loop does the work it counts: 3 rounds × 4 tiles × 256 entries × 32
+/// products of 2^-20 (16 pairs a row) (through the model; the hardware where it exists).
+#[test]
+fn the_limit_loop_computes_what_it_counts() {
+    let want = (3 * 4 * 256 * 32) as f32 / (1u64 << 20) as f32;
+    // SAFETY: the model runs anywhere.
+    assert_eq!(
+        unsafe { super::peak::tdpbf16ps_loop(&mut Model::new(), 3) },
+        want
+    );
+    if hardware_too("the_limit_loop_computes_what_it_counts") {
+        assert_eq!(crate::amx_tdpbf16ps_loop(3), Some(want));
+    } else {
+        assert_eq!(crate::amx_tdpbf16ps_loop(3), None);
+    }
+}
