@@ -53,7 +53,8 @@ pub fn report_bf16_path(test: &str) {
     }
     said.push(test.to_string());
     if maskattn::bf16_dot_available() {
-        report(&format!("{test}: ran bf16 on AVX512-BF16 dot products"));
+        // "bf16 on AVX512-BF16 dot products", or on AMX tiles (hardware or model).
+        report(&format!("{test}: ran {}", maskattn::kernel_path()));
     } else {
         report(&format!(
             "{test}: SKIPPED bf16 dot products (not available: no AVX512-BF16, a narrower \
