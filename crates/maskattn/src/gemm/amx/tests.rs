@@ -49,14 +49,38 @@ fn bf16_bits(rng: &mut SplitMix64) -> u16 {
     }
 }
 
+/// Loads `src` (16 rows `stride` apart) into tile 3 shaped `rows × colsb` and stores it
+/// into a sentinel-filled buffer (16 rows `dst_stride` apart), which it returns.
+///
+/// # Safety
+/// `unit` runs; `src` holds 16 rows of `stride ≥ colsb` bytes.
+unsafe fn load_store<U: TileUnit>(
+    unit: &mut U,
+    src: &[u8],
+    stride: usize,
+    (rows, colsb): (usize, usize),
+    dst_stride: usize,
+) -> Vec<u8> {
+    let mut dst = vec![0xa5u8; ROWS * dst_stride];
+    // SAFETY: the contract; `dst` holds 16 rows of `dst_stride ≥ colsb` bytes.
+    unsafe {
+        unit.configure(&config(&[(rows, colsb); 8]));
+        unit.load(3, src.as_ptr(), stride);
+        unit.store(3, dst.as_mut_ptr(), dst_stride);
+        unit.release();
+    }
+    dst
+}
+
 #[test]
 fn load_and_store_move_exactly_the_configured_bytes() {
+    let hw = hardware_too("load_and_store_move_exactly_the_configured_bytes");
     let mut rng = SplitMix64::new(1);
     let (stride, dst_stride) = (100, 72);
     let src: Vec<u8> = (0..ROWS * stride).map(|_| rng.next_u64() as u8).collect();
     for (rows, colsb) in [(16, 64), (5, 64), (16, 20), (3, 8), (1, 4), (16, 1)] {
         let mut m = Model::new();
-        // SAFETY: `src` holds 16 rows of `stride ≥ colsb` bytes, `dst` 16 of `dst_stride`.
+        // SAFETY: `src` holds 16 rows of `stride ≥ colsb` bytes.
         unsafe {
             m.configure(&config(&[(rows, colsb); 8]));
             m.load(3, src.as_ptr(), stride);
@@ -71,21 +95,34 @@ fn load_and_store_move_exactly_the_configured_bytes() {
                 assert_eq!(x, want, "tile {rows}×{colsb}: byte ({r}, {c})");
             }
         }
-        let mut dst = vec![0xa5u8; ROWS * dst_stride];
-        // SAFETY: as above.
-        unsafe { m.store(3, dst.as_mut_ptr(), dst_stride) };
-        for (i, &x) in dst.iter().enumerate() {
-            let (r, c) = (i / dst_stride, i % dst_stride);
-            let want = if r < rows && c < colsb {
-                src[r * stride + c]
-            } else {
-                0xa5
-            };
-            assert_eq!(x, want, "store {rows}×{colsb}: byte ({r}, {c})");
-        }
         // SAFETY: touches the model's tiles only.
         unsafe { m.zero(3) };
         assert!(m.bytes(3).iter().flatten().all(|&x| x == 0));
+        let mut units: Vec<(&str, Vec<u8>)> = Vec::new();
+        // SAFETY: `src` as above; the hardware only where it is available.
+        unsafe {
+            units.push((
+                "model",
+                load_store(&mut Model::new(), &src, stride, (rows, colsb), dst_stride),
+            ));
+            if hw {
+                units.push((
+                    "hardware",
+                    load_store(&mut Hardware, &src, stride, (rows, colsb), dst_stride),
+                ));
+            }
+        }
+        for (what, dst) in units {
+            for (i, &x) in dst.iter().enumerate() {
+                let (r, c) = (i / dst_stride, i % dst_stride);
+                let want = if r < rows && c < colsb {
+                    src[r * stride + c]
+                } else {
+                    0xa5
+                };
+                assert_eq!(x, want, "{what}: store {rows}×{colsb}: byte ({r}, {c})");
+            }
+        }
     }
 }
 
@@ -114,9 +151,38 @@ fn tdpbf16ps_definition(c: &mut [f32], a: &[u32], b: &[u32], (m, kp, n): (usize,
     }
 }
 
+/// One `tdpbf16ps` on `unit`: `C [m × n] += A [m × kp pairs] · B [kp × n pairs]` in
+/// tiles 0, 4 and 6 (within the kernel's plan, which `Hardware` is written for).
+///
+/// # Safety
+/// `unit` runs; the operands hold `m·n`, `m·kp`, `kp·n` values.
+unsafe fn one_dp<U: TileUnit>(
+    unit: &mut U,
+    c: &[f32],
+    a: &[u32],
+    b: &[u32],
+    (m, kp, n): (usize, usize, usize),
+) -> Vec<f32> {
+    let mut shapes = [(0, 0); 8];
+    (shapes[0], shapes[4], shapes[6]) = ((m, 4 * n), (m, 4 * kp), (kp, 4 * n));
+    let mut got = vec![0f32; m * n];
+    // SAFETY: each operand holds its tile's rows × colsb bytes at the strides given.
+    unsafe {
+        unit.configure(&config(&shapes));
+        unit.load(0, c.as_ptr().cast(), 4 * n);
+        unit.load(4, a.as_ptr().cast(), 4 * kp);
+        unit.load(6, b.as_ptr().cast(), 4 * n);
+        unit.dpbf16ps(0, 4, 6);
+        unit.store(0, got.as_mut_ptr().cast(), 4 * n);
+    }
+    got
+}
+
 #[test]
 fn tdpbf16ps_matches_its_definition_on_partial_tiles() {
+    let hw = hardware_too("tdpbf16ps_matches_its_definition_on_partial_tiles");
     let mut rng = SplitMix64::new(2);
+    let (mut entries, mut differ) = (0, 0);
     for (m, kp, n) in [
         (16, 16, 16),
         (1, 1, 1),
@@ -133,16 +199,8 @@ fn tdpbf16ps_matches_its_definition_on_partial_tiles() {
         let mut want = c.clone();
         tdpbf16ps_definition(&mut want, &a, &b, (m, kp, n));
         let mut model = Model::new();
-        let mut got = vec![0f32; m * n];
-        // SAFETY: each operand holds its tile's rows × colsb bytes at the strides given.
-        unsafe {
-            model.configure(&config(&[(m, 4 * n), (m, 4 * kp), (kp, 4 * n)]));
-            model.load(0, c.as_ptr().cast(), 4 * n);
-            model.load(1, a.as_ptr().cast(), 4 * kp);
-            model.load(2, b.as_ptr().cast(), 4 * n);
-            model.dpbf16ps(0, 1, 2);
-            model.store(0, got.as_mut_ptr().cast(), 4 * n);
-        }
+        // SAFETY: the model runs anywhere; operands sized as `one_dp` asks.
+        let got = unsafe { one_dp(&mut model, &c, &a, &b, (m, kp, n)) };
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(
                 g.to_bits(),
@@ -154,6 +212,37 @@ fn tdpbf16ps_matches_its_definition_on_partial_tiles() {
         for (r, row) in model.bytes(0).iter().enumerate() {
             assert!(row[if r < m { 4 * n } else { 0 }..].iter().all(|&x| x == 0));
         }
+        if hw {
+            // SAFETY: the hardware is available; operands as above.
+            let real = unsafe { one_dp(&mut Hardware, &c, &a, &b, (m, kp, n)) };
+            // Within f32 summation error of the definition (bits: reported below): each
+            // of the 2·kp additions rounds by at most half an ulp of the running size.
+            let w = |x: u32, h: usize| half::bf16::from_bits((x >> (16 * h)) as u16).to_f64();
+            for (i, (g, d)) in real.iter().zip(&want).enumerate() {
+                let (r, j) = (i / n, i % n);
+                let size = c[i].abs() as f64
+                    + (0..2 * kp)
+                        .map(|k| (w(a[r * kp + k / 2], k % 2) * w(b[k / 2 * n + j], k % 2)).abs())
+                        .sum::<f64>();
+                let bound = (2 * kp + 1) as f64 * size * f32::EPSILON as f64 + 1e-37;
+                assert!(
+                    ((g - d) as f64).abs() <= bound,
+                    "hardware ({m}, {kp}, {n}) entry {i}: {g} vs {d}"
+                );
+            }
+            entries += real.len();
+            differ += real
+                .iter()
+                .zip(&want)
+                .filter(|(x, y)| x.to_bits() != y.to_bits())
+                .count();
+        }
+    }
+    if hw {
+        report(&format!(
+            "tdpbf16ps_matches_its_definition_on_partial_tiles: the hardware's bits differ \
+             from the definition in {differ} of {entries} entries"
+        ));
     }
 }
 
