@@ -5,8 +5,8 @@
 //! (entry `(p, c)` = `B[2p][c], B[2p+1][c]`) are the VNNI layout `tdpbf16ps` reads. So the
 //! tiles load straight from the operands with their row strides, and only the edges go
 //! through a zero-padded copy: a block of fewer than 16 rows of A or C, or the last step of
-//! fewer than 16 pairs. With that one configuration serves every call: all eight tiles
-//! 16 rows × 64 bytes.
+//! fewer than 16 pairs. So one configuration serves every call: all eight tiles 16 rows ×
+//! 64 bytes.
 //!
 //! Tile plan (2 × 2 blocking, each loaded tile feeds two products):
 //! ```text
@@ -19,7 +19,9 @@
 //! `tdpbf16ps` does; blocks of fewer rows are summed from zero and added to C after. Where
 //! the pairs past the operands' end are padded, they are zero on both sides: `0·0` adds
 //! nothing (a −0 sum may turn +0). Padded rows of A are zero and their results dropped, so
-//! a NaN in B reaches only the rows that read it, as on the other paths.
+//! the `0·NaN` they make with a NaN in B never reaches C: C gets exactly the sums of the
+//! operands' own pairs, and the 0·NaN guard of the callers (`pack::Unseen`) holds as on the
+//! AVX512-BF16 path.
 
 use super::super::bf16::Pairs;
 use super::super::{check_sizes, MatMut, Update};
