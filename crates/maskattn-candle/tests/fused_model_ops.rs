@@ -317,3 +317,23 @@ fn weighted_nll_is_the_same_bits_for_any_number_of_threads() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn exp_stays_within_its_stated_relative_error() {
+    use maskattn_candle::fused::approx;
+    let mut worst = 0f64;
+    // A dense grid of [−87, 88] and its ends.
+    let xs = (-870_000..=880_000)
+        .map(|i| i as f32 * 1e-4)
+        .chain([-87.0, 0.0, 88.0]);
+    for x in xs {
+        let gold = (x as f64).exp();
+        worst = worst.max((approx::exp(x) as f64 - gold).abs() / gold);
+    }
+    println!("approx::exp max relative error {worst:e} on [-87, 88]");
+    assert!(worst <= approx::EXP_MAX_REL_ERR as f64, "{worst:e}");
+    // And that good, not far better than stated.
+    assert!(worst > 0.3 * approx::EXP_MAX_REL_ERR as f64, "{worst:e}");
+    assert!(approx::exp(f32::NAN).is_nan());
+    assert_eq!(approx::exp(0.0), 1.0);
+}

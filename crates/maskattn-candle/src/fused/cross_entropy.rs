@@ -2,19 +2,21 @@
 //!
 //! Written with candle's ops it is a log-softmax (max, subtract, exp, sum, log, subtract:
 //! six ops over `[N, V]`), a gather, a product with the weights and a sum, and the backward
-//! of each; here the forward is one pass per row and the backward one more, which recomputes
-//! the softmax from the logits (nothing of `[N, V]` is kept between the two).
+//! of each; here the forward is one pass per row and the backward one more, which rebuilds
+//! the softmax from the logits and the two numbers per row the forward kept.
 //!
 //! Per row `n` of `V` logits: `nll_n = ln Σ_v e^(x_v − m) − (x_t − m)` with `m = max_v x_v`
 //! and `t` the row's target; the op's value is `Σ_n w_n·nll_n`. Gradient:
 //! `∂/∂x_v = w_n·(softmax(x)_v − [v = t])`.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Error, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
+use super::approx;
 use super::gelu::contiguous_f32;
+use super::par::{lane_sum, multiversion};
 
 /// Rows per partial sum (fixed, so the loss has the same bits for any number of threads).
 const BLOCK_ROWS: usize = 64;
@@ -43,6 +45,7 @@ pub fn weighted_nll(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Result
     logits.reshape((n, v))?.contiguous()?.apply_op1(Nll {
         targets: Arc::new(targets.to_vec()),
         weights: Arc::new(weights.to_vec()),
+        stats: Arc::new(OnceLock::new()),
     })
 }
 
@@ -60,15 +63,77 @@ pub fn weighted_nll_ops(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Re
 struct Nll {
     targets: Arc<Vec<u32>>,
     weights: Arc<Vec<f32>>,
+    /// `(m, ln Σ e^(x − m))` of every row, from the forward for the backward.
+    stats: Arc<OnceLock<Vec<(f32, f32)>>>,
 }
 
-/// `(m, ln Σ e^(x − m))` of one row, as candle's `log_softmax` computes them.
-#[inline]
+/// `(m, ln Σ e^(x − m))` of one row, as candle's `log_softmax` computes them (with the
+/// vectorised [`approx::exp`] and interleaved partial sums).
+#[inline(always)]
 fn row_stats(x: &[f32]) -> (f32, f32) {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s: f32 = x.iter().map(|&v| (v - m).exp()).sum();
-    (m, s.ln())
+    (m, lane_sum(x.len(), |i| approx::exp(x[i] - m)).ln())
 }
+
+/// `Σ w·log p(target)` over whole rows of `v` logits (`n0` the first row's index), each
+/// row's stats written to `stats`.
+#[inline(always)]
+fn forward_rows(
+    x: &[f32],
+    v: usize,
+    (targets, weights): (&[u32], &[f32]),
+    stats: &mut [(f32, f32)],
+) -> f32 {
+    let mut sum = 0f32;
+    for (((row, st), &t), &w) in x.chunks_exact(v).zip(stats).zip(targets).zip(weights) {
+        *st = row_stats(row);
+        let logp = (row[t as usize] - st.0) - st.1;
+        sum += logp * w;
+    }
+    sum
+}
+
+/// `dx = g·w·(softmax(x) − onehot(target))` for whole rows.
+#[inline(always)]
+fn backward_rows(
+    x: &[f32],
+    (targets, weights): (&[u32], &[f32]),
+    stats: &[(f32, f32)],
+    g: f32,
+    dx: &mut [f32],
+) {
+    let v = x.len() / targets.len().max(1);
+    for ((((row, dr), &t), &w), &(m, lse)) in x
+        .chunks_exact(v)
+        .zip(dx.chunks_exact_mut(v))
+        .zip(targets)
+        .zip(weights)
+        .zip(stats)
+    {
+        let gw = g * w;
+        if gw == 0.0 {
+            continue;
+        }
+        for (d, &xv) in dr.iter_mut().zip(row) {
+            *d = gw * approx::exp((xv - m) - lse);
+        }
+        dr[t as usize] -= gw;
+    }
+}
+
+multiversion!(fn forward_mv(
+    x: &[f32],
+    v: usize,
+    tw: (&[u32], &[f32]),
+    stats: &mut [(f32, f32)]
+) -> f32 => forward_rows);
+multiversion!(fn backward_mv(
+    x: &[f32],
+    tw: (&[u32], &[f32]),
+    stats: &[(f32, f32)],
+    g: f32,
+    dx: &mut [f32]
+) => backward_rows);
 
 impl CustomOp1 for Nll {
     fn name(&self) -> &'static str {
@@ -77,51 +142,40 @@ impl CustomOp1 for Nll {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32("weighted_nll", s, l)?;
-        let v = l.dims()[1];
+        let v = l.dims()[1].max(1);
+        let mut stats = vec![(0f32, 0f32); self.targets.len()];
         let partial: Vec<f32> = x
-            .par_chunks(BLOCK_ROWS * v.max(1))
-            .enumerate()
-            .map(|(blk, rows)| {
-                let mut sum = 0f32;
-                for (i, row) in rows.chunks_exact(v).enumerate() {
-                    let n = blk * BLOCK_ROWS + i;
-                    let (m, lse) = row_stats(row);
-                    let logp = (row[self.targets[n] as usize] - m) - lse;
-                    sum += logp * self.weights[n];
-                }
-                sum
-            })
+            .par_chunks(BLOCK_ROWS * v)
+            .zip(stats.par_chunks_mut(BLOCK_ROWS))
+            .zip(self.targets.par_chunks(BLOCK_ROWS))
+            .zip(self.weights.par_chunks(BLOCK_ROWS))
+            .map(|(((x, st), t), w)| forward_mv(x, v, (t, w), st))
             .collect();
+        let _ = self.stats.set(stats);
+        // Blocks summed in order: the same bits for any number of threads.
         let total: f32 = partial.iter().sum();
         Ok((CpuStorage::F32(vec![-total]), Shape::from(())))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let g = grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let stats = self
+            .stats
+            .get()
+            .ok_or_else(|| Error::Msg("weighted_nll: backward before forward".into()))?;
         let (s, l) = arg.storage_and_layout();
         let Storage::Cpu(c) = &*s else {
             return Err(Error::Msg("weighted_nll: CPU only".into()));
         };
         let x = contiguous_f32("weighted_nll", c, l)?;
-        let v = l.dims()[1];
+        let v = l.dims()[1].max(1);
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(BLOCK_ROWS * v.max(1))
-            .zip(x.par_chunks(BLOCK_ROWS * v.max(1)))
-            .enumerate()
-            .for_each(|(blk, (dx, x))| {
-                for (i, (dr, row)) in dx.chunks_exact_mut(v).zip(x.chunks_exact(v)).enumerate() {
-                    let n = blk * BLOCK_ROWS + i;
-                    let gw = g * self.weights[n];
-                    if gw == 0.0 {
-                        continue;
-                    }
-                    let (m, lse) = row_stats(row);
-                    for (d, &xv) in dr.iter_mut().zip(row) {
-                        *d = gw * ((xv - m) - lse).exp();
-                    }
-                    dr[self.targets[n] as usize] -= gw;
-                }
-            });
+        dx.par_chunks_mut(BLOCK_ROWS * v)
+            .zip(x.par_chunks(BLOCK_ROWS * v))
+            .zip(self.targets.par_chunks(BLOCK_ROWS))
+            .zip(self.weights.par_chunks(BLOCK_ROWS))
+            .zip(stats.par_chunks(BLOCK_ROWS))
+            .for_each(|((((dx, x), t), w), st)| backward_mv(x, (t, w), st, g, dx));
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
