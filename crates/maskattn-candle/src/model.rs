@@ -127,11 +127,15 @@ impl Block {
         })
     }
 
-    /// `fc2(gelu(fc1(ln2(x))))`, each a fused op.
+    /// `fc2(gelu(fc1(ln2(x))))` in three fused ops (`fc1` and the GELU are one).
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
         let (fc1, fc2) = (&self.fc1, &self.fc2);
-        let h = fused::linear(&self.ln2.forward(x)?, fc1.weight(), fc1.bias())?;
-        fused::linear(&fused::gelu_tanh(&h)?, fc2.weight(), fc2.bias())
+        let h = self.ln2.forward(x)?;
+        let h = match fc1.bias() {
+            Some(b) => fused::linear_gelu_tanh(&h, fc1.weight(), b)?,
+            None => fused::gelu_tanh(&fused::linear(&h, fc1.weight(), None)?)?,
+        };
+        fused::linear(&h, fc2.weight(), fc2.bias())
     }
 
     pub fn attention(&self) -> &MaskedMultiHeadAttention {

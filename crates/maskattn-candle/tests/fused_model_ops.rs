@@ -337,3 +337,44 @@ fn exp_stays_within_its_stated_relative_error() {
     assert!(approx::exp(f32::NAN).is_nan());
     assert_eq!(approx::exp(0.0), 1.0);
 }
+
+#[test]
+fn linear_gelu_gives_the_bits_of_linear_then_gelu() -> Result<()> {
+    // Small (GELU on the calling thread) and the model's 2048 × 128 → 512 (parallel).
+    for (lead, inp, out) in [(vec![3, 5], 7, 11), (vec![16, 128], 128, 512)] {
+        let mut xs = lead.clone();
+        xs.push(inp);
+        let mut ys = lead.clone();
+        ys.push(out);
+        let x = Var::from_tensor(&(tensor(&xs, 51)? * 2.0)?)?;
+        let w = Var::from_tensor(&tensor(&[out, inp], 52)?)?;
+        let b = Var::from_tensor(&tensor(&[out], 53)?)?;
+        let dy = tensor(&ys, 54)?;
+        let run = |one_op: bool| -> Result<Vec<Vec<u32>>> {
+            let y = if one_op {
+                fused::linear_gelu_tanh(&x, &w, &b)?
+            } else {
+                fused::gelu_tanh(&fused::linear(&x, &w, Some(&b))?)?
+            };
+            let g = (&y * &dy)?.sum_all()?.backward()?;
+            let mut res = vec![vec1(&y)];
+            for v in [&x, &w, &b] {
+                res.push(vec1(g.get(v).expect("every input gets a gradient")));
+            }
+            // +0 and −0 are the same gradient.
+            Ok(res
+                .iter()
+                .map(|v| v.iter().map(|f| (f + 0.0).to_bits()).collect())
+                .collect())
+        };
+        let (f, o) = (run(true)?, run(false)?);
+        for (i, what) in ["y", "dx", "dW", "db"].iter().enumerate() {
+            assert!(
+                f[i] == o[i],
+                "{lead:?}×{inp}→{out} {what}: not the same bits"
+            );
+        }
+        println!("fused linear_gelu_tanh {lead:?}×{inp}→{out}: the bits of linear + gelu_tanh");
+    }
+    Ok(())
+}

@@ -153,14 +153,14 @@ fn matmul(lhs: Mat, rhs: Mat, dst: &mut [f32]) -> Result<()> {
 }
 
 /// `y [rows, out] = x [rows, in] · Wᵀ (+ b)`.
-fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, out: usize) -> Result<Vec<f32>> {
+pub(super) fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, out: usize) -> Result<Vec<f32>> {
     let inp = w.len() / out.max(1);
     let rows = if inp == 0 { 0 } else { x.len() / inp };
     let xm = Mat::new(x, rows, inp, inp, 1)?;
     let wm = Mat::new(w, out, inp, inp, 1)?;
     let mut y = vec![0f32; rows * out];
     matmul(xm, wm.t(), &mut y)?;
-    if let Some(b) = b {
+    if let Some(b) = b.filter(|_| out > 0) {
         // Added after the product, as `broadcast_add` does: the same rounding.
         y.par_chunks_mut(BIAS_ROWS * out.max(1)).for_each(|y| {
             for row in y.chunks_exact_mut(out) {
@@ -175,6 +175,9 @@ fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, out: usize) -> Result<Vec<f3
 
 /// `Σ_rows dy` of `dy [rows, out]`, in fixed blocks of rows summed in order.
 fn column_sums(dy: &[f32], out: usize) -> Vec<f32> {
+    if out == 0 {
+        return Vec::new();
+    }
     let partial: Vec<Vec<f32>> = dy
         .par_chunks(GRAD_BLOCK_ROWS * out)
         .map(|block| {
@@ -200,17 +203,24 @@ type Grads = (Tensor, Tensor, Option<Tensor>);
 
 /// `(dx, dW, db)` for `x`, `W` and the output's gradient.
 fn backward(x: &Tensor, w: &Tensor, grad: &Tensor, bias: bool) -> Result<Grads> {
-    let (out, inp) = w.dims2()?;
     let dy = grad.contiguous()?;
+    let (gs, gl) = dy.storage_and_layout();
+    let Storage::Cpu(gc) = &*gs else {
+        return Err(Error::Msg("linear: CPU only".into()));
+    };
+    backward_from(x, w, contiguous_f32("linear", gc, gl)?, bias)
+}
+
+/// [`backward`] with the output's gradient `dy [rows, out]` as a slice.
+pub(super) fn backward_from(x: &Tensor, w: &Tensor, gv: &[f32], bias: bool) -> Result<Grads> {
+    let (out, inp) = w.dims2()?;
     let (xs, xl) = x.storage_and_layout();
     let (ws, wl) = w.storage_and_layout();
-    let (gs, gl) = dy.storage_and_layout();
-    let (Storage::Cpu(xc), Storage::Cpu(wc), Storage::Cpu(gc)) = (&*xs, &*ws, &*gs) else {
+    let (Storage::Cpu(xc), Storage::Cpu(wc)) = (&*xs, &*ws) else {
         return Err(Error::Msg("linear: CPU only".into()));
     };
     let xv = contiguous_f32("linear", xc, xl)?;
     let wv = contiguous_f32("linear", wc, wl)?;
-    let gv = contiguous_f32("linear", gc, gl)?;
     let rows = if inp == 0 { 0 } else { xv.len() / inp };
     let (xm, wm) = (
         Mat::new(xv, rows, inp, inp, 1)?,
@@ -234,7 +244,7 @@ fn backward(x: &Tensor, w: &Tensor, grad: &Tensor, bias: bool) -> Result<Grads> 
     ))
 }
 
-fn shape_out(l: &Layout, out: usize) -> Shape {
+pub(super) fn shape_out(l: &Layout, out: usize) -> Shape {
     let mut dims = l.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = out;

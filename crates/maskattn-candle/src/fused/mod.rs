@@ -11,6 +11,7 @@ mod gelu;
 mod heads;
 mod layer_norm;
 mod linear;
+mod linear_gelu;
 pub(crate) mod par;
 
 pub use cross_entropy::{weighted_nll, weighted_nll_ops};
@@ -18,3 +19,4 @@ pub use gelu::{gelu_erf, gelu_tanh};
 pub use heads::{merge_heads, split_heads, RotaryTables};
 pub use layer_norm::{layer_norm, layer_norm_ops};
 pub use linear::{linear, linear_ops};
+pub use linear_gelu::linear_gelu_tanh;
