@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::approx;
 use super::gelu::contiguous_f32;
-use super::par::{lane_sum, multiversion};
+use super::par::{lane_max, lane_sum, multiversion};
 
 /// Rows per partial sum (fixed, so the loss has the same bits for any number of threads).
 const BLOCK_ROWS: usize = 64;
@@ -71,7 +71,7 @@ struct Nll {
 /// vectorised [`approx::exp`] and interleaved partial sums).
 #[inline(always)]
 fn row_stats(x: &[f32]) -> (f32, f32) {
-    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let m = lane_max(x.len(), |i| x[i]);
     (m, lane_sum(x.len(), |i| approx::exp(x[i] - m)).ln())
 }
 

@@ -117,3 +117,24 @@ pub(crate) fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
     }
     acc.iter().sum()
 }
+
+/// `max f(i)` for `i < n` (−∞ for none), in `LANES` interleaved running maxima, as
+/// [`lane_sum`]: `f32::max`'s NaN handling in one chain does not vectorise. A NaN is
+/// skipped here; callers that go on to `exp(x − max)` still end with NaN.
+#[inline(always)]
+pub(crate) fn lane_max(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let whole = n - n % LANES;
+    for base in (0..whole).step_by(LANES) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            let v = f(base + l);
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    for (l, i) in (whole..n).enumerate() {
+        let v = f(i);
+        acc[l] = if v > acc[l] { v } else { acc[l] };
+    }
+    acc.iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
