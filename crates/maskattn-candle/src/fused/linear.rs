@@ -155,7 +155,7 @@ fn matmul(lhs: Mat, rhs: Mat, dst: &mut [f32]) -> Result<()> {
 /// `y [rows, out] = x [rows, in] · Wᵀ (+ b)`.
 pub(super) fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, out: usize) -> Result<Vec<f32>> {
     let inp = w.len() / out.max(1);
-    let rows = if inp == 0 { 0 } else { x.len() / inp };
+    let rows = x.len().checked_div(inp).unwrap_or(0);
     let xm = Mat::new(x, rows, inp, inp, 1)?;
     let wm = Mat::new(w, out, inp, inp, 1)?;
     let mut y = vec![0f32; rows * out];
@@ -221,7 +221,7 @@ pub(super) fn backward_from(x: &Tensor, w: &Tensor, gv: &[f32], bias: bool) -> R
     };
     let xv = contiguous_f32("linear", xc, xl)?;
     let wv = contiguous_f32("linear", wc, wl)?;
-    let rows = if inp == 0 { 0 } else { xv.len() / inp };
+    let rows = xv.len().checked_div(inp).unwrap_or(0);
     let (xm, wm) = (
         Mat::new(xv, rows, inp, inp, 1)?,
         Mat::new(wv, out, inp, inp, 1)?,
