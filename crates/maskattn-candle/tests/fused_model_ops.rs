@@ -90,6 +90,8 @@ fn linear_forward_and_every_gradient_against_f64_and_candle_linear() -> Result<(
             Ok(res)
         };
         let (f, o) = (run(true)?, run(false)?);
+        // The same gemm call as candle's matmul, the bias added after it: candle's bits.
+        assert!(f[0] == o[0], "{lead:?}×{inp}→{out}: y is not candle's bits");
         let bv = vec1(&b);
         let gold = linear64(
             &vec1(&x),
