@@ -8,9 +8,10 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Result, Tensor, D};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use maskattn::{BlockMask, Dropout, Mask, MaskShape};
 
+use crate::fused;
 use crate::kv_cache::KvCache;
 use crate::op::{attention_with_block, AttnOptions};
 use crate::reference;
@@ -218,8 +219,9 @@ impl MaskedMultiHeadAttention {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
     }
 
-    /// `[B, L, in] → [B, H, L, head_dim]` (a strided view of the projection, not a copy),
-    /// with rotary positions from `offset` when configured.
+    /// `[B, L, in] → [B, H, L, head_dim]` (contiguous), with rotary positions from `offset`
+    /// when configured: the fused projection and head split (rotating as it goes) for f32
+    /// CPU tensors, candle's ops for others.
     fn heads(
         &self,
         x: &Tensor,
@@ -227,14 +229,15 @@ impl MaskedMultiHeadAttention {
         heads: usize,
         offset: Option<usize>,
     ) -> Result<Tensor> {
-        let (b, l, _) = x.dims3()?;
-        let y = proj
-            .forward(x)?
-            .reshape((b, l, heads, self.cfg.head_dim))?
-            .transpose(1, 2)?;
+        let l = x.dim(1)?;
+        let y = fused::linear(x, proj.weight(), proj.bias())?;
+        let fused_path = y.dtype() == DType::F32 && y.device().is_cpu();
         match (&self.rope, offset) {
-            (Some(rope), Some(off)) => rope.apply(&y, off),
-            _ => Ok(y),
+            (Some(rope), Some(off)) if fused_path => {
+                fused::split_heads(&y, heads, Some(&Arc::new(rope.table_values(off, l))))
+            }
+            (Some(rope), Some(off)) => rope.apply(&fused::split_heads(&y, heads, None)?, off),
+            _ => fused::split_heads(&y, heads, None),
         }
     }
 
@@ -438,7 +441,7 @@ impl MaskedMultiHeadAttention {
         backend: Backend,
         weights: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (b, hq, lq, hd) = q.dims4()?;
+        let (b, hq, lq, _) = q.dims4()?;
         let lk = k.dim(2)?;
         let (out, w) = match backend {
             Backend::Reference(None) => (reference::attention(q, k, v, mask.mask()?, None)?, None),
@@ -468,11 +471,9 @@ impl MaskedMultiHeadAttention {
             }
         };
         // [B, H, L_q, hd] → [B, L_q, H·hd] → output projection.
-        let out = out
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, lq, hq * hd))?;
-        Ok((self.o_proj.forward(&out)?, w))
+        let out = fused::merge_heads(&out)?;
+        let o = &self.o_proj;
+        Ok((fused::linear(&out, o.weight(), o.bias())?, w))
     }
 
     /// One decoding step: `x [B, L_new, d_model]` (usually `L_new = 1`) attends to everything

@@ -16,6 +16,7 @@ use candle_nn::{Embedding, Linear, VarBuilder};
 use maskattn::{BlockMask, Mask, MaskShape};
 use serde::{Deserialize, Serialize};
 
+use crate::fused;
 use crate::kv_cache::KvCache;
 use crate::layer::{MaskedMultiHeadAttention, MhaConfig, Mode};
 
@@ -101,7 +102,7 @@ impl LayerNorm {
 impl Module for LayerNorm {
     /// One fused op with a backward for all three of input, weight and bias.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
+        fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -126,10 +127,15 @@ impl Block {
         })
     }
 
+    /// `fc2(gelu(fc1(ln2(x))))` in three fused ops (`fc1` and the GELU are one).
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&crate::fused::gelu_tanh(
-            &self.fc1.forward(&self.ln2.forward(x)?)?,
-        )?)
+        let (fc1, fc2) = (&self.fc1, &self.fc2);
+        let h = self.ln2.forward(x)?;
+        let h = match fc1.bias() {
+            Some(b) => fused::linear_gelu_tanh(&h, fc1.weight(), b)?,
+            None => fused::gelu_tanh(&fused::linear(&h, fc1.weight(), None)?)?,
+        };
+        fused::linear(&h, fc2.weight(), fc2.bias())
     }
 
     pub fn attention(&self) -> &MaskedMultiHeadAttention {
@@ -224,10 +230,10 @@ impl TinyLm {
         }
     }
 
-    /// Tied LM head: `h · E_tokᵀ`.
+    /// Tied LM head: `h · E_tokᵀ` (the fused linear op, `E_tok [vocab, d_model]` as its weight).
     fn head(&self, h: &Tensor) -> Result<Tensor> {
         let h = self.ln_f.forward(h)?;
-        h.broadcast_matmul(&self.tok.embeddings().t()?)
+        fused::linear(&h, self.tok.embeddings(), None)
     }
 
     /// Logits `[B, L, vocab]` for `tokens [B, L]` under `mask` (`[B, heads, L, L]`), compiled

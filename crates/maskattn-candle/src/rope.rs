@@ -19,8 +19,9 @@ impl Rope {
         }
     }
 
-    /// `(cos, sin)`, each `[L, head_dim]`, for positions `offset .. offset + len`.
-    fn tables(&self, offset: usize, len: usize, like: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// `cos θ`, `sin θ` for positions `offset .. offset + len`, `[len, head_dim]` each (the
+    /// values [`apply`](Self::apply) multiplies by; for the fused head split).
+    pub fn table_values(&self, offset: usize, len: usize) -> crate::fused::RotaryTables {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(len * 2 * half);
         let mut sin = Vec::with_capacity(len * 2 * half);
@@ -33,10 +34,20 @@ impl Rope {
                 }
             }
         }
-        let shape = (len, 2 * half);
+        crate::fused::RotaryTables {
+            cos,
+            sin,
+            dim: 2 * half,
+        }
+    }
+
+    /// `(cos, sin)`, each `[L, head_dim]`, for positions `offset .. offset + len`.
+    fn tables(&self, offset: usize, len: usize, like: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = self.table_values(offset, len);
+        let shape = (len, t.dim);
         Ok((
-            Tensor::from_vec(cos, shape, like.device())?.to_dtype(like.dtype())?,
-            Tensor::from_vec(sin, shape, like.device())?.to_dtype(like.dtype())?,
+            Tensor::from_vec(t.cos, shape, like.device())?.to_dtype(like.dtype())?,
+            Tensor::from_vec(t.sin, shape, like.device())?.to_dtype(like.dtype())?,
         ))
     }
 

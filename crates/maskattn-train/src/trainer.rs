@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use maskattn_candle::model::{LmConfig, TinyLm};
 use maskattn_candle::Mode;
@@ -132,16 +132,11 @@ pub struct Trainer {
 }
 
 /// The weighted mean cross-entropy of `logits [B, L, V]` against the batch's targets where
-/// its weights are 1.
+/// its weights are 1 (one fused op with its backward: `maskattn_candle::fused::weighted_nll`).
 pub fn loss(logits: &Tensor, b: &Batch) -> Result<Tensor> {
-    let dev = logits.device();
-    let v = logits.dim(D::Minus1)?;
-    let logp = candle_nn::ops::log_softmax(&logits.reshape(((), v))?, D::Minus1)?;
-    let targets = Tensor::from_slice(&b.targets, b.targets.len(), dev)?;
-    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let w = Tensor::from_slice(&b.weights, b.weights.len(), dev)?;
     let count = b.weights.iter().sum::<f32>().max(1.0) as f64;
-    Ok(((picked * w)?.sum_all()? * (-1.0 / count))?)
+    let sum = maskattn_candle::fused::weighted_nll(logits, &b.targets, &b.weights)?;
+    Ok((sum * (1.0 / count))?)
 }
 
 fn load_corpus(run: &RunSettings, vocab: &Vocab) -> Result<Corpus> {

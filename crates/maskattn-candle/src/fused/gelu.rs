@@ -83,9 +83,9 @@ fn tanh_bwd(x: &[f32], g: &[f32], dx: &mut [f32]) {
 }
 
 multiversion!(fn erf_fwd_mv(x: &[f32], y: &mut [f32]) => erf_fwd);
-multiversion!(fn tanh_fwd_mv(x: &[f32], y: &mut [f32]) => tanh_fwd);
+multiversion!(pub(super) fn tanh_fwd_mv(x: &[f32], y: &mut [f32]) => tanh_fwd);
 multiversion!(fn erf_bwd_mv(x: &[f32], g: &[f32], dx: &mut [f32]) => erf_bwd);
-multiversion!(fn tanh_bwd_mv(x: &[f32], g: &[f32], dx: &mut [f32]) => tanh_bwd);
+multiversion!(pub(super) fn tanh_bwd_mv(x: &[f32], g: &[f32], dx: &mut [f32]) => tanh_bwd);
 
 /// The f32 elements of a contiguous CPU storage.
 pub(crate) fn contiguous_f32<'a>(what: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {

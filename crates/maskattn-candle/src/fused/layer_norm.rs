@@ -10,7 +10,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, St
 use rayon::prelude::*;
 
 use super::gelu::contiguous_f32;
-use super::par::multiversion;
+use super::par::{lane_sum, multiversion};
 
 /// Rows per parallel piece of the forward and of `dx`.
 const ROWS_MIN_ELEMS: usize = 4096;
@@ -57,8 +57,8 @@ struct LayerNormOp {
 #[inline(always)]
 fn stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = lane_sum(x.len(), |i| x[i]) / n;
+    let var = lane_sum(x.len(), |i| (x[i] - mean) * (x[i] - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -88,14 +88,11 @@ fn backward_rows(
         .zip(dy.chunks_exact(n))
         .zip(dx.chunks_exact_mut(n))
     {
+        // Every row slice is exactly `n` long: lets the compiler drop the bounds checks.
+        let (x, dy, w) = (&x[..n], &dy[..n], &w[..n]);
         let (mean, r) = stats(x, eps);
-        let (mut sg, mut sgx) = (0f32, 0f32);
-        for ((&x, &dy), &w) in x.iter().zip(dy).zip(w) {
-            let xh = (x - mean) * r;
-            let g = dy * w;
-            sg += g;
-            sgx += g * xh;
-        }
+        let sg = lane_sum(n, |i| dy[i] * w[i]);
+        let sgx = lane_sum(n, |i| dy[i] * w[i] * ((x[i] - mean) * r));
         let (mg, mgx) = (sg / nf, sgx / nf);
         for (((((dx, &x), &dy), &w), dw), db) in dx
             .iter_mut()

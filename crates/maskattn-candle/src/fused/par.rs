@@ -43,14 +43,14 @@ pub(crate) fn isa() -> Isa {
 /// widest instruction set the CPU has: `body` is inlined into a copy built with AVX-512, one
 /// with AVX2 + FMA, and a portable one (which the compiler vectorises for the baseline).
 macro_rules! multiversion {
-    ($vis:vis fn $name:ident($($a:ident: $t:ty),*) => $body:path) => {
-        $vis fn $name($($a: $t),*) {
+    ($vis:vis fn $name:ident($($a:ident: $t:ty),*) $(-> $ret:ty)? => $body:path) => {
+        $vis fn $name($($a: $t),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
-                unsafe fn v4($($a: $t),*) { $body($($a),*) }
+                unsafe fn v4($($a: $t),*) $(-> $ret)? { $body($($a),*) }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn v3($($a: $t),*) { $body($($a),*) }
+                unsafe fn v3($($a: $t),*) $(-> $ret)? { $body($($a),*) }
                 match $crate::fused::par::isa() {
                     // SAFETY: the instruction set was detected on this CPU.
                     $crate::fused::par::Isa::Avx512 => unsafe { v4($($a),*) },
@@ -94,4 +94,47 @@ pub(crate) fn map2(
             .for_each(|(o, (x, y))| f(x, y, o));
     }
     out
+}
+
+/// Accumulators of [`lane_sum`]: one vector register of f32 under AVX-512.
+const LANES: usize = 16;
+
+/// `Σ f(i)` for `i < n`, in `LANES` interleaved partial sums added at the end: the sums are
+/// independent, so the loop vectorises (one long chain of f32 adds, which the compiler may
+/// not reorder, costs the latency of an add per element). Fixed lane count, so the same
+/// bits on every machine and instruction set.
+#[inline(always)]
+pub(crate) fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let whole = n - n % LANES;
+    for base in (0..whole).step_by(LANES) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(base + l);
+        }
+    }
+    for (l, i) in (whole..n).enumerate() {
+        acc[l] += f(i);
+    }
+    acc.iter().sum()
+}
+
+/// `max f(i)` for `i < n` (−∞ for none), in `LANES` interleaved running maxima, as
+/// [`lane_sum`]: `f32::max`'s NaN handling in one chain does not vectorise. A NaN is
+/// skipped here; callers that go on to `exp(x − max)` still end with NaN.
+#[inline(always)]
+pub(crate) fn lane_max(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let whole = n - n % LANES;
+    for base in (0..whole).step_by(LANES) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            let v = f(base + l);
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    for (l, i) in (whole..n).enumerate() {
+        let v = f(i);
+        acc[l] = if v > acc[l] { v } else { acc[l] };
+    }
+    acc.iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
