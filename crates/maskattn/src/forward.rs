@@ -134,6 +134,8 @@ pub fn forward_into<T: Element>(
     }
     let bias = params.bias.as_ref();
     dims.check_bias(bias)?;
+    params.check_mods(dims.q_heads)?;
+    not_yet(params)?;
     block.check_shape(dims.mask_shape())?;
     let scale = dims.scale(params.scale)?;
     let call = Call {
@@ -443,4 +445,17 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
             }
         }
     }
+}
+
+pub(crate) fn not_yet(params: &Params) -> Result<()> {
+    if params.softcap.is_some()
+        || params.alibi.is_some()
+        || params.sinks.is_some()
+        || params.rel.is_some()
+    {
+        return Err(AttnError::BadScoreMod(
+            "soft-cap, ALiBi, sinks and relative positions are not in the kernels yet".into(),
+        ));
+    }
+    Ok(())
 }

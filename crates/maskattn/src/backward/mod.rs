@@ -23,12 +23,28 @@ use crate::simd::{self, Simd, WithSimd};
 use crate::softmax::{self as sm, Geom, TileJob};
 use crate::view::{Element, View};
 
-/// `dq` like q `[B, H_q, L_q, d]`; `dk`, `dv` like k and v `[B, H_kv, L_k, d]`.
+/// `dq` like q `[B, H_q, L_q, d]`; `dk`, `dv` like k and v `[B, H_kv, L_k, d]`; the
+/// gradients of the score modifiers the call had.
 #[derive(Clone, Debug)]
 pub struct Grads {
     pub dq: Vec<f32>,
     pub dk: Vec<f32>,
     pub dv: Vec<f32>,
+    pub params: ParamGrads,
+}
+
+/// Gradients of the score modifiers (docs/design.md section 1): `Some` for exactly the
+/// modifiers of the call's [`Params`] that have parameters.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ParamGrads {
+    /// Shaped like the bias's dims (`dS` summed over the dimensions it broadcasts over).
+    pub dbias: Option<Vec<f32>>,
+    /// `[H_q]`: `−Σ dS_ij |i' − j|`.
+    pub dalibi: Option<Vec<f32>>,
+    /// `[H_q]`: `−Σ_{b,i} e^{sink_h − LSE_i} D_i`.
+    pub dsinks: Option<Vec<f32>>,
+    /// `[num_buckets, H_q]`: `dS` summed over the pairs of each bucket.
+    pub drel: Option<Vec<f32>>,
 }
 
 /// Buffers the caller owns for [`backward_into`], contiguous, shaped as in [`Grads`].
@@ -37,6 +53,30 @@ pub struct GradsMut<'a> {
     pub dq: &'a mut [f32],
     pub dk: &'a mut [f32],
     pub dv: &'a mut [f32],
+    pub params: ParamGradsMut<'a>,
+}
+
+impl<'a> GradsMut<'a> {
+    /// The three input gradients, and no parameter gradient.
+    pub fn new(dq: &'a mut [f32], dk: &'a mut [f32], dv: &'a mut [f32]) -> Self {
+        GradsMut {
+            dq,
+            dk,
+            dv,
+            params: ParamGradsMut::default(),
+        }
+    }
+}
+
+/// Buffers for the parameter gradients, shaped as in [`ParamGrads`] and overwritten;
+/// `None` = not wanted (a dense bias's gradient costs an `L_q × L_k` write). A buffer for a
+/// modifier the call does not have is an error.
+#[derive(Debug, Default)]
+pub struct ParamGradsMut<'a> {
+    pub dbias: Option<&'a mut [f32]>,
+    pub dalibi: Option<&'a mut [f32]>,
+    pub dsinks: Option<&'a mut [f32]>,
+    pub drel: Option<&'a mut [f32]>,
 }
 
 /// Chunks of key tiles per (b, kv head) aim for this many tasks in all, so that a call with
@@ -138,15 +178,30 @@ pub fn backward<T: Element>(
     params: &Params,
 ) -> Result<Grads> {
     let dims = AttnDims::of(&qkv.q, &qkv.k, &qkv.v)?;
+    params.check_mods(dims.q_heads)?;
+    let h = dims.q_heads;
     let mut grads = Grads {
         dq: vec![0f32; dims.q_len()],
         dk: vec![0f32; dims.kv_len()],
         dv: vec![0f32; dims.kv_len()],
+        params: ParamGrads {
+            dbias: params.bias.map(|bs| vec![0f32; bs.dims().iter().product()]),
+            dalibi: params.alibi.map(|_| vec![0f32; h]),
+            dsinks: params.sinks.map(|_| vec![0f32; h]),
+            drel: params.rel.map(|rb| vec![0f32; rb.num_buckets() * h]),
+        },
     };
+    let p = &mut grads.params;
     let into = GradsMut {
         dq: &mut grads.dq,
         dk: &mut grads.dk,
         dv: &mut grads.dv,
+        params: ParamGradsMut {
+            dbias: p.dbias.as_deref_mut(),
+            dalibi: p.dalibi.as_deref_mut(),
+            dsinks: p.dsinks.as_deref_mut(),
+            drel: p.drel.as_deref_mut(),
+        },
     };
     backward_into(qkv, out, lse, dout, block, params, into)?;
     Ok(grads)
@@ -165,12 +220,20 @@ pub fn backward_into<T: Element>(
 ) -> Result<()> {
     let Qkv { q, k, v } = qkv;
     let dims = AttnDims::of(q, k, v)?;
-    let GradsMut { dq, dk, dv } = grads;
+    let GradsMut {
+        dq,
+        dk,
+        dv,
+        params: pg,
+    } = grads;
     AttnDims::check_buffer("dq", dq.len(), dims.q_len(), "B * H_q * L_q * d")?;
     AttnDims::check_buffer("dk", dk.len(), dims.kv_len(), "B * H_kv * L_k * d")?;
     AttnDims::check_buffer("dv", dv.len(), dims.kv_len(), "B * H_kv * L_k * d")?;
     let bias = params.bias.as_ref();
     dims.check_bias(bias)?;
+    params.check_mods(dims.q_heads)?;
+    crate::forward::not_yet(params)?;
+    check_param_grads(&pg, params, dims.q_heads)?;
     dims.check_like_q("out", out)?;
     dims.check_like_q("dout", dout)?;
     block.check_shape(dims.mask_shape())?;
@@ -272,6 +335,42 @@ pub fn backward_into<T: Element>(
                 }
             }
         });
+    Ok(())
+}
+
+/// Each parameter-gradient buffer belongs to a modifier of the call and has its length.
+fn check_param_grads(pg: &ParamGradsMut, params: &Params, heads: usize) -> Result<()> {
+    let want = [
+        (
+            "dbias",
+            pg.dbias.as_deref(),
+            params.bias.map(|b| b.dims().iter().product::<usize>()),
+        ),
+        ("dalibi", pg.dalibi.as_deref(), params.alibi.map(|_| heads)),
+        ("dsinks", pg.dsinks.as_deref(), params.sinks.map(|_| heads)),
+        (
+            "drel",
+            pg.drel.as_deref(),
+            params.rel.map(|r| r.num_buckets() * heads),
+        ),
+    ];
+    for (name, buf, n) in want {
+        match (buf, n) {
+            (Some(_), None) => {
+                return Err(AttnError::ParamGrad {
+                    name,
+                    what: "a buffer was given, but the call has no such modifier".into(),
+                })
+            }
+            (Some(b), Some(n)) if b.len() != n => {
+                return Err(AttnError::ParamGrad {
+                    name,
+                    what: format!("the buffer holds {} values, the call needs {n}", b.len()),
+                })
+            }
+            _ => {}
+        }
+    }
     Ok(())
 }
 
