@@ -356,6 +356,8 @@ fn parameter_gradients_do_not_depend_on_threads() {
         ([2, 4, 2, 150, 170, 32], [1, 4, 150, 170]),
         ([1, 8, 2, 200, 200, 16], [1, 1, 1, 200]),
         ([2, 2, 1, 2, 700, 32], [2, 1, 1, 700]),
+        // Many key tiles: the number of tasks could vary with threads if it were allowed to.
+        ([1, 2, 1, 64, 2000, 16], [1, 2, 64, 1]),
     ]
     .into_iter()
     .enumerate()
