@@ -462,3 +462,31 @@ fn bad_modifiers_are_typed_errors() {
     assert!(e.to_string().contains("H_q = 2"), "{e}");
     let _ = Mods::default();
 }
+
+#[test]
+fn bias_gradient_in_every_broadcast_form() {
+    let dims = [2, 4, 2, 37, 75, 16];
+    let [b, h, _, lq, lk, _] = dims;
+    let mut n = 0;
+    for db in [1, b] {
+        for dh in [1, h] {
+            for dq in [1, lq] {
+                for dk in [1, lk] {
+                    let which = [0u8, ALL_MODS, 2, 1][n % 4];
+                    let mut c = ModCase::random(n as u64 + 300, dims, (16, 32), false, which);
+                    if which == 0 {
+                        c.mods = Mods::default();
+                    }
+                    c.case.mask = Mask::causal() & Mask::key_lengths(vec![lk, 50]);
+                    let bd = [db, dh, dq, dk];
+                    c.case.bias = Some((Rng::new(n as u64).vec(bd.iter().product()), bd));
+                    c.check();
+                    n += 1;
+                }
+            }
+        }
+    }
+    report(&format!(
+        "score_mods: dbias checked in all {n} broadcast forms"
+    ));
+}
