@@ -88,6 +88,7 @@ impl AttnOp {
             scale: self.opts.scale,
             bias: None,
             dropout: self.opts.dropout,
+            ..Default::default()
         }
     }
 }

@@ -155,11 +155,11 @@ impl Call {
             let out = out.view::<f32>("out")?;
             let dout = dout.view::<f32>("dout")?;
             let lse = lse.slice("lse")?;
-            let grads = GradsMut {
-                dq: g.0.slice_mut("dq")?,
-                dk: g.1.slice_mut("dk")?,
-                dv: g.2.slice_mut("dv")?,
-            };
+            let grads = GradsMut::new(
+                g.0.slice_mut("dq")?,
+                g.1.slice_mut("dk")?,
+                g.2.slice_mut("dv")?,
+            );
             maskattn::backward_into(
                 &maskattn::Qkv::new(&q, &k, &v),
                 &out,

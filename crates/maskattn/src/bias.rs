@@ -68,6 +68,14 @@ impl<'a> Bias<'a> {
         }
     }
 
+    /// The index into the bias's data that pair `(b, h, i, j)` reads.
+    #[inline]
+    pub(crate) fn index(&self, b: usize, h: usize, i: usize, j: usize) -> usize {
+        let [db, dh, dq, dk] = self.dims;
+        let pick = |x: usize, n: usize| if n == 1 { 0 } else { x };
+        ((pick(b, db) * dh + pick(h, dh)) * dq + pick(i, dq)) * dk + pick(j, dk)
+    }
+
     #[inline]
     pub(crate) fn get(&self, b: usize, h: usize, i: usize, j: usize) -> f32 {
         let row = self.row(b, h, i);

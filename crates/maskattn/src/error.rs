@@ -61,6 +61,18 @@ pub enum AttnError {
     #[error("dropout probability must be in [0, 1), got {0}")]
     BadDropout(f32),
 
+    /// A soft-cap `c` that is not positive and finite (`c · tanh(z / c)` needs both).
+    #[error("soft-cap must be positive and finite, got {0}")]
+    BadSoftcap(f32),
+
+    /// A score modifier (ALiBi slopes, sinks, relative-position bias) that cannot be used.
+    #[error("score modifier: {0}")]
+    BadScoreMod(String),
+
+    /// A parameter-gradient buffer of the wrong length, or for a modifier the call lacks.
+    #[error("parameter gradient {name}: {what}")]
+    ParamGrad { name: &'static str, what: String },
+
     /// A size computed from a shape (a product of dimensions, strides or tile counts) does
     /// not fit in `usize`, or is more memory than can be allocated.
     #[error("{name}: {what} = the product of {factors:?} is too large")]

@@ -1,6 +1,28 @@
 //! Exact masked multi-head attention on the CPU: masks, block masks, a fused forward
 //! (online softmax) and backward, and an f64 reference. No ML framework inside.
 //!
+//! Score modifiers ([`Params`]): soft-capping, an additive bias, ALiBi ([`alibi_slopes`]),
+//! attention sinks and T5 relative positions ([`RelBias`], [`t5_bucket`]), in any
+//! combination with any mask; the backward returns their gradients in [`Grads::params`]
+//! (docs/design.md section 1 has the formulas).
+//!
+//! ```
+//! use maskattn::{alibi_slopes, BlockMask, Mask, MaskShape, Params, Qkv, View};
+//!
+//! let (b, h, l, d) = (1, 2, 6, 4);
+//! let x: Vec<f32> = (0..b * h * l * d).map(|i| (i as f32 * 0.21).cos()).collect();
+//! let v = View::bhld("x", &x, [b, h, l, d])?;
+//! let block = BlockMask::new(&Mask::causal(), MaskShape::new(b, h, l, l))?;
+//! let (slopes, sinks) = (alibi_slopes(h), vec![0.5f32; h]);
+//! let p = Params::default().with_softcap(30.0).with_alibi(&slopes).with_sinks(&sinks);
+//! let fwd = maskattn::forward(&v, &v, &v, &block, &p)?;
+//! let out = View::bhld("out", &fwd.out, [b, h, l, d])?;
+//! let g = maskattn::backward(&Qkv::new(&v, &v, &v), &out, &fwd.lse, &v, &block, &p)?;
+//! assert_eq!(g.params.dalibi.map(|x| x.len()), Some(h));
+//! assert!(g.params.drel.is_none()); // no T5 buckets in this call
+//! # Ok::<(), maskattn::AttnError>(())
+//! ```
+//!
 //! ```
 //! use maskattn::{BlockMask, Mask, View};
 //!
@@ -38,12 +60,13 @@ mod pack;
 mod params;
 pub mod reference;
 mod rng;
+mod score_mod;
 mod shape;
 mod simd;
 mod softmax;
 mod view;
 
-pub use backward::{backward, backward_into, Grads, GradsMut, Qkv};
+pub use backward::{backward, backward_into, Grads, GradsMut, ParamGrads, ParamGradsMut, Qkv};
 pub use bias::Bias;
 pub use block::{BlockMask, BlockStats, Tile, DEFAULT_TILE_K, DEFAULT_TILE_Q};
 pub use classify::TileClass;
@@ -58,6 +81,7 @@ pub use mask::{CausalAlign, DenseMask, Mask, MaskFn, MaskShape, Terms};
 pub use mask_syntax::{MaskExpr, DATA_TERMS, STRUCTURED_TERMS};
 pub use params::{Dropout, Params};
 pub use rng::SplitMix64;
+pub use score_mod::{alibi_slopes, t5_bucket, RelBias};
 pub use shape::AttnDims;
 pub use simd::{bf16_dot_available, current_isa, kernel_path, set_isa, Isa, KernelPath};
 pub use view::{Element, View};

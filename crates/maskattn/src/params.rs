@@ -2,6 +2,7 @@
 
 use crate::bias::Bias;
 use crate::error::{AttnError, Result};
+use crate::score_mod::RelBias;
 
 /// Options of one attention call. The backward must be given the same ones as the forward.
 #[derive(Clone, Copy, Debug, Default)]
@@ -12,6 +13,18 @@ pub struct Params<'a> {
     pub bias: Option<Bias<'a>>,
     /// Attention dropout (training): applied to `P` before it weights the values.
     pub dropout: Option<Dropout>,
+    /// Soft-capping `z ↦ c · tanh(z / c)` of the scaled products, before every additive
+    /// term (Gemma 2, Grok); `c > 0` and finite.
+    pub softcap: Option<f32>,
+    /// ALiBi slopes, one per query head (`H_q`): `−slope_h · |i' − j|` on the scores
+    /// ([`crate::alibi_slopes`] gives the standard ones).
+    pub alibi: Option<&'a [f32]>,
+    /// Attention sinks: one logit per query head (`H_q`) that joins every row's softmax
+    /// without a value (`LSE_i = log(e^{sink_h} + Σ_j e^{x_ij})`, so the weights of a row sum
+    /// to less than 1, and a row that allows nothing has `LSE = sink_h`).
+    pub sinks: Option<&'a [f32]>,
+    /// T5's learned relative-position bias `rel[bucket(j − i'), h]`.
+    pub rel: Option<RelBias<'a>>,
 }
 
 impl<'a> Params<'a> {
@@ -31,6 +44,70 @@ impl<'a> Params<'a> {
         self.dropout = Some(dropout);
         self
     }
+
+    /// Soft-capping at `c` (checked by the call: `c > 0` and finite).
+    pub fn with_softcap(mut self, c: f32) -> Self {
+        self.softcap = Some(c);
+        self
+    }
+
+    /// ALiBi with these slopes, one per query head.
+    pub fn with_alibi(mut self, slopes: &'a [f32]) -> Self {
+        self.alibi = Some(slopes);
+        self
+    }
+
+    /// Attention sinks, one logit per query head.
+    pub fn with_sinks(mut self, sinks: &'a [f32]) -> Self {
+        self.sinks = Some(sinks);
+        self
+    }
+
+    /// T5 relative-position bias.
+    pub fn with_rel(mut self, rel: RelBias<'a>) -> Self {
+        self.rel = Some(rel);
+        self
+    }
+
+    /// Checks the score modifiers against the call's query heads: the soft-cap is positive
+    /// and finite, slopes and sinks are finite with one per head, the relative-position
+    /// table has one column per head.
+    pub(crate) fn check_mods(&self, q_heads: usize) -> Result<()> {
+        if let Some(c) = self.softcap {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(AttnError::BadSoftcap(c));
+            }
+        }
+        for (name, v) in [("alibi slopes", self.alibi), ("sinks", self.sinks)] {
+            let Some(v) = v else { continue };
+            if v.len() != q_heads {
+                return Err(AttnError::ShapeMismatch {
+                    what: format!(
+                        "{name} hold {} values, one per query head needs {q_heads}",
+                        v.len()
+                    ),
+                });
+            }
+            if let Some(x) = v.iter().find(|x| !x.is_finite()) {
+                return Err(AttnError::BadScoreMod(format!(
+                    "{name} must be finite, got {x}"
+                )));
+            }
+        }
+        if let Some(rb) = &self.rel {
+            if rb.table().len() != rb.num_buckets() * q_heads {
+                return Err(AttnError::ShapeMismatch {
+                    what: format!(
+                        "relative-position table holds {} values, [num_buckets = {}, H_q = {q_heads}] needs {}",
+                        rb.table().len(),
+                        rb.num_buckets(),
+                        rb.num_buckets() * q_heads
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Attention dropout with probability `p`, reproducible from `seed`.
@@ -39,7 +116,8 @@ impl<'a> Params<'a> {
 /// so the forward and the backward (and any thread) agree on every pair, and the same seed
 /// gives the same result. A kept weight is scaled by `1/(1 − p)`:
 /// `O_i = Σ_j P_ij z_ij v_j` with `z_ij = keep_ij / (1 − p)`. `LSE` is that of the undropped
-/// `P`. Backward: `dV_j = Σ_i P_ij z_ij dO_i`, `dS_ij = P_ij (z_ij dO_i·v_j − D_i)`.
+/// `P`. Backward: `dV_j = Σ_i P_ij z_ij dO_i`, `dS_ij = P_ij (z_ij dO_i·v_j − D_i)`; every
+/// score modifier's gradient is taken from this `dS`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Dropout {
     p: f32,

@@ -5,7 +5,9 @@
 //!
 //! It evaluates the mask pair by pair with [`Mask::allowed`], not through a block mask, so it
 //! also checks block classification. Hidden pairs are *selected* away (never multiplied by
-//! zero), so NaN in hidden keys or values cannot reach the result.
+//! zero), so NaN in hidden keys or values cannot reach the result. Every score modifier
+//! (soft-cap, bias, ALiBi, sinks, T5 relative positions) is applied pair by pair as the
+//! formulas say, and the backward returns the modifiers' gradients as well.
 
 use num_traits::Float;
 
@@ -13,28 +15,48 @@ use crate::bias::Bias;
 use crate::error::Result;
 use crate::mask::Mask;
 use crate::params::{Dropout, Params};
+use crate::score_mod::RelBias;
 use crate::shape::AttnDims;
 use crate::view::View;
 
-/// Reference forward results: `out [B, H_q, L_q, d]`, `lse [B, H_q, L_q]` (−∞ for empty rows).
+/// Reference forward results: `out [B, H_q, L_q, d]`, `lse [B, H_q, L_q]` (−∞ for empty
+/// rows without sinks, `sink_h` with them).
 #[derive(Clone, Debug)]
 pub struct RefForward<T> {
     pub out: Vec<T>,
     pub lse: Vec<T>,
 }
 
-/// Reference gradients: `dq` like q, `dk` and `dv` like k and v.
+/// Reference gradients: `dq` like q, `dk` and `dv` like k and v, and the gradients of the
+/// score modifiers the call had.
 #[derive(Clone, Debug)]
 pub struct RefGrads<T> {
     pub dq: Vec<T>,
     pub dk: Vec<T>,
     pub dv: Vec<T>,
+    pub params: RefParamGrads<T>,
+}
+
+/// Reference gradients of the score modifiers, shaped as in [`crate::ParamGrads`]: `Some`
+/// for exactly the modifiers of the call's [`Params`] that have parameters.
+#[derive(Clone, Debug, Default)]
+pub struct RefParamGrads<T> {
+    /// Shaped like the bias's dims.
+    pub dbias: Option<Vec<T>>,
+    /// `[H_q]`
+    pub dalibi: Option<Vec<T>>,
+    /// `[H_q]`
+    pub dsinks: Option<Vec<T>>,
+    /// `[num_buckets, H_q]`
+    pub drel: Option<Vec<T>>,
 }
 
 /// Everything one (b, h) needs: scores, probabilities and the row statistics.
 struct HeadProbs<T> {
     /// `P [L_q, L_k]`, 0 where hidden.
     p: Vec<T>,
+    /// `tanh(z / c)` of the allowed pairs under soft-capping (empty without).
+    tanh: Vec<T>,
     allowed: Vec<bool>,
     lse: Vec<T>,
 }
@@ -49,6 +71,10 @@ struct Inputs<'a, 'b> {
     v: &'a View<'b>,
     bias: Option<&'a Bias<'b>>,
     dropout: Option<Dropout>,
+    softcap: Option<f32>,
+    alibi: Option<&'b [f32]>,
+    sinks: Option<&'b [f32]>,
+    rel: Option<RelBias<'b>>,
     mask: &'a Mask,
     dims: AttnDims,
     scale: f32,
@@ -66,11 +92,17 @@ impl Inputs<'_, '_> {
         }
     }
 
+    /// `j − i'`, with `i' = i + L_k − L_q`.
+    fn offset(&self, i: usize, j: usize) -> i64 {
+        j as i64 - (i as i64 + self.dims.lk as i64 - self.dims.lq as i64)
+    }
+
     fn head_probs<T: Float>(&self, b: usize, h: usize) -> HeadProbs<T> {
         let AttnDims { lq, lk, d, .. } = self.dims;
         let hk = h / self.dims.group();
         let shape = self.dims.mask_shape();
         let mut x = vec![T::neg_infinity(); lq * lk];
+        let mut tanh = vec![T::zero(); if self.softcap.is_some() { lq * lk } else { 0 }];
         let mut allowed = vec![false; lq * lk];
         for i in 0..lq {
             for j in 0..lk {
@@ -82,12 +114,29 @@ impl Inputs<'_, '_> {
                 for c in 0..d {
                     dot = dot + to::<T>(self.q.get(b, h, i, c)) * to::<T>(self.k.get(b, hk, j, c));
                 }
-                let bias = self.bias.map_or(T::zero(), |bs| to(bs.get(b, h, i, j)));
-                x[i * lk + j] = to::<T>(self.scale) * dot + bias;
+                // z = s·(q·k); x = cap(z) + β − slope·|i' − j| + rel[bucket(j − i')]
+                let mut xv = to::<T>(self.scale) * dot;
+                if let Some(c) = self.softcap {
+                    let t = (xv / to::<T>(c)).tanh();
+                    tanh[i * lk + j] = t;
+                    xv = to::<T>(c) * t;
+                }
+                if let Some(bs) = self.bias {
+                    xv = xv + to(bs.get(b, h, i, j));
+                }
+                let rel = self.offset(i, j);
+                if let Some(sl) = self.alibi {
+                    xv = xv - to::<T>(sl[h]) * T::from(rel.unsigned_abs()).unwrap();
+                }
+                if let Some(rb) = &self.rel {
+                    xv = xv + to(rb.get(rb.bucket(rel), h));
+                }
+                x[i * lk + j] = xv;
             }
         }
+        let sink = self.sinks.map(|sk| to::<T>(sk[h]));
         let mut p = vec![T::zero(); lq * lk];
-        let mut lse = vec![T::neg_infinity(); lq];
+        let mut lse = vec![sink.unwrap_or(T::neg_infinity()); lq];
         for i in 0..lq {
             let row = &x[i * lk..(i + 1) * lk];
             // IEEE arithmetic on the allowed pairs: a NaN score makes the row's sum, and so
@@ -101,9 +150,12 @@ impl Inputs<'_, '_> {
                 }
             });
             if m == T::neg_infinity() {
-                continue; // nothing visible: P = 0, LSE = −∞
+                continue; // nothing visible: P = 0, LSE = −∞ (or the sink)
             }
+            // The sink is one more term of the sum, with no value.
+            let m = sink.map_or(m, |sk| if m.is_nan() { m } else { m.max(sk) });
             let sum = row.iter().fold(T::zero(), |a, &xv| a + (xv - m).exp());
+            let sum = sink.map_or(sum, |sk| sum + (sk - m).exp());
             lse[i] = m + sum.ln();
             for j in 0..lk {
                 if allowed[i * lk + j] {
@@ -111,7 +163,12 @@ impl Inputs<'_, '_> {
                 }
             }
         }
-        HeadProbs { p, allowed, lse }
+        HeadProbs {
+            p,
+            tanh,
+            allowed,
+            lse,
+        }
     }
 
     fn forward<T: Float>(&self) -> RefForward<T> {
@@ -159,6 +216,13 @@ impl Inputs<'_, '_> {
         let mut dq = vec![T::zero(); batch * q_heads * lq * d];
         let mut dk = vec![T::zero(); batch * kv_heads * lk * d];
         let mut dv = vec![T::zero(); batch * kv_heads * lk * d];
+        let zeros = |n: usize| vec![T::zero(); n];
+        let mut pg = RefParamGrads {
+            dbias: self.bias.map(|bs| zeros(bs.dims().iter().product())),
+            dalibi: self.alibi.map(|_| zeros(q_heads)),
+            dsinks: self.sinks.map(|_| zeros(q_heads)),
+            drel: self.rel.map(|rb| zeros(rb.num_buckets() * q_heads)),
+        };
         for b in 0..batch {
             for h in 0..q_heads {
                 let hk = h / self.dims.group();
@@ -171,6 +235,12 @@ impl Inputs<'_, '_> {
                     for c in 0..d {
                         di = di + d_o(i, c) * fwd.out[(bh * lq + i) * d + c];
                     }
+                    let row_allows = (0..lk).any(|j| hp.allowed[i * lk + j]);
+                    // dsink_h −= e^{sink − LSE_i} D_i, over the rows that allow something
+                    // (a row that allows nothing has LSE = sink whatever the sink: no gradient).
+                    if let (Some(ds), Some(sk), true) = (&mut pg.dsinks, self.sinks, row_allows) {
+                        ds[h] = ds[h] - (to::<T>(sk[h]) - hp.lse[i]).exp() * di;
+                    }
                     for j in (0..lk).filter(|&j| hp.allowed[i * lk + j]) {
                         let pij = hp.p[i * lk + j];
                         let z = self.z::<T>(b, h, i, j);
@@ -181,19 +251,45 @@ impl Inputs<'_, '_> {
                             *g = *g + pij * z * d_o(i, c);
                             dp = dp + d_o(i, c) * to::<T>(self.v.get(b, hk, j, c));
                         }
-                        // dS_ij = P_ij (dP_ij − D_i); dQ_i += s dS k_j; dK_j += s dS q_i
+                        // dS_ij = P_ij (dP_ij − D_i): the gradient of x_ij, and so of every
+                        // additive term.
                         let ds = pij * (z * dp - di);
+                        let rel = self.offset(i, j);
+                        if let (Some(g), Some(bs)) = (&mut pg.dbias, self.bias) {
+                            let at = bs.index(b, h, i, j);
+                            g[at] = g[at] + ds;
+                        }
+                        if let Some(g) = &mut pg.dalibi {
+                            g[h] = g[h] - ds * T::from(rel.unsigned_abs()).unwrap();
+                        }
+                        if let (Some(g), Some(rb)) = (&mut pg.drel, &self.rel) {
+                            let at = rb.bucket(rel) * q_heads + h;
+                            g[at] = g[at] + ds;
+                        }
+                        // Through the cap: dz = dS · (1 − tanh²(z / c)).
+                        let dz = if self.softcap.is_some() {
+                            let t = hp.tanh[i * lk + j];
+                            ds * (T::one() - t * t)
+                        } else {
+                            ds
+                        };
+                        // dQ_i += s dz k_j; dK_j += s dz q_i
                         for c in 0..d {
                             let g = &mut dq[(bh * lq + i) * d + c];
-                            *g = *g + s * ds * to::<T>(self.k.get(b, hk, j, c));
+                            *g = *g + s * dz * to::<T>(self.k.get(b, hk, j, c));
                             let g = &mut dk[(bhk * lk + j) * d + c];
-                            *g = *g + s * ds * to::<T>(self.q.get(b, h, i, c));
+                            *g = *g + s * dz * to::<T>(self.q.get(b, h, i, c));
                         }
                     }
                 }
             }
         }
-        RefGrads { dq, dk, dv }
+        RefGrads {
+            dq,
+            dk,
+            dv,
+            params: pg,
+        }
     }
 }
 
@@ -208,7 +304,8 @@ pub fn forward<T: Float>(
     Ok(inputs(q, k, v, mask, params)?.forward())
 }
 
-/// Reference gradients in float type `T`, given the output gradient `dout` (shaped like q).
+/// Reference gradients in float type `T`, given the output gradient `dout` (shaped like q):
+/// of q, k, v and of every score modifier in `params` that has parameters.
 pub fn backward<T: Float>(
     q: &View,
     k: &View,
@@ -232,6 +329,7 @@ fn inputs<'a, 'b>(
     let dims = AttnDims::of(q, k, v)?;
     let bias = params.bias.as_ref();
     dims.check_bias(bias)?;
+    params.check_mods(dims.q_heads)?;
     mask.validate(&dims.mask_shape())?;
     let scale = dims.scale(params.scale)?;
     Ok(Inputs {
@@ -240,6 +338,10 @@ fn inputs<'a, 'b>(
         v,
         bias,
         dropout: params.dropout,
+        softcap: params.softcap,
+        alibi: params.alibi,
+        sinks: params.sinks,
+        rel: params.rel,
         mask,
         dims,
         scale,

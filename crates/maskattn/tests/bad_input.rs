@@ -193,11 +193,8 @@ fn caller_buffers_of_the_wrong_size() {
     let ov = View::bhld("out", &out, [1, 2, 4, 8]).unwrap();
     let (mut dq, mut dk, mut dv) = (vec![0f32; 64], vec![0f32; 40], vec![0f32; 40]);
     // dk sized like q (a GQA slip): named, with the size it needs.
-    let grads = maskattn::GradsMut {
-        dq: &mut dq,
-        dk: &mut vec![0f32; 64],
-        dv: &mut dv,
-    };
+    let mut dk_wrong = vec![0f32; 64];
+    let grads = maskattn::GradsMut::new(&mut dq, &mut dk_wrong, &mut dv);
     let e = maskattn::backward_into(
         &maskattn::Qkv::new(&qv, &k, &v),
         &ov,
@@ -210,11 +207,7 @@ fn caller_buffers_of_the_wrong_size() {
     .unwrap_err();
     assert!(e.to_string().contains("dk holds 64 values"), "{e}");
     assert!(e.to_string().contains("= 40"), "{e}");
-    let grads = maskattn::GradsMut {
-        dq: &mut dq,
-        dk: &mut dk,
-        dv: &mut dv,
-    };
+    let grads = maskattn::GradsMut::new(&mut dq, &mut dk, &mut dv);
     maskattn::backward_into(
         &maskattn::Qkv::new(&qv, &k, &v),
         &ov,

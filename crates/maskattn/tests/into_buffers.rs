@@ -42,11 +42,7 @@ fn every_value_of_the_callers_buffers_is_written() {
                 vec![f32::NAN; dk.len()],
                 vec![f32::NAN; dv.len()],
             );
-            let grads = GradsMut {
-                dq: &mut dq2,
-                dk: &mut dk2,
-                dv: &mut dv2,
-            };
+            let grads = GradsMut::new(&mut dq2, &mut dk2, &mut dv2);
             maskattn::backward_into(
                 &maskattn::Qkv::new(&q, &k, &v),
                 &ov,

@@ -9,6 +9,7 @@
 
 #[cfg(target_arch = "x86_64")]
 mod bf16;
+mod score_grads;
 
 use rayon::prelude::*;
 
@@ -22,13 +23,30 @@ use crate::shape::AttnDims;
 use crate::simd::{self, Simd, WithSimd};
 use crate::softmax::{self as sm, Geom, TileJob};
 use crate::view::{Element, View};
+use score_grads::{ModGrads, ModSpec};
 
-/// `dq` like q `[B, H_q, L_q, d]`; `dk`, `dv` like k and v `[B, H_kv, L_k, d]`.
+/// `dq` like q `[B, H_q, L_q, d]`; `dk`, `dv` like k and v `[B, H_kv, L_k, d]`; the
+/// gradients of the score modifiers the call had.
 #[derive(Clone, Debug)]
 pub struct Grads {
     pub dq: Vec<f32>,
     pub dk: Vec<f32>,
     pub dv: Vec<f32>,
+    pub params: ParamGrads,
+}
+
+/// Gradients of the score modifiers (docs/design.md section 1): `Some` for exactly the
+/// modifiers of the call's [`Params`] that have parameters.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ParamGrads {
+    /// Shaped like the bias's dims (`dS` summed over the dimensions it broadcasts over).
+    pub dbias: Option<Vec<f32>>,
+    /// `[H_q]`: `−Σ dS_ij |i' − j|`.
+    pub dalibi: Option<Vec<f32>>,
+    /// `[H_q]`: `−Σ_{b,i} e^{sink_h − LSE_i} D_i`.
+    pub dsinks: Option<Vec<f32>>,
+    /// `[num_buckets, H_q]`: `dS` summed over the pairs of each bucket.
+    pub drel: Option<Vec<f32>>,
 }
 
 /// Buffers the caller owns for [`backward_into`], contiguous, shaped as in [`Grads`].
@@ -37,6 +55,30 @@ pub struct GradsMut<'a> {
     pub dq: &'a mut [f32],
     pub dk: &'a mut [f32],
     pub dv: &'a mut [f32],
+    pub params: ParamGradsMut<'a>,
+}
+
+impl<'a> GradsMut<'a> {
+    /// The three input gradients, and no parameter gradient.
+    pub fn new(dq: &'a mut [f32], dk: &'a mut [f32], dv: &'a mut [f32]) -> Self {
+        GradsMut {
+            dq,
+            dk,
+            dv,
+            params: ParamGradsMut::default(),
+        }
+    }
+}
+
+/// Buffers for the parameter gradients, shaped as in [`ParamGrads`] and overwritten;
+/// `None` = not wanted (a dense bias's gradient costs an `L_q × L_k` write). A buffer for a
+/// modifier the call does not have is an error.
+#[derive(Debug, Default)]
+pub struct ParamGradsMut<'a> {
+    pub dbias: Option<&'a mut [f32]>,
+    pub dalibi: Option<&'a mut [f32]>,
+    pub dsinks: Option<&'a mut [f32]>,
+    pub drel: Option<&'a mut [f32]>,
 }
 
 /// Chunks of key tiles per (b, kv head) aim for this many tasks in all, so that a call with
@@ -55,6 +97,9 @@ struct Pass<'a, 'b, T> {
     /// Per (b, query head, query tile): every Q and dO value of the tile is finite.
     rows_finite: Vec<bool>,
     g: Geom,
+    /// The parameter gradients the caller wants (without the buckets: see [`Pass::mods`]).
+    mods: ModSpec<'static>,
+    want_rel: bool,
     /// The bf16 dot-product path's query-side operands, where it is taken.
     #[cfg(target_arch = "x86_64")]
     qs: Option<bf16::QuerySide>,
@@ -76,11 +121,13 @@ struct Scratch {
     drop_keys: Vec<u32>,
     ds: Vec<f32>,
     bias: Vec<f32>,
+    /// `tanh(z / c)` under soft-capping.
+    tanh: Vec<f32>,
     unseen: Unseen,
 }
 
 impl Scratch {
-    fn new(g: &Geom, tq: usize, bias: bool, dropout: bool) -> Self {
+    fn new(g: &Geom, tq: usize, bias: bool, dropout: bool, softcap: bool) -> Self {
         let tile = g.tk_pad * g.d_pad;
         let score = tq * g.tk_pad;
         Scratch {
@@ -96,15 +143,26 @@ impl Scratch {
             drop_keys: vec![0; tq],
             ds: vec![0.0; score],
             bias: vec![0.0; if bias { score } else { 0 }],
+            tanh: vec![0.0; if softcap { score } else { 0 }],
             unseen: Unseen::new(g.words, tile),
         }
     }
 }
 
-/// What one task hands back: its `dQ` buffer (`group · L_q × d_pad`) and its key tiles' gradients.
-struct ChunkResult {
+/// What one task hands back: its `dQ` buffer (`group · L_q × d_pad`), its key tiles'
+/// gradients and its sums for the parameter gradients.
+struct ChunkResult<'a> {
     dq: Vec<f32>,
     tiles: Vec<(usize, Vec<f32>, Vec<f32>)>,
+    mods: Option<ModGrads<'a>>,
+}
+
+/// The parameter-gradient sums of one (b, kv head), in the layouts of [`ModGrads`]:
+/// the bias block `[gh, nq, nk]`, `dalibi [group]`, `drel [num_buckets, group]`.
+struct HeadMods {
+    bias: Vec<f32>,
+    dalibi: Vec<f64>,
+    drel: Vec<f64>,
 }
 
 /// The three attention inputs, as the forward took them: `q [B, H_q, L_q, d]`,
@@ -128,7 +186,8 @@ impl<'a, T: Element> Qkv<'a, T> {
 
 /// Masked attention backward: gradients of `q`, `k`, `v` given the forward's `out` and `lse`
 /// and the output gradient `dout` (shaped like q). Same inputs, block mask and [`Params`]
-/// (scale, bias, dropout) as the forward.
+/// (scale, bias, dropout, score modifiers) as the forward. `Grads::params` holds the
+/// gradient of every modifier of `params` that has parameters (docs/design.md section 1).
 pub fn backward<T: Element>(
     qkv: &Qkv<T>,
     out: &View<f32>,
@@ -138,22 +197,39 @@ pub fn backward<T: Element>(
     params: &Params,
 ) -> Result<Grads> {
     let dims = AttnDims::of(&qkv.q, &qkv.k, &qkv.v)?;
+    params.check_mods(dims.q_heads)?;
+    let h = dims.q_heads;
     let mut grads = Grads {
         dq: vec![0f32; dims.q_len()],
         dk: vec![0f32; dims.kv_len()],
         dv: vec![0f32; dims.kv_len()],
+        params: ParamGrads {
+            dbias: params.bias.map(|bs| vec![0f32; bs.dims().iter().product()]),
+            dalibi: params.alibi.map(|_| vec![0f32; h]),
+            dsinks: params.sinks.map(|_| vec![0f32; h]),
+            drel: params.rel.map(|rb| vec![0f32; rb.num_buckets() * h]),
+        },
     };
+    let p = &mut grads.params;
     let into = GradsMut {
         dq: &mut grads.dq,
         dk: &mut grads.dk,
         dv: &mut grads.dv,
+        params: ParamGradsMut {
+            dbias: p.dbias.as_deref_mut(),
+            dalibi: p.dalibi.as_deref_mut(),
+            dsinks: p.dsinks.as_deref_mut(),
+            drel: p.drel.as_deref_mut(),
+        },
     };
     backward_into(qkv, out, lse, dout, block, params, into)?;
     Ok(grads)
 }
 
 /// [`backward`] into buffers the caller owns (every value overwritten): for writing straight
-/// into another framework's gradient storage, or reusing buffers call after call.
+/// into another framework's gradient storage, or reusing buffers call after call. The
+/// parameter gradients are computed for exactly the buffers given in `grads.params`
+/// (checked: each belongs to a modifier of `params` and has its length).
 pub fn backward_into<T: Element>(
     qkv: &Qkv<T>,
     out: &View<f32>,
@@ -165,12 +241,19 @@ pub fn backward_into<T: Element>(
 ) -> Result<()> {
     let Qkv { q, k, v } = qkv;
     let dims = AttnDims::of(q, k, v)?;
-    let GradsMut { dq, dk, dv } = grads;
+    let GradsMut {
+        dq,
+        dk,
+        dv,
+        params: mut pg,
+    } = grads;
     AttnDims::check_buffer("dq", dq.len(), dims.q_len(), "B * H_q * L_q * d")?;
     AttnDims::check_buffer("dk", dk.len(), dims.kv_len(), "B * H_kv * L_k * d")?;
     AttnDims::check_buffer("dv", dv.len(), dims.kv_len(), "B * H_kv * L_k * d")?;
     let bias = params.bias.as_ref();
     dims.check_bias(bias)?;
+    params.check_mods(dims.q_heads)?;
+    check_param_grads(&pg, params, dims.q_heads)?;
     dims.check_like_q("out", out)?;
     dims.check_like_q("dout", dout)?;
     block.check_shape(dims.mask_shape())?;
@@ -194,13 +277,15 @@ pub fn backward_into<T: Element>(
     let (tq, nq) = (block.tile_q(), block.grid().0);
     let mut delta = vec![0f32; batch * q_heads * lq];
     let mut rows_finite = vec![true; batch * q_heads * nq];
-    delta
+    let sinks = params.sinks.filter(|_| pg.dsinks.is_some());
+    let dsink_rows: Vec<f64> = delta
         .par_chunks_mut(lq)
         .zip(rows_finite.par_chunks_mut(nq))
         .enumerate()
-        .for_each(|(bh, (dl, fin))| {
+        .map(|(bh, (dl, fin))| {
             let (b, h) = (bh / q_heads, bh % q_heads);
             let (mut o, mut g, mut qr) = (vec![0f32; d], vec![0f32; d], vec![0f32; d]);
+            let mut dsink = 0f64;
             for (i, x) in dl.iter_mut().enumerate() {
                 out.load_rows(b, h, i, &mut o);
                 dout.load_rows(b, h, i, &mut g);
@@ -208,20 +293,39 @@ pub fn backward_into<T: Element>(
                 // SAFETY: `DotInOrder` reads only its two slices.
                 *x = unsafe { simd::run(DotInOrder(&o, &g)) };
                 fin[i / tq] &= pack::all_finite(&g) & pack::all_finite(&qr);
+                // dsink_h −= e^(sink_h − LSE_i) D_i. A row that allows nothing has O = 0 and
+                // so D = 0, unless its dO is not finite (0 · NaN): such a row has no
+                // gradient (its LSE is the sink whatever the sink), so it is skipped.
+                if let Some(sk) = sinks {
+                    let lse_i = lse[bh * lq + i];
+                    if x.is_finite() || !row_sees_nothing(block, (b, h, i)) {
+                        dsink -= ((sk[h] - lse_i) as f64).exp() * *x as f64;
+                    }
+                }
             }
-        });
+            dsink
+        })
+        .collect();
+    if let (Some(dst), Some(_)) = (pg.dsinks.take(), sinks) {
+        // Summed over batch rows in order.
+        for (h, x) in dst.iter_mut().enumerate() {
+            *x = (0..batch).map(|b| dsink_rows[b * q_heads + h]).sum::<f64>() as f32;
+        }
+    }
 
-    let call = Call {
-        q,
-        k,
-        v,
-        bias: params.bias.as_ref(),
-        dropout: params.dropout.as_ref(),
-        block,
-        dims,
-        scale,
-    };
+    let call = Call::new((q, k, v), block, params, dims, scale);
     let g = call.geom();
+    let mods = ModSpec {
+        bias: params.bias.filter(|_| pg.dbias.is_some()).map(|b| b.dims()),
+        alibi: params.alibi.is_some() && pg.dalibi.is_some(),
+        // Filled from the call's table by `Pass::mods`.
+        buckets: None,
+        num_buckets: params.rel.map_or(0, |r| r.num_buckets()),
+        group: dims.group(),
+        lq,
+        lk,
+    };
+    let want_rel = params.rel.is_some() && pg.drel.is_some();
     let pass = Pass {
         call,
         dout,
@@ -229,6 +333,8 @@ pub fn backward_into<T: Element>(
         delta,
         rows_finite,
         g,
+        mods,
+        want_rel,
         #[cfg(target_arch = "x86_64")]
         qs: (T::IS_BF16 && crate::simd::bf16_dot() && exactly_bf16(dout))
             .then(|| query_side(q, dout, block, &g)),
@@ -244,11 +350,12 @@ pub fn backward_into<T: Element>(
     // Key tiles no query sees give no result (`chunk` skips them): their gradients are 0.
     dk.fill(0.0);
     dv.fill(0.0);
-    dq.par_chunks_mut(group * lq * d)
+    let head_mods: Vec<Option<HeadMods>> = dq
+        .par_chunks_mut(group * lq * d)
         .zip(dk.par_chunks_mut(lk * d))
         .zip(dv.par_chunks_mut(lk * d))
         .enumerate()
-        .for_each(|(bhk, ((dq, dk), dv))| {
+        .map(|(bhk, ((dq, dk), dv))| {
             let (b, hk) = (bhk / kv_heads, bhk % kv_heads);
             let results: Vec<ChunkResult> = (0..chunks)
                 .into_par_iter()
@@ -271,19 +378,149 @@ pub fn backward_into<T: Element>(
                     dv[(j0 + c) * d..(j0 + c + 1) * d].copy_from_slice(&dvt[src]);
                 }
             }
-        });
+            pass.head_mods(&results)
+        })
+        .collect();
+    let spec = pass.mods();
+    if spec.any() {
+        let hm: Vec<HeadMods> = head_mods.into_iter().flatten().collect();
+        add_head_mods(&spec, &hm, (kv_heads, q_heads), params, pg);
+    }
+    Ok(())
+}
+
+/// Adds the (b, kv head) sums into the caller's buffers, in (b, kv head) order, over the
+/// dimensions the parameters broadcast over (batch rows always; heads for a bias shared
+/// by all heads).
+fn add_head_mods(
+    spec: &ModSpec,
+    hm: &[HeadMods],
+    (kv_heads, q_heads): (usize, usize),
+    params: &Params,
+    pg: ParamGradsMut,
+) {
+    let group = spec.group;
+    let at = |bhk: usize| (bhk / kv_heads, bhk % kv_heads);
+    if let (Some(dst), Some([db, dh, dq, dk]), Some((gh, nq, nk))) =
+        (pg.dbias, spec.bias, spec.bias_block())
+    {
+        dst.fill(0.0);
+        for (bhk, m) in hm.iter().enumerate() {
+            let (b, hk) = at(bhk);
+            let bb = if db == 1 { 0 } else { b };
+            for ghi in 0..gh {
+                let hh = if dh == 1 { 0 } else { hk * group + ghi };
+                let dst = &mut dst[(bb * dh + hh) * dq * dk..][..dq * dk];
+                let src = &m.bias[ghi * nq * nk..(ghi + 1) * nq * nk];
+                for (x, s) in dst.iter_mut().zip(src) {
+                    *x += s;
+                }
+            }
+        }
+    }
+    if let (Some(dst), true) = (pg.dalibi, spec.alibi) {
+        let mut sum = vec![0f64; q_heads];
+        for (bhk, m) in hm.iter().enumerate() {
+            let hk = at(bhk).1;
+            for (hi, x) in m.dalibi.iter().enumerate() {
+                sum[hk * group + hi] += x;
+            }
+        }
+        dst.iter_mut().zip(&sum).for_each(|(d, s)| *d = *s as f32);
+    }
+    if let (Some(dst), Some(_)) = (pg.drel, spec.buckets) {
+        let nb = params.rel.map_or(0, |r| r.num_buckets());
+        let mut sum = vec![0f64; nb * q_heads];
+        for (bhk, m) in hm.iter().enumerate() {
+            let hk = at(bhk).1;
+            for n in 0..nb {
+                for hi in 0..group {
+                    sum[n * q_heads + hk * group + hi] += m.drel[n * group + hi];
+                }
+            }
+        }
+        dst.iter_mut().zip(&sum).for_each(|(d, s)| *d = *s as f32);
+    }
+}
+
+/// Whether row `i` of head `(b, h)` may attend to no key at all (from its block-mask tiles).
+fn row_sees_nothing(block: &BlockMask, (b, h, i): (usize, usize, usize)) -> bool {
+    let (tq, words) = (block.tile_q(), block.words());
+    (0..block.grid().1).all(|kt| match block.tile(b, h, i / tq, kt) {
+        Tile::Empty => true,
+        Tile::Full => false,
+        Tile::Partial(bits) => bits[(i % tq) * words..(i % tq + 1) * words]
+            .iter()
+            .all(|&w| w == 0),
+    })
+}
+
+/// Each parameter-gradient buffer belongs to a modifier of the call and has its length.
+fn check_param_grads(pg: &ParamGradsMut, params: &Params, heads: usize) -> Result<()> {
+    let want = [
+        (
+            "dbias",
+            pg.dbias.as_deref(),
+            params.bias.map(|b| b.dims().iter().product::<usize>()),
+        ),
+        ("dalibi", pg.dalibi.as_deref(), params.alibi.map(|_| heads)),
+        ("dsinks", pg.dsinks.as_deref(), params.sinks.map(|_| heads)),
+        (
+            "drel",
+            pg.drel.as_deref(),
+            params.rel.map(|r| r.num_buckets() * heads),
+        ),
+    ];
+    for (name, buf, n) in want {
+        match (buf, n) {
+            (Some(_), None) => {
+                return Err(AttnError::ParamGrad {
+                    name,
+                    what: "a buffer was given, but the call has no such modifier".into(),
+                })
+            }
+            (Some(b), Some(n)) if b.len() != n => {
+                return Err(AttnError::ParamGrad {
+                    name,
+                    what: format!("the buffer holds {} values, the call needs {n}", b.len()),
+                })
+            }
+            _ => {}
+        }
+    }
     Ok(())
 }
 
 impl<T: Element> Pass<'_, '_, T> {
+    /// The parameter gradients wanted, with the call's buckets where `drel` is one of them.
+    fn mods(&self) -> ModSpec<'_> {
+        ModSpec {
+            buckets: self
+                .call
+                .pos
+                .as_ref()
+                .filter(|_| self.want_rel)
+                .map(|p| &p.buckets[..]),
+            ..self.mods
+        }
+    }
+
     /// Key tiles `c, c + chunks, …` of kv head `(b, hk)` (interleaved, so that a causal
     /// mask's work is shared evenly).
-    fn chunk(&self, (b, hk): (usize, usize), c: usize, chunks: usize) -> ChunkResult {
+    fn chunk(&self, (b, hk): (usize, usize), c: usize, chunks: usize) -> ChunkResult<'_> {
         let (g, call) = (self.g, &self.call);
         let (tq, lq, lk) = (call.block.tile_q(), call.dims.lq, call.dims.lk);
         let group = call.dims.group();
         let (nq, nk) = call.block.grid();
-        let mut sc = Scratch::new(&g, tq, call.bias.is_some(), call.dropout.is_some());
+        let mut sc = Scratch::new(
+            &g,
+            tq,
+            call.bias.is_some(),
+            call.dropout.is_some(),
+            call.softcap.is_some(),
+        );
+        let spec = self.mods();
+        let mut mods = spec.any().then(|| ModGrads::new(spec, tq, g.tk, g.tk_pad));
         let mut dq = vec![0f32; group * lq * g.d_pad];
         let mut tiles = Vec::new();
         #[cfg(target_arch = "x86_64")]
@@ -318,6 +555,9 @@ impl<T: Element> Pass<'_, '_, T> {
                 len: cols,
             };
             let kv_tile = (g.tk_pad, g.d_pad);
+            if let Some(m) = &mut mods {
+                m.start_tile();
+            }
             #[cfg(target_arch = "x86_64")]
             if let (Some(qs), Some((ks, w))) = (&self.qs, &mut bf) {
                 pack::kt_pairs(call.k, keys, kv_tile, &mut ks.kt);
@@ -327,10 +567,14 @@ impl<T: Element> Pass<'_, '_, T> {
                 ks.dvt.fill(0.0);
                 for &(hi, qt, bits) in &pairs {
                     let dq = &mut dq[(hi * lq + qt * tq) * g.d_pad..];
-                    self.pair16(qs, (ks, w), &mut sc, dq, (b, hk * group + hi, qt, kt, bits));
+                    let at = (b, hk * group + hi, qt, kt, bits);
+                    self.pair16(qs, (ks, w), &mut sc, dq, at, mods.as_mut());
                 }
                 ks.transpose_into(&g, call.scale, &mut sc.dk, &mut sc.dv);
                 tiles.push((kt, sc.dk.clone(), sc.dv.clone()));
+                if let Some(m) = &mut mods {
+                    m.end_tile(kt);
+                }
                 continue;
             }
             pack::rows(call.k, keys, g.d_pad, &mut sc.k);
@@ -342,19 +586,63 @@ impl<T: Element> Pass<'_, '_, T> {
             sc.dv.fill(0.0);
             for &(hi, qt, bits) in &pairs {
                 let dq = &mut dq[(hi * lq + qt * tq) * g.d_pad..];
-                self.pair(&mut sc, dq, (b, hk * group + hi, qt, kt, bits), k_finite);
+                let at = (b, hk * group + hi, qt, kt, bits);
+                self.pair(&mut sc, dq, at, k_finite, mods.as_mut());
             }
             // dK = s · dSᵀ·Q
             sc.dk.iter_mut().for_each(|x| *x *= call.scale);
             tiles.push((kt, sc.dk.clone(), sc.dv.clone()));
+            if let Some(m) = &mut mods {
+                m.end_tile(kt);
+            }
         }
-        ChunkResult { dq, tiles }
+        ChunkResult { dq, tiles, mods }
+    }
+
+    /// The parameter-gradient sums of one (b, kv head) from its chunks, in chunk order.
+    fn head_mods(&self, results: &[ChunkResult]) -> Option<HeadMods> {
+        let spec = self.mods();
+        if !spec.any() {
+            return None;
+        }
+        let (g, lk) = (self.g, spec.lk);
+        let chunks = || results.iter().filter_map(|c| c.mods.as_ref());
+        let bias = match spec.bias_block() {
+            None => Vec::new(),
+            Some((gh, nq, 1)) => {
+                let mut sum = vec![0f32; gh * nq];
+                for m in chunks() {
+                    sum.iter_mut().zip(&m.cols).for_each(|(s, x)| *s += x);
+                }
+                sum
+            }
+            Some((gh, nq, nk)) => {
+                // Every key tile belongs to one chunk: its columns are copied, not summed.
+                let mut all = vec![0f32; gh * nq * nk];
+                for (kt, tile) in chunks().flat_map(|m| &m.tiles) {
+                    let j0 = kt * g.tk;
+                    let cols = (lk - j0).min(g.tk);
+                    for (row, src) in tile.chunks_exact(g.tk).enumerate() {
+                        all[row * nk + j0..row * nk + j0 + cols].copy_from_slice(&src[..cols]);
+                    }
+                }
+                all
+            }
+        };
+        let (mut dalibi, mut drel) = (Vec::new(), Vec::new());
+        for m in chunks() {
+            dalibi.resize(m.dalibi.len(), 0f64);
+            drel.resize(m.drel.len(), 0f64);
+            dalibi.iter_mut().zip(&m.dalibi).for_each(|(a, x)| *a += x);
+            drel.iter_mut().zip(&m.drel).for_each(|(a, x)| *a += x);
+        }
+        Some(HeadMods { bias, dalibi, drel })
     }
 
     /// The job of one (query tile, key tile) pair, with its bias tile and dropout keys
     /// written into the scratch, and the first row's index among all query rows.
     fn job<'s>(
-        &self,
+        &'s self,
         bias: &'s mut [f32],
         drop_keys: &'s mut [u32],
         (b, h, qt, kt, bits): PairAt<'s>,
@@ -383,9 +671,10 @@ impl<T: Element> Pass<'_, '_, T> {
         sc: &mut Scratch,
         dq: &mut [f32],
         at: PairAt,
+        mods: Option<&mut ModGrads>,
     ) {
         let g = &self.g;
-        let (b, h, qt, _, _) = at;
+        let (b, h, qt, kt, _) = at;
         let nq = self.call.block.grid().0;
         let rows_finite = self.rows_finite((b, h, qt));
         let (job, row0) = self.job(&mut sc.bias, &mut sc.drop_keys, at);
@@ -403,12 +692,19 @@ impl<T: Element> Pass<'_, '_, T> {
             doutt: &qs.doutt[idx * n_t..(idx + 1) * n_t],
             tq_pad: qs.tq_pad,
             rows_finite,
+            at: (
+                h % self.call.dims.group(),
+                qt * self.call.block.tile_q(),
+                kt * g.tk,
+            ),
         };
         let f32_tiles = bf16::F32Tiles {
             p: &mut sc.p,
             pz: &mut sc.pz,
             ds: &mut sc.ds,
+            tanh: &mut sc.tanh,
             dq,
+            mods,
         };
         // SAFETY: `qs` exists only where `bf16_dot()` found AVX512-BF16; buffers sized by
         // `QuerySide`, `KeySide::new`, `Work16::new` and `Scratch::new`.
@@ -416,9 +712,16 @@ impl<T: Element> Pass<'_, '_, T> {
     }
 
     /// One (query tile, key tile) pair: loads the query side, then runs the vector step.
-    fn pair(&self, sc: &mut Scratch, dq: &mut [f32], at: PairAt, k_finite: bool) {
+    fn pair(
+        &self,
+        sc: &mut Scratch,
+        dq: &mut [f32],
+        at: PairAt,
+        k_finite: bool,
+        mods: Option<&mut ModGrads>,
+    ) {
         let (g, call) = (self.g, &self.call);
-        let (b, h, qt, _, _) = at;
+        let (b, h, qt, kt_at, _) = at;
         let rows_finite = self.rows_finite((b, h, qt));
         let Scratch {
             k,
@@ -433,6 +736,7 @@ impl<T: Element> Pass<'_, '_, T> {
             drop_keys,
             ds,
             bias,
+            tanh,
             unseen,
         } = sc;
         let (job, row0) = self.job(bias, drop_keys, at);
@@ -471,6 +775,9 @@ impl<T: Element> Pass<'_, '_, T> {
             p,
             pz,
             ds,
+            tanh: call.softcap.map(|_| &mut tanh[..]),
+            at: (h % call.dims.group(), i0, kt_at * g.tk),
+            mods,
             dk: MatMut::new(dk, cols, d_pad, d_pad),
             dv: MatMut::new(dv, cols, d_pad, d_pad),
             dq: MatMut::new(dq, rows, d_pad, d_pad),
@@ -564,7 +871,7 @@ impl WithSimd for DotInOrder<'_> {
 }
 
 /// The five products of one (query tile, key tile) pair, on f32.
-struct Step<'a> {
+struct Step<'a, 'b> {
     job: TileJob<'a>,
     lse: &'a [f32],
     delta: &'a [f32],
@@ -583,13 +890,18 @@ struct Step<'a> {
     p: &'a mut [f32],
     pz: &'a mut [f32],
     ds: &'a mut [f32],
+    /// `tanh(z / c)` under soft-capping (`rows × tk_pad`).
+    tanh: Option<&'a mut [f32]>,
+    /// (query head within the group, first query, first key) and the task's sums.
+    at: (usize, usize, usize),
+    mods: Option<&'a mut ModGrads<'b>>,
     /// `dk`, `dv` receive `dSᵀ·Q` (the caller applies `s`) and `Pᵀ·dO`; `dq` `dS·K`.
     dk: MatMut<'a>,
     dv: MatMut<'a>,
     dq: MatMut<'a>,
 }
 
-impl WithSimd for Step<'_> {
+impl WithSimd for Step<'_, '_> {
     type Output = ();
 
     #[inline(always)]
@@ -608,6 +920,9 @@ impl WithSimd for Step<'_> {
             p,
             pz,
             ds,
+            mut tanh,
+            at,
+            mods,
             dk,
             dv,
             dq,
@@ -622,8 +937,10 @@ impl WithSimd for Step<'_> {
         unsafe {
             gemm::<S>(scores(p), q_d, kt, Update::Set); //     x  = Q·Kᵀ
             gemm::<S>(scores(ds), dout_d, vt, Update::Set); // dP = dO·Vᵀ
-            sm::probs::<S>(&job, lse, p); //                    P  = e^(s·x + β − LSE)
+            sm::probs::<S>(&job, lse, p, tanh.as_deref_mut()); //  P  = e^(x − LSE)
             ds_rows::<S>(&job, (lse, delta), p, pz, ds); //            dS = P ∘ (z dP − D)
+                                                         // dbias, dslope, drel from dS; dS ∘ (1 − tanh²) under soft-capping
+            score_grads::take::<S>(&job, at, ds, tanh.as_deref(), mods);
             let pv = if job.drop.is_some() { &*pz } else { &*p };
             let (pv, ds) = (
                 MatRef::new(pv, rows, cols, tk_pad),

@@ -2,6 +2,8 @@
 //! docs/design.md section 4.
 #![allow(dead_code)]
 
+pub mod mods;
+
 use maskattn::{
     reference, BlockMask, DenseMask, Dropout, Mask, MaskShape, Params, SplitMix64, View,
 };
@@ -284,6 +286,7 @@ impl Case {
             scale: self.scale,
             bias: self.bias(),
             dropout: self.dropout,
+            ..Default::default()
         }
     }
 
@@ -429,7 +432,12 @@ impl Case {
     /// so its error is a few ulps of `dQ`'s scale, beyond the stricter bound.
     pub fn check_half<H: Half>(&self) {
         let [fwd_out, fwd_lse, dq, dk, dv] = self.run_kernel_half::<H>();
-        let g = maskattn::Grads { dq, dk, dv };
+        let g = maskattn::Grads {
+            dq,
+            dk,
+            dv,
+            params: Default::default(),
+        };
         let p = self.params();
         let dout = self.dout_view();
         let (q, k, v) = self.views();
