@@ -4,9 +4,10 @@
 use crate::bias::Bias;
 use crate::block::BlockMask;
 use crate::pack::pad16;
-use crate::params::{DropTile, Dropout};
+use crate::params::{DropTile, Dropout, Params};
+use crate::score_mod::PosTable;
 use crate::shape::AttnDims;
-use crate::softmax::{Geom, TileJob};
+use crate::softmax::{Geom, PosRows, TileJob};
 use crate::view::View;
 
 pub(crate) struct Call<'a, 'b, T> {
@@ -19,9 +20,67 @@ pub(crate) struct Call<'a, 'b, T> {
     pub dims: AttnDims,
     /// The score scale `s`, resolved (`1/sqrt(d)` by default).
     pub scale: f32,
+    pub softcap: Option<f32>,
+    pub sinks: Option<&'b [f32]>,
+    /// ALiBi + relative positions per head and offset `j − i'` (with either of them).
+    pub pos: Option<PosTable>,
 }
 
-impl<T> Call<'_, '_, T> {
+impl<'a, 'b, T> Call<'a, 'b, T> {
+    /// The call of `params` on checked inputs (`dims`, the resolved `scale`): builds the
+    /// positional table once (O(H_q · (L_q + L_k)) values) where ALiBi or T5 buckets are on.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        (q, k, v): (&'a View<'b, T>, &'a View<'b, T>, &'a View<'b, T>),
+        block: &'a BlockMask,
+        params: &'a Params<'b>,
+        dims: AttnDims,
+        scale: f32,
+    ) -> Self {
+        let pos = PosTable::new(
+            params.alibi,
+            params.rel.as_ref(),
+            (dims.q_heads, dims.lq, dims.lk),
+            pad16(block.tile_k()),
+        );
+        Call {
+            q,
+            k,
+            v,
+            bias: params.bias.as_ref(),
+            dropout: params.dropout.as_ref(),
+            block,
+            dims,
+            scale,
+            softcap: params.softcap,
+            sinks: params.sinks,
+            pos,
+        }
+    }
+
+    /// The sink logit of query head `h`, if the call has sinks.
+    pub fn sink(&self, h: usize) -> Option<f32> {
+        self.sinks.map(|s| s[h])
+    }
+
+    /// The positional rows of a tile whose row `r` is query `i0 + r % per_head` of head
+    /// `h0 + r / per_head`, against keys from `j0`.
+    pub fn pos_rows(
+        &self,
+        (h0, i0, per_head): (usize, usize, usize),
+        j0: usize,
+    ) -> Option<PosRows<'_>> {
+        self.pos.as_ref().map(|p| PosRows {
+            table: &p.data,
+            stride: p.stride,
+            h0,
+            i0,
+            per_head,
+            j0,
+            lq: self.dims.lq,
+        })
+    }
+
     /// The tile geometry of this call's block mask and head size.
     pub fn geom(&self) -> Geom {
         Geom {
@@ -48,7 +107,7 @@ impl<T> Call<'_, '_, T> {
     /// `bias` (`tile_q × tk_pad`), and dropout reads the rows' keys from `drop_keys` (as
     /// [`Call::drop_keys`] wrote them). The forward and the backward build theirs here.
     pub fn tile_job<'s>(
-        &self,
+        &'s self,
         g: Geom,
         (b, h, i0, j0): (usize, usize, usize, usize),
         bits: Option<&'s [u64]>,
@@ -71,6 +130,8 @@ impl<T> Call<'_, '_, T> {
             drop: self
                 .dropout
                 .map(|dr| DropTile::new(dr, &drop_keys[..rows], j0)),
+            softcap: self.softcap,
+            pos: self.pos_rows((h, i0, usize::MAX), j0),
         }
     }
 }

@@ -61,23 +61,36 @@ pub(crate) fn forward<T: Element>(call: &Call<T>, out: &mut [f32], lse: &mut [f3
                     )
                 })
                 .collect();
-            merge(&states, &g, out, lse);
+            // Row r of the group is a query of head hk·group + r / lq.
+            let sink = |r: usize| call.sink(hk * group + r / lq);
+            merge(&states, &g, sink, out, lse);
         });
 }
 
-/// Combines the chunks' states row by row with the LSE rule, in chunk order.
-fn merge(states: &[State], g: &Geom, out: &mut [f32], lse: &mut [f32]) {
+/// Combines the chunks' states row by row with the LSE rule, in chunk order. The chunks
+/// start without the sink (each would count it once more); it joins here once, as one more
+/// state with `m = sink`, `l = 1` and no value.
+fn merge(
+    states: &[State],
+    g: &Geom,
+    sink: impl Fn(usize) -> Option<f32>,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
     for (r, (o, x)) in out.chunks_exact_mut(g.d).zip(lse.iter_mut()).enumerate() {
+        let sink = sink(r);
         let m = states.iter().fold(f32::NEG_INFINITY, |a, s| a.max(s.m[r]));
+        let m = sink.map_or(m, |sk| m.max(sk));
         o.fill(0.0);
         // A chunk saw something where its sum is not 0 (a NaN sum: it saw a NaN or +∞
         // score, and the row is NaN, see `softmax`).
         let saw = |s: &&State| s.l[r] != 0.0;
         if !states.iter().any(|s| saw(&s)) {
-            *x = f32::NEG_INFINITY;
+            // Nothing seen: O = 0, LSE = −∞, or the sink's own log-sum.
+            *x = sink.unwrap_or(f32::NEG_INFINITY);
             continue;
         }
-        let mut l = 0.0;
+        let mut l = sink.map_or(0.0, |sk| (sk - m).exp());
         for s in states.iter().filter(saw) {
             let w = (s.m[r] - m).exp();
             l += w * s.l[r];
@@ -98,16 +111,8 @@ fn chunk<T: Element>(
     (b, hk): (usize, usize),
     tiles: std::ops::Range<usize>,
 ) -> State {
-    let Call {
-        q,
-        k,
-        v,
-        bias,
-        dropout,
-        block,
-        dims,
-        scale,
-    } = *call;
+    let (q, k, v, bias, dropout) = (call.q, call.k, call.v, call.bias, call.dropout);
+    let (block, dims, scale) = (call.block, call.dims, call.scale);
     let g = *g;
     let (lq, lk, group, tq) = (dims.lq, dims.lk, dims.group(), block.tile_q());
     let rows = group * lq;
@@ -198,6 +203,8 @@ fn chunk<T: Element>(
             scale,
             bias: bias.map(|_| &bias_tile[..]),
             drop: dropout.map(|dr| DropTile::new(dr, &drop_keys, j0)),
+            softcap: call.softcap,
+            pos: call.pos_rows((hk * group, 0, lq), j0),
         };
         // Where every row sees every key of the tile and the storage is f32, read the cache
         // in place; V then needs whole vectors per row, so d must be a multiple of 16.

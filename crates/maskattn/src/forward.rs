@@ -135,19 +135,9 @@ pub fn forward_into<T: Element>(
     let bias = params.bias.as_ref();
     dims.check_bias(bias)?;
     params.check_mods(dims.q_heads)?;
-    not_yet(params)?;
     block.check_shape(dims.mask_shape())?;
     let scale = dims.scale(params.scale)?;
-    let call = Call {
-        q,
-        k,
-        v,
-        bias: params.bias.as_ref(),
-        dropout: params.dropout.as_ref(),
-        block,
-        dims,
-        scale,
-    };
+    let call = Call::new((q, k, v), block, params, dims, scale);
     if dims.lq <= crate::decode::DECODE_MAX_LQ {
         crate::decode::forward(&call, out, lse);
         return Ok(());
@@ -281,7 +271,7 @@ fn query_tile<T: Element>(
         l: &mut l[..],
         acc: &mut acc[..],
     };
-    st.reset(rows, g.d_pad);
+    st.reset(rows, g.d_pad, call.sink(h));
 
     for kt in 0..block.grid().1 {
         let bits = match block.tile(b, h, qt, kt) {
@@ -445,17 +435,4 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
             }
         }
     }
-}
-
-pub(crate) fn not_yet(params: &Params) -> Result<()> {
-    if params.softcap.is_some()
-        || params.alibi.is_some()
-        || params.sinks.is_some()
-        || params.rel.is_some()
-    {
-        return Err(AttnError::BadScoreMod(
-            "soft-cap, ALiBi, sinks and relative positions are not in the kernels yet".into(),
-        ));
-    }
-    Ok(())
 }

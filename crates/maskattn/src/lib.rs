@@ -1,6 +1,28 @@
 //! Exact masked multi-head attention on the CPU: masks, block masks, a fused forward
 //! (online softmax) and backward, and an f64 reference. No ML framework inside.
 //!
+//! Score modifiers ([`Params`]): soft-capping, an additive bias, ALiBi ([`alibi_slopes`]),
+//! attention sinks and T5 relative positions ([`RelBias`], [`t5_bucket`]), in any
+//! combination with any mask; the backward returns their gradients in [`Grads::params`]
+//! (docs/design.md section 1 has the formulas).
+//!
+//! ```
+//! use maskattn::{alibi_slopes, BlockMask, Mask, MaskShape, Params, Qkv, View};
+//!
+//! let (b, h, l, d) = (1, 2, 6, 4);
+//! let x: Vec<f32> = (0..b * h * l * d).map(|i| (i as f32 * 0.21).cos()).collect();
+//! let v = View::bhld("x", &x, [b, h, l, d])?;
+//! let block = BlockMask::new(&Mask::causal(), MaskShape::new(b, h, l, l))?;
+//! let (slopes, sinks) = (alibi_slopes(h), vec![0.5f32; h]);
+//! let p = Params::default().with_softcap(30.0).with_alibi(&slopes).with_sinks(&sinks);
+//! let fwd = maskattn::forward(&v, &v, &v, &block, &p)?;
+//! let out = View::bhld("out", &fwd.out, [b, h, l, d])?;
+//! let g = maskattn::backward(&Qkv::new(&v, &v, &v), &out, &fwd.lse, &v, &block, &p)?;
+//! assert_eq!(g.params.dalibi.map(|x| x.len()), Some(h));
+//! assert!(g.params.drel.is_none()); // no T5 buckets in this call
+//! # Ok::<(), maskattn::AttnError>(())
+//! ```
+//!
 //! ```
 //! use maskattn::{BlockMask, Mask, View};
 //!

@@ -43,7 +43,7 @@ impl<'a> RelBias<'a> {
                 if bidirectional { 4 } else { 2 }
             )));
         }
-        if table.is_empty() || table.len() % num_buckets != 0 {
+        if table.is_empty() || !table.len().is_multiple_of(num_buckets) {
             return Err(AttnError::BadScoreMod(format!(
                 "relative-position bias: the table holds {} values, not a non-zero multiple \
                  of num_buckets = {num_buckets}",
@@ -162,13 +162,13 @@ pub fn alibi_slopes(heads: usize) -> Vec<f32> {
 /// `h · stride + t` is `−slope_h · |Δ| + rel[bucket(Δ), h]` for `Δ = t − (L_k − 1)` (that is
 /// `j − i'` with `t = j − i + L_q − 1`); the last `pad` entries of each head are 0 (the
 /// padding columns of the last key tile read them).
-#[allow(dead_code)] // the kernels take it up in the next step
 pub(crate) struct PosTable {
     pub data: Vec<f32>,
     pub stride: usize,
+    /// With T5 buckets: the bucket of each offset (`L_q + L_k − 1`, indexed as `data`).
+    pub buckets: Vec<u32>,
 }
 
-#[allow(dead_code)]
 impl PosTable {
     pub fn new(
         alibi: Option<&[f32]>,
@@ -183,9 +183,9 @@ impl PosTable {
         let stride = span + pad;
         let mut data = vec![0f32; heads * stride];
         // The bucket of every offset, once for all heads.
-        let buckets: Vec<usize> = match rel {
+        let buckets: Vec<u32> = match rel {
             Some(rb) => (0..span)
-                .map(|t| rb.bucket(t as i64 - (lk as i64 - 1)))
+                .map(|t| rb.bucket(t as i64 - (lk as i64 - 1)) as u32)
                 .collect(),
             None => Vec::new(),
         };
@@ -197,12 +197,16 @@ impl PosTable {
                     v -= sl[h] * delta.unsigned_abs() as f32;
                 }
                 if let Some(rb) = rel {
-                    v += rb.get(buckets[t], h);
+                    v += rb.get(buckets[t] as usize, h);
                 }
                 *x = v;
             }
         }
-        Some(PosTable { data, stride })
+        Some(PosTable {
+            data,
+            stride,
+            buckets,
+        })
     }
 
     /// The table index of query `i`, key `j` (`j − i + L_q − 1`).

@@ -1,11 +1,13 @@
 //! The one home of "scores → masked, scaled → running max and sum → P", for the forward,
 //! the decode path and the backward (docs/design.md section 1):
 //!
-//! - [`mask_row`]: `x_ij = s·(q_i·k_j) + β_ij` where allowed, `−∞` where hidden (selected,
-//!   never multiplied, so a NaN key's product cannot leak in);
+//! - [`mask_row`]: `x_ij = cap(s·(q_i·k_j)) + β_ij − slope·|i' − j| + rel[bucket(j − i')]`
+//!   where allowed, `−∞` where hidden (selected, never multiplied, so a NaN key's product
+//!   cannot leak in);
 //! - [`Online::update`]: the forward's running max `m_i` and sum `l_i` over key tiles, the
 //!   accumulator rescaled by `e^(m_old − m_new)`, and `P̃_ij = e^(x_ij − m_i)`;
-//! - [`Online::finish`]: `O_i = acc_i / l_i`, `LSE_i = m_i + ln l_i`;
+//! - [`Online::finish`]: `O_i = acc_i / l_i`, `LSE_i = m_i + ln l_i` (a sink is where the
+//!   state starts: `m = sink`, `l = 1`, see [`Online::reset`]);
 //! - [`probs`]: the backward's `P_ij = e^(x_ij − LSE_i)`.
 //!
 //! Two rules live here and nowhere else. A row that sees nothing (`l = 0`) has `O = 0`,
@@ -45,6 +47,36 @@ pub(crate) struct TileJob<'a> {
     /// `rows × tk_pad` bias values.
     pub bias: Option<&'a [f32]>,
     pub drop: Option<DropTile<'a>>,
+    /// Soft-cap `c`: `z ↦ c · tanh(z / c)` before the additive terms.
+    pub softcap: Option<f32>,
+    /// ALiBi and relative positions, read from the call's per-head diagonal table.
+    pub pos: Option<PosRows<'a>>,
+}
+
+/// Where each tile row finds its `tk_pad` positional terms (ALiBi + T5 buckets) in the
+/// call's `PosTable`: row `r` is query `i0 + r % per_head` of head `h0 + r / per_head`
+/// (the tiled paths have one head per tile, `per_head = usize::MAX`; the decode path stacks
+/// the queries of a group's heads).
+#[derive(Clone, Copy)]
+pub(crate) struct PosRows<'a> {
+    pub table: &'a [f32],
+    pub stride: usize,
+    pub h0: usize,
+    pub i0: usize,
+    pub per_head: usize,
+    pub j0: usize,
+    pub lq: usize,
+}
+
+impl<'a> PosRows<'a> {
+    /// The `len` positional terms of row `r`, columns `j0 ..`: the table entries
+    /// `j − i + L_q − 1` of its head, contiguous because the terms depend on `j − i` only.
+    #[inline(always)]
+    pub fn row(&self, r: usize, len: usize) -> &'a [f32] {
+        let (h, i) = (self.h0 + r / self.per_head, self.i0 + r % self.per_head);
+        let start = h * self.stride + crate::score_mod::PosTable::index(self.lq, i, self.j0);
+        &self.table[start..start + len]
+    }
 }
 
 impl TileJob<'_> {
@@ -76,9 +108,11 @@ pub(crate) fn visible(bits: Option<&[u64]>, words: usize, r: usize, c: usize) ->
     bits.is_none_or(|b| b[r * words + c / 64] >> (c % 64) & 1 == 1)
 }
 
-/// Turns row `r` of raw products `q·k` into scores `x = scale·(q·k) + bias`, sets hidden and
-/// padding columns to `−∞` (overwriting whatever a NaN key produced) and returns the row's
-/// maximum (which may skip a NaN; [`Online::update`] catches those).
+/// Turns row `r` of raw products `q·k` into scores
+/// `x = cap(scale·(q·k)) + bias + pos`, sets hidden and padding columns to `−∞`
+/// (overwriting whatever a NaN key produced) and returns the row's maximum (which may skip
+/// a NaN; [`Online::update`] catches those). Under soft-capping, `tanh` (when given)
+/// receives `tanh(z / c)` of the row, 0 where hidden, for the backward's `1 − tanh²`.
 ///
 /// Every path (forward, decode, backward) forms its scores here, from products summed in
 /// the same order, so the backward's `e^(x − LSE)` meets the very `x` the forward's LSE
@@ -87,24 +121,43 @@ pub(crate) fn visible(bits: Option<&[u64]>, words: usize, r: usize, c: usize) ->
 /// and not the other rounds `x` differently, and `dV` drifted past the accuracy bound.)
 ///
 /// # Safety
-/// `x` (and the job's bias rows) hold `tk_pad` values, a multiple of `S::W`.
+/// `x` (and the job's bias rows, and `tanh`) hold `tk_pad` values, a multiple of `S::W`.
 #[inline(always)]
-pub(crate) unsafe fn mask_row<S: Simd>(job: &TileJob, r: usize, x: &mut [f32]) -> f32 {
+pub(crate) unsafe fn mask_row<S: Simd>(
+    job: &TileJob,
+    r: usize,
+    x: &mut [f32],
+    tanh: Option<&mut [f32]>,
+) -> f32 {
     let tk_pad = job.g.tk_pad;
     let bias = job.bias.map(|b| &b[r * tk_pad..(r + 1) * tk_pad]);
-    // SAFETY: every access is at `c0 < x.len()` for `W` lanes, inside `x` and the bias row
-    // because both hold `tk_pad` values and `tk_pad % W == 0` (this function's contract).
+    let pos = job.pos.map(|p| p.row(r, tk_pad));
+    let tanh = tanh.map(|t| t.as_mut_ptr());
+    // SAFETY: every access is at `c0 < x.len()` for `W` lanes, inside `x`, the bias and
+    // positional rows and `tanh`, because all hold `tk_pad` values and `tk_pad % W == 0`
+    // (this function's contract; `PosRows::row` slices `tk_pad` values).
     unsafe {
         let ninf = S::splat(f32::NEG_INFINITY);
         let sv = S::splat(job.scale);
+        let cap = job.softcap.map(|c| (S::splat(c), S::splat(1.0 / c)));
         let mut mx = ninf;
         for c0 in (0..x.len()).step_by(S::W) {
             let p = x.as_mut_ptr().add(c0);
             let mut v = S::mul(S::load(p), sv);
+            let vis = job.lane_bits::<S>(r, c0);
+            if let Some((c, inv_c)) = cap {
+                let t = S::tanh(S::mul(v, inv_c));
+                if let Some(tp) = tanh {
+                    S::store(tp.add(c0), S::select(vis, t, S::splat(0.0)));
+                }
+                v = S::mul(c, t);
+            }
             if let Some(bias) = bias {
                 v = S::add(v, S::load(bias.as_ptr().add(c0)));
             }
-            let vis = job.lane_bits::<S>(r, c0);
+            if let Some(pos) = pos {
+                v = S::add(v, S::load(pos.as_ptr().add(c0)));
+            }
             if vis != (1u32 << S::W) - 1 {
                 v = S::select(vis, v, ninf);
             }
@@ -160,10 +213,13 @@ pub(crate) struct Online<'a> {
 }
 
 impl Online<'_> {
-    /// Nothing seen yet: `m = −∞`, `l = 0`, `acc = 0` for the first `rows` rows.
-    pub fn reset(&mut self, rows: usize, d_pad: usize) {
-        self.m[..rows].fill(f32::NEG_INFINITY);
-        self.l[..rows].fill(0.0);
+    /// Nothing seen yet: `m = −∞`, `l = 0`, `acc = 0` for the first `rows` rows; with an
+    /// attention sink, its term is already in: `m = sink`, `l = e^(sink − sink) = 1` (so a
+    /// row that sees nothing ends with `O = 0`, `LSE = sink`).
+    pub fn reset(&mut self, rows: usize, d_pad: usize, sink: Option<f32>) {
+        let (m, l) = sink.map_or((f32::NEG_INFINITY, 0.0), |s| (s, 1.0));
+        self.m[..rows].fill(m);
+        self.l[..rows].fill(l);
         self.acc[..rows * d_pad].fill(0.0);
     }
 
@@ -181,7 +237,7 @@ impl Online<'_> {
         unsafe {
             for r in 0..job.rows {
                 let x = &mut s[r * tk_pad..(r + 1) * tk_pad];
-                let m_tile = mask_row::<S>(job, r, x);
+                let m_tile = mask_row::<S>(job, r, x, None);
                 let m_new = self.m[r].max(m_tile);
                 if m_new == f32::NEG_INFINITY {
                     // Nothing visible yet, or only NaN scores (the maxima skip NaN): a NaN
@@ -235,23 +291,36 @@ impl Online<'_> {
 
 /// The backward's `P = e^(x − LSE)` from the products `p` (`rows × tk_pad`, `q·k` before
 /// scale and bias), in place: 0 where hidden, and on a row that sees nothing
-/// (`LSE = −∞`); NaN on the allowed pairs of a row whose forward met a NaN or +∞ score
-/// (`LSE` NaN; `e^(−∞ − NaN)` would put NaN on its hidden pairs too).
+/// (`LSE = −∞`; with a sink its finite `LSE` meets only `−∞` scores, `e^−∞ = 0`); NaN on
+/// the allowed pairs of a row whose forward met a NaN or +∞ score (`LSE` NaN;
+/// `e^(−∞ − NaN)` would put NaN on its hidden pairs too). Under soft-capping `tanh`
+/// (`rows × tk_pad`) receives `tanh(z / c)`, 0 where hidden and on empty rows.
 ///
 /// # Safety
-/// `p` is `rows × tk_pad`.
+/// `p` (and `tanh`, when given) is `rows × tk_pad`.
 #[inline(always)]
-pub(crate) unsafe fn probs<S: Simd>(job: &TileJob, lse: &[f32], p: &mut [f32]) {
+pub(crate) unsafe fn probs<S: Simd>(
+    job: &TileJob,
+    lse: &[f32],
+    p: &mut [f32],
+    mut tanh: Option<&mut [f32]>,
+) {
     let tk_pad = job.g.tk_pad;
     // SAFETY: every row slice is `tk_pad` long, a multiple of `W` (`pad16`).
     unsafe {
         for r in 0..job.rows {
             let pr = &mut p[r * tk_pad..(r + 1) * tk_pad];
+            let tr = tanh
+                .as_deref_mut()
+                .map(|t| &mut t[r * tk_pad..(r + 1) * tk_pad]);
             if lse[r] == f32::NEG_INFINITY {
                 pr.fill(0.0);
+                if let Some(tr) = tr {
+                    tr.fill(0.0);
+                }
                 continue;
             }
-            mask_row::<S>(job, r, pr);
+            mask_row::<S>(job, r, pr, tr);
             if lse[r].is_nan() {
                 let (nan, zero) = (S::splat(f32::NAN), S::splat(0.0));
                 for c0 in (0..tk_pad).step_by(S::W) {

@@ -19,6 +19,7 @@
 //! back (and `dK` scaled by `s`) once per key tile.
 
 use super::ds_rows;
+use super::score_grads::{self, ModGrads};
 use crate::gemm::bf16::{self as bf, Pairs};
 use crate::gemm::{gemm_add, MatMut, MatRef, Update};
 use crate::pack::Unseen;
@@ -108,14 +109,20 @@ pub(super) struct QueryTile<'a> {
     pub tq_pad: usize,
     /// Every Q and dO value of the tile is finite.
     pub rows_finite: bool,
+    /// (query head within the group, first query, first key).
+    pub at: (usize, usize, usize),
 }
 
 /// The f32 tiles of the step: `P`, `P ∘ z`, `dS` (`tile_q × tk_pad`) and the `dQ` rows.
-pub(super) struct F32Tiles<'a> {
+pub(super) struct F32Tiles<'a, 'b> {
     pub p: &'a mut [f32],
     pub pz: &'a mut [f32],
     pub ds: &'a mut [f32],
+    /// `tanh(z / c)` under soft-capping (empty without).
+    pub tanh: &'a mut [f32],
     pub dq: &'a mut [f32],
+    /// The task's parameter-gradient sums.
+    pub mods: Option<&'a mut ModGrads<'b>>,
 }
 
 /// The five products of one pair; `dq` receives `dS·K` (the caller applies `s`), `ks`
@@ -125,7 +132,15 @@ pub(super) struct F32Tiles<'a> {
 /// `gemm::bf16::enabled()`. (The operands are checked as they are made.)
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
 pub(super) unsafe fn step(t: &QueryTile, ks: &mut KeySide, w: &mut Work16, f: F32Tiles) {
-    let F32Tiles { p, pz, ds, dq } = f;
+    let F32Tiles {
+        p,
+        pz,
+        ds,
+        tanh,
+        dq,
+        mods,
+    } = f;
+    let mut tanh = t.job.softcap.map(|_| tanh);
     let job = &t.job;
     let g = job.g;
     let (rows, cols, tk_pad, d_pad) = (job.rows, job.cols, g.tk_pad, g.d_pad);
@@ -149,8 +164,10 @@ pub(super) unsafe fn step(t: &QueryTile, ks: &mut KeySide, w: &mut Work16, f: F3
             Pairs::of_u32(&ks.vt, fp, tk_pad, tk_pad),
             Update::Set,
         ); // dP = dO·Vᵀ
-        sm::probs::<Avx512>(job, t.lse, p); //                       P  = e^(s·x + β − LSE)
+        sm::probs::<Avx512>(job, t.lse, p, tanh.as_deref_mut()); // P  = e^(x − LSE)
         ds_rows::<Avx512>(job, (t.lse, t.delta), p, pz, ds); //     dS = P ∘ (z dP − D)
+                                                             // dbias, dslope, drel from dS; dS ∘ (1 − tanh²) under soft-capping
+        score_grads::take::<Avx512>(job, t.at, ds, tanh.as_deref(), mods);
         let pv = if job.drop.is_some() { &*pz } else { &*p };
         bf::round_rows(ds, rows, tk_pad, tk_pad, &mut w.ds16);
         let dvt = MatMut::new(&mut ks.dvt, g.d, tk_pad, tk_pad);

@@ -9,6 +9,7 @@
 
 #[cfg(target_arch = "x86_64")]
 mod bf16;
+mod score_grads;
 
 use rayon::prelude::*;
 
@@ -22,6 +23,7 @@ use crate::shape::AttnDims;
 use crate::simd::{self, Simd, WithSimd};
 use crate::softmax::{self as sm, Geom, TileJob};
 use crate::view::{Element, View};
+use score_grads::{ModGrads, ModSpec};
 
 /// `dq` like q `[B, H_q, L_q, d]`; `dk`, `dv` like k and v `[B, H_kv, L_k, d]`; the
 /// gradients of the score modifiers the call had.
@@ -95,6 +97,9 @@ struct Pass<'a, 'b, T> {
     /// Per (b, query head, query tile): every Q and dO value of the tile is finite.
     rows_finite: Vec<bool>,
     g: Geom,
+    /// The parameter gradients the caller wants (without the buckets: see [`Pass::mods`]).
+    mods: ModSpec<'static>,
+    want_rel: bool,
     /// The bf16 dot-product path's query-side operands, where it is taken.
     #[cfg(target_arch = "x86_64")]
     qs: Option<bf16::QuerySide>,
@@ -116,11 +121,13 @@ struct Scratch {
     drop_keys: Vec<u32>,
     ds: Vec<f32>,
     bias: Vec<f32>,
+    /// `tanh(z / c)` under soft-capping.
+    tanh: Vec<f32>,
     unseen: Unseen,
 }
 
 impl Scratch {
-    fn new(g: &Geom, tq: usize, bias: bool, dropout: bool) -> Self {
+    fn new(g: &Geom, tq: usize, bias: bool, dropout: bool, softcap: bool) -> Self {
         let tile = g.tk_pad * g.d_pad;
         let score = tq * g.tk_pad;
         Scratch {
@@ -136,15 +143,26 @@ impl Scratch {
             drop_keys: vec![0; tq],
             ds: vec![0.0; score],
             bias: vec![0.0; if bias { score } else { 0 }],
+            tanh: vec![0.0; if softcap { score } else { 0 }],
             unseen: Unseen::new(g.words, tile),
         }
     }
 }
 
-/// What one task hands back: its `dQ` buffer (`group · L_q × d_pad`) and its key tiles' gradients.
-struct ChunkResult {
+/// What one task hands back: its `dQ` buffer (`group · L_q × d_pad`), its key tiles'
+/// gradients and its sums for the parameter gradients.
+struct ChunkResult<'a> {
     dq: Vec<f32>,
     tiles: Vec<(usize, Vec<f32>, Vec<f32>)>,
+    mods: Option<ModGrads<'a>>,
+}
+
+/// The parameter-gradient sums of one (b, kv head), in the layouts of [`ModGrads`]:
+/// the bias block `[gh, nq, nk]`, `dalibi [group]`, `drel [num_buckets, group]`.
+struct HeadMods {
+    bias: Vec<f32>,
+    dalibi: Vec<f64>,
+    drel: Vec<f64>,
 }
 
 /// The three attention inputs, as the forward took them: `q [B, H_q, L_q, d]`,
@@ -224,7 +242,7 @@ pub fn backward_into<T: Element>(
         dq,
         dk,
         dv,
-        params: pg,
+        params: mut pg,
     } = grads;
     AttnDims::check_buffer("dq", dq.len(), dims.q_len(), "B * H_q * L_q * d")?;
     AttnDims::check_buffer("dk", dk.len(), dims.kv_len(), "B * H_kv * L_k * d")?;
@@ -232,7 +250,6 @@ pub fn backward_into<T: Element>(
     let bias = params.bias.as_ref();
     dims.check_bias(bias)?;
     params.check_mods(dims.q_heads)?;
-    crate::forward::not_yet(params)?;
     check_param_grads(&pg, params, dims.q_heads)?;
     dims.check_like_q("out", out)?;
     dims.check_like_q("dout", dout)?;
@@ -257,13 +274,15 @@ pub fn backward_into<T: Element>(
     let (tq, nq) = (block.tile_q(), block.grid().0);
     let mut delta = vec![0f32; batch * q_heads * lq];
     let mut rows_finite = vec![true; batch * q_heads * nq];
-    delta
+    let sinks = params.sinks.filter(|_| pg.dsinks.is_some());
+    let dsink_rows: Vec<f64> = delta
         .par_chunks_mut(lq)
         .zip(rows_finite.par_chunks_mut(nq))
         .enumerate()
-        .for_each(|(bh, (dl, fin))| {
+        .map(|(bh, (dl, fin))| {
             let (b, h) = (bh / q_heads, bh % q_heads);
             let (mut o, mut g, mut qr) = (vec![0f32; d], vec![0f32; d], vec![0f32; d]);
+            let mut dsink = 0f64;
             for (i, x) in dl.iter_mut().enumerate() {
                 out.load_rows(b, h, i, &mut o);
                 dout.load_rows(b, h, i, &mut g);
@@ -271,20 +290,39 @@ pub fn backward_into<T: Element>(
                 // SAFETY: `DotInOrder` reads only its two slices.
                 *x = unsafe { simd::run(DotInOrder(&o, &g)) };
                 fin[i / tq] &= pack::all_finite(&g) & pack::all_finite(&qr);
+                // dsink_h −= e^(sink_h − LSE_i) D_i. A row that allows nothing has O = 0 and
+                // so D = 0, unless its dO is not finite (0 · NaN): such a row has no
+                // gradient (its LSE is the sink whatever the sink), so it is skipped.
+                if let Some(sk) = sinks {
+                    let lse_i = lse[bh * lq + i];
+                    if x.is_finite() || !row_sees_nothing(block, (b, h, i)) {
+                        dsink -= ((sk[h] - lse_i) as f64).exp() * *x as f64;
+                    }
+                }
             }
-        });
+            dsink
+        })
+        .collect();
+    if let (Some(dst), Some(_)) = (pg.dsinks.take(), sinks) {
+        // Summed over batch rows in order.
+        for (h, x) in dst.iter_mut().enumerate() {
+            *x = (0..batch).map(|b| dsink_rows[b * q_heads + h]).sum::<f64>() as f32;
+        }
+    }
 
-    let call = Call {
-        q,
-        k,
-        v,
-        bias: params.bias.as_ref(),
-        dropout: params.dropout.as_ref(),
-        block,
-        dims,
-        scale,
-    };
+    let call = Call::new((q, k, v), block, params, dims, scale);
     let g = call.geom();
+    let mods = ModSpec {
+        bias: params.bias.filter(|_| pg.dbias.is_some()).map(|b| b.dims()),
+        alibi: params.alibi.is_some() && pg.dalibi.is_some(),
+        // Filled from the call's table by `Pass::mods`.
+        buckets: None,
+        num_buckets: params.rel.map_or(0, |r| r.num_buckets()),
+        group: dims.group(),
+        lq,
+        lk,
+    };
+    let want_rel = params.rel.is_some() && pg.drel.is_some();
     let pass = Pass {
         call,
         dout,
@@ -292,6 +330,8 @@ pub fn backward_into<T: Element>(
         delta,
         rows_finite,
         g,
+        mods,
+        want_rel,
         #[cfg(target_arch = "x86_64")]
         qs: (T::IS_BF16 && crate::simd::bf16_dot() && exactly_bf16(dout))
             .then(|| query_side(q, dout, block, &g)),
@@ -307,11 +347,12 @@ pub fn backward_into<T: Element>(
     // Key tiles no query sees give no result (`chunk` skips them): their gradients are 0.
     dk.fill(0.0);
     dv.fill(0.0);
-    dq.par_chunks_mut(group * lq * d)
+    let head_mods: Vec<Option<HeadMods>> = dq
+        .par_chunks_mut(group * lq * d)
         .zip(dk.par_chunks_mut(lk * d))
         .zip(dv.par_chunks_mut(lk * d))
         .enumerate()
-        .for_each(|(bhk, ((dq, dk), dv))| {
+        .map(|(bhk, ((dq, dk), dv))| {
             let (b, hk) = (bhk / kv_heads, bhk % kv_heads);
             let results: Vec<ChunkResult> = (0..chunks)
                 .into_par_iter()
@@ -334,8 +375,81 @@ pub fn backward_into<T: Element>(
                     dv[(j0 + c) * d..(j0 + c + 1) * d].copy_from_slice(&dvt[src]);
                 }
             }
-        });
+            pass.head_mods(&results)
+        })
+        .collect();
+    let spec = pass.mods();
+    if spec.any() {
+        let hm: Vec<HeadMods> = head_mods.into_iter().flatten().collect();
+        add_head_mods(&spec, &hm, (kv_heads, q_heads), params, pg);
+    }
     Ok(())
+}
+
+/// Adds the (b, kv head) sums into the caller's buffers, in (b, kv head) order, over the
+/// dimensions the parameters broadcast over (batch rows always; heads for a bias shared
+/// by all heads).
+fn add_head_mods(
+    spec: &ModSpec,
+    hm: &[HeadMods],
+    (kv_heads, q_heads): (usize, usize),
+    params: &Params,
+    pg: ParamGradsMut,
+) {
+    let group = spec.group;
+    let at = |bhk: usize| (bhk / kv_heads, bhk % kv_heads);
+    if let (Some(dst), Some([db, dh, dq, dk]), Some((gh, nq, nk))) =
+        (pg.dbias, spec.bias, spec.bias_block())
+    {
+        dst.fill(0.0);
+        for (bhk, m) in hm.iter().enumerate() {
+            let (b, hk) = at(bhk);
+            let bb = if db == 1 { 0 } else { b };
+            for ghi in 0..gh {
+                let hh = if dh == 1 { 0 } else { hk * group + ghi };
+                let dst = &mut dst[(bb * dh + hh) * dq * dk..][..dq * dk];
+                let src = &m.bias[ghi * nq * nk..(ghi + 1) * nq * nk];
+                for (x, s) in dst.iter_mut().zip(src) {
+                    *x += s;
+                }
+            }
+        }
+    }
+    if let (Some(dst), true) = (pg.dalibi, spec.alibi) {
+        let mut sum = vec![0f64; q_heads];
+        for (bhk, m) in hm.iter().enumerate() {
+            let hk = at(bhk).1;
+            for (hi, x) in m.dalibi.iter().enumerate() {
+                sum[hk * group + hi] += x;
+            }
+        }
+        dst.iter_mut().zip(&sum).for_each(|(d, s)| *d = *s as f32);
+    }
+    if let (Some(dst), Some(_)) = (pg.drel, spec.buckets) {
+        let nb = params.rel.map_or(0, |r| r.num_buckets());
+        let mut sum = vec![0f64; nb * q_heads];
+        for (bhk, m) in hm.iter().enumerate() {
+            let hk = at(bhk).1;
+            for n in 0..nb {
+                for hi in 0..group {
+                    sum[n * q_heads + hk * group + hi] += m.drel[n * group + hi];
+                }
+            }
+        }
+        dst.iter_mut().zip(&sum).for_each(|(d, s)| *d = *s as f32);
+    }
+}
+
+/// Whether row `i` of head `(b, h)` may attend to no key at all (from its block-mask tiles).
+fn row_sees_nothing(block: &BlockMask, (b, h, i): (usize, usize, usize)) -> bool {
+    let (tq, words) = (block.tile_q(), block.words());
+    (0..block.grid().1).all(|kt| match block.tile(b, h, i / tq, kt) {
+        Tile::Empty => true,
+        Tile::Full => false,
+        Tile::Partial(bits) => bits[(i % tq) * words..(i % tq + 1) * words]
+            .iter()
+            .all(|&w| w == 0),
+    })
 }
 
 /// Each parameter-gradient buffer belongs to a modifier of the call and has its length.
@@ -375,14 +489,35 @@ fn check_param_grads(pg: &ParamGradsMut, params: &Params, heads: usize) -> Resul
 }
 
 impl<T: Element> Pass<'_, '_, T> {
+    /// The parameter gradients wanted, with the call's buckets where `drel` is one of them.
+    fn mods(&self) -> ModSpec<'_> {
+        ModSpec {
+            buckets: self
+                .call
+                .pos
+                .as_ref()
+                .filter(|_| self.want_rel)
+                .map(|p| &p.buckets[..]),
+            ..self.mods
+        }
+    }
+
     /// Key tiles `c, c + chunks, …` of kv head `(b, hk)` (interleaved, so that a causal
     /// mask's work is shared evenly).
-    fn chunk(&self, (b, hk): (usize, usize), c: usize, chunks: usize) -> ChunkResult {
+    fn chunk(&self, (b, hk): (usize, usize), c: usize, chunks: usize) -> ChunkResult<'_> {
         let (g, call) = (self.g, &self.call);
         let (tq, lq, lk) = (call.block.tile_q(), call.dims.lq, call.dims.lk);
         let group = call.dims.group();
         let (nq, nk) = call.block.grid();
-        let mut sc = Scratch::new(&g, tq, call.bias.is_some(), call.dropout.is_some());
+        let mut sc = Scratch::new(
+            &g,
+            tq,
+            call.bias.is_some(),
+            call.dropout.is_some(),
+            call.softcap.is_some(),
+        );
+        let spec = self.mods();
+        let mut mods = spec.any().then(|| ModGrads::new(spec, tq, g.tk, g.tk_pad));
         let mut dq = vec![0f32; group * lq * g.d_pad];
         let mut tiles = Vec::new();
         #[cfg(target_arch = "x86_64")]
@@ -417,6 +552,9 @@ impl<T: Element> Pass<'_, '_, T> {
                 len: cols,
             };
             let kv_tile = (g.tk_pad, g.d_pad);
+            if let Some(m) = &mut mods {
+                m.start_tile();
+            }
             #[cfg(target_arch = "x86_64")]
             if let (Some(qs), Some((ks, w))) = (&self.qs, &mut bf) {
                 pack::kt_pairs(call.k, keys, kv_tile, &mut ks.kt);
@@ -426,10 +564,14 @@ impl<T: Element> Pass<'_, '_, T> {
                 ks.dvt.fill(0.0);
                 for &(hi, qt, bits) in &pairs {
                     let dq = &mut dq[(hi * lq + qt * tq) * g.d_pad..];
-                    self.pair16(qs, (ks, w), &mut sc, dq, (b, hk * group + hi, qt, kt, bits));
+                    let at = (b, hk * group + hi, qt, kt, bits);
+                    self.pair16(qs, (ks, w), &mut sc, dq, at, mods.as_mut());
                 }
                 ks.transpose_into(&g, call.scale, &mut sc.dk, &mut sc.dv);
                 tiles.push((kt, sc.dk.clone(), sc.dv.clone()));
+                if let Some(m) = &mut mods {
+                    m.end_tile(kt);
+                }
                 continue;
             }
             pack::rows(call.k, keys, g.d_pad, &mut sc.k);
@@ -441,19 +583,63 @@ impl<T: Element> Pass<'_, '_, T> {
             sc.dv.fill(0.0);
             for &(hi, qt, bits) in &pairs {
                 let dq = &mut dq[(hi * lq + qt * tq) * g.d_pad..];
-                self.pair(&mut sc, dq, (b, hk * group + hi, qt, kt, bits), k_finite);
+                let at = (b, hk * group + hi, qt, kt, bits);
+                self.pair(&mut sc, dq, at, k_finite, mods.as_mut());
             }
             // dK = s · dSᵀ·Q
             sc.dk.iter_mut().for_each(|x| *x *= call.scale);
             tiles.push((kt, sc.dk.clone(), sc.dv.clone()));
+            if let Some(m) = &mut mods {
+                m.end_tile(kt);
+            }
         }
-        ChunkResult { dq, tiles }
+        ChunkResult { dq, tiles, mods }
+    }
+
+    /// The parameter-gradient sums of one (b, kv head) from its chunks, in chunk order.
+    fn head_mods(&self, results: &[ChunkResult]) -> Option<HeadMods> {
+        let spec = self.mods();
+        if !spec.any() {
+            return None;
+        }
+        let (g, lk) = (self.g, spec.lk);
+        let chunks = || results.iter().filter_map(|c| c.mods.as_ref());
+        let bias = match spec.bias_block() {
+            None => Vec::new(),
+            Some((gh, nq, 1)) => {
+                let mut sum = vec![0f32; gh * nq];
+                for m in chunks() {
+                    sum.iter_mut().zip(&m.cols).for_each(|(s, x)| *s += x);
+                }
+                sum
+            }
+            Some((gh, nq, nk)) => {
+                // Every key tile belongs to one chunk: its columns are copied, not summed.
+                let mut all = vec![0f32; gh * nq * nk];
+                for (kt, tile) in chunks().flat_map(|m| &m.tiles) {
+                    let j0 = kt * g.tk;
+                    let cols = (lk - j0).min(g.tk);
+                    for (row, src) in tile.chunks_exact(g.tk).enumerate() {
+                        all[row * nk + j0..row * nk + j0 + cols].copy_from_slice(&src[..cols]);
+                    }
+                }
+                all
+            }
+        };
+        let (mut dalibi, mut drel) = (Vec::new(), Vec::new());
+        for m in chunks() {
+            dalibi.resize(m.dalibi.len(), 0f64);
+            drel.resize(m.drel.len(), 0f64);
+            dalibi.iter_mut().zip(&m.dalibi).for_each(|(a, x)| *a += x);
+            drel.iter_mut().zip(&m.drel).for_each(|(a, x)| *a += x);
+        }
+        Some(HeadMods { bias, dalibi, drel })
     }
 
     /// The job of one (query tile, key tile) pair, with its bias tile and dropout keys
     /// written into the scratch, and the first row's index among all query rows.
     fn job<'s>(
-        &self,
+        &'s self,
         bias: &'s mut [f32],
         drop_keys: &'s mut [u32],
         (b, h, qt, kt, bits): PairAt<'s>,
@@ -482,9 +668,10 @@ impl<T: Element> Pass<'_, '_, T> {
         sc: &mut Scratch,
         dq: &mut [f32],
         at: PairAt,
+        mods: Option<&mut ModGrads>,
     ) {
         let g = &self.g;
-        let (b, h, qt, _, _) = at;
+        let (b, h, qt, kt, _) = at;
         let nq = self.call.block.grid().0;
         let rows_finite = self.rows_finite((b, h, qt));
         let (job, row0) = self.job(&mut sc.bias, &mut sc.drop_keys, at);
@@ -501,12 +688,19 @@ impl<T: Element> Pass<'_, '_, T> {
             doutt: &qs.doutt[idx * n_t..(idx + 1) * n_t],
             tq_pad: qs.tq_pad,
             rows_finite,
+            at: (
+                h % self.call.dims.group(),
+                qt * self.call.block.tile_q(),
+                kt * g.tk,
+            ),
         };
         let f32_tiles = bf16::F32Tiles {
             p: &mut sc.p,
             pz: &mut sc.pz,
             ds: &mut sc.ds,
+            tanh: &mut sc.tanh,
             dq,
+            mods,
         };
         // SAFETY: `qs` exists only where `bf16_dot()` found AVX512-BF16; buffers sized by
         // `QuerySide`, `KeySide::new`, `Work16::new` and `Scratch::new`.
@@ -514,9 +708,16 @@ impl<T: Element> Pass<'_, '_, T> {
     }
 
     /// One (query tile, key tile) pair: loads the query side, then runs the vector step.
-    fn pair(&self, sc: &mut Scratch, dq: &mut [f32], at: PairAt, k_finite: bool) {
+    fn pair(
+        &self,
+        sc: &mut Scratch,
+        dq: &mut [f32],
+        at: PairAt,
+        k_finite: bool,
+        mods: Option<&mut ModGrads>,
+    ) {
         let (g, call) = (self.g, &self.call);
-        let (b, h, qt, _, _) = at;
+        let (b, h, qt, kt_at, _) = at;
         let rows_finite = self.rows_finite((b, h, qt));
         let Scratch {
             k,
@@ -531,6 +732,7 @@ impl<T: Element> Pass<'_, '_, T> {
             drop_keys,
             ds,
             bias,
+            tanh,
             unseen,
         } = sc;
         let (job, row0) = self.job(bias, drop_keys, at);
@@ -569,6 +771,9 @@ impl<T: Element> Pass<'_, '_, T> {
             p,
             pz,
             ds,
+            tanh: call.softcap.map(|_| &mut tanh[..]),
+            at: (h % call.dims.group(), i0, kt_at * g.tk),
+            mods,
             dk: MatMut::new(dk, cols, d_pad, d_pad),
             dv: MatMut::new(dv, cols, d_pad, d_pad),
             dq: MatMut::new(dq, rows, d_pad, d_pad),
@@ -661,7 +866,7 @@ impl WithSimd for DotInOrder<'_> {
 }
 
 /// The five products of one (query tile, key tile) pair, on f32.
-struct Step<'a> {
+struct Step<'a, 'b> {
     job: TileJob<'a>,
     lse: &'a [f32],
     delta: &'a [f32],
@@ -680,13 +885,18 @@ struct Step<'a> {
     p: &'a mut [f32],
     pz: &'a mut [f32],
     ds: &'a mut [f32],
+    /// `tanh(z / c)` under soft-capping (`rows × tk_pad`).
+    tanh: Option<&'a mut [f32]>,
+    /// (query head within the group, first query, first key) and the task's sums.
+    at: (usize, usize, usize),
+    mods: Option<&'a mut ModGrads<'b>>,
     /// `dk`, `dv` receive `dSᵀ·Q` (the caller applies `s`) and `Pᵀ·dO`; `dq` `dS·K`.
     dk: MatMut<'a>,
     dv: MatMut<'a>,
     dq: MatMut<'a>,
 }
 
-impl WithSimd for Step<'_> {
+impl WithSimd for Step<'_, '_> {
     type Output = ();
 
     #[inline(always)]
@@ -705,6 +915,9 @@ impl WithSimd for Step<'_> {
             p,
             pz,
             ds,
+            mut tanh,
+            at,
+            mods,
             dk,
             dv,
             dq,
@@ -719,8 +932,10 @@ impl WithSimd for Step<'_> {
         unsafe {
             gemm::<S>(scores(p), q_d, kt, Update::Set); //     x  = Q·Kᵀ
             gemm::<S>(scores(ds), dout_d, vt, Update::Set); // dP = dO·Vᵀ
-            sm::probs::<S>(&job, lse, p); //                    P  = e^(s·x + β − LSE)
+            sm::probs::<S>(&job, lse, p, tanh.as_deref_mut()); //  P  = e^(x − LSE)
             ds_rows::<S>(&job, (lse, delta), p, pz, ds); //            dS = P ∘ (z dP − D)
+                                                         // dbias, dslope, drel from dS; dS ∘ (1 − tanh²) under soft-capping
+            score_grads::take::<S>(&job, at, ds, tanh.as_deref(), mods);
             let pv = if job.drop.is_some() { &*pz } else { &*p };
             let (pv, ds) = (
                 MatRef::new(pv, rows, cols, tk_pad),

@@ -31,3 +31,26 @@ pub(crate) fn exp_scalar(x: f32) -> f32 {
     // 2^n for n in [−126, 127]
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
+
+// `tanh x` (Cephes `tanhf`): for `|x| < 0.625` the odd polynomial
+// `x + x·x²·T(x²)`; above, `1 − 2 / (e^{2|x|} + 1)` with the sign of `x` (no cancellation:
+// the result is ≥ 0.55 there). NaN stays NaN; ±∞ and large `|x|` give ±1.
+pub(crate) const TANH_SMALL: f32 = 0.625;
+pub(crate) const T0: f32 = -5.704_988_7e-3;
+pub(crate) const T1: f32 = 2.063_909e-2;
+pub(crate) const T2: f32 = -5.373_971_6e-2;
+pub(crate) const T3: f32 = 1.333_144_2e-1;
+pub(crate) const T4: f32 = -3.333_328e-1;
+
+/// The scalar form of the vector `tanh`; the portable set uses it lane by lane.
+#[inline(always)]
+pub(crate) fn tanh_scalar(x: f32) -> f32 {
+    let a = x.abs();
+    if a < TANH_SMALL {
+        let z = x * x;
+        let p = (((T0 * z + T1) * z + T2) * z + T3) * z + T4;
+        return p * z * x + x;
+    }
+    let t = 1.0 - 2.0 / (exp_scalar(a + a) + 1.0);
+    t.copysign(x)
+}

@@ -1,7 +1,7 @@
 //! The portable set: 8 lanes as a plain array. The compiler vectorises the element loops for
 //! whatever the build target has (SSE2 on baseline x86-64, NEON on aarch64).
 
-use super::exp::exp_scalar;
+use super::exp::{exp_scalar, tanh_scalar};
 use super::Simd;
 
 #[derive(Clone, Copy)]
@@ -84,6 +84,10 @@ unsafe impl Simd for Portable {
     #[inline(always)]
     unsafe fn exp(x: V) -> V {
         x.map(exp_scalar)
+    }
+    #[inline(always)]
+    unsafe fn tanh(x: V) -> V {
+        x.map(tanh_scalar)
     }
     #[inline(always)]
     unsafe fn select(bits: u32, a: V, b: V) -> V {

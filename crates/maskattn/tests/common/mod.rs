@@ -2,6 +2,8 @@
 //! docs/design.md section 4.
 #![allow(dead_code)]
 
+pub mod mods;
+
 use maskattn::{
     reference, BlockMask, DenseMask, Dropout, Mask, MaskShape, Params, SplitMix64, View,
 };
