@@ -86,6 +86,11 @@ fn every_modifier_trains_resumes_exactly_and_generates() {
             .collect();
         assert_eq!(losses.len(), 4);
         assert!(losses.iter().all(|x| x.is_finite()), "{losses:?}");
+        // The trainable modifiers are weights of the checkpoint (names in its header).
+        let w = String::from_utf8_lossy(&weights(&straight)).into_owned();
+        for name in ["blocks.0.attn.rel_bias", "blocks.1.attn.sinks"] {
+            assert_eq!(w.contains(name), n == 1, "{flags:?}: {name}");
+        }
         if n == 1 {
             assert_eq!(c["model"]["softcap"], 5.0);
             assert_eq!(c["model"]["sinks"], true);
