@@ -5,7 +5,8 @@
 //!
 //! The variants run alternately, round after round, and each reports its median time and
 //! its ratio to the plain kernel's median, so that a busy machine slows all of them alike.
-//! Benchmarks report; nothing here asserts on time.
+//! Benchmarks report; nothing here asserts on time. `only=N` runs variant `N` alone (for an
+//! instruction count: `perf stat -e instructions ... -- 1 8 2048 64 1 only=1`).
 
 use std::time::{Duration, Instant};
 
@@ -42,7 +43,9 @@ fn main() {
     let sinks = leak((0..h).map(|i| i as f32 * 0.1).collect());
     let table = leak((0..32 * h).map(|i| (i as f32 * 0.37).sin()).collect());
     let rel = RelBias::new(table, 32, 128, false).unwrap();
-    let variants: Vec<(&str, Params)> = vec![
+    let only: Option<usize> =
+        std::env::args().find_map(|a| a.strip_prefix("only=").and_then(|n| n.parse().ok()));
+    let mut variants: Vec<(&str, Params)> = vec![
         ("plain", Params::default()),
         ("softcap 30", Params::default().with_softcap(30.0)),
         ("alibi", Params::default().with_alibi(slopes)),
@@ -57,6 +60,9 @@ fn main() {
                 .with_rel(rel),
         ),
     ];
+    if let Some(i) = only {
+        variants = vec![variants[i]];
+    }
     println!(
         "shape (B, H, L, d) = ({b}, {h}, {l}, {d}), causal, f32, {} threads, kernel path: {}",
         rayon::current_num_threads(),

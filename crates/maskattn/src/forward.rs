@@ -20,7 +20,8 @@ use crate::simd::{self, Simd, WithSimd};
 use crate::softmax::{Geom, Online, TileJob};
 use crate::view::{Element, View};
 
-/// `out [B, H_q, L_q, d]` and `lse [B, H_q, L_q]` (−∞ where a row allows nothing).
+/// `out [B, H_q, L_q, d]` and `lse [B, H_q, L_q]` (−∞ where a row allows nothing, or its
+/// head's sink logit with sinks; the LSE includes the sink term).
 #[derive(Clone, Debug)]
 pub struct Forward {
     pub out: Vec<f32>,
@@ -84,7 +85,8 @@ struct KvHead<'a, 'b, 'c, T> {
 }
 
 /// Masked attention forward. `q [B, H_q, L_q, d]`, `k, v [B, H_kv, L_k, d]` (any strides),
-/// `block` compiled for `(B, H_q, L_q, L_k)`; see [`Params`] for scale, bias and dropout.
+/// `block` compiled for `(B, H_q, L_q, L_k)`; see [`Params`] for scale, bias, dropout and the
+/// score modifiers (soft-cap, ALiBi, sinks, T5 relative positions).
 ///
 /// Non-finite values follow IEEE arithmetic on the pairs the mask allows, and only on
 /// those (the f64 [`reference`](crate::reference) is the definition):

@@ -186,7 +186,8 @@ impl<'a, T: Element> Qkv<'a, T> {
 
 /// Masked attention backward: gradients of `q`, `k`, `v` given the forward's `out` and `lse`
 /// and the output gradient `dout` (shaped like q). Same inputs, block mask and [`Params`]
-/// (scale, bias, dropout) as the forward.
+/// (scale, bias, dropout, score modifiers) as the forward. `Grads::params` holds the
+/// gradient of every modifier of `params` that has parameters (docs/design.md section 1).
 pub fn backward<T: Element>(
     qkv: &Qkv<T>,
     out: &View<f32>,
@@ -226,7 +227,9 @@ pub fn backward<T: Element>(
 }
 
 /// [`backward`] into buffers the caller owns (every value overwritten): for writing straight
-/// into another framework's gradient storage, or reusing buffers call after call.
+/// into another framework's gradient storage, or reusing buffers call after call. The
+/// parameter gradients are computed for exactly the buffers given in `grads.params`
+/// (checked: each belongs to a modifier of `params` and has its length).
 pub fn backward_into<T: Element>(
     qkv: &Qkv<T>,
     out: &View<f32>,

@@ -110,8 +110,20 @@ unsafe impl Simd for Avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tanh(x: __m256) -> __m256 {
+        let z = _mm256_mul_ps(x, x);
+        let mut p = _mm256_set1_ps(T0);
+        for c in [T1, T2, T3, T4] {
+            p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(c));
+        }
+        let small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
         let sign = _mm256_set1_ps(-0.0);
         let a = _mm256_andnot_ps(sign, x);
+        // NaN compares false (ordered): it takes the `big` branch, which keeps it NaN.
+        let is_small = _mm256_cmp_ps::<_CMP_LT_OQ>(a, _mm256_set1_ps(TANH_SMALL));
+        if _mm256_movemask_ps(is_small) == 0xFF {
+            // The usual case under soft-capping (|z| < 0.625 c): no e^x, no division.
+            return small;
+        }
         // SAFETY: `exp` needs AVX2 and FMA, enabled here.
         let e = unsafe { Self::exp(_mm256_add_ps(a, a)) };
         let one = _mm256_set1_ps(1.0);
@@ -120,14 +132,6 @@ unsafe impl Simd for Avx2 {
             _mm256_div_ps(_mm256_set1_ps(2.0), _mm256_add_ps(e, one)),
         );
         let big = _mm256_or_ps(big, _mm256_and_ps(sign, x)); // `big` ≥ 0: copysign
-        let z = _mm256_mul_ps(x, x);
-        let mut p = _mm256_set1_ps(T0);
-        for c in [T1, T2, T3, T4] {
-            p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(c));
-        }
-        let small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
-        // NaN compares false (ordered): it takes the `big` branch, which keeps it NaN.
-        let is_small = _mm256_cmp_ps::<_CMP_LT_OQ>(a, _mm256_set1_ps(TANH_SMALL));
         _mm256_blendv_ps(big, small, is_small)
     }
     #[inline]

@@ -97,8 +97,21 @@ unsafe impl Simd for Avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn tanh(x: __m512) -> __m512 {
+        let z = _mm512_mul_ps(x, x);
+        let mut p = _mm512_set1_ps(T0);
+        for c in [T1, T2, T3, T4] {
+            p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(c));
+        }
+        let small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), x, x);
+        // NaN compares false: it takes the `big` branch, which keeps it NaN.
+        let a = _mm512_abs_ps(x);
+        let is_small = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, _mm512_set1_ps(TANH_SMALL));
+        if is_small == u16::MAX {
+            // The usual case under soft-capping (|z| < 0.625 c): no e^x, no division.
+            return small;
+        }
         // SAFETY: `exp` needs AVX-512F, enabled here.
-        let e = unsafe { Self::exp(_mm512_add_ps(_mm512_abs_ps(x), _mm512_abs_ps(x))) };
+        let e = unsafe { Self::exp(_mm512_add_ps(a, a)) };
         let one = _mm512_set1_ps(1.0);
         let big = _mm512_sub_ps(
             one,
@@ -107,15 +120,6 @@ unsafe impl Simd for Avx512 {
         // `big` ≥ 0: copysign is an or with the sign bit of `x`.
         let sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(i32::MIN));
         let big = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(big), sign));
-        let z = _mm512_mul_ps(x, x);
-        let mut p = _mm512_set1_ps(T0);
-        for c in [T1, T2, T3, T4] {
-            p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(c));
-        }
-        let small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), x, x);
-        // NaN compares false: it takes the `big` branch, which keeps it NaN.
-        let is_small =
-            _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(x), _mm512_set1_ps(TANH_SMALL));
         _mm512_mask_mov_ps(big, is_small, small)
     }
     #[inline]

@@ -97,20 +97,25 @@ unsafe impl Simd for Neon {
     unsafe fn tanh(x: float32x4_t) -> float32x4_t {
         // SAFETY: NEON is part of every aarch64 target; register arithmetic only.
         unsafe {
-            let a = vabsq_f32(x);
-            let e = Self::exp(vaddq_f32(a, a));
-            let one = vdupq_n_f32(1.0);
-            let big = vsubq_f32(one, vdivq_f32(vdupq_n_f32(2.0), vaddq_f32(e, one)));
-            // copysign: the sign bit from `x`, the rest from `big`.
-            let big = vbslq_f32(vdupq_n_u32(0x8000_0000), x, big);
             let z = vmulq_f32(x, x);
             let mut p = vdupq_n_f32(T0);
             for c in [T1, T2, T3, T4] {
                 p = vfmaq_f32(vdupq_n_f32(c), p, z);
             }
             let small = vfmaq_f32(x, vmulq_f32(p, z), x);
+            let a = vabsq_f32(x);
             // NaN compares false: it takes the `big` branch, which keeps it NaN.
-            vbslq_f32(vcltq_f32(a, vdupq_n_f32(TANH_SMALL)), small, big)
+            let is_small = vcltq_f32(a, vdupq_n_f32(TANH_SMALL));
+            if vminvq_u32(is_small) == u32::MAX {
+                // The usual case under soft-capping (|z| < 0.625 c): no e^x, no division.
+                return small;
+            }
+            let e = Self::exp(vaddq_f32(a, a));
+            let one = vdupq_n_f32(1.0);
+            let big = vsubq_f32(one, vdivq_f32(vdupq_n_f32(2.0), vaddq_f32(e, one)));
+            // copysign: the sign bit from `x`, the rest from `big`.
+            let big = vbslq_f32(vdupq_n_u32(0x8000_0000), x, big);
+            vbslq_f32(is_small, small, big)
         }
     }
     #[inline(always)]
