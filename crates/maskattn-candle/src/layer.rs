@@ -7,13 +7,13 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use maskattn::{BlockMask, Dropout, Mask, MaskShape};
 
 use crate::fused;
 use crate::kv_cache::KvCache;
-use crate::op::{attention_with_block, AttnOptions};
+use crate::op::{attention_with_block, AttnOptions, RelPos};
 use crate::reference;
 use crate::rope::Rope;
 
@@ -35,6 +35,34 @@ pub struct MhaConfig {
     pub rope_theta: Option<f32>,
     /// Attention dropout probability, applied in [`Mode::Train`].
     pub dropout: f32,
+    /// Soft-capping `c · tanh(z / c)` of the scaled scores.
+    pub softcap: Option<f32>,
+    /// ALiBi: per-head linear distance penalties, fixed or trainable (parameter
+    /// `alibi_slopes [H_q]`, starting at the standard slopes).
+    pub alibi: Option<AlibiMode>,
+    /// Attention sinks: a trainable logit per head in every softmax's sum (parameter
+    /// `sinks [H_q]`, starting at 0).
+    pub sinks: bool,
+    /// T5 relative position biases (parameter `rel_bias [num_buckets, H_q]`, starting at 0).
+    pub rel: Option<RelConfig>,
+}
+
+/// Where the ALiBi slopes come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlibiMode {
+    /// The standard slopes ([`maskattn::alibi_slopes`]), not a parameter.
+    Fixed,
+    /// A parameter `alibi_slopes [H_q]`, initialised to the standard slopes.
+    Trainable,
+}
+
+/// The bucketing of T5 relative positions (Hugging Face T5's `_relative_position_bucket`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RelConfig {
+    pub num_buckets: usize,
+    pub max_distance: usize,
+    pub bidirectional: bool,
 }
 
 impl MhaConfig {
@@ -51,7 +79,40 @@ impl MhaConfig {
             bias: true,
             rope_theta: None,
             dropout: 0.0,
+            softcap: None,
+            alibi: None,
+            sinks: false,
+            rel: None,
         }
+    }
+
+    pub fn with_softcap(mut self, c: f32) -> Self {
+        self.softcap = Some(c);
+        self
+    }
+
+    pub fn with_alibi(mut self, mode: AlibiMode) -> Self {
+        self.alibi = Some(mode);
+        self
+    }
+
+    pub fn with_sinks(mut self) -> Self {
+        self.sinks = true;
+        self
+    }
+
+    pub fn with_rel(
+        mut self,
+        num_buckets: usize,
+        max_distance: usize,
+        bidirectional: bool,
+    ) -> Self {
+        self.rel = Some(RelConfig {
+            num_buckets,
+            max_distance,
+            bidirectional,
+        });
+        self
     }
 
     pub fn with_kv_heads(mut self, n: usize) -> Self {
@@ -114,6 +175,19 @@ impl MhaConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             return err(format!("dropout must be in [0, 1), got {}", self.dropout));
         }
+        if let Some(c) = self.softcap {
+            if !(c.is_finite() && c > 0.0) {
+                return err(format!("softcap must be finite and > 0, got {c}"));
+            }
+        }
+        if let Some(r) = self.rel {
+            if r.num_buckets == 0 || (r.bidirectional && r.num_buckets < 2) {
+                return err(format!(
+                    "rel: num_buckets must be at least 1 (2 when bidirectional), got {}",
+                    r.num_buckets
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -127,7 +201,9 @@ pub enum Mode {
 }
 
 /// Masked multi-head attention. Weights are named `q_proj`, `k_proj`, `v_proj`, `o_proj`
-/// (`.weight [out, in]`, `.bias [out]`) under the [`VarBuilder`] it is built from.
+/// (`.weight [out, in]`, `.bias [out]`) under the [`VarBuilder`] it is built from; with
+/// score modifiers also `alibi_slopes [H_q]` (trainable ALiBi), `sinks [H_q]` and
+/// `rel_bias [num_buckets, H_q]`.
 #[derive(Clone, Debug)]
 pub struct MaskedMultiHeadAttention {
     q_proj: Linear,
@@ -135,6 +211,10 @@ pub struct MaskedMultiHeadAttention {
     v_proj: Linear,
     o_proj: Linear,
     rope: Option<Rope>,
+    /// ALiBi slopes `[H_q]` (a parameter when trainable), sinks `[H_q]`, T5 table.
+    alibi: Option<Tensor>,
+    sinks: Option<Tensor>,
+    rel: Option<RelPos>,
     cfg: MhaConfig,
 }
 
@@ -200,7 +280,40 @@ impl MaskedMultiHeadAttention {
             }
         };
         let (hq, hkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let zeros = candle_nn::Init::Const(0.0);
+        let alibi = match cfg.alibi {
+            None => None,
+            Some(AlibiMode::Fixed) => Some(Tensor::new(maskattn::alibi_slopes(hq), vb.device())?),
+            Some(AlibiMode::Trainable) => {
+                // A fresh parameter starts at the standard slopes (no `Init` says that);
+                // one the builder already holds (loaded weights) is kept.
+                let fresh = !vb.contains_tensor("alibi_slopes");
+                let t = vb.get_with_hints(hq, "alibi_slopes", zeros)?;
+                if fresh {
+                    let std = Tensor::new(maskattn::alibi_slopes(hq), vb.device())?;
+                    t.slice_set(&std.to_dtype(t.dtype())?, 0, 0)?;
+                }
+                Some(t)
+            }
+        };
+        let sinks = if cfg.sinks {
+            Some(vb.get_with_hints(hq, "sinks", zeros)?)
+        } else {
+            None
+        };
+        let rel = match cfg.rel {
+            None => None,
+            Some(r) => Some(RelPos {
+                table: vb.get_with_hints((r.num_buckets, hq), "rel_bias", zeros)?,
+                num_buckets: r.num_buckets,
+                max_distance: r.max_distance,
+                bidirectional: r.bidirectional,
+            }),
+        };
         Ok(MaskedMultiHeadAttention {
+            alibi,
+            sinks,
+            rel,
             q_proj: lin(cfg.d_model, hq * hd, "q_proj")?,
             k_proj: lin(cfg.kdim, hkv * hd, "k_proj")?,
             v_proj: lin(cfg.vdim, hkv * hd, "v_proj")?,
@@ -214,9 +327,36 @@ impl MaskedMultiHeadAttention {
         &self.cfg
     }
 
+    /// The call options of this layer's score modifiers (f32; the kernels take them so).
+    fn options(&self, dropout: Option<Dropout>) -> Result<AttnOptions> {
+        let f32 = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_dtype(DType::F32)).transpose();
+        Ok(AttnOptions {
+            scale: None,
+            dropout,
+            softcap: self.cfg.softcap,
+            bias: None,
+            alibi: f32(&self.alibi)?,
+            sinks: f32(&self.sinks)?,
+            rel: match &self.rel {
+                None => None,
+                Some(r) => Some(RelPos {
+                    table: r.table.to_dtype(DType::F32)?,
+                    ..r.clone()
+                }),
+            },
+        })
+    }
+
     /// The four projections, in the order q, k, v, o.
     pub fn projections(&self) -> [&Linear; 4] {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+    }
+
+    fn cfg_has_modifiers(&self) -> bool {
+        self.cfg.softcap.is_some()
+            || self.alibi.is_some()
+            || self.sinks.is_some()
+            || self.rel.is_some()
     }
 
     /// `[B, L, in] → [B, H, L, head_dim]` (contiguous), with rotary positions from `offset`
@@ -444,9 +584,17 @@ impl MaskedMultiHeadAttention {
         let (b, hq, lq, _) = q.dims4()?;
         let lk = k.dim(2)?;
         let (out, w) = match backend {
-            Backend::Reference(None) => (reference::attention(q, k, v, mask.mask()?, None)?, None),
-            Backend::Reference(Some(keep)) => {
+            Backend::Reference(None) => (
+                reference::attention_with_options(q, k, v, mask.mask()?, &self.options(None)?)?,
+                None,
+            ),
+            Backend::Reference(Some(keep)) if !self.cfg_has_modifiers() => {
                 (reference::attention_with_keep(q, k, v, keep, None)?, None)
+            }
+            Backend::Reference(Some(_)) => {
+                return Err(candle_core::Error::Msg(
+                    "MaskedMultiHeadAttention: forward_reference_with_keep has no score modifiers; use forward_reference".into(),
+                ))
             }
             Backend::Kernels => {
                 let shape = MaskShape::new(b, hq, lq, lk);
@@ -457,13 +605,11 @@ impl MaskedMultiHeadAttention {
                     ),
                     _ => None,
                 };
-                let opts = AttnOptions {
-                    scale: None,
-                    dropout,
-                };
+                let opts = self.options(dropout)?;
                 let a = attention_with_block(q, k, v, block, opts)?;
                 let w = if weights {
-                    Some(attention_weights(q, k, &a.lse, mask.mask()?, shape)?)
+                    let opts = self.options(None)?;
+                    Some(attention_weights(q, k, &a.lse, mask.mask()?, shape, &opts)?)
                 } else {
                     None
                 };
@@ -516,21 +662,28 @@ impl MaskedMultiHeadAttention {
     }
 }
 
-/// `P = e^(s·q·kᵀ − LSE)` where allowed, 0 elsewhere: `[B, H_q, L_q, L_k]`, f32, detached.
+/// `P = e^(x − LSE)` where allowed, 0 elsewhere: `[B, H_q, L_q, L_k]`, f32, detached; `x`
+/// the scores with the layer's modifiers ([`reference::scores`]). With sinks a row sums to
+/// less than 1: the sink's share is in `LSE`.
 fn attention_weights(
     q: &Tensor,
     k: &Tensor,
     lse: &Tensor,
     mask: &Mask,
     shape: MaskShape,
+    opts: &AttnOptions,
 ) -> Result<Tensor> {
     let (q, k) = (
         q.detach().to_dtype(DType::F32)?,
         k.detach().to_dtype(DType::F32)?,
     );
-    let hd = q.dim(D::Minus1)?;
-    let k = reference::repeat_kv(&k, shape.heads / k.dim(1)?)?;
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
+    let mut opts = opts.clone();
+    opts.alibi = opts.alibi.map(|t| t.detach());
+    opts.rel = opts.rel.map(|r| RelPos {
+        table: r.table.detach(),
+        ..r
+    });
+    let scores = reference::scores(&q, &k, &opts)?;
     let p = scores.broadcast_sub(&lse.unsqueeze(3)?)?.exp()?;
     let keep =
         reference::dense_mask(mask, shape, DType::U8, q.device())?.broadcast_as(p.shape())?;

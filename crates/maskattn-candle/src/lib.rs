@@ -44,12 +44,15 @@ mod kv_cache;
 mod layer;
 pub mod mask_convert;
 pub mod model;
+mod mods;
 mod op;
 pub mod reference;
 mod rope;
 
 pub use interop::WeightFormat;
 pub use kv_cache::KvCache;
-pub use layer::{MaskedMultiHeadAttention, MhaConfig, Mode};
-pub use op::{attention, attention_with_block, Attention, AttnOptions};
+pub use layer::{AlibiMode, MaskedMultiHeadAttention, MhaConfig, Mode, RelConfig};
+#[doc(hidden)]
+pub use op::kernel_backward_calls;
+pub use op::{attention, attention_with_block, Attention, AttnOptions, RelPos};
 pub use rope::Rope;

@@ -1,5 +1,5 @@
 //! A small transformer language model built on [`MaskedMultiHeadAttention`]: token embedding
-//! (+ learned positions, or rotary positions inside attention), N pre-norm blocks
+//! (+ learned positions; or rotary, ALiBi or T5 positions inside attention), N pre-norm blocks
 //! (attention + GELU MLP, residuals), a final norm, and an LM head tied to the embedding.
 //! The same model trains with a bidirectional (masked-token) or a causal objective; the
 //! mask decides which.
@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fused;
 use crate::kv_cache::KvCache;
-use crate::layer::{MaskedMultiHeadAttention, MhaConfig, Mode};
+use crate::layer::{AlibiMode, MaskedMultiHeadAttention, MhaConfig, Mode};
 
 /// How the model knows positions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,7 +28,16 @@ pub enum Positions {
     Learned,
     /// Rotary embedding of queries and keys inside every attention layer.
     Rotary,
+    /// ALiBi: every head's scores less a fixed standard slope times the distance.
+    Alibi,
+    /// T5 relative position biases: a trainable table per layer, [`T5_BUCKETS`] buckets up
+    /// to [`T5_MAX_DISTANCE`], bidirectional (a causal mask simply never uses the future half).
+    T5,
 }
+
+/// The T5 bucketing of [`Positions::T5`] (T5's own: 32 buckets, distances up to 128).
+pub const T5_BUCKETS: usize = 32;
+pub const T5_MAX_DISTANCE: usize = 128;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LmConfig {
@@ -43,6 +52,12 @@ pub struct LmConfig {
     pub max_len: usize,
     pub positions: Positions,
     pub dropout: f32,
+    /// Soft-capping of the attention scores (absent from configs saved before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub softcap: Option<f32>,
+    /// An attention sink per head in every layer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sinks: bool,
 }
 
 impl LmConfig {
@@ -67,12 +82,16 @@ impl LmConfig {
     }
 
     fn attention(&self) -> MhaConfig {
-        let c = MhaConfig::new(self.d_model, self.heads)
+        let mut c = MhaConfig::new(self.d_model, self.heads)
             .with_kv_heads(self.kv_heads)
             .with_dropout(self.dropout);
+        c.softcap = self.softcap;
+        c.sinks = self.sinks;
         match self.positions {
             Positions::Rotary => c.with_rope(10_000.0),
             Positions::Learned => c,
+            Positions::Alibi => c.with_alibi(AlibiMode::Fixed),
+            Positions::T5 => c.with_rel(T5_BUCKETS, T5_MAX_DISTANCE, true),
         }
     }
 }
@@ -182,7 +201,7 @@ impl TinyLm {
                 cfg.d_model,
                 vb.pp("pos_emb"),
             )?),
-            Positions::Rotary => None,
+            Positions::Rotary | Positions::Alibi | Positions::T5 => None,
         };
         let blocks = (0..cfg.layers)
             .map(|i| Block::new(&cfg, vb.pp(format!("blocks.{i}"))))

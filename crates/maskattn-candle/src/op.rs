@@ -11,19 +11,78 @@ use std::sync::{Arc, OnceLock};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Storage, Tensor};
 use maskattn::half::{bf16, f16};
-use maskattn::{BlockMask, Dropout, Element, Mask, Params, View};
+use maskattn::{BlockMask, Dropout, Element, GradsMut, Mask, ParamGradsMut, Params, View};
 
-/// What [`attention`] takes besides tensors and mask.
-#[derive(Clone, Copy, Debug, Default)]
+pub use crate::mods::RelPos;
+use crate::mods::{Mods, Stash, Tap};
+
+/// Runs `$body` with q, k, v as slices of their common storage type, `$to` converting an
+/// f32 to it and `$wrap` making a candle storage of it.
+macro_rules! by_dtype {
+    ($s1:expr, $s2:expr, $s3:expr, |$q:ident, $k:ident, $v:ident, $to:ident, $wrap:ident| $body:expr) => {
+        match ($s1, $s2, $s3) {
+            (CpuStorage::F32($q), CpuStorage::F32($k), CpuStorage::F32($v)) => {
+                let $to = |x: f32| x;
+                let $wrap = CpuStorage::F32;
+                $body
+            }
+            (CpuStorage::BF16($q), CpuStorage::BF16($k), CpuStorage::BF16($v)) => {
+                let $to = bf16::from_f32;
+                let $wrap = CpuStorage::BF16;
+                $body
+            }
+            (CpuStorage::F16($q), CpuStorage::F16($k), CpuStorage::F16($v)) => {
+                let $to = f16::from_f32;
+                let $wrap = CpuStorage::F16;
+                $body
+            }
+            (a, b, c) => Err(Error::Msg(format!(
+                "maskattn: q, k, v must share one of f32, bf16, f16; got {:?}, {:?}, {:?}",
+                a.dtype(),
+                b.dtype(),
+                c.dtype()
+            ))),
+        }
+    };
+}
+
+/// What [`attention`] takes besides tensors and mask: the scale, dropout, and the score
+/// modifiers of docs/design.md section 1. The modifier tensors are f32 on the CPU; each
+/// that is a [`candle_core::Var`] (or computed from one) gets its gradient through autograd.
+#[derive(Clone, Debug, Default)]
 pub struct AttnOptions {
     /// Score scale; `None` means `1/sqrt(d)`.
     pub scale: Option<f32>,
     /// Attention dropout (training); see [`maskattn::Dropout`].
     pub dropout: Option<Dropout>,
+    /// Soft-capping `c · tanh(z / c)` of the scaled scores (`c > 0`).
+    pub softcap: Option<f32>,
+    /// A dense additive bias `[B|1, H_q|1, L_q, L_k]` (1 where it broadcasts).
+    pub bias: Option<Tensor>,
+    /// ALiBi slopes `[H_q]`: `− slope_h · |i' − j|` on the scores
+    /// ([`maskattn::alibi_slopes`] gives the standard ones).
+    pub alibi: Option<Tensor>,
+    /// Attention sinks `[H_q]`: a logit per head that takes part in the softmax's sum.
+    pub sinks: Option<Tensor>,
+    /// T5 relative position biases.
+    pub rel: Option<RelPos>,
+}
+
+impl AttnOptions {
+    /// Whether any score modifier is set (without, the op is exactly what it was before
+    /// modifiers existed).
+    pub fn has_modifiers(&self) -> bool {
+        self.softcap.is_some()
+            || self.bias.is_some()
+            || self.alibi.is_some()
+            || self.sinks.is_some()
+            || self.rel.is_some()
+    }
 }
 
 /// The results of [`attention`]: `out [B, H_q, L_q, d]` (tracked by autograd) and
-/// `lse [B, H_q, L_q]` (f32, −∞ for rows that see nothing; not differentiable).
+/// `lse [B, H_q, L_q]` (f32, −∞ for rows that see nothing, the sink's term included;
+/// not differentiable).
 #[derive(Clone, Debug)]
 pub struct Attention {
     pub out: Tensor,
@@ -60,13 +119,35 @@ pub fn attention_with_block(
             "maskattn: only the CPU device is supported".into(),
         ));
     }
+    let mods = Mods::new(&opts, hq)?;
+    // The tap only where a parameter wants a gradient; otherwise one op, as without modifiers.
+    let tap = mods.trainable() && mods.pack().is_some();
+    let stash: Option<Stash> = tap.then(Default::default);
     let lse = Arc::new(OnceLock::new());
-    let op = AttnOp {
+    let core = Arc::new(AttnCore {
         block,
-        opts,
+        scale: opts.scale,
+        dropout: opts.dropout,
+        mods,
+    });
+    let op = AttnOp {
+        core: core.clone(),
         lse: lse.clone(),
+        stash: stash.clone(),
     };
-    let out = q.apply_op3(k, v, op)?;
+    let mut out = q.apply_op3(k, v, op)?;
+    if let Some(stash) = stash {
+        let pack = core.mods.pack().expect("checked above").clone();
+        let tap = Tap {
+            q: q.clone(),
+            k: k.clone(),
+            v: v.clone(),
+            attn: core,
+            lse: lse.clone(),
+            stash,
+        };
+        out = out.apply_op2(&pack, tap)?;
+    }
     let lse = lse
         .get()
         .ok_or_else(|| Error::Msg("maskattn: the forward did not run".into()))?
@@ -75,22 +156,104 @@ pub fn attention_with_block(
     Ok(Attention { out, lse })
 }
 
-struct AttnOp {
-    block: Arc<BlockMask>,
-    opts: AttnOptions,
-    /// Written by the forward, read by the backward.
-    lse: Arc<OnceLock<Vec<f32>>>,
+thread_local! {
+    /// Kernel backward calls made on this thread (candle runs a backward pass on the thread
+    /// that calls it).
+    static BACKWARDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-impl AttnOp {
-    fn params(&self) -> Params<'static> {
+/// How many times this thread has run the kernel backward through the op: one per
+/// `backward()` of a loss over one attention call, with or without modifiers (for tests).
+#[doc(hidden)]
+pub fn kernel_backward_calls() -> usize {
+    BACKWARDS.with(|c| c.get())
+}
+
+/// What the attention op and the tap share: the block mask and the kernel parameters.
+pub(crate) struct AttnCore {
+    block: Arc<BlockMask>,
+    scale: Option<f32>,
+    dropout: Option<Dropout>,
+    pub(crate) mods: Mods,
+}
+
+impl AttnCore {
+    fn base(&self) -> Params<'static> {
         Params {
-            scale: self.opts.scale,
-            bias: None,
-            dropout: self.opts.dropout,
+            scale: self.scale,
+            dropout: self.dropout,
             ..Default::default()
         }
     }
+
+    /// The kernel backward: `dq, dk, dv` as tensors of q's, k's and v's dtypes, and the
+    /// parameter gradients asked for in `params` written there.
+    pub(crate) fn backward(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        res: &Tensor,
+        lse: &[f32],
+        grad_res: &Tensor,
+        params: ParamGradsMut<'_>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        BACKWARDS.with(|c| c.set(c.get() + 1));
+        // The kernel reads the output and its gradient as f32.
+        let (out, dout) = (res.to_dtype(DType::F32)?, grad_res.to_dtype(DType::F32)?);
+        let (os, ol) = cpu(&out)?;
+        let (gs, gl) = cpu(&dout)?;
+        let (CpuStorage::F32(o), CpuStorage::F32(g)) = (as_cpu(&os), as_cpu(&gs)) else {
+            unreachable!("converted to f32 above")
+        };
+        let (ov, gv) = (view("out", o, ol)?, view("dout", g, gl)?);
+        let (qs, ql) = cpu(q)?;
+        let (ks, kl) = cpu(k)?;
+        let (vs, vl) = cpu(v)?;
+        let shape = |t: &Tensor| -> Result<[usize; 4]> {
+            let (a, b, c, d) = t.dims4()?;
+            Ok([a, b, c, d])
+        };
+        let (qd, kd) = (shape(q)?, shape(k)?);
+        let n = |s: [usize; 4]| s.iter().product::<usize>();
+        let (mut dq, mut dk, mut dv) = (vec![0f32; n(qd)], vec![0f32; n(kd)], vec![0f32; n(kd)]);
+        let grads = GradsMut {
+            dq: &mut dq,
+            dk: &mut dk,
+            dv: &mut dv,
+            params,
+        };
+        self.mods.with_params(self.base(), |p| {
+            by_dtype!(
+                as_cpu(&qs),
+                as_cpu(&ks),
+                as_cpu(&vs),
+                |qb, kb, vb, _to, _wrap| {
+                    let (qv, kv, vv) = (view("q", qb, ql)?, view("k", kb, kl)?, view("v", vb, vl)?);
+                    maskattn::backward_into(
+                        &maskattn::Qkv::new(&qv, &kv, &vv),
+                        &ov,
+                        lse,
+                        &gv,
+                        &self.block,
+                        p,
+                        grads,
+                    )
+                    .map_err(Error::wrap)
+                }
+            )
+        })?;
+        let make = |data: Vec<f32>, shape: [usize; 4], like: &Tensor| -> Result<Tensor> {
+            Tensor::from_vec(data, shape.to_vec(), like.device())?.to_dtype(like.dtype())
+        };
+        Ok((make(dq, qd, q)?, make(dk, kd, k)?, make(dv, kd, v)?))
+    }
+}
+
+struct AttnOp {
+    core: Arc<AttnCore>,
+    /// Written by the forward, read by the backward.
+    lse: Arc<OnceLock<Vec<f32>>>,
+    /// With trainable modifiers: where the tap's backward leaves `dq, dk, dv`.
+    stash: Option<Stash>,
 }
 
 /// A strided maskattn view of a candle CPU buffer.
@@ -106,7 +269,7 @@ fn view<'a, T: Element>(name: &'static str, data: &'a [T], l: &Layout) -> Result
 }
 
 /// The CPU buffer of a tensor as a candle storage guard.
-fn cpu(t: &Tensor) -> Result<(impl std::ops::Deref<Target = Storage> + '_, &Layout)> {
+pub(crate) fn cpu(t: &Tensor) -> Result<(impl std::ops::Deref<Target = Storage> + '_, &Layout)> {
     let (s, l) = t.storage_and_layout();
     match &*s {
         Storage::Cpu(_) => Ok((s, l)),
@@ -116,39 +279,11 @@ fn cpu(t: &Tensor) -> Result<(impl std::ops::Deref<Target = Storage> + '_, &Layo
     }
 }
 
-fn as_cpu(s: &Storage) -> &CpuStorage {
+pub(crate) fn as_cpu(s: &Storage) -> &CpuStorage {
     match s {
         Storage::Cpu(c) => c,
         _ => unreachable!("checked by `cpu`"),
     }
-}
-
-macro_rules! by_dtype {
-    ($s1:expr, $s2:expr, $s3:expr, |$q:ident, $k:ident, $v:ident, $to:ident, $wrap:ident| $body:expr) => {
-        match ($s1, $s2, $s3) {
-            (CpuStorage::F32($q), CpuStorage::F32($k), CpuStorage::F32($v)) => {
-                let $to = |x: f32| x;
-                let $wrap = CpuStorage::F32;
-                $body
-            }
-            (CpuStorage::BF16($q), CpuStorage::BF16($k), CpuStorage::BF16($v)) => {
-                let $to = bf16::from_f32;
-                let $wrap = CpuStorage::BF16;
-                $body
-            }
-            (CpuStorage::F16($q), CpuStorage::F16($k), CpuStorage::F16($v)) => {
-                let $to = f16::from_f32;
-                let $wrap = CpuStorage::F16;
-                $body
-            }
-            (a, b, c) => Err(Error::Msg(format!(
-                "maskattn: q, k, v must share one of f32, bf16, f16; got {:?}, {:?}, {:?}",
-                a.dtype(),
-                b.dtype(),
-                c.dtype()
-            ))),
-        }
-    };
 }
 
 impl CustomOp3 for AttnOp {
@@ -167,8 +302,9 @@ impl CustomOp3 for AttnOp {
     ) -> Result<(CpuStorage, Shape)> {
         by_dtype!(s1, s2, s3, |q, k, v, to, wrap| {
             let (qv, kv, vv) = (view("q", q, l1)?, view("k", k, l2)?, view("v", v, l3)?);
-            let f = maskattn::forward(&qv, &kv, &vv, &self.block, &self.params())
-                .map_err(Error::wrap)?;
+            let f = self.core.mods.with_params(self.core.base(), |p| {
+                maskattn::forward(&qv, &kv, &vv, &self.core.block, p).map_err(Error::wrap)
+            })?;
             // `into_iter().map().collect()` reuses the buffer: no copy of an f32 output.
             let out: Vec<_> = f.out.into_iter().map(to).collect();
             let _ = self.lse.set(f.lse);
@@ -184,52 +320,19 @@ impl CustomOp3 for AttnOp {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The tap, the only consumer of this op's output, ran its backward first.
+        if let Some(stash) = &self.stash {
+            if let Some((dq, dk, dv)) = stash.lock().expect("never poisoned").take() {
+                return Ok((Some(dq), Some(dk), Some(dv)));
+            }
+        }
         let lse = self
             .lse
             .get()
             .ok_or_else(|| Error::Msg("maskattn: backward before forward".into()))?;
-        // The kernel reads the output and its gradient as f32.
-        let (out, dout) = (res.to_dtype(DType::F32)?, grad_res.to_dtype(DType::F32)?);
-        let (os, ol) = cpu(&out)?;
-        let (gs, gl) = cpu(&dout)?;
-        let (CpuStorage::F32(o), CpuStorage::F32(g)) = (as_cpu(&os), as_cpu(&gs)) else {
-            unreachable!("converted to f32 above")
-        };
-        let (ov, gv) = (view("out", o, ol)?, view("dout", g, gl)?);
-        let (qs, ql) = cpu(q)?;
-        let (ks, kl) = cpu(k)?;
-        let (vs, vl) = cpu(v)?;
-        let grads = by_dtype!(
-            as_cpu(&qs),
-            as_cpu(&ks),
-            as_cpu(&vs),
-            |qd, kd, vd, _to, _wrap| {
-                let (qv, kv, vv) = (view("q", qd, ql)?, view("k", kd, kl)?, view("v", vd, vl)?);
-                maskattn::backward(
-                    &maskattn::Qkv::new(&qv, &kv, &vv),
-                    &ov,
-                    lse,
-                    &gv,
-                    &self.block,
-                    &self.params(),
-                )
-                .map_err(Error::wrap)
-            }
-        )?;
-        let dims = {
-            let shape = |t: &Tensor| -> Result<[usize; 4]> {
-                let (a, b, c, d) = t.dims4()?;
-                Ok([a, b, c, d])
-            };
-            (shape(q)?, shape(k)?)
-        };
-        let make = |data: Vec<f32>, shape: [usize; 4], like: &Tensor| -> Result<Tensor> {
-            Tensor::from_vec(data, shape.to_vec(), like.device())?.to_dtype(like.dtype())
-        };
-        Ok((
-            Some(make(grads.dq, dims.0, q)?),
-            Some(make(grads.dk, dims.1, k)?),
-            Some(make(grads.dv, dims.1, v)?),
-        ))
+        let (dq, dk, dv) =
+            self.core
+                .backward((q, k, v), res, lse, grad_res, ParamGradsMut::default())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }

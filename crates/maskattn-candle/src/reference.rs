@@ -9,6 +9,8 @@
 use candle_core::{DType, Result, Tensor};
 use maskattn::{Mask, MaskShape};
 
+use crate::op::AttnOptions;
+
 /// The mask as a 0/1 tensor `[B or 1, H_q or 1, L_q, L_k]` in `dtype` (1 where the mask
 /// is the same for every batch row or head; it broadcasts).
 pub fn dense_mask(
@@ -66,10 +68,32 @@ pub fn attention(
     mask: &Mask,
     scale: Option<f32>,
 ) -> Result<Tensor> {
+    attention_with_options(
+        q,
+        k,
+        v,
+        mask,
+        &AttnOptions {
+            scale,
+            ..Default::default()
+        },
+    )
+}
+
+/// [`attention`] with the score modifiers of `opts` (soft-capping, bias, ALiBi, sinks, T5
+/// relative positions; not dropout), every one written in candle ops, so that each
+/// parameter's gradient is candle's own.
+pub fn attention_with_options(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Mask,
+    opts: &AttnOptions,
+) -> Result<Tensor> {
     let (b, hq, lq, _) = q.dims4()?;
     let lk = k.dim(2)?;
     let keep = dense_mask(mask, MaskShape::new(b, hq, lq, lk), q.dtype(), q.device())?;
-    attention_with_keep(q, k, v, &keep, scale)
+    attend(q, k, v, &keep, opts)
 }
 
 /// [`attention`] with the mask given as a 0/1 tensor that broadcasts to `[B, H_q, L_q, L_k]`
@@ -81,19 +105,86 @@ pub fn attention_with_keep(
     keep: &Tensor,
     scale: Option<f32>,
 ) -> Result<Tensor> {
-    let (_, hq, _, d) = q.dims4()?;
-    let hkv = k.dim(1)?;
-    let scale = scale.unwrap_or(1.0 / (d as f32).sqrt()) as f64;
-    let q = q.contiguous()?;
-    let (k, v) = (
-        repeat_kv(k, hq / hkv)?.contiguous()?,
-        repeat_kv(v, hq / hkv)?,
-    );
+    attend(
+        q,
+        k,
+        v,
+        keep,
+        &AttnOptions {
+            scale,
+            ..Default::default()
+        },
+    )
+}
+
+/// The scores `x [B, H_q, L_q, L_k]` before the mask and the softmax, in q's dtype:
+/// `cap(s · q·kᵀ) + bias − slope_h·|i' − j| + rel[bucket(j − i'), h]` (each term present
+/// in `opts`), `i' = i + L_k − L_q`.
+pub fn scores(q: &Tensor, k: &Tensor, opts: &AttnOptions) -> Result<Tensor> {
+    let (_, hq, lq, d) = q.dims4()?;
+    let (hkv, lk) = (k.dim(1)?, k.dim(2)?);
+    let (dt, dev) = (q.dtype(), q.device());
+    let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt()) as f64;
+    let k = repeat_kv(k, hq / hkv)?.contiguous()?;
+    let mut x = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    if let Some(c) = opts.softcap {
+        x = ((x / c as f64)?.tanh()? * c as f64)?;
+    }
+    if let Some(bias) = &opts.bias {
+        x = x.broadcast_add(&bias.to_dtype(dt)?)?;
+    }
+    // j − i' for every (i, j), row-major [L_q, L_k].
+    let rel_pos =
+        || (0..lq).flat_map(move |i| (0..lk).map(move |j| j as i64 - (i + lk - lq) as i64));
+    if let Some(slopes) = &opts.alibi {
+        let dist: Vec<f32> = rel_pos().map(|r| r.unsigned_abs() as f32).collect();
+        let dist = Tensor::from_vec(dist, (1, 1, lq, lk), dev)?.to_dtype(dt)?;
+        let slopes = slopes.to_dtype(dt)?.reshape((1, hq, 1, 1))?;
+        x = x.broadcast_sub(&dist.broadcast_mul(&slopes)?)?;
+    }
+    if let Some(rel) = &opts.rel {
+        let idx: Vec<u32> = rel_pos()
+            .map(|r| {
+                maskattn::t5_bucket(r, rel.bidirectional, rel.num_buckets, rel.max_distance) as u32
+            })
+            .collect();
+        let idx = Tensor::from_vec(idx, lq * lk, dev)?;
+        // [N, H] → [L_q·L_k, H] → [1, H, L_q, L_k].
+        let r = rel
+            .table
+            .to_dtype(dt)?
+            .index_select(&idx, 0)?
+            .reshape((lq, lk, hq))?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)?;
+        x = x.broadcast_add(&r)?;
+    }
+    Ok(x)
+}
+
+/// Attention from scores, mask and values, in plain candle ops.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, keep: &Tensor, opts: &AttnOptions) -> Result<Tensor> {
+    let (b, hq, lq, _) = q.dims4()?;
+    let (hkv, lk) = (k.dim(1)?, k.dim(2)?);
+    let v = repeat_kv(v, hq / hkv)?;
     let keep = keep.to_dtype(q.dtype())?;
-    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = scores(q, k, opts)?;
     // −1e30 where hidden (finite, so a fully hidden row is uniform, not NaN, before the
     // multiplication by the mask zeroes it).
     let hidden = ((keep.ones_like()? - &keep)? * -1e30)?;
-    let p = candle_nn::ops::softmax(&scores.broadcast_add(&hidden)?, 3)?;
+    let mut x = scores.broadcast_add(&hidden)?;
+    if let Some(sinks) = &opts.sinks {
+        // One more column per row, the sink's logit: it joins the softmax's sum and is
+        // dropped after it.
+        let col = sinks
+            .to_dtype(q.dtype())?
+            .reshape((1, hq, 1, 1))?
+            .broadcast_as((b, hq, lq, 1))?;
+        x = Tensor::cat(&[&x, &col], 3)?;
+    }
+    let mut p = candle_nn::ops::softmax(&x, 3)?;
+    if opts.sinks.is_some() {
+        p = p.narrow(3, 0, lk)?;
+    }
     p.broadcast_mul(&keep)?.matmul(&v.contiguous()?)
 }

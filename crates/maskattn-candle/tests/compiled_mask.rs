@@ -123,6 +123,8 @@ fn tiny_lm(vars: &VarMap) -> Result<TinyLm> {
         max_len: 64,
         positions: Positions::Rotary,
         dropout: 0.1,
+        softcap: None,
+        sinks: false,
     };
     TinyLm::new(cfg, VarBuilder::from_varmap(vars, DType::F32, &Device::Cpu))
 }

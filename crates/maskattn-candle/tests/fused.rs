@@ -281,6 +281,8 @@ fn every_tiny_lm_parameter_gets_a_gradient_through_the_fused_ops() -> Result<()>
         max_len: 32,
         positions: Positions::Learned,
         dropout: 0.0,
+        softcap: None,
+        sinks: false,
     };
     let lm = TinyLm::new(
         cfg,

@@ -16,10 +16,13 @@ pub struct AttendArgs {
     /// Input safetensors file: `q` [B, H_q, L_q, d], `k`, `v` [B, H_kv, L_k, d] (f32); optional
     /// `dout` (like q), `key_lengths` (i64 [B]), `doc_ids` (i64 [B or 1, L], self-attention)
     /// or `q_doc_ids` + `k_doc_ids` (cross attention), `mask` (u8 [B|1, H|1, L_q, L_k],
-    /// non-zero = may attend).
+    /// non-zero = may attend); score modifiers (f32): `bias` [B|1, H_q|1, L_q|1, L_k|1],
+    /// `alibi_slopes` [H_q], `sinks` [H_q], `rel_bias` [N, H_q] (with --rel-buckets N).
     pub input: PathBuf,
     /// Output safetensors file: `out`, `lse` (f32 [B, H_q, L_q], -inf for rows that see
-    /// nothing) and, when `dout` was given, `dq`, `dk`, `dv`.
+    /// nothing, the sink's term included) and, when `dout` was given, `dq`, `dk`, `dv` and
+    /// the gradient of each modifier given: `dbias`, `dalibi_slopes`, `dsinks`, `drel_bias`
+    /// (shaped like their inputs).
     #[arg(short, long)]
     pub output: PathBuf,
     /// Mask expression (the data terms read `key_lengths`, `doc_ids`, `mask` from the input).
@@ -28,6 +31,98 @@ pub struct AttendArgs {
     /// Score scale (default 1/sqrt(d)).
     #[arg(long)]
     pub scale: Option<f32>,
+    /// Soft-cap the scaled scores at C: `C · tanh(score / C)`.
+    #[arg(long, value_name = "C")]
+    pub softcap: Option<f32>,
+    /// Buckets of the T5 relative positions in `rel_bias` [N, H_q].
+    #[arg(long, value_name = "N", requires = "rel_max_distance")]
+    pub rel_buckets: Option<usize>,
+    /// Largest distance the T5 buckets tell apart (logarithmic beyond N/2 or N/4).
+    #[arg(long, value_name = "M", requires = "rel_buckets")]
+    pub rel_max_distance: Option<usize>,
+    /// T5 buckets both ways (keys before and after the query get separate buckets).
+    #[arg(long, requires = "rel_buckets")]
+    pub rel_bidirectional: bool,
+}
+
+/// What a call takes besides the input file: scale, soft-capping and the T5 bucketing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    pub scale: Option<f32>,
+    pub softcap: Option<f32>,
+    /// `(num_buckets, max_distance, bidirectional)`.
+    pub rel: Option<(usize, usize, bool)>,
+}
+
+/// The modifier tensors of the input file, read and checked against the call's shape.
+struct Modifiers {
+    bias: Option<(Vec<f32>, [usize; 4])>,
+    alibi: Option<Vec<f32>>,
+    sinks: Option<Vec<f32>>,
+    rel: Option<(Vec<f32>, [usize; 2])>,
+}
+
+impl Modifiers {
+    fn read(st: &SafeTensors, opts: &Options, heads: usize) -> Result<Self> {
+        let per_head = |name: &str| -> Result<Option<Vec<f32>>> {
+            if !tensors::has(st, name) {
+                return Ok(None);
+            }
+            let t = tensors::f32(st, name, 1)?;
+            if t.shape[0] != heads {
+                bail!("{name} has shape {:?}, expected [H_q] = [{heads}]", t.shape);
+            }
+            Ok(Some(t.data))
+        };
+        let bias = if tensors::has(st, "bias") {
+            let t = tensors::f32(st, "bias", 4)?;
+            let dims: [usize; 4] = t.shape[..].try_into().expect("4-d");
+            Some((t.data, dims))
+        } else {
+            None
+        };
+        let rel = match (tensors::has(st, "rel_bias"), opts.rel) {
+            (false, None) => None,
+            (true, None) => bail!(
+                "the input holds `rel_bias`: give its bucketing with --rel-buckets N --rel-max-distance M [--rel-bidirectional]"
+            ),
+            (false, Some(_)) => bail!("--rel-buckets needs `rel_bias` (f32 [N, H_q]) in the input"),
+            (true, Some((n, _, _))) => {
+                let t = tensors::f32(st, "rel_bias", 2)?;
+                if t.shape != [n, heads] {
+                    bail!(
+                        "rel_bias has shape {:?}, expected [--rel-buckets, H_q] = [{n}, {heads}]",
+                        t.shape
+                    );
+                }
+                Some((t.data, [n, heads]))
+            }
+        };
+        Ok(Modifiers {
+            bias,
+            alibi: per_head("alibi_slopes")?,
+            sinks: per_head("sinks")?,
+            rel,
+        })
+    }
+
+    /// The kernel parameters over these tensors.
+    fn params(&self, opts: &Options) -> Result<maskattn::Params<'_>> {
+        let mut p = maskattn::Params {
+            scale: opts.scale,
+            softcap: opts.softcap,
+            alibi: self.alibi.as_deref(),
+            sinks: self.sinks.as_deref(),
+            ..Default::default()
+        };
+        if let Some((data, dims)) = &self.bias {
+            p.bias = Some(maskattn::Bias::new(data, *dims)?);
+        }
+        if let (Some((table, _)), Some((n, m, bi))) = (&self.rel, opts.rel) {
+            p.rel = Some(maskattn::RelBias::new(table, n, m, bi)?);
+        }
+        Ok(p)
+    }
 }
 
 /// Mask data read from the input file, looked up only when the expression names it.
@@ -120,7 +215,7 @@ pub fn compute(
     bytes: &[u8],
     source: &str,
     build_mask: impl FnOnce(&dyn MaskData) -> Result<Mask>,
-    scale: Option<f32>,
+    opts: &Options,
 ) -> Result<Computed> {
     let st = SafeTensors::deserialize(bytes)
         .with_context(|| format!("{source} is not a safetensors file"))?;
@@ -144,12 +239,10 @@ pub fn compute(
     };
     let mask = build_mask(&data)?;
     let block = BlockMask::new(&mask, dims.mask_shape())?;
+    let mods = Modifiers::read(&st, opts, dims.q_heads)?;
+    let params = mods.params(opts)?;
 
     let t0 = Instant::now();
-    let params = maskattn::Params {
-        scale,
-        ..Default::default()
-    };
     let fwd = maskattn::forward(&qv, &kv, &vv, &block, &params)?;
     let lse_shape = vec![dims.batch, dims.q_heads, dims.lq];
     let mut outputs = Vec::new();
@@ -168,6 +261,34 @@ pub fn compute(
         outputs.push(("dq", qs.to_vec(), g.dq));
         outputs.push(("dk", ks.to_vec(), g.dk));
         outputs.push(("dv", vs.to_vec(), g.dv));
+        let p = g.params;
+        let grads = [
+            (
+                "dbias",
+                p.dbias,
+                mods.bias.as_ref().map(|(_, d)| d.to_vec()),
+            ),
+            (
+                "dalibi_slopes",
+                p.dalibi,
+                mods.alibi.as_ref().map(|a| vec![a.len()]),
+            ),
+            (
+                "dsinks",
+                p.dsinks,
+                mods.sinks.as_ref().map(|s| vec![s.len()]),
+            ),
+            (
+                "drel_bias",
+                p.drel,
+                mods.rel.as_ref().map(|(_, d)| d.to_vec()),
+            ),
+        ];
+        for (name, grad, shape) in grads {
+            if let (Some(g), Some(shape)) = (grad, shape) {
+                outputs.push((name, shape, g));
+            }
+        }
     }
     outputs.insert(0, ("lse", lse_shape, fwd.lse));
     outputs.insert(0, ("out", qs.to_vec(), fwd.out));
@@ -191,7 +312,17 @@ pub fn run(args: &AttendArgs) -> Result<()> {
         &bytes,
         &args.input.display().to_string(),
         |data| mask_expr::build(&terms, data),
-        args.scale,
+        &Options {
+            scale: args.scale,
+            softcap: args.softcap,
+            rel: args.rel_buckets.map(|n| {
+                (
+                    n,
+                    args.rel_max_distance.unwrap_or(0),
+                    args.rel_bidirectional,
+                )
+            }),
+        },
     )?;
     let outputs: Vec<(&str, Vec<usize>, &[f32])> = c
         .outputs

@@ -161,6 +161,16 @@ fn structured(r: &mut Rng) -> Vec<u8> {
             "U8",
             40,
         ),
+        // The score modifiers.
+        (
+            "bias",
+            vec![if r.chance(50) { 1 } else { b }, hq, lq, lk],
+            "F32",
+            20,
+        ),
+        ("alibi_slopes", vec![hq], "F32", 20),
+        ("sinks", vec![hq], "F32", 20),
+        ("rel_bias", vec![RELS, hq], "F32", 15),
     ] {
         if r.chance(percent) {
             entries.push((name, dtype, shape));
@@ -262,7 +272,10 @@ fn mutate(r: &mut Rng, file: &mut Vec<u8>) {
     }
 }
 
-fn case(r: &mut Rng) -> (Vec<u8>, &'static str) {
+/// Buckets of the fuzz's `rel_bias` tables.
+const RELS: usize = 4;
+
+fn case(r: &mut Rng) -> (Vec<u8>, &'static str, super::Options) {
     let mut file = match r.below(10) {
         0 => (0..r.below(64)).map(|_| r.next() as u8).collect(),
         _ => structured(r),
@@ -270,19 +283,34 @@ fn case(r: &mut Rng) -> (Vec<u8>, &'static str) {
     if r.chance(15) {
         mutate(r, &mut file);
     }
-    (file, *r.pick(&MASKS))
+    let opts = super::Options {
+        scale: None,
+        softcap: r.chance(20).then_some(*r.pick(&[0.5, 30.0])),
+        // A bucketing as often as the files hold `rel_bias` (mostly the right one), so that
+        // both agree about as often as they disagree in each way.
+        rel: match r.below(20) {
+            0..=2 => Some((RELS, 1 + r.below(20) as usize, r.chance(50))),
+            3 => Some((
+                *r.pick(&[0, 1, RELS + 1]),
+                r.below(20) as usize,
+                r.chance(50),
+            )),
+            _ => None,
+        },
+    };
+    (file, *r.pick(&MASKS), opts)
 }
 
 /// Runs one input: `Ok(true)` for a result, `Ok(false)` for an error (the error text in
 /// `errors`); `Err` carries the panic message.
-fn run_one(bytes: &[u8], mask: &str) -> Result<Option<String>, String> {
+fn run_one(bytes: &[u8], mask: &str, opts: &super::Options) -> Result<Option<String>, String> {
     let terms = mask_expr::parse(mask).expect("the fuzz masks parse");
     catch_unwind(AssertUnwindSafe(|| {
         let r = super::compute(
             bytes,
             "fuzz.safetensors",
             |d| mask_expr::build(&terms, d),
-            None,
+            opts,
         );
         // A result is a fine outcome; so is an error, if it is one line.
         r.err().map(|e| {
@@ -316,8 +344,8 @@ fn attend_inputs_never_panic() {
     let (mut n, mut computed, mut failures) = (0u64, 0u64, Vec::new());
     let mut errors = std::collections::BTreeMap::<String, u64>::new();
     while deadline.map_or(n < 1500, |d| Instant::now() < d) {
-        let (bytes, mask) = case(&mut r);
-        match run_one(&bytes, mask) {
+        let (bytes, mask, opts) = case(&mut r);
+        match run_one(&bytes, mask, &opts) {
             Ok(None) => computed += 1,
             // Counted by their first words (numbers and lists left out), to show which checks the
             // cases reach.
@@ -336,7 +364,7 @@ fn attend_inputs_never_panic() {
                 let path = std::env::temp_dir().join(format!("attend-fuzz-{seed}-{n}.safetensors"));
                 let _ = std::fs::write(&path, &bytes);
                 failures.push(format!(
-                    "case {n} (mask {mask:?}, input {}): {msg}",
+                    "case {n} (mask {mask:?}, {opts:?}, input {}): {msg}",
                     path.display()
                 ));
                 if failures.len() >= 5 {

@@ -49,6 +49,115 @@ pub struct BenchArgs {
     /// `--naive` is the old name.
     #[arg(long, alias = "naive")]
     pub reference: bool,
+    #[command(flatten)]
+    pub mods: ModArgs,
+    /// Time each score modifier at (1,8,2048,64) causal f32, forward and forward+backward,
+    /// against the plain kernel in the same run.
+    #[arg(long)]
+    pub suite_mods: bool,
+}
+
+/// The score modifiers of a timed case (docs/design.md section 1).
+#[derive(Args, Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct ModArgs {
+    /// Soft-cap the scaled scores at C.
+    #[arg(long, value_name = "C")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub softcap: Option<f32>,
+    /// ALiBi with the standard slopes.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub alibi: bool,
+    /// An attention sink per head (random logits).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sinks: bool,
+    /// T5 relative positions with N buckets (a random table, max distance 128, one-way).
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rel_buckets: Option<usize>,
+    /// A dense random bias [1, H, L_q, L_k]; its GB/s is reported (bytes of bias read, and
+    /// of dbias written in fwd+bwd, per second).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub bias: bool,
+}
+
+impl ModArgs {
+    fn is_none(&self) -> bool {
+        *self == ModArgs::default()
+    }
+
+    /// A short name: `plain`, or the modifiers joined by `+`.
+    fn name(&self) -> String {
+        let mut v = Vec::new();
+        if let Some(c) = self.softcap {
+            v.push(format!("softcap {c}"));
+        }
+        if self.alibi {
+            v.push("alibi".into());
+        }
+        if self.sinks {
+            v.push("sinks".into());
+        }
+        if let Some(n) = self.rel_buckets {
+            v.push(format!("t5 {n}"));
+        }
+        if self.bias {
+            v.push("bias".into());
+        }
+        if v.is_empty() {
+            "plain".into()
+        } else {
+            v.join("+")
+        }
+    }
+}
+
+/// The modifier data of one case: standard slopes, random sinks, T5 table and bias.
+struct ModData {
+    alibi: Option<Vec<f32>>,
+    sinks: Option<Vec<f32>>,
+    rel: Option<(Vec<f32>, usize)>,
+    bias: Option<(Vec<f32>, [usize; 4])>,
+    softcap: Option<f32>,
+}
+
+/// The T5 max distance of `--rel-buckets`.
+const REL_MAX_DISTANCE: usize = 128;
+
+impl ModData {
+    fn new(m: &ModArgs, h: usize, lq: usize, lk: usize) -> Result<Self> {
+        Ok(ModData {
+            alibi: m.alibi.then(|| maskattn::alibi_slopes(h)),
+            sinks: m.sinks.then(|| measure::data(h, 11)),
+            rel: m.rel_buckets.map(|n| (measure::data(n * h, 12), n)),
+            bias: match m.bias {
+                true => Some((
+                    try_data(elements("bias", &[h, lq, lk])?, 13)?,
+                    [1, h, lq, lk],
+                )),
+                false => None,
+            },
+            softcap: m.softcap,
+        })
+    }
+
+    fn params(&self) -> Result<Params<'_>> {
+        let mut p = Params {
+            softcap: self.softcap,
+            alibi: self.alibi.as_deref(),
+            sinks: self.sinks.as_deref(),
+            ..Default::default()
+        };
+        if let Some((t, n)) = &self.rel {
+            p.rel = Some(maskattn::RelBias::new(t, *n, REL_MAX_DISTANCE, false)?);
+        }
+        if let Some((b, dims)) = &self.bias {
+            p.bias = Some(maskattn::Bias::new(b, *dims)?);
+        }
+        Ok(p)
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -99,6 +208,10 @@ pub struct Row {
     pub bandwidth_fraction: Option<f64>,
     /// With `--reference`: the kernel crate's f32 reference on the same case.
     pub reference_ms: Option<f64>,
+    /// The score modifiers (`plain` for none).
+    pub mods: String,
+    /// With `--bias`: bytes of bias read (and dbias written, fwd+bwd) per second.
+    pub bias_gb_per_s: Option<f64>,
 }
 
 struct SynthData {
@@ -132,6 +245,8 @@ struct Case {
     mask: String,
     dtype: Dtype,
     pass: Pass,
+    #[serde(skip_serializing_if = "ModArgs::is_none", flatten)]
+    mods: ModArgs,
 }
 
 fn convert<T: Element>(x: &[f32], f: impl Fn(f32) -> T) -> Vec<T> {
@@ -180,6 +295,8 @@ fn run_typed<T: Element>(
     let dims = maskattn::AttnDims::of(&qv, &kv, &vv)?;
     let block = BlockMask::new(&mask, dims.mask_shape())?;
     let st = block.stats();
+    let mod_data = ModData::new(&c.mods, h, lq, lk)?;
+    let params = mod_data.params()?;
 
     // Extra memory: the highest allocation level during one call, less what was live before
     // it and less its outputs (O and LSE; and dQ, dK, dV for the backward).
@@ -187,13 +304,13 @@ fn run_typed<T: Element>(
     let out_bytes = 4 * (nq + b * h * lq);
     let grad_bytes = 4 * (nq + 2 * nk);
     // A warm-up call, so that the thread pool's first start is not counted.
-    maskattn::forward(&qv, &kv, &vv, &block, &Params::default())?;
+    maskattn::forward(&qv, &kv, &vv, &block, &params)?;
     let dv = View::bhld("dout", &dout, qs)?;
     let before = alloc_count::live();
     alloc_count::reset_peak();
     let extra = match c.pass {
         Pass::FwdBwd => {
-            let f = maskattn::forward(&qv, &kv, &vv, &block, &Params::default())?;
+            let f = maskattn::forward(&qv, &kv, &vv, &block, &params)?;
             let fo = View::bhld("out", &f.out, qs)?;
             let g = maskattn::backward(
                 &maskattn::Qkv::new(&qv, &kv, &vv),
@@ -201,13 +318,23 @@ fn run_typed<T: Element>(
                 &f.lse,
                 &dv,
                 &block,
-                &Params::default(),
+                &params,
             )?;
+            let param_bytes = 4 * [
+                g.params.dbias.as_ref(),
+                g.params.dalibi.as_ref(),
+                g.params.dsinks.as_ref(),
+                g.params.drel.as_ref(),
+            ]
+            .iter()
+            .flatten()
+            .map(|v| v.len())
+            .sum::<usize>();
             drop(g);
-            alloc_count::peak() - before - out_bytes - grad_bytes
+            alloc_count::peak() - before - out_bytes - grad_bytes - param_bytes
         }
         _ => {
-            let f = maskattn::forward(&qv, &kv, &vv, &block, &Params::default())?;
+            let f = maskattn::forward(&qv, &kv, &vv, &block, &params)?;
             drop(f);
             alloc_count::peak() - before - out_bytes
         }
@@ -215,7 +342,7 @@ fn run_typed<T: Element>(
 
     let ms = match c.pass {
         Pass::FwdBwd => time(reps, || {
-            let f = maskattn::forward(&qv, &kv, &vv, &block, &Params::default()).unwrap();
+            let f = maskattn::forward(&qv, &kv, &vv, &block, &params).unwrap();
             let fo = View::bhld("out", &f.out, qs).unwrap();
             maskattn::backward(
                 &maskattn::Qkv::new(&qv, &kv, &vv),
@@ -223,12 +350,12 @@ fn run_typed<T: Element>(
                 &f.lse,
                 &dv,
                 &block,
-                &Params::default(),
+                &params,
             )
             .unwrap();
         }),
         _ => time(reps, || {
-            maskattn::forward(&qv, &kv, &vv, &block, &Params::default()).unwrap();
+            maskattn::forward(&qv, &kv, &vv, &block, &params).unwrap();
         }),
     };
     let reference_ms = if reference {
@@ -239,12 +366,11 @@ fn run_typed<T: Element>(
         );
         Some(match c.pass {
             Pass::FwdBwd => time(1, || {
-                maskattn::reference::forward::<f32>(&q, &k, &v, &mask, &Params::default()).unwrap();
-                maskattn::reference::backward::<f32>(&q, &k, &v, &mask, &Params::default(), &dv)
-                    .unwrap();
+                maskattn::reference::forward::<f32>(&q, &k, &v, &mask, &params).unwrap();
+                maskattn::reference::backward::<f32>(&q, &k, &v, &mask, &params, &dv).unwrap();
             }),
             _ => time(1, || {
-                maskattn::reference::forward::<f32>(&q, &k, &v, &mask, &Params::default()).unwrap();
+                maskattn::reference::forward::<f32>(&q, &k, &v, &mask, &params).unwrap();
             }),
         })
     } else {
@@ -258,6 +384,11 @@ fn run_typed<T: Element>(
     let elem = std::mem::size_of::<T>();
     let gb_per_s =
         (c.pass == Pass::Decode).then(|| (2 * b * hkv * lk * d * elem) as f64 / ms / 1e6);
+    // The bias is read by the forward; the backward reads it again and writes dbias.
+    let bias_gb_per_s = mod_data.bias.as_ref().map(|(bias, _)| {
+        let passes = if c.pass == Pass::FwdBwd { 3 } else { 1 };
+        (passes * 4 * bias.len()) as f64 / ms / 1e6
+    });
     Ok(Row {
         batch: b,
         heads: h,
@@ -280,7 +411,52 @@ fn run_typed<T: Element>(
         gb_per_s,
         bandwidth_fraction: gb_per_s.map(|g| g / bw),
         reference_ms,
+        mods: c.mods.name(),
+        bias_gb_per_s,
     })
+}
+
+/// Each score modifier alone at (1,8,2048,64) causal f32, forward and forward+backward,
+/// each pass's plain case first (the ratios' denominator).
+fn suite_mods() -> Vec<Case> {
+    let each = [
+        ModArgs::default(),
+        ModArgs {
+            softcap: Some(30.0),
+            ..Default::default()
+        },
+        ModArgs {
+            alibi: true,
+            ..Default::default()
+        },
+        ModArgs {
+            sinks: true,
+            ..Default::default()
+        },
+        ModArgs {
+            rel_buckets: Some(32),
+            ..Default::default()
+        },
+        ModArgs {
+            bias: true,
+            ..Default::default()
+        },
+    ];
+    let mut cases = Vec::new();
+    for pass in [Pass::Fwd, Pass::FwdBwd] {
+        for mods in each {
+            cases.push(Case {
+                shape: [1, 8, 2048, 64],
+                lk: 2048,
+                kv_heads: 8,
+                mask: "causal".into(),
+                dtype: Dtype::F32,
+                pass,
+                mods,
+            });
+        }
+    }
+    cases
 }
 
 /// The grid of the speed issue.
@@ -303,6 +479,7 @@ fn suite() -> Vec<Case> {
                     mask: m.to_string(),
                     dtype,
                     pass,
+                    mods: ModArgs::default(),
                 });
             }
         }
@@ -331,6 +508,7 @@ fn suite() -> Vec<Case> {
                     mask: mask.into(),
                     dtype,
                     pass,
+                    mods: ModArgs::default(),
                 });
             }
         }
@@ -343,6 +521,7 @@ fn suite() -> Vec<Case> {
             mask: "full".into(),
             dtype: Dtype::F32,
             pass: Pass::Decode,
+            mods: ModArgs::default(),
         });
     }
     cases
@@ -388,22 +567,63 @@ fn print_row(r: &Row, limit: &str) {
         100.0 * r.peak_fraction,
         100.0 * r.tiles_skipped,
         r.extra_mib,
-        r.gb_per_s.map_or(String::new(), |g| format!(
-            "{g:.1} ({:.0}%)",
-            100.0 * r.bandwidth_fraction.unwrap_or(f64::NAN)
-        )),
-        r.reference_ms.map_or(String::new(), |n| format!(
-            "  reference {n:.1} ms ({:.1}x)",
-            n / r.median_ms
-        )),
+        match (r.gb_per_s, r.bias_gb_per_s) {
+            (Some(g), _) => format!(
+                "{g:.1} ({:.0}%)",
+                100.0 * r.bandwidth_fraction.unwrap_or(f64::NAN)
+            ),
+            (None, Some(g)) => format!("{g:.1} bias"),
+            (None, None) => String::new(),
+        },
+        format_args!(
+            "{}{}",
+            if r.mods == "plain" {
+                String::new()
+            } else {
+                format!("  with {}", r.mods)
+            },
+            r.reference_ms.map_or(String::new(), |n| format!(
+                "  reference {n:.1} ms ({:.1}x)",
+                n / r.median_ms
+            ))
+        ),
     );
+}
+
+/// The `--suite-mods` summary: each modifier's time against the plain kernel of its pass.
+fn print_mods_summary(rows: &[Row]) {
+    println!();
+    println!(
+        "{:<14} {:<7} {:>9} {:>9} {:>10}",
+        "modifier", "pass", "ms", "x plain", "bias GB/s"
+    );
+    for r in rows {
+        let plain = rows
+            .iter()
+            .find(|p| p.pass == r.pass && p.mods == "plain")
+            .map_or(f64::NAN, |p| p.median_ms);
+        println!(
+            "{:<14} {:<7} {:>9.2} {:>9.2} {:>10}",
+            r.mods,
+            if r.pass == Pass::Fwd {
+                "fwd"
+            } else {
+                "fwd+bwd"
+            },
+            r.median_ms,
+            r.median_ms / plain,
+            r.bias_gb_per_s.map_or(String::new(), |g| format!("{g:.1}"))
+        );
+    }
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     measure::nonzero("--shape", &args.shape)?;
     let h = args.shape[1];
     let l = args.shape[2];
-    let cases = if args.suite {
+    let cases = if args.suite_mods {
+        suite_mods()
+    } else if args.suite {
         suite()
     } else {
         let kv_heads = args.kv_heads.unwrap_or(h);
@@ -414,6 +634,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             mask: args.mask.clone(),
             dtype: args.dtype,
             pass: args.pass,
+            mods: args.mods,
         }]
     };
     if args.list {
@@ -459,11 +680,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
         print_header();
     }
+    let mut rows = Vec::new();
     for c in &cases {
         let row = run_case(c, args.reps, args.reference, peak, bw).with_context(|| {
             format!(
-                "shape {:?} mask {:?} {:?} {:?}",
-                c.shape, c.mask, c.dtype, c.pass
+                "shape {:?} mask {:?} {:?} {:?} {}",
+                c.shape,
+                c.mask,
+                c.dtype,
+                c.pass,
+                c.mods.name()
             )
         })?;
         let limit =
@@ -473,6 +699,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         } else {
             print_row(&row, &limit.cell());
         }
+        rows.push(row);
+    }
+    if args.suite_mods && !args.json {
+        print_mods_summary(&rows);
     }
     Ok(())
 }

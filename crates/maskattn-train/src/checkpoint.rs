@@ -404,6 +404,8 @@ mod tests {
                 max_len: 16,
                 positions: Positions::Rotary,
                 dropout: 0.0,
+                softcap: None,
+                sinks: false,
             },
             vocab: if tokenizer {
                 VocabSpec::Hf {

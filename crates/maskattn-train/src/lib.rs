@@ -24,6 +24,8 @@
 //!     max_len: 48,
 //!     positions: Positions::Rotary,
 //!     dropout: 0.0,
+//!     softcap: None,
+//!     sinks: false,
 //! };
 //! // `text: None`: the built-in task; the other settings as `maskattn train`'s defaults.
 //! let run = RunSettings { steps: 20, batch: 4, seq_len: 48, eval_every: 10, ..RunSettings::default() };

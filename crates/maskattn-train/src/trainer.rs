@@ -544,6 +544,8 @@ mod tests {
             max_len: 40,
             positions: Positions::Rotary,
             dropout: 0.0,
+            softcap: None,
+            sinks: false,
         };
         let (vars, model) = build_model(&cfg).unwrap();
         init(&vars, 1).unwrap();

@@ -15,6 +15,8 @@ fn tiny() -> LmConfig {
         max_len: 40,
         positions: Positions::Rotary,
         dropout: 0.0,
+        softcap: None,
+        sinks: false,
     }
 }
 

@@ -56,10 +56,18 @@ pub struct TrainArgs {
     /// Key/value heads (grouped-query attention; default: --heads).
     #[arg(long)]
     pub kv_heads: Option<usize>,
+    /// How the model knows positions: rotary, learned embeddings, ALiBi (fixed standard
+    /// slopes) or T5 relative biases (a trainable table per layer, 32 buckets up to 128).
     #[arg(long, value_enum, default_value = "rotary")]
     pub positions: PositionsArg,
     #[arg(long, default_value_t = 0.0)]
     pub dropout: f32,
+    /// Soft-cap the attention scores at C: `C · tanh(score / C)`.
+    #[arg(long, value_name = "C")]
+    pub softcap: Option<f32>,
+    /// An attention sink (a trainable logit in every softmax's sum) per head and layer.
+    #[arg(long)]
+    pub sinks: bool,
     #[arg(long, default_value_t = 3e-3)]
     pub lr: f64,
     #[arg(long, default_value_t = 60)]
@@ -109,6 +117,8 @@ pub enum LayoutArg {
 pub enum PositionsArg {
     Rotary,
     Learned,
+    Alibi,
+    T5,
 }
 
 const DEFAULT_STEPS: u64 = 500;
@@ -152,8 +162,12 @@ fn fresh(a: &TrainArgs) -> Result<Trainer> {
         positions: match a.positions {
             PositionsArg::Rotary => Positions::Rotary,
             PositionsArg::Learned => Positions::Learned,
+            PositionsArg::Alibi => Positions::Alibi,
+            PositionsArg::T5 => Positions::T5,
         },
         dropout: a.dropout,
+        softcap: a.softcap,
+        sinks: a.sinks,
     };
     Trainer::new(model, run, a.tokenizer.as_deref(), &a.out)
 }
@@ -217,13 +231,15 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let s = t.state().run.clone();
     let cfg = t.state().model.clone();
     eprintln!(
-        "model: {} parameters ({} layers, d_model {}, {} heads / {} kv heads, {:?} positions); data: {} ({} train / {} held-out documents); {} × {} tokens per step; {:?}, {:?}",
+        "model: {} parameters ({} layers, d_model {}, {} heads / {} kv heads, {:?} positions{}{}); data: {} ({} train / {} held-out documents); {} × {} tokens per step; {:?}, {:?}",
         TinyLm::parameters(t.vars()),
         cfg.layers,
         cfg.d_model,
         cfg.heads,
         cfg.kv_heads,
         cfg.positions,
+        cfg.softcap.map_or(String::new(), |c| format!(", softcap {c}")),
+        if cfg.sinks { ", sinks" } else { "" },
         s.text.as_ref().map_or("built-in majority task".to_string(), |p| p.display().to_string()),
         t.corpus().train.len(),
         t.corpus().held_out.len(),
