@@ -18,6 +18,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::par::PAR_MIN;
+
 use super::gelu::contiguous_f32;
 
 /// `cos θ` and `sin θ` tables, `[L, d]` each (row `p` for the `p`-th position of the call).
@@ -126,22 +128,26 @@ fn permute(
             ((bi * h + hi) * l + li) * d
         }
     };
-    dst.par_chunks_mut(inner * d)
-        .enumerate()
-        .for_each(|(o, rows)| {
-            let (bi, i) = (o / outer, o % outer);
-            for (j, row) in rows.chunks_exact_mut(d).enumerate() {
-                let s = &src[src_row(bi, i, j)..][..d];
-                match rotary {
-                    None => row.copy_from_slice(s),
-                    Some((t, sign)) => {
-                        let pos = if split { j } else { i };
-                        let (c, n) = (&t.cos[pos * d..][..d], &t.sin[pos * d..][..d]);
-                        rotate(s, row, c, n, sign);
-                    }
+    let fill = |(o, rows): (usize, &mut [f32])| {
+        let (bi, i) = (o / outer, o % outer);
+        for (j, row) in rows.chunks_exact_mut(d).enumerate() {
+            let s = &src[src_row(bi, i, j)..][..d];
+            match rotary {
+                None => row.copy_from_slice(s),
+                Some((t, sign)) => {
+                    let pos = if split { j } else { i };
+                    let (c, n) = (&t.cos[pos * d..][..d], &t.sin[pos * d..][..d]);
+                    rotate(s, row, c, n, sign);
                 }
             }
-        });
+        }
+    };
+    // A decoding step's few rows cost less than waking rayon's threads.
+    if src.len() < PAR_MIN {
+        dst.chunks_mut(inner * d).enumerate().for_each(fill);
+    } else {
+        dst.par_chunks_mut(inner * d).enumerate().for_each(fill);
+    }
     dst
 }
 

@@ -19,6 +19,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::par::PAR_MIN;
+
 use super::gelu::contiguous_f32;
 
 /// Rows per partial sum of the bias gradient (fixed: the same bits for any thread count).
@@ -99,6 +101,9 @@ impl<'a> Mat<'a> {
     }
 }
 
+/// Products of fewer multiply-adds than this run on the calling thread.
+const SERIAL_PRODUCT: usize = 1 << 20;
+
 /// `dst [m, n] (row-major, contiguous) = lhs [m, k] · rhs [k, n]`, on rayon's threads.
 fn matmul(lhs: Mat, rhs: Mat, dst: &mut [f32]) -> Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
@@ -116,8 +121,10 @@ fn matmul(lhs: Mat, rhs: Mat, dst: &mut [f32]) -> Result<()> {
         dst.fill(0.0);
         return Ok(());
     }
+    // A small product (a decoding step's one row) costs less than waking rayon's threads:
+    // the split is over blocks of `dst`, so the result is the same bits either way.
     let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
+    let par = if threads > 1 && m * n * k >= SERIAL_PRODUCT {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
@@ -162,13 +169,18 @@ pub(super) fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, out: usize) -> Re
     matmul(xm, wm.t(), &mut y)?;
     if let Some(b) = b.filter(|_| out > 0) {
         // Added after the product, as `broadcast_add` does: the same rounding.
-        y.par_chunks_mut(BIAS_ROWS * out.max(1)).for_each(|y| {
+        let add = |y: &mut [f32]| {
             for row in y.chunks_exact_mut(out) {
                 for (y, &b) in row.iter_mut().zip(b) {
                     *y += b;
                 }
             }
-        });
+        };
+        if y.len() < PAR_MIN {
+            add(&mut y);
+        } else {
+            y.par_chunks_mut(BIAS_ROWS * out.max(1)).for_each(add);
+        }
     }
     Ok(y)
 }

@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 /// Below this many elements a loop runs on the calling thread.
-const PAR_MIN: usize = 32 * 1024;
+pub(crate) const PAR_MIN: usize = 32 * 1024;
 /// Elements per parallel piece (a multiple of every vector width).
 const PIECE: usize = 8 * 1024;
 
