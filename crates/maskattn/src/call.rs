@@ -29,7 +29,6 @@ pub(crate) struct Call<'a, 'b, T> {
 impl<'a, 'b, T> Call<'a, 'b, T> {
     /// The call of `params` on checked inputs (`dims`, the resolved `scale`): builds the
     /// positional table once (O(H_q · (L_q + L_k)) values) where ALiBi or T5 buckets are on.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         (q, k, v): (&'a View<'b, T>, &'a View<'b, T>, &'a View<'b, T>),
         block: &'a BlockMask,

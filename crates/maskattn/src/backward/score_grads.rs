@@ -119,7 +119,6 @@ pub(super) unsafe fn take<S: Simd>(
         let spec = acc.spec;
         if let Some((gh, nq, nk)) = spec.bias_block() {
             let ghi = if gh == 1 { 0 } else { hi };
-            let _ = gh;
             for r in 0..rows {
                 let iq = if nq == 1 { 0 } else { i0 + r };
                 let src = &ds[r * tk_pad..r * tk_pad + cols];
