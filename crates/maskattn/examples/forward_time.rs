@@ -1,0 +1,75 @@
+//! The f32 (or bf16) forward alone, timed, with nothing else in the process — for a profile
+//! (`perf record`) or an A/B pair of builds:
+//!
+//!     cargo run --release -p maskattn --example forward_time -- [B H L d] [reps] [bf16] [causal]
+//!
+//! Prints the median milliseconds and the GFLOP/s of the products (`4·B·H·L²·d`, every pair
+//! counted). Benchmarks report; nothing here asserts on time.
+
+use std::time::Instant;
+
+use maskattn::{forward, half, BlockMask, Mask, MaskShape, Params, View};
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let nums: Vec<usize> = argv.iter().filter_map(|a| a.parse().ok()).collect();
+    let [b, h, l, d] = match nums[..] {
+        [b, h, l, d, ..] => [b, h, l, d],
+        _ => [1, 8, 2048, 64],
+    };
+    let reps = nums.get(4).copied().unwrap_or(9);
+    let bf16 = argv.iter().any(|a| a == "bf16");
+    let causal = argv.iter().any(|a| a == "causal");
+    let mask = if causal {
+        Mask::causal()
+    } else {
+        Mask::full()
+    };
+    let n = b * h * l * d;
+    let data = |seed: u32| -> Vec<f32> {
+        (0..n)
+            .map(|x| ((x as u32).wrapping_mul(2_654_435_761) ^ seed) as f32 / u32::MAX as f32 - 0.5)
+            .collect()
+    };
+    let (q, k, v) = (data(1), data(2), data(3));
+    let shape = [b, h, l, d];
+    let block = BlockMask::new(&mask, MaskShape::new(b, h, l, l)).unwrap();
+    let params = Params::default();
+    let mut times = Vec::with_capacity(reps);
+    if bf16 {
+        let to16 = |x: &[f32]| -> Vec<half::bf16> { x.iter().map(|&v| half::bf16::from_f32(v)).collect() };
+        let (q, k, v) = (to16(&q), to16(&k), to16(&v));
+        let (q, k, v) = (
+            View::bhld("q", &q, shape).unwrap(),
+            View::bhld("k", &k, shape).unwrap(),
+            View::bhld("v", &v, shape).unwrap(),
+        );
+        for _ in 0..reps {
+            let t = Instant::now();
+            std::hint::black_box(forward(&q, &k, &v, &block, &params).unwrap());
+            times.push(t.elapsed().as_secs_f64());
+        }
+    } else {
+        let (q, k, v) = (
+            View::bhld("q", &q, shape).unwrap(),
+            View::bhld("k", &k, shape).unwrap(),
+            View::bhld("v", &v, shape).unwrap(),
+        );
+        for _ in 0..reps {
+            let t = Instant::now();
+            std::hint::black_box(forward(&q, &k, &v, &block, &params).unwrap());
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    let flop = 4.0 * (b * h * l * l * d) as f64;
+    println!(
+        "({b},{h},{l},{d}) {} {}: median {:.2} ms, {:.1} GFLOP/s (every pair), {} threads",
+        if bf16 { "bf16" } else { "f32" },
+        if causal { "causal" } else { "full" },
+        med * 1e3,
+        flop / med / 1e9,
+        rayon::current_num_threads()
+    );
+}
