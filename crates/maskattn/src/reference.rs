@@ -35,6 +35,12 @@ pub struct RefGrads<T> {
     pub dk: Vec<T>,
     pub dv: Vec<T>,
     pub params: RefParamGrads<T>,
+    /// For each entry of `params`, the sum of the absolute values of the terms summed into
+    /// it (`|P_ij| (|z_ij dP_ij| + |D_i|)`, weighted as the entry weighs `dS_ij`): the scale
+    /// of its rounding in any finite precision. A parameter gradient sums over every pair of
+    /// the call, and where its terms cancel (its true value near 0: one key per row under
+    /// dropout, say) a correct f32 kernel can only get to about `u √d` of this.
+    pub magnitudes: RefParamGrads<T>,
 }
 
 /// Reference gradients of the score modifiers, shaped as in [`crate::ParamGrads`]: `Some`
@@ -223,6 +229,7 @@ impl Inputs<'_, '_> {
             dsinks: self.sinks.map(|_| zeros(q_heads)),
             drel: self.rel.map(|rb| zeros(rb.num_buckets() * q_heads)),
         };
+        let mut mg = pg.clone();
         for b in 0..batch {
             for h in 0..q_heads {
                 let hk = h / self.dims.group();
@@ -239,7 +246,10 @@ impl Inputs<'_, '_> {
                     // dsink_h −= e^{sink − LSE_i} D_i, over the rows that allow something
                     // (a row that allows nothing has LSE = sink whatever the sink: no gradient).
                     if let (Some(ds), Some(sk), true) = (&mut pg.dsinks, self.sinks, row_allows) {
-                        ds[h] = ds[h] - (to::<T>(sk[h]) - hp.lse[i]).exp() * di;
+                        let t = (to::<T>(sk[h]) - hp.lse[i]).exp() * di;
+                        ds[h] = ds[h] - t;
+                        let m = mg.dsinks.as_mut().unwrap();
+                        m[h] = m[h] + t.abs();
                     }
                     for j in (0..lk).filter(|&j| hp.allowed[i * lk + j]) {
                         let pij = hp.p[i * lk + j];
@@ -254,17 +264,25 @@ impl Inputs<'_, '_> {
                         // dS_ij = P_ij (dP_ij − D_i): the gradient of x_ij, and so of every
                         // additive term.
                         let ds = pij * (z * dp - di);
+                        let ds_mag = pij.abs() * ((z * dp).abs() + di.abs());
                         let rel = self.offset(i, j);
+                        let dist = T::from(rel.unsigned_abs()).unwrap();
                         if let (Some(g), Some(bs)) = (&mut pg.dbias, self.bias) {
                             let at = bs.index(b, h, i, j);
                             g[at] = g[at] + ds;
+                            let m = mg.dbias.as_mut().unwrap();
+                            m[at] = m[at] + ds_mag;
                         }
                         if let Some(g) = &mut pg.dalibi {
-                            g[h] = g[h] - ds * T::from(rel.unsigned_abs()).unwrap();
+                            g[h] = g[h] - ds * dist;
+                            let m = mg.dalibi.as_mut().unwrap();
+                            m[h] = m[h] + ds_mag * dist;
                         }
                         if let (Some(g), Some(rb)) = (&mut pg.drel, &self.rel) {
                             let at = rb.bucket(rel) * q_heads + h;
                             g[at] = g[at] + ds;
+                            let m = mg.drel.as_mut().unwrap();
+                            m[at] = m[at] + ds_mag;
                         }
                         // Through the cap: dz = dS · (1 − tanh²(z / c)).
                         let dz = if self.softcap.is_some() {
@@ -289,6 +307,7 @@ impl Inputs<'_, '_> {
             dk,
             dv,
             params: pg,
+            magnitudes: mg,
         }
     }
 }
