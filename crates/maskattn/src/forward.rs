@@ -13,7 +13,7 @@ use crate::block::{BlockMask, Tile};
 use crate::call::Call;
 use crate::error::{AttnError, Result};
 use crate::gemm::{gemm, gemm_add, MatMut, MatRef, Update};
-use crate::pack::{self, Span, Unseen};
+use crate::pack::{self, pad16, Span, Unseen};
 use crate::params::Params;
 use crate::shape::AttnDims;
 use crate::simd::{self, Simd, WithSimd};
@@ -42,7 +42,8 @@ struct PackedKv {
 
 /// Per-thread scratch for one query tile.
 struct Scratch {
-    q: Vec<f32>,
+    /// `Qᵀ` of the tile's rows (`d_pad × rows_pad`, f32 path).
+    qt: Vec<f32>,
     s: Vec<f32>,
     acc: Vec<f32>,
     m: Vec<f32>,
@@ -59,12 +60,15 @@ struct Scratch {
 impl Scratch {
     fn new(tq: usize, g: &Geom, bias: bool, dot: bool) -> Self {
         let if_dot = |n: usize| if dot { n } else { 0 };
+        // Scores as `tq × tk_pad` (row form) or `tk_pad × tq_pad` (column form), and the
+        // running state over whole vectors of rows for the column form.
+        let tq_pad = pad16(tq);
         Scratch {
-            q: vec![0.0; tq * g.d_pad],
-            s: vec![0.0; tq * g.tk_pad],
+            qt: vec![0.0; if dot { 0 } else { g.d_pad * tq_pad }],
+            s: vec![0.0; tq_pad * g.tk_pad],
             acc: vec![0.0; tq * g.d_pad],
-            m: vec![0.0; tq],
-            l: vec![0.0; tq],
+            m: vec![0.0; tq_pad],
+            l: vec![0.0; tq_pad],
             bias: vec![0.0; if bias { tq * g.tk_pad } else { 0 }],
             unseen: Unseen::new(g.words, g.tk_pad * g.d_pad),
             drop_keys: vec![0; tq],
@@ -252,12 +256,14 @@ fn query_tile<T: Element>(
         // bf16 rows as they are; the scale is applied to the f32 scores.
         pack::rows_bf16(call.q, span, g.d_pad, &mut sc.q16);
     } else {
-        // The scale goes on the products, in `mask_row`, as in the backward.
-        pack::rows(call.q, span, g.d_pad, &mut sc.q);
+        // `Qᵀ`, the B operand of the column form's `Sᵀ = K·Qᵀ` and (read through strides)
+        // the A operand of the row form's `S = Q·Kᵀ`. The scale goes on the products, in
+        // the softmax, as in the backward.
+        pack::transposed(call.q, span, (pad16(rows), g.d_pad), &mut sc.qt);
     }
     call.drop_keys((b, h, i0), &mut sc.drop_keys[..rows]);
     let Scratch {
-        q,
+        qt: q_t,
         s,
         acc,
         m,
@@ -308,13 +314,8 @@ fn query_tile<T: Element>(
         let (v_tile, exact) = unseen.rows(&job, v_tile, g.d_pad, kv.v_finite[kt]);
         let step = Step {
             job,
-            q: MatRef::new(q, rows, g.d, g.d_pad),
-            kt: MatRef::new(
-                &kv.kt[kt * kt_len..(kt + 1) * kt_len],
-                g.d,
-                g.tk_pad,
-                g.tk_pad,
-            ),
+            qt: q_t,
+            kt: &kv.kt[kt * kt_len..(kt + 1) * kt_len],
             v: MatRef::new(v_tile, cols, g.d_pad, g.d_pad),
             exact,
             s,
@@ -330,9 +331,9 @@ fn query_tile<T: Element>(
 /// One (query tile, key tile) step of the online softmax, on f32.
 struct Step<'a, 'b, 'c> {
     job: TileJob<'a>,
-    /// Q rows (`rows × d`), `Kᵀ` (`d × tk_pad`), V rows (`cols × d_pad`).
-    q: MatRef<'a>,
-    kt: MatRef<'a>,
+    /// `Qᵀ` (`d_pad × rows_pad`), `Kᵀ` (`d_pad × tk_pad`), V rows (`cols × d_pad`).
+    qt: &'a [f32],
+    kt: &'a [f32],
     v: MatRef<'a>,
     /// V holds a non-finite value that only some rows see: skip the hidden pairs.
     exact: bool,
@@ -348,22 +349,36 @@ impl WithSimd for Step<'_, '_, '_> {
     unsafe fn with_simd<S: Simd>(self) {
         let Step {
             job,
-            q,
+            qt,
             kt,
             v,
             exact,
             s,
             st,
         } = self;
-        let (rows, tk_pad) = (job.rows, job.g.tk_pad);
+        let (rows, cols, d, tk_pad) = (job.rows, job.cols, job.g.d, job.g.tk_pad);
+        let rows_pad = pad16(rows);
+        // Over the real features only (their padding is zero).
+        let (qt_all, kt_all) = (qt, kt);
+        let qt = MatRef::new(qt_all, d, rows_pad, rows_pad);
+        let kt = MatRef::new(kt_all, d, tk_pad, tk_pad);
         // SAFETY: `S`'s features are present (`simd::run`); operands checked when made.
         unsafe {
-            // x = Q·Kᵀ over the real features (the padding is zero); scaled and masked next.
-            gemm::<S>(MatMut::new(s, rows, tk_pad, tk_pad), q, kt, Update::Set);
-            // m, l, P̃ = e^(x − m)
-            st.update::<S>(&job, s);
+            let p = if job.column_form() {
+                // xᵀ = K·Qᵀ (keys × query rows); m, l, P̃ᵀ = e^(x − m) with the lanes
+                // over rows (`Online::update_cols`: no horizontal sums).
+                let k = MatRef::new(kt_all, d, cols, tk_pad).t();
+                gemm::<S>(MatMut::new(s, cols, rows_pad, rows_pad), k, qt, Update::Set);
+                st.update_cols::<S>(&job, s, rows_pad);
+                MatRef::new(s, cols, rows, rows_pad).t()
+            } else {
+                // x = Q·Kᵀ; scaled and masked, m, l, P̃ = e^(x − m) row by row.
+                let q = MatRef::new(qt_all, d, rows, rows_pad).t();
+                gemm::<S>(MatMut::new(s, rows, tk_pad, tk_pad), q, kt, Update::Set);
+                st.update::<S>(&job, s);
+                MatRef::new(s, rows, cols, tk_pad)
+            };
             // acc += P̃·V
-            let p = MatRef::new(s, rows, job.cols, tk_pad);
             let acc = MatMut::new(&mut *st.acc, rows, job.g.d_pad, job.g.d_pad);
             gemm_add::<S>(acc, p, v, exact.then_some(|r, c| job.visible(r, c)));
         }

@@ -195,6 +195,22 @@ impl<'a, T: Element> View<'a, T> {
         (self.strides[3] == 1).then(|| (&data[self.offset(b, h, start)..], self.strides[2]))
     }
 
+    /// Features `x0 .. x0 + out.len()` of row `l` of `(b, h)` into `out` as `f32`.
+    #[inline]
+    pub(crate) fn load_features(&self, b: usize, h: usize, l: usize, x0: usize, out: &mut [f32]) {
+        let base = self.offset(b, h, l) + x0 * self.strides[3];
+        if self.strides[3] == 1 {
+            let n = out.len();
+            for (o, s) in out.iter_mut().zip(&self.data[base..base + n]) {
+                *o = s.to_f32();
+            }
+        } else {
+            for (x, o) in out.iter_mut().enumerate() {
+                *o = self.data[base + x * self.strides[3]].to_f32();
+            }
+        }
+    }
+
     /// Copies rows `start..start + out.len() / d` of `(b, h)` into `out` as contiguous `f32`.
     /// Rows are contiguous in the common layouts, so this is a plain copy per row.
     #[inline]

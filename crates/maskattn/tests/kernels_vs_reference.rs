@@ -130,3 +130,31 @@ fn one_key_many_rows() {
         }
     }
 }
+
+/// Full masks: every tile of the f32 forward takes the column form of the softmax (lanes
+/// over query rows, `Online::update_cols`), with query tiles that are not whole vectors
+/// (padding lanes), ragged last key tiles, GQA, a scale, dropout, and the row form's
+/// tiles (a bias) beside it for contrast.
+#[test]
+fn full_tiles_take_the_column_form() {
+    common::report(&format!(
+        "kernels_vs_reference::full_tiles_take_the_column_form: ran {}",
+        maskattn::kernel_path()
+    ));
+    let shapes: &[([usize; 6], (usize, usize))] = &[
+        ([1, 2, 2, 5, 9, 16], (64, 64)),
+        ([2, 4, 2, 17, 63, 59], (16, 32)),
+        ([1, 2, 1, 100, 203, 24], (48, 32)),
+        ([1, 1, 1, 113, 1, 1], (64, 64)),
+        ([1, 2, 2, 130, 70, 111], (80, 64)),
+        ([1, 3, 3, 64, 128, 64], (64, 64)),
+    ];
+    for (n, &(dims, tiles)) in shapes.iter().enumerate() {
+        for variant in 0..3u64 {
+            let mut c = random_case(7000 + 10 * n as u64 + variant, dims, tiles, variant == 2);
+            c.mask = maskattn::Mask::full();
+            c.dropout = (variant == 1).then(|| maskattn::Dropout::new(0.3, 99).unwrap());
+            c.check();
+        }
+    }
+}

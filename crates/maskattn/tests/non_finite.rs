@@ -231,6 +231,21 @@ fn non_finite_values_the_mask_lets_through_reach_exactly_what_ieee_says() {
         (Spot::Dout(1, 3, 36, 0), true),
         (Spot::K(1, 0, 25, 3), false), // key 25 of batch row 1 is padding
     ];
+    // A full mask: every tile is full, so the f32 forward takes the column form of the
+    // softmax (`Online::update_cols`, lanes over query rows) on every one of them.
+    let full = case([2, 4, 2, 37, 29, 24], Mask::full(), None);
+    let full_dropped = case(
+        [2, 4, 2, 37, 29, 24],
+        Mask::full(),
+        Some(Dropout::new(0.25, 5).unwrap()),
+    );
+    let full_spots = [
+        (Spot::K(0, 1, 5, 3), true),
+        (Spot::V(0, 1, 28, 3), true),
+        (Spot::Q(1, 2, 20, 3), true),
+        (Spot::Q(0, 0, 36, 0), true),
+        (Spot::Dout(0, 1, 30, 3), true),
+    ];
     // Decode path (at most 4 queries): d = 16 reads an f32 cache in place where a tile is full.
     let decode = case(
         [2, 4, 2, 3, 40, 16],
@@ -253,6 +268,18 @@ fn non_finite_values_the_mask_lets_through_reach_exactly_what_ieee_says() {
         common::report(&format!("non_finite: ran {}", maskattn::kernel_path()));
         run_case(&format!("{isa:?} tiled"), &tiled, &spots, false);
         run_case(&format!("{isa:?} tiled, dropout"), &dropped, &spots, false);
+        run_case(
+            &format!("{isa:?} full (column form)"),
+            &full,
+            &full_spots,
+            false,
+        );
+        run_case(
+            &format!("{isa:?} full (column form), dropout"),
+            &full_dropped,
+            &full_spots,
+            false,
+        );
         run_case(&format!("{isa:?} decode"), &decode, &decode_spots, false);
         run_case(&format!("{isa:?} tiled bf16"), &tiled, &spots, true);
         run_case(
