@@ -23,7 +23,6 @@ Ratios are PyTorch time / maskattn time (above 1: maskattn is faster).
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
 import subprocess
