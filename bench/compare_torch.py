@@ -11,12 +11,19 @@ Each cell is timed back to back (maskattn, then PyTorch) so that both see the sa
 a shared machine; with --rounds N the whole grid is run N times and each side's median over
 the rounds is reported (each time itself the median of --reps calls).
 
+The header names what the figures hold for: the CPU model (as `maskattn bench` reports it),
+each side's thread count, PyTorch's version, the date, and the limits measured at the calls.
+Grouped-query cells give PyTorch K and V with their own H_kv heads (enable_gqa); bf16 cells
+hand both sides bf16 tensors.
+
 PyTorch is never a dependency of the project or its tests; this script is for measuring.
 Ratios are PyTorch time / maskattn time (above 1: maskattn is faster).
 """
 
 import argparse
+import datetime
 import json
+import platform
 import statistics
 import subprocess
 import sys
@@ -42,7 +49,14 @@ def maskattn_case(args, case):
         "--mask", case["mask"], "--dtype", case["dtype"], "--pass", case["pass"],
     ]
     lines = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()
-    return json.loads(lines[0]), json.loads(lines[1])
+    head, row = json.loads(lines[0]), json.loads(lines[1])
+    # The row must be the listed case: a flag the binary ignored would time another cell and
+    # compare it with PyTorch on this one.
+    got = (row["batch"], row["heads"], row["kv_heads"], row["lk"], row["d"], row["mask"], row["dtype"], row["pass"])
+    want = (b, h, case["kv_heads"], case["lk"], d, case["mask"], case["dtype"], case["pass"])
+    if got != want:
+        sys.exit(f"compare_torch.py: maskattn timed {got}, the grid lists {want}")
+    return head, row
 
 
 def torch_case(torch, F, row, reps):
@@ -51,8 +65,11 @@ def torch_case(torch, F, row, reps):
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[row["dtype"]]
     g = torch.Generator().manual_seed(0)
     q = torch.randn(b, h, lq, d, generator=g).to(dtype)
+    # Grouped-query cells keep H_kv heads in K and V (enable_gqa below): PyTorch's CPU flash
+    # kernel takes them as they are, as ours does, rather than copies repeated to H heads.
     k = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
     v = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
+    assert h % hkv == 0 and q.dtype == k.dtype == v.dtype == dtype, (row, q.dtype)
     mask, causal = None, False
     m = row["mask"]
     i = torch.arange(lq)[:, None] + (lk - lq)  # bottom-right aligned query positions
@@ -85,6 +102,10 @@ def torch_case(torch, F, row, reps):
     def once():
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **gqa)
         if fwd_bwd:
+            # Fresh gradients each call, as a training step after zero_grad() (set_to_none):
+            # no accumulation into the last call's, which maskattn does not do either.
+            for t in (q, k, v):
+                t.grad = None
             out.backward(dout)
 
     once()
@@ -96,8 +117,28 @@ def torch_case(torch, F, row, reps):
     return statistics.median(times)
 
 
+def cpu_model(head):
+    """The CPU model as `maskattn bench` names it in its header (model name, family, model),
+    else the same read here from /proc/cpuinfo, else what Python's platform module knows."""
+    cpu = head.get("peaks", {}).get("cpu")
+    if cpu and cpu != "unknown":
+        return cpu
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n")[0]  # the first processor
+    except OSError:
+        first = ""
+    field = dict((k.strip(), v.strip()) for k, _, v in (l.partition(":") for l in first.splitlines()))
+    name = field.get("model name") or platform.processor() or "unknown"
+    if field.get("cpu family") and field.get("model"):
+        # A virtual machine may name only the vendor's line; the numbers tell the generation.
+        name += f" (family {field['cpu family']}, model {field['model']})"
+    return name
+
+
 def main():
     args = parse_args()
+    started, t0 = datetime.datetime.now(datetime.timezone.utc), time.monotonic()
     try:
         import torch
         import torch.nn.functional as F
@@ -118,21 +159,28 @@ def main():
                 limits.setdefault(row["limit"], []).append(row["limit_gflops"])
             ours[n].append(row)
             theirs[n].append(torch_case(torch, F, row, args.reps))
+    took = time.monotonic() - t0
     print(file=sys.stderr)
-    info = head.get("peaks", {})
-    paths = info.get("paths", {})
-    print(f"CPU: {info.get('cpu', 'unknown')}; AMX: {'yes' if paths.get('amx_bf16') else 'absent'}")
+    paths = head.get("peaks", {}).get("paths", {})
     lim = "; ".join(
         f"{name} {statistics.median(v):.0f} ({min(v):.0f}-{max(v):.0f})" for name, v in sorted(limits.items())
     )
-    print(
-        f"threads {args.threads}; maskattn on {head['isa']} (bf16 {'on vdpbf16ps' if paths.get('bf16_dot') else 'widened to f32'}), "
+    # The header: what a figure below holds for (docs/design.md section 5: the CPU model, the
+    # thread count, the peer's version) and when it was taken. In Markdown a list, so that
+    # each line stays a line.
+    header = [
+        f"maskattn against PyTorch scaled_dot_product_attention, {started:%Y-%m-%d %H:%M} UTC "
+        f"({len(cases)} cells, {args.rounds} round(s) of {args.reps} reps each side, medians; took {took:.0f} s)",
+        f"CPU: {cpu_model(head)}; AMX: {'yes' if paths.get('amx_bf16') else 'absent'}",
+        f"threads: maskattn {head.get('threads', args.threads)}, PyTorch {torch.get_num_threads()}",
+        f"maskattn on {head['isa']} (bf16 {'on vdpbf16ps' if paths.get('bf16_dot') else 'widened to f32'}); "
         f"limits GFLOP/s (median, range over the calls): {lim}; "
-        f"2048^3 f32 product {statistics.median(peaks):.0f} GFLOP/s "
-        f"({min(peaks):.0f}-{max(peaks):.0f}); "
-        f"PyTorch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}); "
-        f"medians over {args.rounds} round(s) of {args.reps} reps"
-    )
+        f"2048^3 f32 product {statistics.median(peaks):.0f} GFLOP/s ({min(peaks):.0f}-{max(peaks):.0f})",
+        f"PyTorch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})",
+    ]
+    for line in header:
+        print(f"- {line}" if args.markdown else line)
+    print()
     sep = " | " if args.markdown else "  "
     cols = ["B,H/Hkv,Lq,Lk,d", "mask", "dtype", "pass", "maskattn ms", "PyTorch ms", "ratio", "useful GF/s", "% limit", "% gemm", "tiles skipped"]
     widths = [20, 14, 5, 7, 11, 10, 6, 11, 7, 6, 13]

@@ -38,7 +38,8 @@ pub struct BenchArgs {
     /// One JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Run the grid of the speed issue (shapes × masks × passes, plus bf16 and decode).
+    /// Run the grid of the speed issue (shapes × masks × passes, plus bf16, head size 128,
+    /// grouped-query prefill and decode).
     #[arg(long)]
     pub suite: bool,
     /// Print the cases (one JSON object per line, the flags that select each) instead of
@@ -459,7 +460,12 @@ fn suite_mods() -> Vec<Case> {
     cases
 }
 
-/// The grid of the speed issue.
+/// The grid of the speed issue (`--suite --list` prints it; `bench/compare_torch.py` and
+/// the `bench_suite` test read it), as (B, H_q, L, d) / H_kv:
+/// - d = 64, f32, five masks × fwd, fwd+bwd: (1,8,1024), (1,8,2048), (1,8,4096), (4,8,512);
+///   and (1,8,2048) in bf16;
+/// - d = 128, f32 and bf16 × fwd, fwd+bwd: (1,8,2048) full and causal, (1,32/8,2048) causal;
+/// - decode, f32: one query of 32 heads on a cache of 4096 / 8, 32768 / 8, 32768 / 2.
 fn suite() -> Vec<Case> {
     let masks = [
         "full",
@@ -493,12 +499,15 @@ fn suite() -> Vec<Case> {
         add(shape, Dtype::F32);
     }
     add([1, 8, 2048, 64], Dtype::Bf16);
-    // Head size 128 (most current LLMs) and grouped-query prefill (32 query heads on 8
-    // key/value heads, causal), in f32 and bf16.
+    // Head size 128 (most current LLMs), full and causal, and grouped-query prefill (32
+    // query heads on 8 key/value heads, causal: a Llama-style model reading its prompt), in
+    // f32 and bf16. Only these masks: the five masks at d = 64 already show how skipping
+    // tiles pays, and each cell here costs twice a d = 64 one (four at 32 heads).
     for dtype in [Dtype::F32, Dtype::Bf16] {
         for pass in [Pass::Fwd, Pass::FwdBwd] {
             for (shape, kv_heads, mask) in [
                 ([1, 8, 2048, 128], 8, "full"),
+                ([1, 8, 2048, 128], 8, "causal"),
                 ([1, 32, 2048, 128], 8, "causal"),
             ] {
                 cases.push(Case {
