@@ -359,11 +359,15 @@ impl Online<'_> {
                     S::store(lp, S::fma(S::load(lp), a, sum[b]));
                     S::store(alpha.as_mut_ptr().add(b * S::W), a);
                 }
-                // acc rows rescaled to the new maximum (`α = 1` is exact).
+                // acc rows rescaled to the new maximum, where it moved (past the first key
+                // tiles, few rows' maxima do: the branch is mostly predicted, and a row
+                // of `d_pad` multiplies costs more than the odd misprediction).
                 let n = (nb * S::W).min(job.rows.saturating_sub(v0 * S::W));
                 for (r, &a) in alpha[..n].iter().enumerate() {
-                    let row = v0 * S::W + r;
-                    scale::<S>(a, &mut self.acc[row * d_pad..(row + 1) * d_pad]);
+                    if a != 1.0 {
+                        let row = v0 * S::W + r;
+                        scale::<S>(a, &mut self.acc[row * d_pad..(row + 1) * d_pad]);
+                    }
                 }
             }
         }
