@@ -37,6 +37,10 @@ struct PackedKv {
     v: Vec<f32>,
     kp: Vec<u32>,
     vp: Vec<u32>,
+    /// bf16 key rows (`tk_pad × d_pad` per tile), the A operand of the column form's
+    /// `Sᵀ = K·Qᵀ` on `vdpbf16ps` (empty where AMX tiles run the products: they keep the
+    /// row form).
+    k16: Vec<u16>,
     v_finite: Vec<bool>,
 }
 
@@ -55,6 +59,12 @@ struct Scratch {
     q16: Vec<u16>,
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     p16: Vec<u16>,
+    /// bf16 column form: `Qᵀ` interleaved over features (`d_pad / 2 × tq_pad` pairs) and
+    /// `P̃ᵀ` interleaved over keys (`tk_pad / 2 × tq_pad` pairs).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    qt_pairs: Vec<u32>,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pt_pairs: Vec<u32>,
 }
 
 impl Scratch {
@@ -74,6 +84,8 @@ impl Scratch {
             drop_keys: vec![0; tq],
             q16: vec![0; if_dot(tq * g.d_pad)],
             p16: vec![0; if_dot(tq * g.tk_pad)],
+            qt_pairs: vec![0; if_dot(g.d_pad / 2 * tq_pad)],
+            pt_pairs: vec![0; if_dot(g.tk_pad / 2 * tq_pad)],
         }
     }
 }
@@ -86,6 +98,8 @@ struct KvHead<'a, 'b, 'c, T> {
     b: usize,
     /// bf16 storage on a CPU with bf16 dot products.
     dot: bool,
+    /// On the bf16 path: full tiles take the column form (the products on `vdpbf16ps`).
+    col16: bool,
 }
 
 /// Masked attention forward. `q [B, H_q, L_q, d]`, `k, v [B, H_kv, L_k, d]` (any strides),
@@ -152,19 +166,26 @@ pub fn forward_into<T: Element>(
     let (tq, g) = (block.tile_q(), call.geom());
     let group = dims.group();
     let dot = T::IS_BF16 && crate::simd::bf16_dot();
+    // The bf16 column form reads `P̃` pair by pair, which `vdpbf16ps` does and AMX tile
+    // loads do not: on AMX every tile keeps the row form (checked again per task).
+    #[cfg(target_arch = "x86_64")]
+    let col16 = dot && crate::gemm::amx::Engine::now().is_vnni();
+    #[cfg(not(target_arch = "x86_64"))]
+    let col16 = false;
     // Outer tasks: one (b, kv head) each, owning the outputs of the query heads it serves.
     out.par_chunks_mut(group * lq * d)
         .zip(lse.par_chunks_mut(group * lq))
         .enumerate()
         .for_each(|(bhk, (out, lse))| {
             let (b, hk) = (bhk / dims.kv_heads, bhk % dims.kv_heads);
-            let kv = pack_kv(&call, &g, (b, hk), dot);
+            let kv = pack_kv(&call, &g, (b, hk), dot, col16);
             let head = KvHead {
                 call: &call,
                 kv: &kv,
                 g,
                 b,
                 dot,
+                col16,
             };
             // Inner tasks: one (query head of the group, query tile) each.
             out.par_chunks_mut(lq * d)
@@ -184,7 +205,13 @@ pub fn forward_into<T: Element>(
     Ok(())
 }
 
-fn pack_kv<T: Element>(call: &Call<T>, g: &Geom, (b, hk): (usize, usize), dot: bool) -> PackedKv {
+fn pack_kv<T: Element>(
+    call: &Call<T>,
+    g: &Geom,
+    (b, hk): (usize, usize),
+    dot: bool,
+    col16: bool,
+) -> PackedKv {
     let (k, v, lk) = (call.k, call.v, call.dims.lk);
     let nk = call.block.grid().1;
     let (kt_len, v_len) = (g.d_pad * g.tk_pad, g.tk_pad * g.d_pad);
@@ -201,11 +228,17 @@ fn pack_kv<T: Element>(call: &Call<T>, g: &Geom, (b, hk): (usize, usize), dot: b
             v: Vec::new(),
             kp: vec![0; nk * kp_len],
             vp: vec![0; nk * vp_len],
+            k16: vec![0; if col16 { nk * kt_len } else { 0 }],
             v_finite: vec![true; nk],
         };
         for t in 0..nk {
             let kp = &mut kv.kp[t * kp_len..(t + 1) * kp_len];
             pack::kt_pairs(k, span(t), (g.tk_pad, g.d_pad), kp);
+            if col16 {
+                let k16 = &mut kv.k16[t * kt_len..(t + 1) * kt_len];
+                pack::rows_bf16(k, span(t), g.d_pad, k16);
+                k16[span(t).len * g.d_pad..].fill(0);
+            }
             let vp = &mut kv.vp[t * vp_len..(t + 1) * vp_len];
             kv.v_finite[t] = pack::v_pairs(v, span(t), (g.tk_pad, g.d_pad), vp);
         }
@@ -216,6 +249,7 @@ fn pack_kv<T: Element>(call: &Call<T>, g: &Geom, (b, hk): (usize, usize), dot: b
         v: vec![0.0; nk * v_len],
         kp: Vec::new(),
         vp: Vec::new(),
+        k16: Vec::new(),
         v_finite: vec![true; nk],
     };
     for t in 0..nk {
@@ -242,6 +276,7 @@ fn query_tile<T: Element>(
         g,
         b,
         dot,
+        col16,
     } = *head;
     let block = call.block;
     let rows = lse.len();
@@ -255,6 +290,9 @@ fn query_tile<T: Element>(
     if dot {
         // bf16 rows as they are; the scale is applied to the f32 scores.
         pack::rows_bf16(call.q, span, g.d_pad, &mut sc.q16);
+        if col16 {
+            pack::kt_pairs(call.q, span, (pad16(rows), g.d_pad), &mut sc.qt_pairs);
+        }
     } else {
         // `Qᵀ`, the B operand of the column form's `Sᵀ = K·Qᵀ` and (read through strides)
         // the A operand of the row form's `S = Q·Kᵀ`. The scale goes on the products, in
@@ -273,6 +311,8 @@ fn query_tile<T: Element>(
         drop_keys,
         q16,
         p16,
+        qt_pairs,
+        pt_pairs,
     } = sc;
     let mut st = Online {
         m: &mut m[..],
@@ -294,9 +334,15 @@ fn query_tile<T: Element>(
         #[cfg(target_arch = "x86_64")]
         if dot {
             let (kp_len, vp_len) = (g.d_pad * g.tk_pad / 2, g.tk_pad * g.d_pad / 2);
+            let column = (col16 && engine.is_vnni() && job.column_form()).then(|| BfColumns {
+                k16: &kv.k16[kt * 2 * kp_len..(kt + 1) * 2 * kp_len],
+                qt: &qt_pairs[..],
+                pt: &mut pt_pairs[..],
+            });
             let t = BfStep {
                 job,
                 engine,
+                column,
                 q16,
                 kp: &kv.kp[kt * kp_len..(kt + 1) * kp_len],
                 vp: &kv.vp[kt * vp_len..(kt + 1) * vp_len],
@@ -391,6 +437,8 @@ struct BfStep<'a> {
     job: TileJob<'a>,
     /// Which code runs the pair products (`gemm::amx`).
     engine: crate::gemm::amx::Engine,
+    /// A full tile on `vdpbf16ps`: the column form's operands.
+    column: Option<BfColumns<'a>>,
     /// Q rows as bf16 (`rows × d_pad`); `Kᵀ` over features and V over keys in pairs.
     q16: &'a [u16],
     kp: &'a [u32],
@@ -399,6 +447,16 @@ struct BfStep<'a> {
     p16: &'a mut [u16],
     unseen: &'a mut Unseen,
     s: &'a mut [f32],
+}
+
+/// The bf16 column form's operands (see [`Online::update_cols`]): the key tile's bf16 rows
+/// (`tk_pad × d_pad`), `Qᵀ` interleaved over features, and room for `P̃ᵀ` interleaved
+/// over keys.
+#[cfg(target_arch = "x86_64")]
+struct BfColumns<'a> {
+    k16: &'a [u16],
+    qt: &'a [u32],
+    pt: &'a mut [u32],
 }
 
 /// The f32 [`Step`] for bf16 storage on AVX512-BF16: both products on bf16 pairs (see
@@ -414,6 +472,7 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
     let BfStep {
         job,
         engine,
+        column,
         q16,
         kp,
         vp,
@@ -423,6 +482,24 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
         s,
     } = t;
     let (rows, cols, tk_pad, d_pad) = (job.rows, job.cols, job.g.tk_pad, job.g.d_pad);
+    if let Some(BfColumns { k16, qt, pt }) = column {
+        let rows_pad = crate::pack::pad16(rows);
+        // SAFETY: AVX512-BF16 is this function's contract; operands checked when made.
+        unsafe {
+            // xᵀ = K·Qᵀ (keys × query rows), then m, l, P̃ᵀ with the lanes over rows.
+            let k = Pairs::of_u16(k16, cols, d_pad / 2, d_pad / 2);
+            let q = Pairs::of_u32(qt, d_pad / 2, rows_pad, rows_pad);
+            engine.gemm(MatMut::new(s, cols, rows_pad, rows_pad), k, q, Update::Set);
+            st.update_cols::<Avx512>(&job, s, rows_pad);
+            // acc += bf16(P̃)·V: P̃ᵀ interleaved over keys is P̃ read pair by pair.
+            bf16::interleave_rows(s, cols, rows_pad, rows_pad, pt);
+            let p = Pairs::by_pair(pt, rows, cols.div_ceil(2), rows_pad);
+            let acc = MatMut::new(&mut *st.acc, rows, d_pad, d_pad);
+            let v = Pairs::of_u32(vp, cols.div_ceil(2), d_pad, d_pad);
+            engine.gemm(acc, p, v, Update::Add);
+        }
+        return;
+    }
     // SAFETY: AVX512-BF16 is this function's contract; operands checked when made.
     unsafe {
         // x = Q·Kᵀ, scaled and masked in `update` as on every path

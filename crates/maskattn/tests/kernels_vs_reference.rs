@@ -133,14 +133,16 @@ fn one_key_many_rows() {
 
 /// Full masks: every tile of the f32 forward takes the column form of the softmax (lanes
 /// over query rows, `Online::update_cols`), with query tiles that are not whole vectors
-/// (padding lanes), ragged last key tiles, GQA, a scale, dropout, and the row form's
-/// tiles (a bias) beside it for contrast.
+/// (padding lanes), ragged last key tiles, odd key counts (a last pair half empty), GQA, a
+/// scale, dropout, and the row form's tiles (a bias) beside it for contrast; and the same
+/// on bf16 storage, where AVX512-BF16 without AMX runs the column form on pair products.
 #[test]
 fn full_tiles_take_the_column_form() {
     common::report(&format!(
         "kernels_vs_reference::full_tiles_take_the_column_form: ran {}",
         maskattn::kernel_path()
     ));
+    common::report_bf16_path("full_tiles_take_the_column_form");
     let shapes: &[([usize; 6], (usize, usize))] = &[
         ([1, 2, 2, 5, 9, 16], (64, 64)),
         ([2, 4, 2, 17, 63, 59], (16, 32)),
@@ -155,6 +157,8 @@ fn full_tiles_take_the_column_form() {
             c.mask = maskattn::Mask::full();
             c.dropout = (variant == 1).then(|| maskattn::Dropout::new(0.3, 99).unwrap());
             c.check();
+            c.rounded::<maskattn::half::bf16>()
+                .check_half::<maskattn::half::bf16>();
         }
     }
 }

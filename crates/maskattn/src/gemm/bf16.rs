@@ -48,6 +48,8 @@ pub(crate) struct Pairs<'a> {
     pub(super) rows: usize,
     pub(super) pairs: usize,
     pub(super) rs: usize,
+    /// Pair `p` of a row at `p · cs` (1 but for [`Pairs::by_pair`]).
+    pub(super) cs: usize,
     _data: std::marker::PhantomData<&'a [u32]>,
 }
 
@@ -64,7 +66,22 @@ impl<'a> Pairs<'a> {
             rows,
             pairs,
             rs,
+            cs: 1,
             _data: std::marker::PhantomData,
+        }
+    }
+
+    /// An A operand stored pair by pair: entry `(i, p)` at `p · ld + i` — what
+    /// [`interleave_rows`] makes of a transposed tile (`P̃ᵀ`, keys × query rows) read as the
+    /// `P̃` rows of `P̃·V`. Only the `vdpbf16ps` products take it (AMX tiles load rows).
+    pub fn by_pair(data: &'a [u32], rows: usize, pairs: usize, ld: usize) -> Self {
+        let p = Self::checked(data.as_ptr(), data.len(), pairs, rows, ld);
+        Pairs {
+            rows,
+            pairs,
+            rs: 1,
+            cs: ld,
+            ..p
         }
     }
 
@@ -86,7 +103,7 @@ impl<'a> Pairs<'a> {
 /// [`enabled`] is true. (The operands' bounds were checked when they were made.)
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub(crate) unsafe fn gemm(c: MatMut, a: Pairs, b: Pairs, update: Update) {
-    check_sizes((c.rows, c.cols), (a.rows, a.pairs), (b.rows, b.pairs, 1));
+    check_sizes((c.rows, c.cols), (a.rows, a.pairs), (b.rows, b.pairs, b.cs));
     debug_assert!(b.pairs.is_multiple_of(W));
     let (m, n, kp, accumulate) = (a.rows, b.pairs, a.pairs, update == Update::Add);
     let (cp, ldc) = (c.data.as_mut_ptr(), c.rs);
@@ -101,7 +118,15 @@ pub(crate) unsafe fn gemm(c: MatMut, a: Pairs, b: Pairs, update: Update) {
                     cp.add($i * ldc + $j * W),
                 )
             };
-            unsafe { micro::<$mr, $nv>(kp, (a_blk, a.rs), (b_blk, b.rs), (c_blk, ldc), accumulate) }
+            unsafe {
+                micro::<$mr, $nv>(
+                    kp,
+                    (a_blk, a.rs, a.cs),
+                    (b_blk, b.rs),
+                    (c_blk, ldc),
+                    accumulate,
+                )
+            }
         }};
     }
     register_tiles!(m, n / W, NV_MAX, |i, j| go);
@@ -110,7 +135,7 @@ pub(crate) unsafe fn gemm(c: MatMut, a: Pairs, b: Pairs, update: Update) {
 #[inline(always)]
 unsafe fn micro<const R: usize, const NV: usize>(
     kp: usize,
-    (a, lda): (*const u32, usize),
+    (a, lda, cs): (*const u32, usize, usize),
     (b, ldb): (*const u32, usize),
     (c, ldc): (*mut f32, usize),
     accumulate: bool,
@@ -127,7 +152,7 @@ unsafe fn micro<const R: usize, const NV: usize>(
             }
             for (r, row) in acc.iter_mut().enumerate() {
                 let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
-                    a.add(r * lda + p).read_unaligned() as i32,
+                    a.add(r * lda + p * cs).read_unaligned() as i32,
                 ));
                 for v in 0..NV {
                     row[v] = _mm512_dpbf16_ps(

@@ -58,7 +58,8 @@ pub(crate) unsafe fn gemm<U: TileUnit>(
     b: Pairs,
     update: Update,
 ) {
-    check_sizes((c.rows, c.cols), (a.rows, a.pairs), (b.rows, b.pairs, 1));
+    check_sizes((c.rows, c.cols), (a.rows, a.pairs), (b.rows, b.pairs, b.cs));
+    assert!(a.cs == 1, "AMX tiles load rows of pairs");
     assert!(
         b.pairs.is_multiple_of(TW),
         "product columns not in whole tiles"

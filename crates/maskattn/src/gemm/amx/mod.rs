@@ -45,6 +45,12 @@ mod engine {
     }
 
     impl Engine {
+        /// Whether a call starting now runs its pair products on `vdpbf16ps` (not AMX
+        /// tiles): the forward's column form needs an A operand read pair by pair.
+        pub fn is_vnni(self) -> bool {
+            matches!(self, Engine::Vnni)
+        }
+
         /// The engine for a call starting now ([`super::amx_mode`]); one check per call.
         pub fn now() -> Engine {
             match super::amx_mode() {
