@@ -11,15 +11,18 @@ pub struct Bias<'a> {
 
 impl<'a> Bias<'a> {
     pub fn new(data: &'a [f32], dims: [usize; 4]) -> Result<Self> {
-        let n: usize = dims.iter().product();
-        if data.len() != n {
+        // Checked: a wrapped product could match a short buffer.
+        let n = dims.iter().try_fold(1usize, |a, &x| a.checked_mul(x));
+        let Some(n) = n.filter(|&n| n == data.len()) else {
+            let n = n.map_or("more than usize::MAX".to_string(), |n| n.to_string());
             return Err(AttnError::ShapeMismatch {
                 what: format!(
                     "bias holds {} values, its dims {dims:?} need {n}",
                     data.len()
                 ),
             });
-        }
+        };
+        debug_assert_eq!(n, data.len());
         Ok(Bias { data, dims })
     }
 

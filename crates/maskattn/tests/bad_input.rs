@@ -119,6 +119,9 @@ fn bad_views_bias_lse_and_tiles() {
     let e = View::strided("k", &data, [1, 1, 3, 4], [0, 0, 4, 1]).unwrap_err();
     assert!(e.to_string().starts_with("k:"), "{e}");
     assert!(Bias::new(&data, [1, 1, 2, 4]).is_err());
+    // Dims whose product wraps around to the buffer's length (2^64 ≡ 0): refused, not taken.
+    let e = Bias::new(&[], [1 << 32, 1 << 32, 1, 1]).unwrap_err();
+    assert!(e.to_string().contains("more than usize::MAX"), "{e}");
 
     let q = vec![0.0f32; 2 * 4 * 8];
     let (qv, k, v) = views(&q, &q, [1, 2, 4, 8], [1, 2, 4, 8]);
