@@ -79,6 +79,19 @@ impl<'a> PosRows<'a> {
     }
 }
 
+impl<'a> PosRows<'a> {
+    /// For the column form (one head per tile): the head's table row and the index in it
+    /// of tile row 0, key `cols − 1` — the terms of row `r`, key `c` sit at
+    /// `index − (r − c + cols − 1)`.
+    #[inline(always)]
+    pub fn reversed_from(&self, cols: usize) -> (&'a [f32], usize) {
+        debug_assert_eq!(self.per_head, usize::MAX);
+        let row = &self.table[self.h0 * self.stride..(self.h0 + 1) * self.stride];
+        let at = crate::score_mod::PosTable::index(self.lq, self.i0, self.j0 + cols - 1);
+        (row, at)
+    }
+}
+
 impl TileJob<'_> {
     /// Whether pair (r, c) of the tile is allowed.
     #[inline(always)]
@@ -86,12 +99,15 @@ impl TileJob<'_> {
         visible(self.bits, self.g.words, r, c)
     }
 
-    /// Whether [`Online::update_cols`] may take this tile: nothing hidden (a full tile) and
-    /// no additive term (bias, ALiBi, T5 buckets: read along rows). Soft-capping and
-    /// dropout are element-wise and go either way.
+    /// Whether [`Online::update_cols`] may take this tile: nothing hidden (a full tile), no
+    /// bias (its tile is laid out along rows), and positional terms only where their
+    /// reversed run fits [`POS_RUN`]. Soft-capping and dropout are element-wise and go
+    /// either way.
     #[inline(always)]
     pub fn column_form(&self) -> bool {
-        self.bits.is_none() && self.bias.is_none() && self.pos.is_none()
+        self.bits.is_none()
+            && self.bias.is_none()
+            && (self.pos.is_none() || crate::pack::pad16(self.rows) + self.cols <= POS_RUN)
     }
 
     /// Visibility bits of lanes `c0 .. c0 + W` of tile row `r`: from the partial tile's
@@ -109,6 +125,10 @@ impl TileJob<'_> {
         m
     }
 }
+
+/// The longest run of positional terms the column form reads from the stack: a tile's
+/// query rows (padded to whole vectors) plus its keys.
+pub(crate) const POS_RUN: usize = 512;
 
 /// Whether pair (r, c) is visible in a tile with optional bitmap.
 #[inline(always)]
@@ -312,6 +332,22 @@ impl Online<'_> {
             let cap = job.softcap.map(|c| (S::splat(c), S::splat(1.0 / c)));
             let sp = st.as_mut_ptr();
             let mut alpha = [0f32; 64];
+            // ALiBi and T5 terms depend on `j − i` only: for key `c` the lanes (rows `r`
+            // ascending) read the table backwards. Reversed once per tile, `run[u]` is the
+            // term of `(r, c)` at `u = r − c + cols − 1`, contiguous in `r` for each `c`;
+            // zero past the table (padding lanes).
+            let mut run = [0f32; POS_RUN];
+            let pos = job.pos.map(|pr| {
+                let n = ld + cols - 1;
+                let (row, k) = pr.reversed_from(cols);
+                for (u, x) in run[..n].iter_mut().enumerate() {
+                    *x = k
+                        .checked_sub(u)
+                        .and_then(|t| row.get(t))
+                        .map_or(0.0, |&v| v);
+                }
+                run.as_ptr()
+            });
             for v0 in (0..ld / S::W).step_by(NB) {
                 let nb = NB.min(ld / S::W - v0);
                 // x = cap(s · (q·k)) and the running maxima, NB vectors of rows side by side.
@@ -322,6 +358,9 @@ impl Online<'_> {
                         let mut v = S::mul(S::load(p), sv);
                         if let Some((c, inv_c)) = cap {
                             v = S::mul(c, S::tanh(S::mul(v, inv_c)));
+                        }
+                        if let Some(run) = pos {
+                            v = S::add(v, S::load(run.add((v0 + b) * S::W + cols - 1 - c)));
                         }
                         S::store(p, v);
                         *mx = S::max(*mx, v);
