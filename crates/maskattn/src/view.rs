@@ -195,6 +195,13 @@ impl<'a, T: Element> View<'a, T> {
         (self.strides[3] == 1).then(|| (&data[self.offset(b, h, start)..], self.strides[2]))
     }
 
+    /// Row `l` of `(b, h)` in place (its `d` features), when features are contiguous.
+    #[inline]
+    pub(crate) fn row(&self, b: usize, h: usize, l: usize) -> Option<&'a [T]> {
+        let base = self.offset(b, h, l);
+        (self.strides[3] == 1).then(|| &self.data[base..base + self.shape[3]])
+    }
+
     /// Features `x0 .. x0 + out.len()` of row `l` of `(b, h)` into `out` as `f32`.
     #[inline]
     pub(crate) fn load_features(&self, b: usize, h: usize, l: usize, x0: usize, out: &mut [f32]) {
