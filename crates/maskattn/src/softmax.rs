@@ -243,11 +243,13 @@ pub(crate) struct Online<'a> {
 impl Online<'_> {
     /// Nothing seen yet: `m = −∞`, `l = 0`, `acc = 0` for the first `rows` rows; with an
     /// attention sink, its term is already in: `m = sink`, `l = e^(sink − sink) = 1` (so a
-    /// row that sees nothing ends with `O = 0`, `LSE = sink`).
+    /// row that sees nothing ends with `O = 0`, `LSE = sink`). `m` and `l` are reset whole:
+    /// the column form also runs the padding lanes past `rows`, which then hold the same
+    /// start, not whatever an earlier tile left there.
     pub fn reset(&mut self, rows: usize, d_pad: usize, sink: Option<f32>) {
         let (m, l) = sink.map_or((f32::NEG_INFINITY, 0.0), |s| (s, 1.0));
-        self.m[..rows].fill(m);
-        self.l[..rows].fill(l);
+        self.m.fill(m);
+        self.l.fill(l);
         self.acc[..rows * d_pad].fill(0.0);
     }
 
