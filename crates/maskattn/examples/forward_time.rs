@@ -1,7 +1,7 @@
 //! The f32 (or bf16) forward alone, timed, with nothing else in the process — for a profile
 //! (`perf record`) or an A/B pair of builds:
 //!
-//!     cargo run --release -p maskattn --example forward_time -- [B H L d] [reps] [bf16] [causal]
+//!     cargo run --release -p maskattn --example forward_time -- [B H L d] [reps] [bf16] [causal] [tq=N] [tk=N]
 //!
 //! Prints the median milliseconds and the GFLOP/s of the products (`4·B·H·L²·d`, every pair
 //! counted), and on Linux the median CPU time the process's threads spent per call (from
@@ -43,7 +43,16 @@ fn main() {
     };
     let (q, k, v) = (data(1), data(2), data(3));
     let shape = [b, h, l, d];
-    let block = BlockMask::new(&mask, MaskShape::new(b, h, l, l)).unwrap();
+    let tile = |key: &str, default: usize| {
+        argv.iter()
+            .find_map(|a| a.strip_prefix(key)?.parse().ok())
+            .unwrap_or(default)
+    };
+    let (tq, tk) = (
+        tile("tq=", maskattn::DEFAULT_TILE_Q),
+        tile("tk=", maskattn::DEFAULT_TILE_K),
+    );
+    let block = BlockMask::with_tiles(&mask, MaskShape::new(b, h, l, l), tq, tk).unwrap();
     let params = Params::default();
     let (mut times, mut cpu) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
     if bf16 {
