@@ -6,9 +6,10 @@
 
 mod common;
 
+use common::mods::ModCase;
 use common::{random_case, Case, Layout};
 use maskattn::half::bf16;
-use maskattn::{set_amx, AmxMode, Mask, MaskShape};
+use maskattn::{set_amx, AmxMode, Dropout, Mask, MaskShape};
 
 /// `set_amx` is process-wide: one test at a time chooses it.
 static MODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -99,6 +100,44 @@ fn bf16_through_amx_matches_the_reference() {
             // And the random masks and dropout of the shared cases.
             let c = random_case(12_000 + n as u64, dims, (64, 64), n % 2 == 0);
             c.rounded::<bf16>().check_half::<bf16>();
+        }
+    });
+}
+
+/// Full tiles take the column form on AMX too (`Sᵀ = K·Qᵀ`, the softmax with lanes over
+/// query rows, `P̃ᵀ` transposed back to bf16 rows for `P̃·V` on tiles): a full mask, odd
+/// lengths (a last key tile of odd width, a last query tile of odd height), GQA, and
+/// dropout, soft-capping and sinks, which the column form applies lane-wise.
+#[test]
+fn full_tiles_take_the_column_form_through_amx() {
+    for_each_amx_mode("full_tiles_take_the_column_form_through_amx", |mode| {
+        let shapes = [
+            [1, 4, 2, 97, 131, 40],
+            [2, 3, 1, 113, 77, 59],
+            [1, 2, 2, 64, 96, 64],
+        ];
+        for (n, &dims) in shapes.iter().enumerate() {
+            for (i, tiles) in [(64, 64), (48, 32)].into_iter().enumerate() {
+                let seed = 13_000 + 10 * n as u64 + i as u64;
+                // Soft-cap and sinks (bits 0 and 2 of `Mods::random`).
+                let mut c = ModCase::random(seed, dims, tiles, false, 0b101);
+                c.case.mask = Mask::full();
+                c.case.dropout = (n != 2).then(|| Dropout::new(0.25, seed).unwrap());
+                let before = maskattn::amx_model_column_tiles();
+                c.check_half::<bf16>();
+                let ran = maskattn::amx_model_column_tiles() - before;
+                if mode == AmxMode::Model {
+                    // Every (query tile, key tile) pair of the forward, none missed.
+                    let [b, hq, _, lq, lk, _] = dims;
+                    let want = b * hq * lq.div_ceil(tiles.0) * lk.div_ceil(tiles.1);
+                    assert_eq!(ran as usize, want, "{dims:?} {tiles:?}: column-form tiles");
+                }
+                common::report(&format!(
+                    "full_tiles_take_the_column_form_through_amx: {mode:?} {dims:?} \
+                     tiles {tiles:?} {}: {ran} tiles in column form on AMX",
+                    c.mods.names()
+                ));
+            }
         }
     });
 }
@@ -206,9 +245,14 @@ fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
 #[test]
 fn amx_results_do_not_depend_on_thread_count() {
     for_each_amx_mode("amx_results_do_not_depend_on_thread_count", |_| {
-        for seed in 0..3 {
-            let c = random_case(seed, [2, 6, 3, 97, 131, 20], (16, 32), seed % 2 == 0)
+        for seed in 0..4 {
+            let mut c = random_case(seed, [2, 6, 3, 97, 131, 20], (16, 32), seed % 2 == 0)
                 .rounded::<bf16>();
+            if seed == 3 {
+                // Every tile full: the column form throughout, dropout included.
+                c.mask = Mask::full();
+                c.dropout = Some(Dropout::new(0.2, 9).unwrap());
+            }
             let one = bits(&in_pool(1, || c.run_kernel_half::<bf16>()));
             for threads in [2, 3] {
                 let many = bits(&in_pool(threads, || c.run_kernel_half::<bf16>()));

@@ -9,7 +9,11 @@
 //! its bf16 products, so a CPU without AMX pays one branch per product, no more.
 
 mod mode;
-pub use mode::{amx_mode, amx_model_products, amx_tdpbf16ps_loop, set_amx, AmxMode};
+#[cfg(target_arch = "x86_64")]
+pub(crate) use mode::count_model_column_tile;
+pub use mode::{
+    amx_mode, amx_model_column_tiles, amx_model_products, amx_tdpbf16ps_loop, set_amx, AmxMode,
+};
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod hardware;
@@ -46,7 +50,8 @@ mod engine {
 
     impl Engine {
         /// Whether a call starting now runs its pair products on `vdpbf16ps` (not AMX
-        /// tiles): the forward's column form needs an A operand read pair by pair.
+        /// tiles): there the forward's column form reads `P̃ᵀ` pair by pair as `P̃`, where
+        /// tiles need it transposed back to rows.
         pub fn is_vnni(self) -> bool {
             matches!(self, Engine::Vnni)
         }
