@@ -300,8 +300,16 @@ fn query_tile<T: Element>(
         acc: &mut acc[..],
     };
     st.reset(rows, g.d_pad, call.sink(h));
+    // AMX or not: once per task; on AMX the tiles configured once for all its products.
     #[cfg(target_arch = "x86_64")]
-    let engine = crate::gemm::amx::Engine::now(); // AMX or not: once per task
+    let mut tiles = if dot {
+        // SAFETY: `Engine::now` returns `AmxHardware` only where the hardware is available;
+        // the task's products run on this thread, one after another, no other tile code
+        // between them.
+        unsafe { crate::gemm::amx::Engine::now().tiles() }
+    } else {
+        crate::gemm::amx::TaskTiles::Vnni
+    };
 
     for kt in 0..block.grid().1 {
         let bits = match block.tile(b, h, qt, kt) {
@@ -321,7 +329,7 @@ fn query_tile<T: Element>(
             });
             let t = BfStep {
                 job,
-                engine,
+                tiles: &mut tiles,
                 column,
                 q16,
                 kp: &kv.kp[kt * kp_len..(kt + 1) * kp_len],
@@ -416,8 +424,8 @@ impl WithSimd for Step<'_, '_, '_> {
 #[cfg(target_arch = "x86_64")]
 struct BfStep<'a> {
     job: TileJob<'a>,
-    /// Which code runs the pair products (`gemm::amx`).
-    engine: crate::gemm::amx::Engine,
+    /// Which code runs the pair products (`gemm::amx`), configured for the task.
+    tiles: &'a mut crate::gemm::amx::TaskTiles,
     /// A full tile: the column form's operands.
     column: Option<BfColumns<'a>>,
     /// Q rows as bf16 (`rows × d_pad`); `Kᵀ` over features and V over keys in pairs.
@@ -452,7 +460,7 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
     use crate::simd::Avx512;
     let BfStep {
         job,
-        engine,
+        tiles,
         column,
         q16,
         kp,
@@ -471,17 +479,17 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
             // xᵀ = K·Qᵀ (keys × query rows), then m, l, P̃ᵀ with the lanes over rows.
             let k = Pairs::of_u16(k16, cols, d_pad / 2, d_pad / 2);
             let q = Pairs::of_u32(qt, d_pad / 2, rows_pad, rows_pad);
-            engine.gemm(MatMut::new(s, cols, rows_pad, rows_pad), k, q, Update::Set);
+            tiles.gemm(MatMut::new(s, cols, rows_pad, rows_pad), k, q, Update::Set);
             st.update_cols::<Avx512>(&job, s, rows_pad);
             // acc += bf16(P̃)·V. A full tile hides no pair, so no 0·NaN guard; P̃ past
             // `cols` is 0 and so are the padding keys of V.
-            let p = if engine.is_vnni() {
+            let p = if tiles.is_vnni() {
                 // P̃ᵀ interleaved over keys is P̃ read pair by pair.
                 bf16::interleave_rows(s, cols, rows_pad, rows_pad, pt);
                 Pairs::by_pair(pt, rows, cols.div_ceil(2), rows_pad)
             } else {
                 // AMX tiles load rows of pairs: P̃ transposed back, rows of bf16.
-                if engine == crate::gemm::amx::Engine::AmxModel {
+                if tiles.is_model() {
                     crate::gemm::amx::count_model_column_tile();
                 }
                 bf16::transpose_rows(s, (cols, rows_pad), (rows, tk_pad), p16);
@@ -489,7 +497,7 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
             };
             let acc = MatMut::new(&mut *st.acc, rows, d_pad, d_pad);
             let v = Pairs::of_u32(vp, cols.div_ceil(2), d_pad, d_pad);
-            engine.gemm(acc, p, v, Update::Add);
+            tiles.gemm(acc, p, v, Update::Add);
         }
         return;
     }
@@ -498,7 +506,7 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
         // x = Q·Kᵀ, scaled and masked in `update` as on every path
         let q = Pairs::of_u16(q16, rows, d_pad / 2, d_pad / 2);
         let s_mat = MatMut::new(s, rows, tk_pad, tk_pad);
-        engine.gemm(
+        tiles.gemm(
             s_mat,
             q,
             Pairs::of_u32(kp, d_pad / 2, tk_pad, tk_pad),
@@ -514,7 +522,7 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
                 // bf16(P̃) · V; P̃ past `cols` is 0 and so are the padding keys of V.
                 bf16::round_rows(s, rows, tk_pad, tk_pad, p16);
                 let p = Pairs::of_u16(p16, rows, cols.div_ceil(2), tk_pad / 2);
-                engine.gemm(
+                tiles.gemm(
                     acc,
                     p,
                     Pairs::of_u32(vp, cols.div_ceil(2), d_pad, d_pad),

@@ -142,6 +142,45 @@ fn full_tiles_take_the_column_form_through_amx() {
     });
 }
 
+/// A forward task (one query tile) configures the tiles once for all its products
+/// (`ldtilecfg` counted by the model): `B·H_q·⌈L_q / t_q⌉` configurations for
+/// `2 · B·H_q·⌈L_q / t_q⌉·⌈L_k / t_k⌉` products under a full mask.
+#[test]
+fn a_forward_task_configures_the_tiles_once() {
+    for_each_amx_mode("a_forward_task_configures_the_tiles_once", |mode| {
+        for (seed, dims, tiles) in [
+            (1, [1, 4, 2, 97, 131, 40], (64, 64)),
+            (2, [2, 3, 1, 70, 77, 24], (16, 32)),
+        ] {
+            let mut c = random_case(seed, dims, tiles, false).rounded::<bf16>();
+            c.mask = Mask::full();
+            let [b, hq, _, lq, lk, _] = dims;
+            let q16: Vec<bf16> = c.q.iter().map(|&x| bf16::from_f32(x)).collect();
+            let k16: Vec<bf16> = c.k.iter().map(|&x| bf16::from_f32(x)).collect();
+            let v16: Vec<bf16> = c.v.iter().map(|&x| bf16::from_f32(x)).collect();
+            let q = maskattn::View::bhld("q", &q16, c.q_shape()).unwrap();
+            let k = maskattn::View::bhld("k", &k16, c.kv_shape()).unwrap();
+            let v = maskattn::View::bhld("v", &v16, c.kv_shape()).unwrap();
+            let (configs, products) = (
+                maskattn::amx_model_configures(),
+                maskattn::amx_model_products(),
+            );
+            maskattn::forward(&q, &k, &v, &c.block(), &Default::default()).unwrap();
+            let configs = maskattn::amx_model_configures() - configs;
+            let products = maskattn::amx_model_products() - products;
+            common::report(&format!(
+                "a_forward_task_configures_the_tiles_once: {mode:?} {dims:?} {tiles:?}: \
+                 {configs} ldtilecfg for {products} products (model counts)"
+            ));
+            if mode == AmxMode::Model {
+                let tasks = (b * hq * lq.div_ceil(tiles.0)) as u64;
+                assert_eq!(configs, tasks, "{dims:?}: one configuration per task");
+                assert_eq!(products, 2 * tasks * lk.div_ceil(tiles.1) as u64);
+            }
+        }
+    });
+}
+
 /// Writes `bad` into every key and value element no query of the kv head's group may see.
 fn poison(c: &mut Case, bad: f32) -> usize {
     let [b, hq, hkv, lq, lk, d] = c.dims;
