@@ -38,8 +38,7 @@ struct PackedKv {
     kp: Vec<u32>,
     vp: Vec<u32>,
     /// bf16 key rows (`tk_pad × d_pad` per tile), the A operand of the column form's
-    /// `Sᵀ = K·Qᵀ` on `vdpbf16ps` (empty where AMX tiles run the products: they keep the
-    /// row form).
+    /// `Sᵀ = K·Qᵀ` (bf16 path only).
     k16: Vec<u16>,
     v_finite: Vec<bool>,
 }
@@ -55,12 +54,13 @@ struct Scratch {
     bias: Vec<f32>,
     unseen: Unseen,
     drop_keys: Vec<u32>,
-    /// bf16 path: Q rows and `P̃` rounded to bf16.
+    /// bf16 path: Q rows and `P̃` rounded to bf16 (rows in natural order: the row form's,
+    /// and the column form's on AMX tiles).
     q16: Vec<u16>,
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     p16: Vec<u16>,
-    /// bf16 column form: `Qᵀ` interleaved over features (`d_pad / 2 × tq_pad` pairs) and
-    /// `P̃ᵀ` interleaved over keys (`tk_pad / 2 × tq_pad` pairs).
+    /// bf16 column form: `Qᵀ` interleaved over features (`d_pad / 2 × tq_pad` pairs) and,
+    /// on `vdpbf16ps`, `P̃ᵀ` interleaved over keys (`tk_pad / 2 × tq_pad` pairs).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     qt_pairs: Vec<u32>,
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -98,8 +98,6 @@ struct KvHead<'a, 'b, 'c, T> {
     b: usize,
     /// bf16 storage on a CPU with bf16 dot products.
     dot: bool,
-    /// On the bf16 path: full tiles take the column form (the products on `vdpbf16ps`).
-    col16: bool,
 }
 
 /// Masked attention forward. `q [B, H_q, L_q, d]`, `k, v [B, H_kv, L_k, d]` (any strides),
@@ -166,26 +164,19 @@ pub fn forward_into<T: Element>(
     let (tq, g) = (block.tile_q(), call.geom());
     let group = dims.group();
     let dot = T::IS_BF16 && crate::simd::bf16_dot();
-    // The bf16 column form reads `P̃` pair by pair, which `vdpbf16ps` does and AMX tile
-    // loads do not: on AMX every tile keeps the row form (checked again per task).
-    #[cfg(target_arch = "x86_64")]
-    let col16 = dot && crate::gemm::amx::Engine::now().is_vnni();
-    #[cfg(not(target_arch = "x86_64"))]
-    let col16 = false;
     // Outer tasks: one (b, kv head) each, owning the outputs of the query heads it serves.
     out.par_chunks_mut(group * lq * d)
         .zip(lse.par_chunks_mut(group * lq))
         .enumerate()
         .for_each(|(bhk, (out, lse))| {
             let (b, hk) = (bhk / dims.kv_heads, bhk % dims.kv_heads);
-            let kv = pack_kv(&call, &g, (b, hk), dot, col16);
+            let kv = pack_kv(&call, &g, (b, hk), dot);
             let head = KvHead {
                 call: &call,
                 kv: &kv,
                 g,
                 b,
                 dot,
-                col16,
             };
             // Inner tasks: one (query head of the group, query tile) each.
             out.par_chunks_mut(lq * d)
@@ -205,13 +196,7 @@ pub fn forward_into<T: Element>(
     Ok(())
 }
 
-fn pack_kv<T: Element>(
-    call: &Call<T>,
-    g: &Geom,
-    (b, hk): (usize, usize),
-    dot: bool,
-    col16: bool,
-) -> PackedKv {
+fn pack_kv<T: Element>(call: &Call<T>, g: &Geom, (b, hk): (usize, usize), dot: bool) -> PackedKv {
     let (k, v, lk) = (call.k, call.v, call.dims.lk);
     let nk = call.block.grid().1;
     let (kt_len, v_len) = (g.d_pad * g.tk_pad, g.tk_pad * g.d_pad);
@@ -228,17 +213,15 @@ fn pack_kv<T: Element>(
             v: Vec::new(),
             kp: vec![0; nk * kp_len],
             vp: vec![0; nk * vp_len],
-            k16: vec![0; if col16 { nk * kt_len } else { 0 }],
+            k16: vec![0; nk * kt_len],
             v_finite: vec![true; nk],
         };
         for t in 0..nk {
             let kp = &mut kv.kp[t * kp_len..(t + 1) * kp_len];
             pack::kt_pairs(k, span(t), (g.tk_pad, g.d_pad), kp);
-            if col16 {
-                let k16 = &mut kv.k16[t * kt_len..(t + 1) * kt_len];
-                pack::rows_bf16(k, span(t), g.d_pad, k16);
-                k16[span(t).len * g.d_pad..].fill(0);
-            }
+            let k16 = &mut kv.k16[t * kt_len..(t + 1) * kt_len];
+            pack::rows_bf16(k, span(t), g.d_pad, k16);
+            k16[span(t).len * g.d_pad..].fill(0);
             let vp = &mut kv.vp[t * vp_len..(t + 1) * vp_len];
             kv.v_finite[t] = pack::v_pairs(v, span(t), (g.tk_pad, g.d_pad), vp);
         }
@@ -276,7 +259,6 @@ fn query_tile<T: Element>(
         g,
         b,
         dot,
-        col16,
     } = *head;
     let block = call.block;
     let rows = lse.len();
@@ -290,9 +272,7 @@ fn query_tile<T: Element>(
     if dot {
         // bf16 rows as they are; the scale is applied to the f32 scores.
         pack::rows_bf16(call.q, span, g.d_pad, &mut sc.q16);
-        if col16 {
-            pack::kt_pairs(call.q, span, (pad16(rows), g.d_pad), &mut sc.qt_pairs);
-        }
+        pack::kt_pairs(call.q, span, (pad16(rows), g.d_pad), &mut sc.qt_pairs);
     } else {
         // `Qᵀ`, the B operand of the column form's `Sᵀ = K·Qᵀ` and (read through strides)
         // the A operand of the row form's `S = Q·Kᵀ`. The scale goes on the products, in
@@ -320,8 +300,16 @@ fn query_tile<T: Element>(
         acc: &mut acc[..],
     };
     st.reset(rows, g.d_pad, call.sink(h));
+    // AMX or not: once per task; on AMX the tiles configured once for all its products.
     #[cfg(target_arch = "x86_64")]
-    let engine = crate::gemm::amx::Engine::now(); // AMX or not: once per task
+    let mut tiles = if dot {
+        // SAFETY: `Engine::now` returns `AmxHardware` only where the hardware is available;
+        // the task's products run on this thread, one after another, no other tile code
+        // between them.
+        unsafe { crate::gemm::amx::Engine::now().tiles() }
+    } else {
+        crate::gemm::amx::TaskTiles::Vnni
+    };
 
     for kt in 0..block.grid().1 {
         let bits = match block.tile(b, h, qt, kt) {
@@ -334,14 +322,14 @@ fn query_tile<T: Element>(
         #[cfg(target_arch = "x86_64")]
         if dot {
             let (kp_len, vp_len) = (g.d_pad * g.tk_pad / 2, g.tk_pad * g.d_pad / 2);
-            let column = (col16 && engine.is_vnni() && job.column_form()).then(|| BfColumns {
+            let column = job.column_form().then(|| BfColumns {
                 k16: &kv.k16[kt * 2 * kp_len..(kt + 1) * 2 * kp_len],
                 qt: &qt_pairs[..],
                 pt: &mut pt_pairs[..],
             });
             let t = BfStep {
                 job,
-                engine,
+                tiles: &mut tiles,
                 column,
                 q16,
                 kp: &kv.kp[kt * kp_len..(kt + 1) * kp_len],
@@ -351,7 +339,8 @@ fn query_tile<T: Element>(
                 unseen,
                 s,
             };
-            // SAFETY: `dot` is only set where `gemm::bf16::enabled()` found AVX512-BF16.
+            // SAFETY: `dot` is only set where `gemm::bf16::enabled()` found AVX512-BF16
+            // and AVX512-BW.
             unsafe { step_bf16(t, &mut st) };
             continue;
         }
@@ -435,9 +424,9 @@ impl WithSimd for Step<'_, '_, '_> {
 #[cfg(target_arch = "x86_64")]
 struct BfStep<'a> {
     job: TileJob<'a>,
-    /// Which code runs the pair products (`gemm::amx`).
-    engine: crate::gemm::amx::Engine,
-    /// A full tile on `vdpbf16ps`: the column form's operands.
+    /// Which code runs the pair products (`gemm::amx`), configured for the task.
+    tiles: &'a mut crate::gemm::amx::TaskTiles,
+    /// A full tile: the column form's operands.
     column: Option<BfColumns<'a>>,
     /// Q rows as bf16 (`rows × d_pad`); `Kᵀ` over features and V over keys in pairs.
     q16: &'a [u16],
@@ -451,7 +440,7 @@ struct BfStep<'a> {
 
 /// The bf16 column form's operands (see [`Online::update_cols`]): the key tile's bf16 rows
 /// (`tk_pad × d_pad`), `Qᵀ` interleaved over features, and room for `P̃ᵀ` interleaved
-/// over keys.
+/// over keys (used on `vdpbf16ps`; AMX tiles take `P̃` rows in `p16`).
 #[cfg(target_arch = "x86_64")]
 struct BfColumns<'a> {
     k16: &'a [u16],
@@ -463,15 +452,15 @@ struct BfColumns<'a> {
 /// `gemm::bf16`), the softmax in f32 as everywhere else.
 ///
 /// # Safety
-/// The CPU has AVX-512F and AVX512-BF16.
+/// The CPU has AVX-512F, AVX512-BW and AVX512-BF16 (`gemm::bf16::enabled()`).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
 unsafe fn step_bf16(t: BfStep, st: &mut Online) {
     use crate::gemm::bf16::{self, Pairs};
     use crate::simd::Avx512;
     let BfStep {
         job,
-        engine,
+        tiles,
         column,
         q16,
         kp,
@@ -484,19 +473,31 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
     let (rows, cols, tk_pad, d_pad) = (job.rows, job.cols, job.g.tk_pad, job.g.d_pad);
     if let Some(BfColumns { k16, qt, pt }) = column {
         let rows_pad = crate::pack::pad16(rows);
-        // SAFETY: AVX512-BF16 is this function's contract; operands checked when made.
+        // SAFETY: AVX512-BF16 and -BW are this function's contract; operands checked when
+        // made (`s` holds `cols` rows of `rows_pad`, `p16` `rows` rows of `tk_pad`).
         unsafe {
             // xᵀ = K·Qᵀ (keys × query rows), then m, l, P̃ᵀ with the lanes over rows.
             let k = Pairs::of_u16(k16, cols, d_pad / 2, d_pad / 2);
             let q = Pairs::of_u32(qt, d_pad / 2, rows_pad, rows_pad);
-            engine.gemm(MatMut::new(s, cols, rows_pad, rows_pad), k, q, Update::Set);
+            tiles.gemm(MatMut::new(s, cols, rows_pad, rows_pad), k, q, Update::Set);
             st.update_cols::<Avx512>(&job, s, rows_pad);
-            // acc += bf16(P̃)·V: P̃ᵀ interleaved over keys is P̃ read pair by pair.
-            bf16::interleave_rows(s, cols, rows_pad, rows_pad, pt);
-            let p = Pairs::by_pair(pt, rows, cols.div_ceil(2), rows_pad);
+            // acc += bf16(P̃)·V. A full tile hides no pair, so no 0·NaN guard; P̃ past
+            // `cols` is 0 and so are the padding keys of V.
+            let p = if tiles.is_vnni() {
+                // P̃ᵀ interleaved over keys is P̃ read pair by pair.
+                bf16::interleave_rows(s, cols, rows_pad, rows_pad, pt);
+                Pairs::by_pair(pt, rows, cols.div_ceil(2), rows_pad)
+            } else {
+                // AMX tiles load rows of pairs: P̃ transposed back, rows of bf16.
+                if tiles.is_model() {
+                    crate::gemm::amx::count_model_column_tile();
+                }
+                bf16::transpose_rows(s, (cols, rows_pad), (rows, tk_pad), p16);
+                Pairs::of_u16(p16, rows, cols.div_ceil(2), tk_pad / 2)
+            };
             let acc = MatMut::new(&mut *st.acc, rows, d_pad, d_pad);
             let v = Pairs::of_u32(vp, cols.div_ceil(2), d_pad, d_pad);
-            engine.gemm(acc, p, v, Update::Add);
+            tiles.gemm(acc, p, v, Update::Add);
         }
         return;
     }
@@ -505,7 +506,7 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
         // x = Q·Kᵀ, scaled and masked in `update` as on every path
         let q = Pairs::of_u16(q16, rows, d_pad / 2, d_pad / 2);
         let s_mat = MatMut::new(s, rows, tk_pad, tk_pad);
-        engine.gemm(
+        tiles.gemm(
             s_mat,
             q,
             Pairs::of_u32(kp, d_pad / 2, tk_pad, tk_pad),
@@ -521,7 +522,7 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
                 // bf16(P̃) · V; P̃ past `cols` is 0 and so are the padding keys of V.
                 bf16::round_rows(s, rows, tk_pad, tk_pad, p16);
                 let p = Pairs::of_u16(p16, rows, cols.div_ceil(2), tk_pad / 2);
-                engine.gemm(
+                tiles.gemm(
                     acc,
                     p,
                     Pairs::of_u32(vp, cols.div_ceil(2), d_pad, d_pad),

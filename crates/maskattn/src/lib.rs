@@ -74,7 +74,9 @@ pub use error::{AttnError, Result};
 pub use forward::{forward, forward_into, Forward};
 pub use gemm::amx::{amx_mode, AmxMode};
 #[doc(hidden)]
-pub use gemm::amx::{amx_model_products, amx_tdpbf16ps_loop, set_amx};
+pub use gemm::amx::{
+    amx_model_column_tiles, amx_model_configures, amx_model_products, amx_tdpbf16ps_loop, set_amx,
+};
 /// The `half` crate, whose `bf16` and `f16` are storage types the kernels read.
 pub use half;
 pub use mask::{CausalAlign, DenseMask, Mask, MaskFn, MaskShape, Terms};

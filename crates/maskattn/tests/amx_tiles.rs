@@ -6,9 +6,10 @@
 
 mod common;
 
+use common::mods::ModCase;
 use common::{random_case, Case, Layout};
 use maskattn::half::bf16;
-use maskattn::{set_amx, AmxMode, Mask, MaskShape};
+use maskattn::{set_amx, AmxMode, Dropout, Mask, MaskShape};
 
 /// `set_amx` is process-wide: one test at a time chooses it.
 static MODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -99,6 +100,83 @@ fn bf16_through_amx_matches_the_reference() {
             // And the random masks and dropout of the shared cases.
             let c = random_case(12_000 + n as u64, dims, (64, 64), n % 2 == 0);
             c.rounded::<bf16>().check_half::<bf16>();
+        }
+    });
+}
+
+/// Full tiles take the column form on AMX too (`Sᵀ = K·Qᵀ`, the softmax with lanes over
+/// query rows, `P̃ᵀ` transposed back to bf16 rows for `P̃·V` on tiles): a full mask, odd
+/// lengths (a last key tile of odd width, a last query tile of odd height), GQA, and
+/// dropout, soft-capping and sinks, which the column form applies lane-wise.
+#[test]
+fn full_tiles_take_the_column_form_through_amx() {
+    for_each_amx_mode("full_tiles_take_the_column_form_through_amx", |mode| {
+        let shapes = [
+            [1, 4, 2, 97, 131, 40],
+            [2, 3, 1, 113, 77, 59],
+            [1, 2, 2, 64, 96, 64],
+        ];
+        for (n, &dims) in shapes.iter().enumerate() {
+            for (i, tiles) in [(64, 64), (48, 32)].into_iter().enumerate() {
+                let seed = 13_000 + 10 * n as u64 + i as u64;
+                // Soft-cap and sinks (bits 0 and 2 of `Mods::random`).
+                let mut c = ModCase::random(seed, dims, tiles, false, 0b101);
+                c.case.mask = Mask::full();
+                c.case.dropout = (n != 2).then(|| Dropout::new(0.25, seed).unwrap());
+                let before = maskattn::amx_model_column_tiles();
+                c.check_half::<bf16>();
+                let ran = maskattn::amx_model_column_tiles() - before;
+                if mode == AmxMode::Model {
+                    // Every (query tile, key tile) pair of the forward, none missed.
+                    let [b, hq, _, lq, lk, _] = dims;
+                    let want = b * hq * lq.div_ceil(tiles.0) * lk.div_ceil(tiles.1);
+                    assert_eq!(ran as usize, want, "{dims:?} {tiles:?}: column-form tiles");
+                }
+                common::report(&format!(
+                    "full_tiles_take_the_column_form_through_amx: {mode:?} {dims:?} \
+                     tiles {tiles:?} {}: {ran} tiles in column form on AMX",
+                    c.mods.names()
+                ));
+            }
+        }
+    });
+}
+
+/// A forward task (one query tile) configures the tiles once for all its products
+/// (`ldtilecfg` counted by the model): `B·H_q·⌈L_q / t_q⌉` configurations for
+/// `2 · B·H_q·⌈L_q / t_q⌉·⌈L_k / t_k⌉` products under a full mask.
+#[test]
+fn a_forward_task_configures_the_tiles_once() {
+    for_each_amx_mode("a_forward_task_configures_the_tiles_once", |mode| {
+        for (seed, dims, tiles) in [
+            (1, [1, 4, 2, 97, 131, 40], (64, 64)),
+            (2, [2, 3, 1, 70, 77, 24], (16, 32)),
+        ] {
+            let mut c = random_case(seed, dims, tiles, false).rounded::<bf16>();
+            c.mask = Mask::full();
+            let [b, hq, _, lq, lk, _] = dims;
+            let q16: Vec<bf16> = c.q.iter().map(|&x| bf16::from_f32(x)).collect();
+            let k16: Vec<bf16> = c.k.iter().map(|&x| bf16::from_f32(x)).collect();
+            let v16: Vec<bf16> = c.v.iter().map(|&x| bf16::from_f32(x)).collect();
+            let q = maskattn::View::bhld("q", &q16, c.q_shape()).unwrap();
+            let k = maskattn::View::bhld("k", &k16, c.kv_shape()).unwrap();
+            let v = maskattn::View::bhld("v", &v16, c.kv_shape()).unwrap();
+            let (configs, products) = (
+                maskattn::amx_model_configures(),
+                maskattn::amx_model_products(),
+            );
+            maskattn::forward(&q, &k, &v, &c.block(), &Default::default()).unwrap();
+            let configs = maskattn::amx_model_configures() - configs;
+            let products = maskattn::amx_model_products() - products;
+            common::report(&format!(
+                "a_forward_task_configures_the_tiles_once: {mode:?} {dims:?} {tiles:?}: \
+                 {configs} ldtilecfg for {products} products (model counts)"
+            ));
+            if mode == AmxMode::Model {
+                let tasks = (b * hq * lq.div_ceil(tiles.0)) as u64;
+                assert_eq!(configs, tasks, "{dims:?}: one configuration per task");
+                assert_eq!(products, 2 * tasks * lk.div_ceil(tiles.1) as u64);
+            }
         }
     });
 }
@@ -206,9 +284,14 @@ fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
 #[test]
 fn amx_results_do_not_depend_on_thread_count() {
     for_each_amx_mode("amx_results_do_not_depend_on_thread_count", |_| {
-        for seed in 0..3 {
-            let c = random_case(seed, [2, 6, 3, 97, 131, 20], (16, 32), seed % 2 == 0)
+        for seed in 0..4 {
+            let mut c = random_case(seed, [2, 6, 3, 97, 131, 20], (16, 32), seed % 2 == 0)
                 .rounded::<bf16>();
+            if seed == 3 {
+                // Every tile full: the column form throughout, dropout included.
+                c.mask = Mask::full();
+                c.dropout = Some(Dropout::new(0.2, 9).unwrap());
+            }
             let one = bits(&in_pool(1, || c.run_kernel_half::<bf16>()));
             for threads in [2, 3] {
                 let many = bits(&in_pool(threads, || c.run_kernel_half::<bf16>()));

@@ -45,7 +45,8 @@ const fn b_tile(cb: usize) -> usize {
 #[repr(C, align(64))]
 struct Staged([[u32; TW]; ROWS]);
 
-/// `C = A·B` or `C += A·B`, reducing over A's pairs (= B's rows), as `gemm::bf16::gemm`.
+/// `C = A·B` or `C += A·B`, reducing over A's pairs (= B's rows), as `gemm::bf16::gemm`:
+/// one product with its own `ldtilecfg` and `tilerelease` (a [`Configured`] of one).
 ///
 /// # Safety
 /// `unit` can run (for [`Hardware`](super::hardware::Hardware): `hardware::available()`).
@@ -58,47 +59,84 @@ pub(crate) unsafe fn gemm<U: TileUnit>(
     b: Pairs,
     update: Update,
 ) {
-    check_sizes((c.rows, c.cols), (a.rows, a.pairs), (b.rows, b.pairs, b.cs));
-    assert!(a.cs == 1, "AMX tiles load rows of pairs");
-    assert!(
-        b.pairs.is_multiple_of(TW),
-        "product columns not in whole tiles"
-    );
-    let (m, n) = (a.rows, b.pairs);
-    if m == 0 || n == 0 {
-        return;
+    // SAFETY: the contract.
+    unsafe { Configured::new(unit).gemm(c, a, b, update) }
+}
+
+/// The tiles configured for the kernel (`ldtilecfg`, the one configuration of the module
+/// comment) for as long as this lives, and released (`tilerelease`) when it is dropped —
+/// also when a panic unwinds through it. Products inside it configure nothing: a forward
+/// task holds one across all its products instead of paying both instructions per product.
+pub(crate) struct Configured<U: TileUnit> {
+    unit: U,
+}
+
+impl<U: TileUnit> Configured<U> {
+    /// # Safety
+    /// `unit` can run (for [`Hardware`](super::hardware::Hardware): `hardware::available()`),
+    /// and nothing else uses the tiles of this thread until this is dropped.
+    #[inline(always)]
+    pub unsafe fn new(mut unit: U) -> Self {
+        // SAFETY: the contract; `CONFIG` is valid (the model asserts it on every configure).
+        unsafe { unit.configure(&CONFIG) };
+        Configured { unit }
     }
-    let mut p = Product {
-        a,
-        b,
-        c: c.data.as_mut_ptr(),
-        ldc: c.rs,
-        m,
-        update,
-        stage: [
-            Staged([[0; TW]; ROWS]),
-            Staged([[0; TW]; ROWS]),
-            Staged([[0; TW]; ROWS]),
-            Staged([[0; TW]; ROWS]),
-            Staged([[0; TW]; ROWS]),
-        ],
-    };
-    // SAFETY: the blocks handed out are inside C (`i0 < m`, `j0 + 16·nb ≤ n`); `unit` runs.
-    unsafe {
-        unit.configure(&CONFIG);
-        for j0 in (0..n).step_by(2 * TW) {
-            let nb = ((n - j0) / TW).min(2);
-            for i0 in (0..m).step_by(2 * ROWS) {
-                // Block sizes as constants, so that the tile numbers are constants too.
-                match ((m - i0).div_ceil(ROWS).min(2), nb) {
-                    (2, 2) => p.block::<U, 2, 2>(unit, i0, j0),
-                    (2, _) => p.block::<U, 2, 1>(unit, i0, j0),
-                    (_, 2) => p.block::<U, 1, 2>(unit, i0, j0),
-                    _ => p.block::<U, 1, 1>(unit, i0, j0),
+
+    /// [`gemm`] on the configured tiles.
+    ///
+    /// # Safety
+    /// The operands' bounds were checked when they were made.
+    #[inline(always)]
+    pub unsafe fn gemm(&mut self, c: MatMut, a: Pairs, b: Pairs, update: Update) {
+        check_sizes((c.rows, c.cols), (a.rows, a.pairs), (b.rows, b.pairs, b.cs));
+        assert!(a.cs == 1, "AMX tiles load rows of pairs");
+        assert!(
+            b.pairs.is_multiple_of(TW),
+            "product columns not in whole tiles"
+        );
+        let (m, n) = (a.rows, b.pairs);
+        if m == 0 || n == 0 {
+            return;
+        }
+        let mut p = Product {
+            a,
+            b,
+            c: c.data.as_mut_ptr(),
+            ldc: c.rs,
+            m,
+            update,
+            stage: [
+                Staged([[0; TW]; ROWS]),
+                Staged([[0; TW]; ROWS]),
+                Staged([[0; TW]; ROWS]),
+                Staged([[0; TW]; ROWS]),
+                Staged([[0; TW]; ROWS]),
+            ],
+        };
+        let unit = &mut self.unit;
+        // SAFETY: the blocks handed out are inside C (`i0 < m`, `j0 + 16·nb ≤ n`); `unit`
+        // runs and is configured with `CONFIG` (`new`).
+        unsafe {
+            for j0 in (0..n).step_by(2 * TW) {
+                let nb = ((n - j0) / TW).min(2);
+                for i0 in (0..m).step_by(2 * ROWS) {
+                    // Block sizes as constants, so that the tile numbers are constants too.
+                    match ((m - i0).div_ceil(ROWS).min(2), nb) {
+                        (2, 2) => p.block::<U, 2, 2>(unit, i0, j0),
+                        (2, _) => p.block::<U, 2, 1>(unit, i0, j0),
+                        (_, 2) => p.block::<U, 1, 2>(unit, i0, j0),
+                        _ => p.block::<U, 1, 1>(unit, i0, j0),
+                    }
                 }
             }
         }
-        unit.release();
+    }
+}
+
+impl<U: TileUnit> Drop for Configured<U> {
+    fn drop(&mut self) {
+        // SAFETY: `new` configured this unit, which can run (its contract).
+        unsafe { self.unit.release() }
     }
 }
 

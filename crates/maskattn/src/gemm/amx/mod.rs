@@ -9,7 +9,12 @@
 //! its bf16 products, so a CPU without AMX pays one branch per product, no more.
 
 mod mode;
-pub use mode::{amx_mode, amx_model_products, amx_tdpbf16ps_loop, set_amx, AmxMode};
+#[cfg(target_arch = "x86_64")]
+pub(crate) use mode::count_model_column_tile;
+pub use mode::{
+    amx_mode, amx_model_column_tiles, amx_model_configures, amx_model_products, amx_tdpbf16ps_loop,
+    set_amx, AmxMode,
+};
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod hardware;
@@ -25,13 +30,13 @@ mod tests;
 pub(crate) mod tile;
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use engine::Engine;
+pub(crate) use engine::{Engine, TaskTiles};
 
 #[cfg(target_arch = "x86_64")]
 mod engine {
     use super::super::bf16::{self, Pairs};
     use super::super::{MatMut, Update};
-    use super::{hardware::Hardware, kernel, model::Model, AmxMode};
+    use super::{hardware::Hardware, kernel, kernel::Configured, model::Model, AmxMode};
 
     /// Which code computes a call's bf16 pair products.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,18 +50,29 @@ mod engine {
     }
 
     impl Engine {
-        /// Whether a call starting now runs its pair products on `vdpbf16ps` (not AMX
-        /// tiles): the forward's column form needs an A operand read pair by pair.
-        pub fn is_vnni(self) -> bool {
-            matches!(self, Engine::Vnni)
-        }
-
         /// The engine for a call starting now ([`super::amx_mode`]); one check per call.
         pub fn now() -> Engine {
             match super::amx_mode() {
                 AmxMode::Off => Engine::Vnni,
                 AmxMode::Model => Engine::AmxModel,
                 AmxMode::Hardware => Engine::AmxHardware,
+            }
+        }
+
+        /// The pair products of one task (on AMX: the tiles configured once for all of
+        /// them, released when the value is dropped).
+        ///
+        /// # Safety
+        /// For `AmxHardware`, what [`Engine::now`] only returns where
+        /// `hardware::available()`; the thread runs no other tile code while it lives.
+        pub unsafe fn tiles(self) -> TaskTiles {
+            // SAFETY: the contract.
+            unsafe {
+                match self {
+                    Engine::Vnni => TaskTiles::Vnni,
+                    Engine::AmxModel => TaskTiles::Model(Box::new(Configured::new(Model::new()))),
+                    Engine::AmxHardware => TaskTiles::Hardware(Configured::new(Hardware)),
+                }
             }
         }
 
@@ -76,6 +92,47 @@ mod engine {
                         kernel::gemm(&mut Model::new(), c, a, b, update)
                     }
                     Engine::AmxHardware => kernel::gemm(&mut Hardware, c, a, b, update),
+                }
+            }
+        }
+    }
+
+    /// [`Engine::tiles`]: a task's pair products, on `vdpbf16ps` or on tiles configured
+    /// for the whole task.
+    pub(crate) enum TaskTiles {
+        Vnni,
+        /// Boxed: the model's eight tiles are 8 KiB.
+        Model(Box<Configured<Model>>),
+        Hardware(Configured<Hardware>),
+    }
+
+    impl TaskTiles {
+        /// On `vdpbf16ps` (not AMX tiles): there the forward's column form reads `P̃ᵀ`
+        /// pair by pair as `P̃`, where tiles need it transposed back to rows.
+        pub fn is_vnni(&self) -> bool {
+            matches!(self, TaskTiles::Vnni)
+        }
+
+        /// On the model of the tiles (for the tests' counters).
+        pub fn is_model(&self) -> bool {
+            matches!(self, TaskTiles::Model(_))
+        }
+
+        /// [`Engine::gemm`] without a configuration of its own on AMX.
+        ///
+        /// # Safety
+        /// `gemm::bf16::enabled()`.
+        #[inline(always)]
+        pub unsafe fn gemm(&mut self, c: MatMut, a: Pairs, b: Pairs, update: Update) {
+            // SAFETY: the contract; the tiles were configured when `self` was made.
+            unsafe {
+                match self {
+                    TaskTiles::Vnni => bf16::gemm(c, a, b, update),
+                    TaskTiles::Model(t) => {
+                        super::mode::count_model_product();
+                        t.gemm(c, a, b, update)
+                    }
+                    TaskTiles::Hardware(t) => t.gemm(c, a, b, update),
                 }
             }
         }

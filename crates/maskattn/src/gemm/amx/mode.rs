@@ -61,6 +61,34 @@ pub(super) fn count_model_product() {
     MODEL_PRODUCTS.fetch_add(1, Ordering::Relaxed);
 }
 
+static MODEL_CONFIGURES: AtomicU64 = AtomicU64::new(0);
+
+/// `ldtilecfg`s the model has run in this process: a forward task configures once for all
+/// its products, the backward once per product.
+#[doc(hidden)]
+pub fn amx_model_configures() -> u64 {
+    MODEL_CONFIGURES.load(Ordering::Relaxed)
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn count_model_configure() {
+    MODEL_CONFIGURES.fetch_add(1, Ordering::Relaxed);
+}
+
+static MODEL_COLUMN_TILES: AtomicU64 = AtomicU64::new(0);
+
+/// Key tiles the bf16 forward has taken in column form with its products on the model
+/// (`P̃ᵀ` transposed back to rows for the tiles): lets a test see that branch ran.
+#[doc(hidden)]
+pub fn amx_model_column_tiles() -> u64 {
+    MODEL_COLUMN_TILES.load(Ordering::Relaxed)
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn count_model_column_tile() {
+    MODEL_COLUMN_TILES.fetch_add(1, Ordering::Relaxed);
+}
+
 /// `bench`'s AMX limit: `rounds` rounds of four independent `tdpbf16ps` on the CPU's
 /// tiles (`rounds · 65536` FLOPs), returning the sum of the results (`rounds / 32` exactly,
 /// so that the work is not dead); `None` where the CPU or OS lacks AMX.

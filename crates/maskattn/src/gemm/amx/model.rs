@@ -46,6 +46,12 @@ impl Model {
         (cfg.rows[tile] as usize, cfg.colsb[tile] as usize)
     }
 
+    /// Whether `ldtilecfg` ran and no `tilerelease` since.
+    #[cfg(test)]
+    pub fn configured(&self) -> bool {
+        self.cfg.is_some()
+    }
+
     /// A tile's bytes, all 16 × 64 of them (tests check what the instructions zero).
     #[cfg(test)]
     pub fn bytes(&self, tile: usize) -> &[[u8; COLSB]; ROWS] {
@@ -80,6 +86,7 @@ fn bf16(bits: u32) -> f32 {
 unsafe impl TileUnit for Model {
     unsafe fn configure(&mut self, cfg: &TileConfig) {
         assert!(cfg.valid(), "ldtilecfg with an invalid configuration (#GP)");
+        super::mode::count_model_configure();
         self.cfg = Some(*cfg);
         self.tiles = [[[0; COLSB]; ROWS]; TILES];
     }

@@ -441,6 +441,48 @@ fn amx_kernel_computes_the_products() {
     }
 }
 
+/// Products inside one [`kernel::Configured`] (as a forward task runs them): the same
+/// bits as products configured one by one, the tiles configured throughout and released
+/// when it is dropped, also when a panic unwinds through it.
+#[test]
+fn configured_tiles_serve_many_products_and_are_released_on_drop() {
+    report("configured_tiles_serve_many_products_and_are_released_on_drop: ran the AMX model");
+    let mut rng = SplitMix64::new(4);
+    let products: Vec<Product> = SHAPES.iter().map(|&s| Product::new(&mut rng, s)).collect();
+    let mut model = Model::new();
+    {
+        // SAFETY: the model runs anywhere.
+        let mut tiles = unsafe { kernel::Configured::new(&mut model) };
+        for (p, update) in products
+            .iter()
+            .zip([Update::Set, Update::Add].iter().cycle())
+        {
+            let mut c = p.c.clone();
+            let (a, b) = (
+                Pairs::of_u32(&p.a, p.m, p.kp, p.lda),
+                Pairs::of_u32(&p.b, p.kp, p.n, p.ldb),
+            );
+            // SAFETY: operands checked as they were made.
+            unsafe { tiles.gemm(MatMut::new(&mut c, p.m, p.n, p.ldc), a, b, *update) };
+            let one = p.run(&mut Model::new(), *update);
+            let same = c.iter().zip(&one).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "({}, {}, {}): differs from one product",
+                p.m, p.n, p.kp
+            );
+        }
+    }
+    assert!(!model.configured(), "tiles still configured after the drop");
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: the model runs anywhere.
+        let _tiles = unsafe { kernel::Configured::new(&mut model) };
+        panic!("a product failed");
+    }));
+    assert!(unwound.is_err());
+    assert!(!model.configured(), "tiles still configured after a panic");
+}
+
 /// A NaN in A reaches only its row of C, one in B only its column, whatever the padding of
 /// the edge tiles does.
 #[test]

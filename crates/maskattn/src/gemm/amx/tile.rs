@@ -84,3 +84,31 @@ pub(crate) unsafe trait TileUnit {
     /// `tilerelease`: the tiles go back to their initial (unconfigured) state.
     unsafe fn release(&mut self);
 }
+
+// SAFETY: each operation is `U`'s own, on the same unit.
+unsafe impl<U: TileUnit> TileUnit for &mut U {
+    unsafe fn configure(&mut self, cfg: &TileConfig) {
+        // SAFETY: forwarded under the same contract.
+        unsafe { (**self).configure(cfg) }
+    }
+    unsafe fn load(&mut self, tile: usize, ptr: *const u8, stride: usize) {
+        // SAFETY: forwarded under the same contract.
+        unsafe { (**self).load(tile, ptr, stride) }
+    }
+    unsafe fn zero(&mut self, tile: usize) {
+        // SAFETY: forwarded under the same contract.
+        unsafe { (**self).zero(tile) }
+    }
+    unsafe fn dpbf16ps(&mut self, c: usize, a: usize, b: usize) {
+        // SAFETY: forwarded under the same contract.
+        unsafe { (**self).dpbf16ps(c, a, b) }
+    }
+    unsafe fn store(&mut self, tile: usize, ptr: *mut u8, stride: usize) {
+        // SAFETY: forwarded under the same contract.
+        unsafe { (**self).store(tile, ptr, stride) }
+    }
+    unsafe fn release(&mut self) {
+        // SAFETY: forwarded under the same contract.
+        unsafe { (**self).release() }
+    }
+}
