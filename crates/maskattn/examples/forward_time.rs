@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use maskattn::{forward, half, BlockMask, Mask, MaskShape, Params, View};
+use maskattn::{forward, half, BlockMask, Element, Mask, MaskShape, Params, View};
 
 /// Nanoseconds the process's threads have run on a CPU (0 where `/proc` has no schedstat).
 fn cpu_ns() -> u64 {
@@ -22,6 +22,25 @@ fn cpu_ns() -> u64 {
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// `reps` forwards of `[q, k, v]`: the wall and CPU seconds of each.
+fn time<T: Element>(
+    qkv: &[Vec<T>; 3],
+    shape: [usize; 4],
+    block: &BlockMask,
+    reps: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let [q, k, v] = qkv.each_ref().map(|x| View::bhld("x", x, shape).unwrap());
+    let params = Params::default();
+    let (mut times, mut cpu) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+    for _ in 0..reps {
+        let (t, c) = (Instant::now(), cpu_ns());
+        std::hint::black_box(forward(&q, &k, &v, block, &params).unwrap());
+        times.push(t.elapsed().as_secs_f64());
+        cpu.push((cpu_ns() - c) as f64 * 1e-9);
+    }
+    (times, cpu)
 }
 
 fn main() {
@@ -53,36 +72,13 @@ fn main() {
         tile("tk=", maskattn::DEFAULT_TILE_K),
     );
     let block = BlockMask::with_tiles(&mask, MaskShape::new(b, h, l, l), tq, tk).unwrap();
-    let params = Params::default();
-    let (mut times, mut cpu) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
-    if bf16 {
+    let (mut times, mut cpu) = if bf16 {
         let to16 =
             |x: &[f32]| -> Vec<half::bf16> { x.iter().map(|&v| half::bf16::from_f32(v)).collect() };
-        let (q, k, v) = (to16(&q), to16(&k), to16(&v));
-        let (q, k, v) = (
-            View::bhld("q", &q, shape).unwrap(),
-            View::bhld("k", &k, shape).unwrap(),
-            View::bhld("v", &v, shape).unwrap(),
-        );
-        for _ in 0..reps {
-            let (t, c) = (Instant::now(), cpu_ns());
-            std::hint::black_box(forward(&q, &k, &v, &block, &params).unwrap());
-            times.push(t.elapsed().as_secs_f64());
-            cpu.push((cpu_ns() - c) as f64 * 1e-9);
-        }
+        time(&[to16(&q), to16(&k), to16(&v)], shape, &block, reps)
     } else {
-        let (q, k, v) = (
-            View::bhld("q", &q, shape).unwrap(),
-            View::bhld("k", &k, shape).unwrap(),
-            View::bhld("v", &v, shape).unwrap(),
-        );
-        for _ in 0..reps {
-            let (t, c) = (Instant::now(), cpu_ns());
-            std::hint::black_box(forward(&q, &k, &v, &block, &params).unwrap());
-            times.push(t.elapsed().as_secs_f64());
-            cpu.push((cpu_ns() - c) as f64 * 1e-9);
-        }
-    }
+        time(&[q, k, v], shape, &block, reps)
+    };
     times.sort_by(f64::total_cmp);
     cpu.sort_by(f64::total_cmp);
     let (med, cpu_med) = (times[times.len() / 2], cpu[cpu.len() / 2]);

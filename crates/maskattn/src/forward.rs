@@ -490,7 +490,7 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
             } else {
                 // AMX tiles load rows of pairs: P̃ transposed back, rows of bf16.
                 if tiles.is_model() {
-                    crate::gemm::amx::count_model_column_tile();
+                    crate::gemm::amx::MODEL_COLUMN_TILES.bump();
                 }
                 bf16::transpose_rows(s, (cols, rows_pad), (rows, tk_pad), p16);
                 Pairs::of_u16(p16, rows, cols.div_ceil(2), tk_pad / 2)

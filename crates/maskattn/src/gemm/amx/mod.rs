@@ -10,7 +10,7 @@
 
 mod mode;
 #[cfg(target_arch = "x86_64")]
-pub(crate) use mode::count_model_column_tile;
+pub(crate) use mode::MODEL_COLUMN_TILES;
 pub use mode::{
     amx_mode, amx_model_column_tiles, amx_model_configures, amx_model_products, amx_tdpbf16ps_loop,
     set_amx, AmxMode,
@@ -88,7 +88,7 @@ mod engine {
                 match self {
                     Engine::Vnni => bf16::gemm(c, a, b, update),
                     Engine::AmxModel => {
-                        super::mode::count_model_product();
+                        super::mode::MODEL_PRODUCTS.bump();
                         kernel::gemm(&mut Model::new(), c, a, b, update)
                     }
                     Engine::AmxHardware => kernel::gemm(&mut Hardware, c, a, b, update),
@@ -129,7 +129,7 @@ mod engine {
                 match self {
                     TaskTiles::Vnni => bf16::gemm(c, a, b, update),
                     TaskTiles::Model(t) => {
-                        super::mode::count_model_product();
+                        super::mode::MODEL_PRODUCTS.bump();
                         t.gemm(c, a, b, update)
                     }
                     TaskTiles::Hardware(t) => t.gemm(c, a, b, update),

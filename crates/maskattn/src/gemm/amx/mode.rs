@@ -47,46 +47,50 @@ pub fn set_amx(mode: Option<AmxMode>) -> Result<(), AmxMode> {
     Ok(())
 }
 
-static MODEL_PRODUCTS: AtomicU64 = AtomicU64::new(0);
+/// A count the tests read to see which branch ran (the model is slow anyway).
+pub(crate) struct ModelCount(AtomicU64);
+
+impl ModelCount {
+    const fn new() -> Self {
+        ModelCount(AtomicU64::new(0))
+    }
+
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn bump(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Products the model has run.
+pub(crate) static MODEL_PRODUCTS: ModelCount = ModelCount::new();
+/// `ldtilecfg`s the model has run: a forward task configures once for all its products,
+/// the backward once per product.
+pub(crate) static MODEL_CONFIGURES: ModelCount = ModelCount::new();
+/// Key tiles the bf16 forward took in column form with its products on the model (`P̃ᵀ`
+/// transposed back to rows for the tiles).
+pub(crate) static MODEL_COLUMN_TILES: ModelCount = ModelCount::new();
 
 /// Products the model has run in this process: lets a test see that the bf16 path really
-/// went through the AMX kernel. (Counted for the model only, which is slow anyway.)
+/// went through the AMX kernel.
 #[doc(hidden)]
 pub fn amx_model_products() -> u64 {
-    MODEL_PRODUCTS.load(Ordering::Relaxed)
+    MODEL_PRODUCTS.get()
 }
 
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub(super) fn count_model_product() {
-    MODEL_PRODUCTS.fetch_add(1, Ordering::Relaxed);
-}
-
-static MODEL_CONFIGURES: AtomicU64 = AtomicU64::new(0);
-
-/// `ldtilecfg`s the model has run in this process: a forward task configures once for all
-/// its products, the backward once per product.
+/// The model's `ldtilecfg`s in this process ([`MODEL_CONFIGURES`]).
 #[doc(hidden)]
 pub fn amx_model_configures() -> u64 {
-    MODEL_CONFIGURES.load(Ordering::Relaxed)
+    MODEL_CONFIGURES.get()
 }
 
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub(crate) fn count_model_configure() {
-    MODEL_CONFIGURES.fetch_add(1, Ordering::Relaxed);
-}
-
-static MODEL_COLUMN_TILES: AtomicU64 = AtomicU64::new(0);
-
-/// Key tiles the bf16 forward has taken in column form with its products on the model
-/// (`P̃ᵀ` transposed back to rows for the tiles): lets a test see that branch ran.
+/// Key tiles taken in column form on the model in this process ([`MODEL_COLUMN_TILES`]).
 #[doc(hidden)]
 pub fn amx_model_column_tiles() -> u64 {
-    MODEL_COLUMN_TILES.load(Ordering::Relaxed)
-}
-
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub(crate) fn count_model_column_tile() {
-    MODEL_COLUMN_TILES.fetch_add(1, Ordering::Relaxed);
+    MODEL_COLUMN_TILES.get()
 }
 
 /// `bench`'s AMX limit: `rounds` rounds of four independent `tdpbf16ps` on the CPU's

@@ -86,7 +86,7 @@ fn bf16(bits: u32) -> f32 {
 unsafe impl TileUnit for Model {
     unsafe fn configure(&mut self, cfg: &TileConfig) {
         assert!(cfg.valid(), "ldtilecfg with an invalid configuration (#GP)");
-        super::mode::count_model_configure();
+        super::mode::MODEL_CONFIGURES.bump();
         self.cfg = Some(*cfg);
         self.tiles = [[[0; COLSB]; ROWS]; TILES];
     }
