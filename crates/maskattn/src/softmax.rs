@@ -77,18 +77,23 @@ impl<'a> PosRows<'a> {
         let start = h * self.stride + crate::score_mod::PosTable::index(self.lq, i, self.j0);
         &self.table[start..start + len]
     }
-}
 
-impl<'a> PosRows<'a> {
-    /// For the column form (one head per tile): the head's table row and the index in it
-    /// of tile row 0, key `cols − 1` — the terms of row `r`, key `c` sit at
-    /// `index − (r − c + cols − 1)`.
+    /// For the column form (one head per tile): the first `n` terms of the tile's run
+    /// reversed, `run[u]` the term of row `r`, key `c` at `u = r − c + cols − 1` (the head's
+    /// table row at the index of row 0, key `cols − 1`, minus `u`); 0 past the table.
     #[inline(always)]
-    pub fn reversed_from(&self, cols: usize) -> (&'a [f32], usize) {
+    pub fn reversed_run(&self, cols: usize, n: usize) -> [f32; POS_RUN] {
         debug_assert_eq!(self.per_head, usize::MAX);
         let row = &self.table[self.h0 * self.stride..(self.h0 + 1) * self.stride];
         let at = crate::score_mod::PosTable::index(self.lq, self.i0, self.j0 + cols - 1);
-        (row, at)
+        let mut run = [0f32; POS_RUN];
+        for (u, x) in run[..n].iter_mut().enumerate() {
+            *x = at
+                .checked_sub(u)
+                .and_then(|t| row.get(t))
+                .map_or(0.0, |&v| v);
+        }
+        run
     }
 }
 
@@ -338,18 +343,15 @@ impl Online<'_> {
             // ascending) read the table backwards. Reversed once per tile, `run[u]` is the
             // term of `(r, c)` at `u = r − c + cols − 1`, contiguous in `r` for each `c`;
             // zero past the table (padding lanes).
-            let mut run = [0f32; POS_RUN];
-            let pos = job.pos.map(|pr| {
-                let n = ld + cols - 1;
-                let (row, k) = pr.reversed_from(cols);
-                for (u, x) in run[..n].iter_mut().enumerate() {
-                    *x = k
-                        .checked_sub(u)
-                        .and_then(|t| row.get(t))
-                        .map_or(0.0, |&v| v);
+            // (Filled only where there are such terms: no 2 KiB cleared per plain tile.)
+            let run: [f32; POS_RUN];
+            let pos = match job.pos {
+                Some(pr) => {
+                    run = pr.reversed_run(cols, ld + cols - 1);
+                    Some(run.as_ptr())
                 }
-                run.as_ptr()
-            });
+                None => None,
+            };
             for v0 in (0..ld / S::W).step_by(NB) {
                 let nb = NB.min(ld / S::W - v0);
                 // x = cap(s · (q·k)) and the running maxima, NB vectors of rows side by side.

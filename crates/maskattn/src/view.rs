@@ -224,16 +224,7 @@ impl<'a, T: Element> View<'a, T> {
     pub(crate) fn load_rows(&self, b: usize, h: usize, start: usize, out: &mut [f32]) {
         let d = self.shape[3];
         for (r, dst) in out.chunks_exact_mut(d).enumerate() {
-            let base = self.offset(b, h, start + r);
-            if self.strides[3] == 1 {
-                for (o, s) in dst.iter_mut().zip(&self.data[base..base + d]) {
-                    *o = s.to_f32();
-                }
-            } else {
-                for (x, o) in dst.iter_mut().enumerate() {
-                    *o = self.data[base + x * self.strides[3]].to_f32();
-                }
-            }
+            self.load_features(b, h, start + r, 0, dst);
         }
     }
 }
