@@ -330,8 +330,20 @@ def _call(q, k, v, mask_id: int, mask_data: List[torch.Tensor], scale: Optional[
         out, lse = _torch_attention(q, k, v, allowed, scale)
         lse = lse.detach()
     else:
+        if not torch.compiler.is_compiling() and _forward_ad() and _has_tangent(q, k, v):
+            # The op has no forward-mode formula: its output would silently carry none.
+            raise NotImplementedError(
+                "maskattn.attention: forward-mode AD (dual tensors) is not supported through "
+                "the torch.library op, which runs under torch.compile, torch function or "
+                "dispatch modes and tensor subclasses; call it eagerly on plain tensors, or "
+                "through torch.func.jvp"
+            )
         out, lse = _attention_fwd(q, k, v, mask_id, mask_data, scale)
     return out.to(q.dtype), lse
+
+
+def _has_tangent(*ts) -> bool:
+    return any(torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in ts)
 
 
 def attention(

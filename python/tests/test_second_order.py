@@ -141,3 +141,17 @@ def test_custom_op_path_double_backward_raises_naming_the_op():
     (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="attention_bwd"):
         gq.sum().backward()
+
+
+def test_custom_op_path_forward_ad_raises_naming_the_feature():
+    """Dual tensors on the op path (here: under a torch function mode) get an error naming
+    forward-mode AD, not an output without a tangent."""
+
+    class Passthrough(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = [t.float() for t in inputs(8)]
+    with fwAD.dual_level(), Passthrough():
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            maskattn.attention(fwAD.make_dual(q, torch.ones_like(q)), k, v)
