@@ -365,6 +365,11 @@ def attention(
     Returns ``out [B, H_q, L_q, d]`` in q's dtype, and with ``return_lse`` also
     ``lse [B, H_q, L_q]`` (float32, ``-inf`` where a row sees nothing; not differentiable).
     A row that sees nothing has output 0 and zero gradients, never NaN.
+
+    First-order gradients run the fused backward (O(L) memory). ``create_graph=True``
+    (gradient penalties, Hessians), forward-mode AD (dual tensors) and ``torch.func``
+    transforms run the same attention as differentiable torch ops instead: exact, with the
+    ``[B, H_q, L_q, L_k]`` scores in memory.
     """
     mask_id, data = _handle(mask)
     out, lse = _call(q, k, v, mask_id, data, scale)
