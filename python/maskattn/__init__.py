@@ -7,6 +7,8 @@ crate's vocabulary (``True`` = may attend) and combine with ``&``, ``|``, ``~``;
 and ``nn.MultiheadAttention`` are drop-ins for PyTorch's.
 """
 
+import os
+
 from . import _maskattn as _native
 from . import masks, nn
 from .functional import scaled_dot_product_attention
@@ -32,8 +34,16 @@ __version__ = "0.1.0"
 
 
 def set_num_threads(n: int) -> None:
-    """Run the kernels on ``n`` threads (0: rayon's default, one per core)."""
-    _native.set_num_threads(int(n))
+    """Run the kernels on ``n`` threads (0: rayon's default, one per core), at most
+    4 × the cores (as the CLI's ``--threads``): more only adds switching, and far more
+    spends seconds creating threads."""
+    if isinstance(n, bool) or not hasattr(type(n), "__index__"):
+        raise TypeError(f"set_num_threads takes an int, got {type(n).__name__}")
+    n = n.__index__()
+    cores = os.cpu_count() or 1
+    if not 0 <= n <= 4 * cores:
+        raise ValueError(f"set_num_threads({n}): n must be between 0 and {4 * cores} (4 × the {cores} cores)")
+    _native.set_num_threads(n)
 
 
 def get_num_threads() -> int:

@@ -152,8 +152,10 @@ impl NativeBlockMask {
     #[new]
     fn new(mask: &NativeMask, batch: usize, heads: usize, lq: usize, lk: usize) -> PyResult<Self> {
         let shape = MaskShape::new(batch, heads, lq, lk);
-        let block =
-            BlockMask::new(&mask.inner, shape).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        // On the package's own pool: rayon's global one hangs in a forked child (threads.rs).
+        let block = crate::threads::run(|| BlockMask::new(&mask.inner, shape))
+            .map_err(PyValueError::new_err)?
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
         Ok(NativeBlockMask {
             inner: Arc::new(block),
         })
