@@ -15,7 +15,7 @@ use maskattn::{BlockMask, Mask, MaskShape};
 use serde::Deserialize;
 
 use crate::interop::WeightFormat;
-use crate::layer::{MaskedMultiHeadAttention, MhaConfig, Mode};
+use crate::layer::{MaskedMultiHeadAttention, MhaConfig, MhaOptions};
 use crate::model::LayerNorm;
 
 /// The fields of a Hugging Face BERT `config.json` this encoder reads.
@@ -196,7 +196,7 @@ impl Bert {
             .add(&self.typ.forward(&types)?)?;
         let mut x = self.ln.forward(&x)?;
         for layer in &self.layers {
-            let a = layer.attn.forward_with_block(&x, &x, block, Mode::Eval)?;
+            let a = layer.attn.forward(&x, &MhaOptions::new(block))?;
             x = layer.ln_attn.forward(&(x + a)?)?;
             let f = layer
                 .out

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
 use maskattn_candle::{
-    attention, reference, AttnOptions, MaskedMultiHeadAttention, MhaConfig, Mode,
+    attention, reference, AttnOptions, MaskedMultiHeadAttention, MhaConfig, MhaOptions,
 };
 
 use crate::mask_expr;
@@ -116,9 +116,9 @@ pub fn run(args: &BenchLayerArgs) -> Result<()> {
         let layer_run = |plain_attn: bool, bwd: bool| -> Result<()> {
             let xt = x.as_tensor();
             let out = if plain_attn {
-                layer.forward_reference_with_keep(xt, xt, &keep)?
+                reference::mha_forward_with_keep(&layer, xt, xt, &keep)?
             } else {
-                layer.forward(xt, xt, &mask, Mode::Eval)?
+                layer.forward(xt, &MhaOptions::new(&mask))?
             };
             if bwd {
                 (out * &ldout)?.sum_all()?.backward()?;
