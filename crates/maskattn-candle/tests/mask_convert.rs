@@ -108,7 +108,7 @@ fn converted_masks_give_the_same_layer_output_as_our_vocabulary() {
     .unwrap();
     let x = tensor(&[2, 5, 16], 4).unwrap();
     let ours = layer
-        .forward(&x, &x, &Mask::key_lengths(vec![5, 3]), Mode::Eval)
+        .forward(&x, &x, &Mask::key_padding(vec![5, 3]), Mode::Eval)
         .unwrap();
     let ignore = u8t(&[0, 0, 0, 0, 0, 0, 0, 0, 1, 1], &[2, 5]);
     let theirs = layer

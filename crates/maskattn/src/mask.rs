@@ -7,45 +7,8 @@
 use std::sync::Arc;
 
 use crate::error::{AttnError, Result};
+pub use crate::mask_shape::MaskShape;
 pub use crate::mask_tree::Terms;
-
-/// The shape a mask is evaluated over: batch, query heads, query length, key length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MaskShape {
-    pub batch: usize,
-    pub heads: usize,
-    pub lq: usize,
-    pub lk: usize,
-}
-
-/// `B 2, H 8, L_q 128, L_k 256`, for messages.
-impl std::fmt::Display for MaskShape {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "B {}, H {}, L_q {}, L_k {}",
-            self.batch, self.heads, self.lq, self.lk
-        )
-    }
-}
-
-impl MaskShape {
-    pub fn new(batch: usize, heads: usize, lq: usize, lk: usize) -> Self {
-        MaskShape {
-            batch,
-            heads,
-            lq,
-            lk,
-        }
-    }
-
-    /// `L_k − L_q`: exact for the shapes [`Mask::validate`] accepts (lengths up to
-    /// `i64::MAX`). How far query `i` is shifted to line up with key positions when a mask
-    /// is aligned bottom-right (the last query sees the last key, as in KV-cache decoding).
-    pub fn bottom_right_offset(&self) -> i64 {
-        self.lk as i64 - self.lq as i64
-    }
-}
 
 /// Where the diagonal of a causal mask sits when `L_q ≠ L_k`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -210,7 +173,8 @@ impl Mask {
     }
 
     /// Key padding: batch row `b` has `lengths[b]` valid keys (or one length for all rows).
-    pub fn key_lengths(lengths: impl Into<Arc<[usize]>>) -> Self {
+    /// The grammar's `key-padding` (also the keep-vector form, [`Mask::key_keep`]).
+    pub fn key_padding(lengths: impl Into<Arc<[usize]>>) -> Self {
         Mask::KeyLengths(lengths.into())
     }
 
@@ -227,8 +191,9 @@ impl Mask {
         Mask::key_keep(ignore.iter().map(|&x| !x).collect::<Vec<_>>(), rows)
     }
 
-    /// Query padding: batch row `b` has `lengths[b]` valid queries.
-    pub fn query_lengths(lengths: impl Into<Arc<[usize]>>) -> Self {
+    /// Query padding: batch row `b` has `lengths[b]` valid queries (the grammar's
+    /// `query-padding`).
+    pub fn query_padding(lengths: impl Into<Arc<[usize]>>) -> Self {
         Mask::QueryLengths(lengths.into())
     }
 
