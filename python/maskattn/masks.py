@@ -551,6 +551,11 @@ def _handle(mask: Optional[object]) -> Tuple[int, List[torch.Tensor]]:
 
 _FULL_ID = full()._id  # noqa: F821 (made from the kernel crate's list above)
 
+# `torch.load` reads only allow-listed globals by default (weights_only): these two rebuild
+# a mask from its text and tensors, and a block mask from its mask and shape, and run no
+# other code, so a saved mask loads like a saved tensor.
+torch.serialization.add_safe_globals([_restore, _compile_again])
+
 __all__ = [
     "Mask",
     "BlockMask",
