@@ -4,11 +4,11 @@
 //! and [`Mask::allowed`] answers for one `(b, h, i, j)`. Masks compose with `&`, `|`, `!`.
 //! Before a kernel runs, a mask is compiled for one shape into a [`crate::BlockMask`].
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::error::{AttnError, Result};
 pub use crate::mask_shape::MaskShape;
-pub use crate::mask_tree::Terms;
 
 /// Where the diagonal of a causal mask sits when `L_q ≠ L_k`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +60,27 @@ impl DenseMask {
         let [db, dh, dq, dk] = self.dims;
         let pick = |x: usize, n: usize| if n == 1 { 0 } else { x };
         self.allowed[((pick(b, db) * dh + pick(h, dh)) * dq + pick(i, dq)) * dk + pick(j, dk)]
+    }
+}
+
+/// The terms of an `&` or `|`: at least two, none of them the same operator again. A
+/// deque, so that chains grow in O(1) at either end (`a & chain` as well as `chain & a`).
+/// Built only by `&` and `|` (no public constructor, no `Default`), so the invariant holds;
+/// how chains grow is in `mask_tree.rs`, with the other walks of the tree.
+#[derive(Clone)]
+pub struct Terms(pub(crate) Arc<VecDeque<Mask>>);
+
+impl Terms {
+    pub fn iter(&self) -> std::collections::vec_deque::Iter<'_, Mask> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
