@@ -2,7 +2,8 @@
 
 ``maskattn.attention(q, k, v, mask)`` runs fused Rust kernels (online-softmax forward,
 fused backward) over block masks that skip the tiles a mask hides. Masks share the Rust
-crate's vocabulary (``True`` = may attend) and combine with ``&``, ``|``, ``~``;
+crate's vocabulary and grammar (``True`` = may attend): they combine with ``&``, ``|``,
+``~``, print as the grammar (``causal & !window(3,0)``) and ``mask(text, **data)`` reads it;
 ``from_mask_mod`` takes a FlexAttention-style ``mask_mod``. ``scaled_dot_product_attention``
 and ``nn.MultiheadAttention`` are drop-ins for PyTorch's.
 """
@@ -12,22 +13,10 @@ import os
 from . import _maskattn as _native
 from . import masks, nn
 from .functional import scaled_dot_product_attention
-from .masks import (
-    BlockMask,
-    Mask,
-    block_causal,
-    causal,
-    causal_top_left,
-    chunks,
-    dense,
-    documents,
-    from_mask_mod,
-    full,
-    key_padding,
-    neighbourhood,
-    prefix,
-    window,
-)
+# The structured constructors (causal, window, ...) are made from the kernel crate's list
+# of terms; masks.__all__ names every one.
+from .masks import *  # noqa: F401,F403
+from .masks import BlockMask, Mask, dense, documents, from_mask_mod, key_padding, mask
 from .ops import attention
 
 __version__ = "0.1.0"

@@ -165,7 +165,7 @@ impl Bert {
     /// for the call and used by every layer.
     pub fn forward(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
-        let block = self.compile_mask(&Mask::key_lengths(lengths.to_vec()), b, l)?;
+        let block = self.compile_mask(&Mask::key_padding(lengths.to_vec()), b, l)?;
         self.forward_with_block(ids, &block)
     }
 

@@ -19,7 +19,7 @@
 //!
 //! // Two sequences of length 10; the second has 3 padding positions at the end.
 //! let x = Tensor::randn(0f32, 1.0, (2, 10, 64), &dev)?;
-//! let padding = Mask::key_lengths(vec![10, 7]);
+//! let padding = Mask::key_padding(vec![10, 7]);
 //! // The same mask from PyTorch's convention (true = ignore), converted explicitly:
 //! let ignore = Tensor::new(&[[0u8; 10], [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]], &dev)?;
 //! let same = mask_convert::from_torch_key_padding(&ignore)?;

@@ -61,7 +61,7 @@ fn layer_with_a_compiled_mask_gives_the_same_bits_as_with_the_mask() -> Result<(
     )?;
     let x = Var::from_tensor(&tensor(&[3, 70, 32], 1)?)?;
     let dout = tensor(&[3, 70, 32], 2)?;
-    let mask = Mask::causal() & Mask::key_lengths(vec![70, 41, 9]);
+    let mask = Mask::causal() & Mask::key_padding(vec![70, 41, 9]);
     let mode = Mode::Train { seed: 7 };
 
     let a = attn.forward(
@@ -243,11 +243,11 @@ fn bert_with_a_compiled_mask_gives_the_same_bits_as_with_the_lengths() -> Result
     let ids = tokens(3, 20, 30)?;
     let lengths = [20, 7, 1];
     let a = bert.forward(&ids, &lengths)?;
-    let block = bert.compile_mask(&Mask::key_lengths(lengths.to_vec()), 3, 20)?;
+    let block = bert.compile_mask(&Mask::key_padding(lengths.to_vec()), 3, 20)?;
     let b = bert.forward_with_block(&ids, &block)?;
     assert_eq!(bits(&a), bits(&b));
 
-    let wrong = bert.compile_mask(&Mask::key_lengths(lengths.to_vec()), 3, 21)?;
+    let wrong = bert.compile_mask(&Mask::key_padding(lengths.to_vec()), 3, 21)?;
     let err = bert
         .forward_with_block(&ids, &wrong)
         .expect_err("length")

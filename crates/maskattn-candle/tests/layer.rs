@@ -123,7 +123,7 @@ fn layer_matches_the_plain_candle_layer() {
         let dout = tensor(&[b, lq, cfg.d_model], 300 + n as u64).unwrap();
         let masks = [
             Mask::full(),
-            Mask::key_lengths((0..b).map(|i| lk_ - i * lk_ / 3).collect::<Vec<_>>()),
+            Mask::key_padding((0..b).map(|i| lk_ - i * lk_ / 3).collect::<Vec<_>>()),
             if lk.is_none() {
                 Mask::causal()
             } else {
@@ -253,7 +253,7 @@ fn attention_weights_are_the_softmax_and_respect_the_mask() {
     let cfg = MhaConfig::new(16, 2).with_kv_heads(1);
     let (l, _) = layer(&cfg, DType::F32, None);
     let x = tensor(&[2, 7, 16], 9).unwrap();
-    let mask = Mask::causal() & Mask::key_lengths(vec![7, 4]);
+    let mask = Mask::causal() & Mask::key_padding(vec![7, 4]);
     let (out, w) = l.forward_with_weights(&x, &MhaOptions::new(&mask)).unwrap();
     assert_eq!(w.dims(), &[2, 2, 7, 7]);
     let ws: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
@@ -315,7 +315,7 @@ fn bad_configs_and_inputs_are_errors() {
         .unwrap_err();
     assert!(e.to_string().contains("batch"), "{e}");
     let e = l
-        .forward(&x, &MhaOptions::new(&Mask::key_lengths(vec![1, 2, 3])))
+        .forward(&x, &MhaOptions::new(&Mask::key_padding(vec![1, 2, 3])))
         .unwrap_err();
     assert!(e.to_string().contains("batch rows"), "{e}");
 }

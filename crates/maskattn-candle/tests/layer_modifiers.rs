@@ -72,7 +72,7 @@ fn trainable_modifiers_get_gradients_move_and_survive_save_and_load() {
             assert_eq!(got, maskattn::alibi_slopes(4), "config {n}");
         }
         let x = tensor(&[2, 19, 32], 1).unwrap();
-        let mask = Mask::causal() & Mask::key_lengths(vec![19, 12]);
+        let mask = Mask::causal() & Mask::key_padding(vec![19, 12]);
         let before: Vec<Vec<f32>> = names
             .iter()
             .map(|m| to_f32_vec(&var(&vm, m)).unwrap())

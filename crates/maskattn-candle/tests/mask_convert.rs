@@ -108,7 +108,7 @@ fn converted_masks_give_the_same_layer_output_as_our_vocabulary() {
     .unwrap();
     let x = tensor(&[2, 5, 16], 4).unwrap();
     let ours = layer
-        .forward(&x, &MhaOptions::new(&Mask::key_lengths(vec![5, 3])))
+        .forward(&x, &MhaOptions::new(&Mask::key_padding(vec![5, 3])))
         .unwrap();
     let ignore = u8t(&[0, 0, 0, 0, 0, 0, 0, 0, 1, 1], &[2, 5]);
     let theirs = layer

@@ -26,7 +26,7 @@ pub struct BenchArgs {
     pub kv_heads: Option<usize>,
     /// Mask expression; key-padding hides the last 25% of keys, documents packs 4 equal
     /// documents, dense is a random half of the pairs.
-    #[arg(long, default_value = "full", long_help = crate::mask_expr::SYNTAX)]
+    #[arg(long, default_value = "full", long_help = crate::mask_expr::syntax())]
     pub mask: String,
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: Dtype,
@@ -223,8 +223,8 @@ struct SynthData {
 }
 
 impl MaskData for SynthData {
-    fn key_lengths(&self) -> Result<Mask> {
-        Ok(Mask::key_lengths(vec![self.lk - self.lk / 4; self.batch]))
+    fn key_padding(&self) -> Result<Mask> {
+        Ok(Mask::key_padding(vec![self.lk - self.lk / 4; self.batch]))
     }
     fn documents(&self) -> Result<Mask> {
         let ids = |n: usize| (0..n).map(|i| (i * 4 / n) as i64).collect::<Vec<_>>();

@@ -411,8 +411,8 @@ mod tests {
                 Mask::causal_top_left(),
                 Mask::window(9, 2),
                 Mask::window(0, 0),
-                Mask::key_lengths(vec![lk / 3, lk]),
-                Mask::query_lengths(vec![0, lq / 2]),
+                Mask::key_padding(vec![lk / 3, lk]),
+                Mask::query_padding(vec![0, lq / 2]),
                 Mask::key_keep(
                     (0..2 * lk)
                         .map(|j| j % 5 != 0 || j > lk)

@@ -4,48 +4,11 @@
 //! and [`Mask::allowed`] answers for one `(b, h, i, j)`. Masks compose with `&`, `|`, `!`.
 //! Before a kernel runs, a mask is compiled for one shape into a [`crate::BlockMask`].
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::error::{AttnError, Result};
-pub use crate::mask_tree::Terms;
-
-/// The shape a mask is evaluated over: batch, query heads, query length, key length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MaskShape {
-    pub batch: usize,
-    pub heads: usize,
-    pub lq: usize,
-    pub lk: usize,
-}
-
-/// `B 2, H 8, L_q 128, L_k 256`, for messages.
-impl std::fmt::Display for MaskShape {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "B {}, H {}, L_q {}, L_k {}",
-            self.batch, self.heads, self.lq, self.lk
-        )
-    }
-}
-
-impl MaskShape {
-    pub fn new(batch: usize, heads: usize, lq: usize, lk: usize) -> Self {
-        MaskShape {
-            batch,
-            heads,
-            lq,
-            lk,
-        }
-    }
-
-    /// `L_k − L_q`: exact for the shapes [`Mask::validate`] accepts (lengths up to
-    /// `i64::MAX`). How far query `i` is shifted to line up with key positions when a mask
-    /// is aligned bottom-right (the last query sees the last key, as in KV-cache decoding).
-    pub fn bottom_right_offset(&self) -> i64 {
-        self.lk as i64 - self.lq as i64
-    }
-}
+pub use crate::mask_shape::MaskShape;
 
 /// Where the diagonal of a causal mask sits when `L_q ≠ L_k`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +60,27 @@ impl DenseMask {
         let [db, dh, dq, dk] = self.dims;
         let pick = |x: usize, n: usize| if n == 1 { 0 } else { x };
         self.allowed[((pick(b, db) * dh + pick(h, dh)) * dq + pick(i, dq)) * dk + pick(j, dk)]
+    }
+}
+
+/// The terms of an `&` or `|`: at least two, none of them the same operator again. A
+/// deque, so that chains grow in O(1) at either end (`a & chain` as well as `chain & a`).
+/// Built only by `&` and `|` (no public constructor, no `Default`), so the invariant holds;
+/// how chains grow is in `mask_tree.rs`, with the other walks of the tree.
+#[derive(Clone)]
+pub struct Terms(pub(crate) Arc<VecDeque<Mask>>);
+
+impl Terms {
+    pub fn iter(&self) -> std::collections::vec_deque::Iter<'_, Mask> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -210,7 +194,8 @@ impl Mask {
     }
 
     /// Key padding: batch row `b` has `lengths[b]` valid keys (or one length for all rows).
-    pub fn key_lengths(lengths: impl Into<Arc<[usize]>>) -> Self {
+    /// The grammar's `key-padding` (also the keep-vector form, [`Mask::key_keep`]).
+    pub fn key_padding(lengths: impl Into<Arc<[usize]>>) -> Self {
         Mask::KeyLengths(lengths.into())
     }
 
@@ -227,8 +212,9 @@ impl Mask {
         Mask::key_keep(ignore.iter().map(|&x| !x).collect::<Vec<_>>(), rows)
     }
 
-    /// Query padding: batch row `b` has `lengths[b]` valid queries.
-    pub fn query_lengths(lengths: impl Into<Arc<[usize]>>) -> Self {
+    /// Query padding: batch row `b` has `lengths[b]` valid queries (the grammar's
+    /// `query-padding`).
+    pub fn query_padding(lengths: impl Into<Arc<[usize]>>) -> Self {
         Mask::QueryLengths(lengths.into())
     }
 

@@ -93,10 +93,10 @@ fn every_kind(s: &MaskShape, rng: &mut Rng) -> Vec<Mask> {
         Mask::window(3, 7),
         Mask::window(0, 0),
         Mask::window(usize::MAX, 2),
-        Mask::key_lengths(lens(s.lk, rng)),
-        Mask::key_lengths(vec![s.lk / 2]),
+        Mask::key_padding(lens(s.lk, rng)),
+        Mask::key_padding(vec![s.lk / 2]),
         Mask::key_keep(keep, s.batch),
-        Mask::query_lengths(lens(s.lq, rng)),
+        Mask::query_padding(lens(s.lq, rng)),
         Mask::documents_cross(q_ids.clone(), k_ids.clone(), s.batch),
         // Unsorted ids: documents interleaved.
         Mask::documents_cross(
@@ -114,7 +114,7 @@ fn every_kind(s: &MaskShape, rng: &mut Rng) -> Vec<Mask> {
                 .map(|h| Mask::window(h * 4, 0))
                 .collect::<Vec<_>>(),
         ),
-        Mask::causal() & Mask::key_lengths(lens(s.lk, rng)),
+        Mask::causal() & Mask::key_padding(lens(s.lk, rng)),
         Mask::causal() | Mask::window(0, 3),
         !Mask::causal(),
         Mask::documents_cross(q_ids, k_ids, s.batch) & Mask::causal(),
