@@ -46,13 +46,16 @@ pub mod mask_convert;
 pub mod model;
 mod mods;
 mod op;
+mod options;
 pub mod reference;
 mod rope;
+mod storage;
 
 pub use interop::WeightFormat;
 pub use kv_cache::KvCache;
 pub use layer::{AlibiMode, MaskedMultiHeadAttention, MhaConfig, Mode, RelConfig};
 #[doc(hidden)]
 pub use op::kernel_backward_calls;
-pub use op::{attention, attention_with_block, Attention, AttnOptions, RelPos};
+pub use op::{attention, attention_with_block, Attention};
+pub use options::{AttnOptions, RelPos};
 pub use rope::Rope;
