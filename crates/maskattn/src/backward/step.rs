@@ -91,7 +91,9 @@ impl WithSimd for Step<'_, '_> {
 
 /// Turns the `dP` tile `ds` into `dS = P ∘ (dP − D)` row by row, given `P` in `p`:
 /// dropout's `z` into `dP` and into `pz = P ∘ z`, and `dS` selected to 0 where hidden
-/// (dP may be NaN there); a row that sees nothing (`LSE = −∞`) gets 0.
+/// (dP may be NaN there). A row that sees nothing (`LSE = −∞`) has `P = 0` (softmax's
+/// empty-row rule, applied by `probs`), so its `dS` is 0: written, not computed as
+/// `0 · (dP − D)`, which a non-finite `dO` would make NaN.
 ///
 /// # Safety
 /// The tiles are `rows × tk_pad`.
