@@ -19,7 +19,7 @@ use crate::pack::{self, pad16, Span};
 use crate::params::DropTile;
 use crate::simd::{self, Simd, WithSimd};
 use crate::softmax::{Geom, Online, OnlineBufs, TileJob, Unseen};
-use crate::view::Element;
+use crate::view::{Element, View};
 
 /// Calls with at most this many queries take the decode path.
 pub(crate) const DECODE_MAX_LQ: usize = 4;
@@ -163,6 +163,33 @@ fn tile_bits<T: Element>(
     any.then_some(all)
 }
 
+/// Rows of a tile and the distance between them.
+type Rows<'a> = (&'a [f32], usize);
+
+/// A key tile's key and value rows (`cols × d_pad`) with their row strides, and whether
+/// the values may skip the guard against `0 · NaN` (every row sees every key, or every
+/// value is finite). Where every row sees every key and the storage is f32, the cache is
+/// read in place (V then needs whole vectors per row, so `d` must be a multiple of 16);
+/// else the rows are packed into `kbuf`, `vbuf`.
+fn keys_values<'a, T: Element>(
+    (k, v): (&'a View<T>, &'a View<T>),
+    span: Span,
+    (g, all): (&Geom, bool),
+    (kbuf, vbuf): (&'a mut [f32], &'a mut [f32]),
+) -> (Rows<'a>, Rows<'a>, bool) {
+    let direct = k
+        .f32_rows(span.b, span.h, span.start)
+        .zip(v.f32_rows(span.b, span.h, span.start))
+        .filter(|_| all && g.d == g.d_pad);
+    if let Some((kr, vr)) = direct {
+        return (kr, vr, true);
+    }
+    pack::rows(k, span, g.d_pad, kbuf);
+    pack::rows(v, span, g.d_pad, vbuf);
+    let finite = all || pack::all_finite(&vbuf[..span.len * g.d_pad]);
+    ((&kbuf[..], g.d_pad), (&vbuf[..], g.d_pad), finite)
+}
+
 /// Streams key tiles `tiles` of kv head `(b, hk)` past every query row of its group: per
 /// tile, the rows' visibility, the bias tile, the keys and values (read in place or
 /// packed), the guard against `0 · NaN`, then the [`Step`].
@@ -207,28 +234,15 @@ fn chunk<T: Element>(
             softcap: call.softcap,
             pos: call.pos_rows((hk * group, 0, lq), j0),
         };
-        // Where every row sees every key of the tile and the storage is f32, read the cache
-        // in place; V then needs whole vectors per row, so d must be a multiple of 16.
-        let direct = k
-            .f32_rows(b, hk, j0)
-            .zip(v.f32_rows(b, hk, j0))
-            .filter(|_| all && g.d == g.d_pad);
-        let ((k_tile, k_ld), (v_tile, v_ld)) = match direct {
-            Some(x) => x,
-            None => {
-                let span = Span {
-                    b,
-                    h: hk,
-                    start: j0,
-                    len: cols,
-                };
-                pack::rows(k, span, g.d_pad, &mut kbuf);
-                pack::rows(v, span, g.d_pad, &mut vbuf);
-                ((&kbuf[..], g.d_pad), (&vbuf[..], g.d_pad))
-            }
+        let span = Span {
+            b,
+            h: hk,
+            start: j0,
+            len: cols,
         };
-        // The guard against 0 · NaN, as on every path (a packed tile when not `all`).
-        let finite = job.bits.is_none() || pack::all_finite(&vbuf[..cols * g.d_pad]);
+        let ((k_tile, k_ld), (v_tile, v_ld), finite) =
+            keys_values((k, v), span, (&g, all), (&mut kbuf, &mut vbuf));
+        // The guard against 0 · NaN, as on every path.
         let (v_tile, exact) = unseen.rows(&job, v_tile, v_ld, finite);
         let step = Step {
             job,
