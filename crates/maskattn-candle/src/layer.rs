@@ -21,7 +21,8 @@ use maskattn::{BlockMask, Dropout, Mask, MaskShape};
 
 use crate::fused;
 use crate::kv_cache::KvCache;
-use crate::op::{attention_with_block, AttnOptions, RelPos};
+use crate::op::attention_with_block;
+use crate::options::{AttnOptions, RelPos};
 use crate::rope::Rope;
 use crate::scores;
 

@@ -47,9 +47,11 @@ pub mod mask_convert;
 pub mod model;
 mod mods;
 mod op;
+mod options;
 pub mod reference;
 mod rope;
 mod scores;
+mod storage;
 
 pub use interop::WeightFormat;
 pub use kv_cache::KvCache;
@@ -58,5 +60,6 @@ pub use layer::{
 };
 #[doc(hidden)]
 pub use op::kernel_backward_calls;
-pub use op::{attention, attention_with_block, Attention, AttnOptions, RelPos};
+pub use op::{attention, attention_with_block, Attention};
+pub use options::{AttnOptions, RelPos};
 pub use rope::Rope;

@@ -11,7 +11,7 @@ use candle_core::{Result, Tensor};
 use maskattn::{Mask, MaskShape};
 
 use crate::layer::{MaskedMultiHeadAttention, MhaMask, MhaOptions, Mode};
-use crate::op::AttnOptions;
+use crate::options::AttnOptions;
 pub use crate::scores::{dense_mask, repeat_kv, scores};
 
 /// `softmax(s · Q Kᵀ, masked) V` with plain candle ops; the result and every gradient flow

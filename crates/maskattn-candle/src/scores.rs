@@ -7,7 +7,7 @@
 use candle_core::{DType, Result, Tensor};
 use maskattn::{Mask, MaskShape};
 
-use crate::op::AttnOptions;
+use crate::options::AttnOptions;
 
 /// The mask as a 0/1 tensor `[B or 1, H_q or 1, L_q, L_k]` in `dtype` (1 where the mask
 /// is the same for every batch row or head; it broadcasts).

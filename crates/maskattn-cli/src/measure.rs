@@ -93,6 +93,9 @@ pub fn practical_peak() -> f64 {
     let b = data(n * n, 2);
     let mut c = vec![0f32; n * n];
     let threads = rayon::current_num_threads();
+    // SAFETY: `a`, `b` and `c` each hold `n × n` f32, addressed row-major (rows `n` apart,
+    // columns 1 apart) exactly inside them; `c` is borrowed mutably here and aliases
+    // neither input; `read_dst` is false, so `c`'s old contents are not read.
     let ms = time(3, || unsafe {
         gemm::gemm(
             n,

@@ -1,4 +1,5 @@
-//! The one place where the kernels meet the vector unit.
+//! The one place where the kernels meet the vector unit, and where the kernel path is
+//! chosen: the instruction set ([`current_isa`]) and the bf16 dot products ([`bf16_dot`]).
 //!
 //! Kernels are written once, generic over [`Simd`], and instantiated per instruction set
 //! inside a `#[target_feature]` function so that every vector op inlines into straight-line
@@ -13,6 +14,7 @@ mod avx512;
 mod exp;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+mod ops;
 mod portable;
 
 #[cfg(target_arch = "x86_64")]
@@ -21,44 +23,8 @@ pub(crate) use avx2::Avx2;
 pub(crate) use avx512::Avx512;
 #[cfg(target_arch = "aarch64")]
 pub(crate) use neon::Neon;
+pub(crate) use ops::Simd;
 pub(crate) use portable::Portable;
-
-/// Vector operations on `W` lanes of `f32`.
-///
-/// # Safety
-/// Implementations use instructions that exist only when the matching CPU feature is
-/// present; callers reach them only through [`Isa::detect`]. Pointer arguments must be
-/// valid for `W` elements.
-pub(crate) unsafe trait Simd: Copy + 'static {
-    const W: usize;
-    /// Vectors per row of the matrix-product register tile (what the register file holds).
-    const NV_MAX: usize;
-    type V: Copy;
-    unsafe fn splat(x: f32) -> Self::V;
-    unsafe fn load(p: *const f32) -> Self::V;
-    unsafe fn store(p: *mut f32, v: Self::V);
-    /// `a · b + c`, fused.
-    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
-    /// `a · b + c` on one lane, fused exactly when [`Simd::fma`] is, so that a scalar dot
-    /// product can reproduce the micro-kernel's rounding.
-    unsafe fn fma1(a: f32, b: f32, c: f32) -> f32;
-    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
-    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
-    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
-    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
-    unsafe fn reduce_max(v: Self::V) -> f32;
-    unsafe fn reduce_add(v: Self::V) -> f32;
-    /// `e^x`, within a few ulp; exactly 0 for `x < −87.3` (so `e^−∞ = 0`, and a hidden
-    /// score never turns into a tiny non-zero weight); NaN for NaN (a NaN score must reach
-    /// the row sum, see `forward`).
-    unsafe fn exp(x: Self::V) -> Self::V;
-    /// Lane `l` from `a` where bit `l` of `bits` is set, else from `b`.
-    unsafe fn select(bits: u32, a: Self::V, b: Self::V) -> Self::V;
-    /// `tanh x` (soft-capping): within 2⁻²³ of the exact value and within 3 · 2⁻²⁴ of it
-    /// relatively (measured: 7.1e-8 and 1.3e-7; `exp.rs` has the method, `tanh_tests.rs`
-    /// checks every set against `f64::tanh`); NaN for NaN, ±1 for ±∞.
-    unsafe fn tanh(x: Self::V) -> Self::V;
-}
 
 /// The instruction sets the kernels are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,12 +122,21 @@ pub(crate) unsafe fn run<Op: WithSimd>(op: Op) -> Op::Output {
     }
 }
 
-/// Whether bf16 storage goes to the CPU's bf16 dot products (AVX512-BF16) instead of
-/// being widened to f32; see `gemm::bf16`.
+/// Whether bf16 storage goes to the CPU's bf16 dot products (AVX512-BF16, see `gemm::bf16`)
+/// instead of being widened to f32: the CPU has AVX512-BF16 (and BW), the kernels run on
+/// AVX-512 (so `set_isa`/`MASKATTN_ISA` forcing a narrower set also turns them off), and
+/// `MASKATTN_BF16_DOT=0` has not switched them off (for comparison).
 pub(crate) fn bf16_dot() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::gemm::bf16::enabled()
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        current_isa() == Isa::Avx512
+            && *OK.get_or_init(|| {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512bf16")
+                    && std::env::var("MASKATTN_BF16_DOT").as_deref() != Ok("0")
+            })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -79,7 +79,7 @@ mod engine {
         /// `C = A·B` or `C += A·B` on pairs, as [`bf16::gemm`] defines it.
         ///
         /// # Safety
-        /// `gemm::bf16::enabled()` (the surrounding bf16 path's condition); for
+        /// `simd::bf16_dot()` (the surrounding bf16 path's condition); for
         /// `AmxHardware`, what [`Engine::now`] only returns where `hardware::available()`.
         #[inline(always)]
         pub unsafe fn gemm(self, c: MatMut, a: Pairs, b: Pairs, update: Update) {
@@ -121,7 +121,7 @@ mod engine {
         /// [`Engine::gemm`] without a configuration of its own on AMX.
         ///
         /// # Safety
-        /// `gemm::bf16::enabled()`.
+        /// `simd::bf16_dot()`.
         #[inline(always)]
         pub unsafe fn gemm(&mut self, c: MatMut, a: Pairs, b: Pairs, update: Update) {
             // SAFETY: the contract; the tiles were configured when `self` was made.
