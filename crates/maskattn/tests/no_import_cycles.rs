@@ -593,7 +593,6 @@ fn roots(files: &BTreeMap<PathBuf, String>) -> Vec<PathBuf> {
         .collect()
 }
 
-
 /// A readable account of the cycles, or `None` when there are none.
 fn report(files: &BTreeMap<PathBuf, String>) -> Option<String> {
     report_except(files, &[])
