@@ -452,3 +452,75 @@ def test_additive_float_mask_is_refused():
     assert weights is None and out.shape == (1, 5, 2, 8) and out.is_contiguous()
     ref, _ = attend(q.double(), q.double(), q.double(), allowed)
     assert max_err(out.transpose(1, 2), ref) < 1e-5
+
+
+def test_bart_encoder_padding_cross_attention():
+    cfg = transformers.BartConfig(
+        vocab_size=VOCAB,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=96,
+        decoder_ffn_dim=96,
+        max_position_embeddings=128,
+        dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=0,
+    )
+    model = _model(cfg, cls=transformers.AutoModelForSeq2SeqLM).train()
+    src, am = _tokens(2, 23), _pad("right", 2, 23).long()
+    tgt, dam = _tokens(2, 13, seed=1), _pad("right", 2, 13).long()
+    inputs = {"input_ids": src, "attention_mask": am, "decoder_input_ids": tgt, "decoder_attention_mask": dam}
+    _check_against_sdpa(model, inputs, dam.bool())
+
+
+def test_t5_position_bias_is_refused():
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, dropout_rate=0.0)
+    model = _model(cfg, cls=transformers.AutoModelForSeq2SeqLM).eval()
+    with pytest.raises(NotImplementedError, match="position_bias"):
+        model(input_ids=_tokens(1, 9), decoder_input_ids=_tokens(1, 5))
+
+
+def test_vit_classifier():
+    # transformers builds a vision encoder a bidirectional mask without padding: full attention.
+    cfg = transformers.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=5,
+    )
+    model = _model(cfg, cls=transformers.AutoModelForImageClassification).train()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    _check_against_sdpa(model, {"pixel_values": pixels}, torch.ones(2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("L_q, L_k", [(9, 9), (1, 9), (5, 12)])
+@pytest.mark.parametrize("window", [None, 4])
+def test_attention_without_a_mask_follows_sdpa(causal, L_q, L_k, window):
+    """No mask from transformers: as SDPA's `is_causal` (top-left; a single query sees every
+    key), within `sliding_window` as transformers' masks state it (kv > q − w)."""
+    module = torch.nn.Module()
+    module.is_causal = causal
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 8, generator=g, dtype=torch.float64) for n in (L_q, L_k, L_k))
+    if window is not None and not causal:
+        with pytest.raises(NotImplementedError, match="sliding_window"):
+            mt.attention_forward(module, q.float(), k.float(), v.float(), None, sliding_window=window)
+        return
+    out, _ = mt.attention_forward(module, q.float(), k.float(), v.float(), None, sliding_window=window)
+    i = torch.arange(L_q).view(-1, 1) + (L_k - 1 if L_q == 1 else 0)  # the query's absolute position
+    j = torch.arange(L_k).view(1, -1)
+    allowed = (j <= i) if causal else torch.ones(L_q, L_k, dtype=torch.bool)
+    if window is not None:
+        allowed = allowed & (j > i - window)
+    golden, _ = attend(q, k, v, allowed)
+    naive, _ = attend(q.float(), k.float(), v.float(), allowed)
+    assert max_err(out.transpose(1, 2), golden) <= 2 * max_err(naive, golden) + 1e-5
