@@ -24,7 +24,7 @@ impl Prog {
 
     fn contains(&self, x: usize) -> bool {
         x >= self.start
-            && (x - self.start) % self.step == 0
+            && (x - self.start).is_multiple_of(self.step)
             && (x - self.start) / self.step < self.count
     }
 
@@ -240,7 +240,7 @@ pub(crate) fn natten_check(
     if dilation == 0 {
         return Err("DILATION must be at least 1".into());
     }
-    if kernel % 2 == 0 {
+    if kernel.is_multiple_of(2) {
         return Err(format!("KERNEL must be odd, not {kernel}"));
     }
     for (n, name) in [(height, "HEIGHT"), (width, "WIDTH")] {
@@ -266,7 +266,7 @@ pub(crate) fn swin_check(
         return Err("WINDOW must be at least 1".into());
     }
     for (n, name) in [(height, "HEIGHT"), (width, "WIDTH")] {
-        if n == 0 || n % window != 0 {
+        if n == 0 || !n.is_multiple_of(window) {
             return Err(format!("WINDOW {window} must divide {name} {n}"));
         }
     }

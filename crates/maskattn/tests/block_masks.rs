@@ -136,8 +136,8 @@ fn every_kind(s: &MaskShape, rng: &mut Rng) -> Vec<Mask> {
             // The largest window that divides both sides, shifted by half of it.
             let (h, w) = grid_of(s.lk);
             let win = (1..=h.min(w))
-                .filter(|x| h % x == 0 && w % x == 0)
-                .last()
+                .rev()
+                .find(|x| h.is_multiple_of(*x) && w.is_multiple_of(*x))
                 .unwrap();
             Mask::swin(h, w, win, win / 2)
         },
