@@ -207,35 +207,51 @@ def mask(expr: str, **data) -> Mask:
 
 
 def _usage(term: tuple) -> str:
-    """``window(LEFT,RIGHT)``, as the kernel crate writes a term in messages."""
-    name, params, repeats = term[0], term[1], term[2]
+    """``window(LEFT,RIGHT)``, ``chunked(C[,LEFT])``, as the kernel crate writes a term in
+    messages."""
+    name, params, repeats, optional = term[0], term[1], term[2], term[5]
     if not params:
         return name
     more = f"[,{params[-1]}…]" if repeats else ""
-    return f"{name}({','.join(params)}{more})"
+    required, rest = params[: len(params) - optional], params[len(params) - optional :]
+    return f"{name}({','.join(required)}{''.join(f'[,{p}]' for p in rest)}{more})"
 
 
-def _structured(name: str, params: Sequence[str], repeats: bool, doc: str):
-    """The Python constructor of one structured term of the kernel crate's list."""
+def _structured(name: str, params: Sequence[str], repeats: bool, doc: str, optional: int = 0):
+    """The Python constructor of one structured term of the kernel crate's list. The last
+    ``optional`` numbers may be left out (``chunked(c)`` or ``chunked(c, left)``)."""
     pyname = name.replace("-", "_")
     args = [p.lower() for p in params]
-    usage = _usage((name, params, repeats))
+    usage = _usage((name, params, repeats, None, doc, optional))
+    required = len(args) - optional
 
     def constructor(*numbers, **named) -> Mask:
         for a in args[len(numbers):]:
             if a in named:
                 numbers = numbers + (named.pop(a),)
+        # An optional number given as None is left out: ``chunked(c, left=None)`` is ``chunked(c)``.
+        while len(numbers) > required and len(numbers) <= len(args) and numbers[-1] is None:
+            numbers = numbers[:-1]
         if named:
             raise TypeError(f"{pyname}() got an unexpected keyword argument {next(iter(named))!r}")
-        if len(numbers) < len(args) or (len(numbers) > len(args) and not repeats):
-            raise TypeError(f"{pyname}() takes {len(args)} numbers, {usage}; got {len(numbers)}")
+        if len(numbers) < required or (len(numbers) > len(args) and not repeats):
+            count = f"{required} to {len(args)}" if optional else f"{len(args)}"
+            raise TypeError(f"{pyname}() takes {count} numbers, {usage}; got {len(numbers)}")
         for n, x in enumerate(numbers):
             what = args[min(n, len(args) - 1)]
             if isinstance(x, bool) or not isinstance(x, int) or x < 0:
                 raise ValueError(f"{pyname}: {what} must be an int ≥ 0, got {x!r}")
         return Mask(("term", name, tuple(numbers)))
 
-    sig = [inspect.Parameter(a, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int) for a in args]
+    sig = [
+        inspect.Parameter(
+            a,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            annotation=int,
+            **({} if n < required else {"default": None}),
+        )
+        for n, a in enumerate(args)
+    ]
     if repeats:  # `prefix(p, *more)`: one number for every batch row, or one per row
         sig.append(inspect.Parameter("more", inspect.Parameter.VAR_POSITIONAL, annotation=int))
     constructor.__signature__ = inspect.Signature(sig, return_annotation=Mask)
@@ -249,7 +265,7 @@ def _structured(name: str, params: Sequence[str], repeats: bool, doc: str):
 _STRUCTURED = []
 for _term in _TERMS:
     if not _term[3]:
-        _f = _structured(_term[0], _term[1], _term[2], _term[4])
+        _f = _structured(_term[0], _term[1], _term[2], _term[4], _term[5])
         globals()[_f.__name__] = _f
         _STRUCTURED.append(_f.__name__)
 del _term, _f

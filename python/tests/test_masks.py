@@ -33,11 +33,16 @@ DATA = {"key_padding": LENGTHS, "documents": IDS, "dense": DENSE}
 
 def structured_examples():
     """One mask per structured term of the kernel crate's list, built by the generated
-    constructor with small numbers that fit (L, L) = (70, 70): neighbourhood needs
-    height × width = L_k."""
-    numbers = {"neighbourhood": (7, 10, 1), "prefix": (5,)}
+    constructor with small numbers that fit (L, L) = (70, 70): the grid masks need
+    height × width = L_k (and swin a window dividing both sides)."""
+    numbers = {
+        "neighbourhood": (7, 10, 1),
+        "natten": (7, 10, 3, 2),
+        "swin": (7, 10, 1, 0),
+        "prefix": (5,),
+    }
     out = []
-    for name, params, repeats, is_data, _doc in native.terms():
+    for name, params, repeats, is_data, _doc, _optional in native.terms():
         if is_data:
             continue
         args = numbers.get(name, tuple(range(3, 3 + len(params))))
@@ -305,3 +310,50 @@ def test_a_long_chain_builds_in_linear_time_and_means_the_intersection():
     assert (maskattn.attention(q, k, v, m).double() - want).abs().max() < 1e-5
     back = maskattn.mask(text, key_padding=list(m._tensors))
     assert torch.equal(maskattn.attention(q, k, v, back), maskattn.attention(q, k, v, m))
+
+
+def test_domain_masks_take_their_optional_numbers_and_read_back():
+    """natten's dilation and chunked's left context may be left out (or given as None);
+    each prints in the Rust grammar and ``maskattn.mask`` reads it back. The definitions
+    themselves are tested against their references in the kernel crate (domain_masks.rs)."""
+    cases = [
+        (maskattn.natten(7, 10, 3), "natten(7,10,3)"),
+        (maskattn.natten(7, 10, 3, 2), "natten(7,10,3,2)"),
+        (maskattn.natten(7, 10, 3, dilation=2), "natten(7,10,3,2)"),
+        (maskattn.natten(7, 10, 3, None), "natten(7,10,3)"),
+        (maskattn.swin(7, 10, 1, 0), "swin(7,10,1,0)"),
+        (maskattn.chunked(8), "chunked(8)"),
+        (maskattn.chunked(8, left=None), "chunked(8)"),
+        (maskattn.chunked(8, 2), "chunked(8,2)"),
+    ]
+    for m, text in cases:
+        assert repr(m) == text
+        assert repr(maskattn.mask(repr(m))) == text
+    import inspect
+
+    assert str(inspect.signature(maskattn.chunked)) == "(c: int, left: int = None) -> maskattn.masks.Mask"
+    assert "chunked(C[,LEFT])" in maskattn.chunked.__doc__
+    assert "natten(HEIGHT,WIDTH,KERNEL[,DILATION])" in maskattn.natten.__doc__
+    # The masks are what the kernels run: swin(.., 1, 0) is one patch alone, the identity.
+    q, k, v = qkv(lq=70, lk=70)
+    out = maskattn.attention(q, k, v, maskattn.swin(7, 10, 1, 0))
+    torch.testing.assert_close(out, v)
+    # chunked(c) is block-causal(c): the same pairs.
+    a = maskattn.chunked(7).compile(B, H, L, L)
+    b = maskattn.block_causal(7).compile(B, H, L, L)
+    assert (a.skipped_tile_fraction, a.hidden_pair_fraction) == (b.skipped_tile_fraction, b.hidden_pair_fraction)
+    with pytest.raises(TypeError, match="takes 1 to 2 numbers"):
+        maskattn.chunked()
+    for bad, want in [
+        (lambda: maskattn.natten(7, 10, 4), "KERNEL must be odd"),
+        (lambda: maskattn.natten(7, 10, 3, 3), "exceeds HEIGHT 7"),
+        (lambda: maskattn.swin(7, 10, 2, 0), "WINDOW 2 must divide HEIGHT 7"),
+        (lambda: maskattn.swin(8, 8, 4, 4), "SHIFT 4 must be less than WINDOW 4"),
+        (lambda: maskattn.chunked(0, 1), "at least 1"),
+        (lambda: maskattn.mask("natten(7,10,5,2)"), "exceeds HEIGHT 7"),
+    ]:
+        with pytest.raises(ValueError, match=want):
+            bad()
+    # A grid that is not L_k positions is refused when compiled, naming the shape.
+    with pytest.raises(ValueError, match="a 7 x 9 natten grid needs L_k = 63, not 70"):
+        maskattn.natten(7, 9, 3).compile(B, H, L, L)

@@ -44,12 +44,26 @@ fn value_error(e: maskattn::AttnError) -> PyErr {
     PyValueError::new_err(e.to_string())
 }
 
-/// The kernel crate's terms: `(name, params, repeats, is_data, doc)` for each.
+/// One term: `(name, params, repeats, is_data, doc, optional)`.
+type TermRow = (
+    &'static str,
+    Vec<&'static str>,
+    bool,
+    bool,
+    &'static str,
+    usize,
+);
+
+/// The kernel crate's terms: `(name, params, repeats, is_data, doc, optional)` for each,
+/// `optional` being how many of the last params may be left out.
 #[pyfunction]
-pub fn terms() -> Vec<(&'static str, Vec<&'static str>, bool, bool, &'static str)> {
+pub fn terms() -> Vec<TermRow> {
     MASK_TERMS
         .iter()
-        .map(|t: &MaskTerm| (t.name, t.params.to_vec(), t.repeats, t.is_data(), t.doc))
+        .map(|t: &MaskTerm| {
+            let params = t.params.to_vec();
+            (t.name, params, t.repeats, t.is_data(), t.doc, t.optional)
+        })
         .collect()
 }
 

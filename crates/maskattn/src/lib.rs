@@ -54,6 +54,7 @@ mod error;
 mod forward;
 mod gemm;
 mod mask;
+mod mask_grid;
 mod mask_shape;
 mod mask_syntax;
 mod mask_terms;

@@ -6,7 +6,9 @@
 //! not   := '!'* atom                 `!` tightest
 //! atom  := '(' expr ')' | term
 //! term  := full | causal | causal-top-left | window(LEFT,RIGHT) | chunks(C)
-//!        | block-causal(C) | neighbourhood(HEIGHT,WIDTH,RADIUS) | prefix(P[,P…])
+//!        | block-causal(C) | neighbourhood(HEIGHT,WIDTH,RADIUS)
+//!        | natten(HEIGHT,WIDTH,KERNEL[,DILATION]) | swin(HEIGHT,WIDTH,WINDOW,SHIFT)
+//!        | chunked(C[,LEFT]) | prefix(P[,P…])
 //!        | NAME                      a data term, bound by the caller
 //! ```
 //!
@@ -462,6 +464,29 @@ fn write_leaf(m: &Mask, f: &mut fmt::Formatter<'_>, with_data: bool) -> fmt::Res
             width,
             radius,
         } => write!(f, "neighbourhood({height},{width},{radius})"),
+        Mask::Natten {
+            height,
+            width,
+            kernel,
+            dilation: 1,
+        } => write!(f, "natten({height},{width},{kernel})"),
+        Mask::Natten {
+            height,
+            width,
+            kernel,
+            dilation,
+        } => write!(f, "natten({height},{width},{kernel},{dilation})"),
+        Mask::Swin {
+            height,
+            width,
+            window,
+            shift,
+        } => write!(f, "swin({height},{width},{window},{shift})"),
+        Mask::Chunked { size, left: None } => write!(f, "chunked({size})"),
+        Mask::Chunked {
+            size,
+            left: Some(left),
+        } => write!(f, "chunked({size},{left})"),
         Mask::Prefix(p) => {
             f.write_str("prefix(")?;
             for (n, x) in p.iter().enumerate() {

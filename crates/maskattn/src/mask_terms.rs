@@ -8,6 +8,7 @@
 
 use crate::error::{AttnError, Result};
 use crate::mask::Mask;
+use crate::mask_grid::{natten_check, swin_check};
 
 /// Builds a structured term's mask from its numbers, or says why they do not fit.
 pub type BuildTerm = fn(&[usize]) -> std::result::Result<Mask, String>;
@@ -22,6 +23,8 @@ pub struct MaskTerm {
     pub params: &'static [&'static str],
     /// Whether more numbers like the last may follow (`prefix(P,P,…)`: one per batch row).
     pub repeats: bool,
+    /// How many of the last `params` may be left out (`chunked(C[,LEFT])`: 1).
+    pub optional: usize,
     /// One line saying what it does.
     pub doc: &'static str,
     /// Builds the mask from its numbers, or says why they do not fit; `None` for a data
@@ -35,7 +38,8 @@ impl MaskTerm {
         self.build.is_none()
     }
 
-    /// How the grammar writes it, numbers by name: `window(LEFT,RIGHT)`, `prefix(P[,P…])`.
+    /// How the grammar writes it, numbers by name: `window(LEFT,RIGHT)`, `prefix(P[,P…])`,
+    /// `chunked(C[,LEFT])`.
     pub fn usage(&self) -> String {
         if self.params.is_empty() {
             return self.name.to_string();
@@ -45,7 +49,9 @@ impl MaskTerm {
         } else {
             String::new()
         };
-        format!("{}({}{more})", self.name, self.params.join(","))
+        let (required, optional) = self.params.split_at(self.params.len() - self.optional);
+        let optional: String = optional.iter().map(|p| format!("[,{p}]")).collect();
+        format!("{}({}{optional}{more})", self.name, required.join(","))
     }
 
     /// The term called `name`.
@@ -60,6 +66,7 @@ pub const MASK_TERMS: &[MaskTerm] = &[
         name: "full",
         params: &[],
         repeats: false,
+        optional: 0,
         doc: "every query sees every key",
         build: Some(|_| Ok(Mask::full())),
     },
@@ -67,6 +74,7 @@ pub const MASK_TERMS: &[MaskTerm] = &[
         name: "causal",
         params: &[],
         repeats: false,
+        optional: 0,
         doc: "j ≤ i + (L_k − L_q): causal, bottom-right aligned (the last query sees the last key)",
         build: Some(|_| Ok(Mask::causal())),
     },
@@ -74,6 +82,7 @@ pub const MASK_TERMS: &[MaskTerm] = &[
         name: "causal-top-left",
         params: &[],
         repeats: false,
+        optional: 0,
         doc: "j ≤ i: causal, top-left aligned (PyTorch's is_causal when L_q ≠ L_k)",
         build: Some(|_| Ok(Mask::causal_top_left())),
     },
@@ -81,6 +90,7 @@ pub const MASK_TERMS: &[MaskTerm] = &[
         name: "window",
         params: &["LEFT", "RIGHT"],
         repeats: false,
+        optional: 0,
         doc: "i' − LEFT ≤ j ≤ i' + RIGHT with i' = i + (L_k − L_q): a sliding window",
         build: Some(|a| match a {
             [l, r] => Ok(Mask::window(*l, *r)),
@@ -91,6 +101,7 @@ pub const MASK_TERMS: &[MaskTerm] = &[
         name: "chunks",
         params: &["C"],
         repeats: false,
+        optional: 0,
         doc: "⌊j/C⌋ = ⌊i'/C⌋: local attention in fixed chunks of C positions",
         build: Some(|a| chunk_size(a).map(Mask::chunks)),
     },
@@ -98,6 +109,7 @@ pub const MASK_TERMS: &[MaskTerm] = &[
         name: "block-causal",
         params: &["C"],
         repeats: false,
+        optional: 0,
         doc: "⌊j/C⌋ ≤ ⌊i'/C⌋: a query's whole chunk of C positions and every earlier one",
         build: Some(|a| chunk_size(a).map(Mask::block_causal)),
     },
@@ -105,6 +117,7 @@ pub const MASK_TERMS: &[MaskTerm] = &[
         name: "neighbourhood",
         params: &["HEIGHT", "WIDTH", "RADIUS"],
         repeats: false,
+        optional: 0,
         doc: "positions on a HEIGHT × WIDTH grid in raster order; rows and columns at most RADIUS apart",
         build: Some(|a| match a {
             [h, w, r] if *h > 0 && *w > 0 => Ok(Mask::neighbourhood(*h, *w, *r)),
@@ -114,9 +127,56 @@ pub const MASK_TERMS: &[MaskTerm] = &[
         }),
     },
     MaskTerm {
+        name: "natten",
+        params: &["HEIGHT", "WIDTH", "KERNEL", "DILATION"],
+        repeats: false,
+        optional: 1,
+        doc: "NATTEN neighbourhood attention on a HEIGHT × WIDTH grid in raster order: a \
+              KERNEL × KERNEL window (odd KERNEL), its centre clamped inside the grid; keys \
+              DILATION apart (default 1)",
+        build: Some(|a| {
+            let (h, w, k, d) = match a {
+                [h, w, k] => (*h, *w, *k, 1),
+                [h, w, k, d] => (*h, *w, *k, *d),
+                _ => {
+                    return Err("natten takes a grid and a kernel, and a dilation or not: \
+                                natten(HEIGHT,WIDTH,KERNEL[,DILATION])"
+                        .into())
+                }
+            };
+            natten_check(h, w, k, d).map(|()| Mask::natten_dilated(h, w, k, d))
+        }),
+    },
+    MaskTerm {
+        name: "swin",
+        params: &["HEIGHT", "WIDTH", "WINDOW", "SHIFT"],
+        repeats: false,
+        optional: 0,
+        doc: "Swin windows on a HEIGHT × WIDTH grid in raster order: WINDOW × WINDOW windows \
+              of the grid rolled by −SHIFT, wrapped-around regions kept apart (SHIFT 0: plain)",
+        build: Some(|a| match a {
+            [h, w, win, s] => swin_check(*h, *w, *win, *s).map(|()| Mask::swin(*h, *w, *win, *s)),
+            _ => Err("swin takes a grid, a window and a shift, swin(HEIGHT,WIDTH,WINDOW,SHIFT)".into()),
+        }),
+    },
+    MaskTerm {
+        name: "chunked",
+        params: &["C", "LEFT"],
+        repeats: false,
+        optional: 1,
+        doc: "WeNet's chunk mask: ⌊i'/C⌋ − LEFT ≤ ⌊j/C⌋ ≤ ⌊i'/C⌋, a query's chunk of C \
+              positions and LEFT chunks before it (no LEFT: every earlier chunk)",
+        build: Some(|a| match a {
+            [_] => chunk_size(a).map(|c| Mask::chunked(c, None)),
+            [c, l] => chunk_size(&[*c]).map(|c| Mask::chunked(c, Some(*l))),
+            _ => Err("chunked takes a chunk size and a number of left chunks or not, chunked(C[,LEFT])".into()),
+        }),
+    },
+    MaskTerm {
         name: "prefix",
         params: &["P"],
         repeats: true,
+        optional: 0,
         doc: "prefix-LM: j < P or causal; one P for every batch row, or one per row",
         build: Some(|a| match a {
             [] => Err("prefix takes one number, or one per batch row".into()),
@@ -128,6 +188,7 @@ pub const MASK_TERMS: &[MaskTerm] = &[
         name: "key-padding",
         params: &[],
         repeats: false,
+        optional: 0,
         doc: "key padding: j < length[b], or a keep vector [B|1, L_k]",
         build: None,
     },
@@ -135,6 +196,7 @@ pub const MASK_TERMS: &[MaskTerm] = &[
         name: "query-padding",
         params: &[],
         repeats: false,
+        optional: 0,
         doc: "query padding: i < length[b]",
         build: None,
     },
@@ -142,6 +204,7 @@ pub const MASK_TERMS: &[MaskTerm] = &[
         name: "documents",
         params: &[],
         repeats: false,
+        optional: 0,
         doc: "packed documents: a query sees the keys of its own document",
         build: None,
     },
@@ -149,6 +212,7 @@ pub const MASK_TERMS: &[MaskTerm] = &[
         name: "dense",
         params: &[],
         repeats: false,
+        optional: 0,
         doc: "a boolean array [B|1, H|1, L_q, L_k], true = may attend",
         build: None,
     },
@@ -156,6 +220,7 @@ pub const MASK_TERMS: &[MaskTerm] = &[
         name: "fn",
         params: &[],
         repeats: false,
+        optional: 0,
         doc: "a function of (b, h, i, j)",
         build: None,
     },
@@ -163,6 +228,7 @@ pub const MASK_TERMS: &[MaskTerm] = &[
         name: "per-head",
         params: &[],
         repeats: false,
+        optional: 0,
         doc: "a different mask for each query head",
         build: None,
     },

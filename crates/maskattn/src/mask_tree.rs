@@ -154,6 +154,37 @@ impl PartialEq for Mask {
                         radius: r2,
                     },
                 ) => (height, width, radius) == (h2, w2, r2),
+                (
+                    Mask::Natten {
+                        height,
+                        width,
+                        kernel,
+                        dilation,
+                    },
+                    Mask::Natten {
+                        height: h2,
+                        width: w2,
+                        kernel: k2,
+                        dilation: d2,
+                    },
+                ) => (height, width, kernel, dilation) == (h2, w2, k2, d2),
+                (
+                    Mask::Swin {
+                        height,
+                        width,
+                        window,
+                        shift,
+                    },
+                    Mask::Swin {
+                        height: h2,
+                        width: w2,
+                        window: win2,
+                        shift: s2,
+                    },
+                ) => (height, width, window, shift) == (h2, w2, win2, s2),
+                (Mask::Chunked { size, left }, Mask::Chunked { size: s2, left: l2 }) => {
+                    (size, left) == (s2, l2)
+                }
                 (Mask::KeyLengths(x), Mask::KeyLengths(y))
                 | (Mask::QueryLengths(x), Mask::QueryLengths(y))
                 | (Mask::Prefix(x), Mask::Prefix(y)) => x == y,

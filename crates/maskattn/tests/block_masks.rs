@@ -127,6 +127,22 @@ fn every_kind(s: &MaskShape, rng: &mut Rng) -> Vec<Mask> {
         Mask::neighbourhood(grid_of(s.lk).0, grid_of(s.lk).1, 1),
         Mask::neighbourhood(grid_of(s.lk).0, grid_of(s.lk).1, 3) & Mask::causal(),
         Mask::neighbourhood(1, s.lk, 2),
+        {
+            let (h, w) = grid_of(s.lk);
+            Mask::natten(h, w, if h.min(w) >= 3 { 3 } else { 1 })
+        },
+        Mask::natten(1, s.lk, 1) & Mask::causal(),
+        {
+            // The largest window that divides both sides, shifted by half of it.
+            let (h, w) = grid_of(s.lk);
+            let win = (1..=h.min(w))
+                .rev()
+                .find(|x| h.is_multiple_of(*x) && w.is_multiple_of(*x))
+                .unwrap();
+            Mask::swin(h, w, win, win / 2)
+        },
+        Mask::chunked(7, Some(1)),
+        Mask::chunked(5, None) & Mask::window(9, usize::MAX),
     ]
 }
 
