@@ -20,9 +20,13 @@ pub(super) struct RowTerms {
 
 /// The row terms of a checked call; with `sinks` (the call's, where `dsinks` is wanted),
 /// `dsinks` receives `−Σ_{b,i} e^{sink_h − LSE_i} D_i`.
+///
+/// With a gradient `dlse` of the loss with respect to `LSE` (one per row), `D_i` becomes
+/// `dO_i · O_i − dLSE_i`: `∂LSE_i/∂x_ij = P_ij`, so `dS_ij = P_ij (dP_ij − D_i + dLSE_i)`, and
+/// every use of `D` (the tasks' `dS`, `dsinks`) takes the LSE's gradient with it.
 pub(super) fn row_terms<T: Element>(
     q: &View<T>,
-    (out, dout, lse): (&View<f32>, &View<f32>, &[f32]),
+    (out, dout, lse, dlse): (&View<f32>, &View<f32>, &[f32], Option<&[f32]>),
     block: &BlockMask,
     dims: &AttnDims,
     sinks: Option<&[f32]>,
@@ -52,6 +56,9 @@ pub(super) fn row_terms<T: Element>(
                 q.load_rows(b, h, i, &mut qr);
                 // SAFETY: `DotInOrder` reads only its two slices.
                 *x = unsafe { simd::run(DotInOrder(&o, &g)) };
+                if let Some(dl) = dlse {
+                    *x -= dl[bh * lq + i];
+                }
                 fin[i / tq] &= pack::all_finite(&g) & pack::all_finite(&qr);
                 // dsink_h −= e^(sink_h − LSE_i) D_i. A row that allows nothing has O = 0 and
                 // so D = 0, unless its dO is not finite (0 · NaN): such a row has no
