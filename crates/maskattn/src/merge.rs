@@ -26,9 +26,9 @@ const ROWS: usize = 64;
 /// `O = 0`, `LSE = −∞` — never NaN. A NaN or +∞ LSE on either side (a forward that met a NaN or
 /// +∞ score) makes the row's `O` and `LSE` NaN, as the forward over all keys would.
 ///
-/// Attention sinks: a sink is part of the softmax once per row, so give it to the forward of
-/// exactly one key block of each query row (the merge adds LSEs; a sink in two parts would
-/// count twice).
+/// Attention sinks: a sink is a part of its own, with no value — run the blocks' forwards
+/// without it and merge `(O = 0, LSE = sink_h)` once per row (a sink in every block's forward
+/// would count once per block).
 pub fn merge_partials(
     out: &mut [f32],
     lse: &mut [f32],

@@ -8,7 +8,7 @@ mod common;
 
 use std::ops::Range;
 
-use common::blocks::{cuts, lse_loss_grads, Problem};
+use common::blocks::{cuts, lse_loss_grads, Problem, With};
 use common::{assert_close, grid_of, random_dense, report, Rng, EPS_F32};
 use maskattn::{reference, AttnError, BlockMask, Mask, MaskShape, Params, Qkv, Upstream, View};
 
@@ -123,7 +123,7 @@ fn blocks_of_every_mask_kind_equal_the_whole_problem() {
             let ng = reference::backward::<f32>(&q, &k, &v, &mask, &par, &dout).unwrap();
             for (qb, kb, tiles) in &grids {
                 let at = format!("{name}, {lq} x {lk}, blocks {qb:?} x {kb:?}, tiles {tiles:?}");
-                let r = p.run_blocked((&p.q, &p.k, &p.v), &mask, qb, kb, *tiles, false);
+                let r = p.run_blocked((&p.q, &p.k, &p.v), &mask, qb, kb, *tiles, With::default());
                 assert_close(
                     &format!("out ({at})"),
                     &r.out,
@@ -222,8 +222,92 @@ fn backward_with_dlse_is_the_gradient_of_a_loss_using_the_lse() {
         check("whole", [&g.dq, &g.dk, &g.dv]);
         // 3 x 3 blocks, 64 / 70 / 69.
         let thirds = cuts(203, &[64, 134]);
-        let r = p.run_blocked((&p.q, &p.k, &p.v), &mask, &thirds, &thirds, (64, 64), true);
+        let r = p.run_blocked(
+            (&p.q, &p.k, &p.v),
+            &mask,
+            &thirds,
+            &thirds,
+            (64, 64),
+            With {
+                dlse: true,
+                ..With::default()
+            },
+        );
         check("3 x 3 blocks", [&r.grads.dq, &r.grads.dk, &r.grads.dv]);
+    }
+}
+
+/// Soft-capping and attention sinks on 3 × 3 blocks: the sink merged once as a part of its
+/// own (`O = 0`, `LSE = sink_h`), its gradient from one key block per query block; output,
+/// LSE, dq / dk / dv and dsinks equal the reference on the whole problem.
+#[test]
+fn softcap_and_sinks_work_on_blocks() {
+    let mut rng = Rng::new(2203);
+    let p = Problem::new(rng.next_u64(), [2, 2, 1, 203, 203, 16]);
+    let sinks = [0.7f32, -0.4];
+    let par = Params::default().with_softcap(5.0).with_sinks(&sinks);
+    let q = View::bhld("q", &p.q, [2, 2, 203, 16]).unwrap();
+    let k = View::bhld("k", &p.k, [2, 1, 203, 16]).unwrap();
+    let v = View::bhld("v", &p.v, [2, 1, 203, 16]).unwrap();
+    let dout = View::bhld("dout", &p.dout, [2, 2, 203, 16]).unwrap();
+    let thirds = cuts(203, &[64, 134]);
+    let with = With {
+        softcap: Some(5.0),
+        sinks: Some(&sinks),
+        ..With::default()
+    };
+    for (name, mask) in [
+        ("causal", Mask::causal()),
+        ("documents", Mask::documents(doc_ids(203), 2)),
+        ("query padding", Mask::query_padding(vec![150, 90])),
+    ] {
+        let gold = reference::forward::<f64>(&q, &k, &v, &mask, &par).unwrap();
+        let naive = reference::forward::<f32>(&q, &k, &v, &mask, &par).unwrap();
+        let gg = reference::backward::<f64>(&q, &k, &v, &mask, &par, &dout).unwrap();
+        let ng = reference::backward::<f32>(&q, &k, &v, &mask, &par, &dout).unwrap();
+        let r = p.run_blocked((&p.q, &p.k, &p.v), &mask, &thirds, &thirds, (64, 64), with);
+        assert_close(
+            &format!("out ({name})"),
+            &r.out,
+            &gold.out,
+            &naive.out,
+            EPS_F32,
+        );
+        assert_close(
+            &format!("lse ({name})"),
+            &r.lse,
+            &gold.lse,
+            &naive.lse,
+            EPS_F32,
+        );
+        assert_close(
+            &format!("dq ({name})"),
+            &r.grads.dq,
+            &gg.dq,
+            &ng.dq,
+            EPS_F32,
+        );
+        assert_close(
+            &format!("dk ({name})"),
+            &r.grads.dk,
+            &gg.dk,
+            &ng.dk,
+            EPS_F32,
+        );
+        assert_close(
+            &format!("dv ({name})"),
+            &r.grads.dv,
+            &gg.dv,
+            &ng.dv,
+            EPS_F32,
+        );
+        let (ds, gds, nds) = (
+            r.grads.params.dsinks.unwrap(),
+            gg.params.dsinks.unwrap(),
+            ng.params.dsinks.unwrap(),
+        );
+        let eps = 1e-5 * gds.iter().fold(1f64, |a, x| a.max(x.abs()));
+        assert_close(&format!("dsinks ({name})"), &ds, &gds, &nds, eps);
     }
 }
 
@@ -263,7 +347,14 @@ fn bf16_blocks_equal_the_whole_bf16_problem() {
             &Params::default(),
         )
         .unwrap();
-        let r = p.run_blocked((&qh, &kh, &vh), &mask, &thirds, &thirds, (64, 64), false);
+        let r = p.run_blocked(
+            (&qh, &kh, &vh),
+            &mask,
+            &thirds,
+            &thirds,
+            (64, 64),
+            With::default(),
+        );
         for (what, got, want) in [
             ("out", &r.out, &f.out),
             ("lse", &r.lse, &f.lse),

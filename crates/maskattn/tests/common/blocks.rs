@@ -97,7 +97,7 @@ impl Problem {
     }
 
     /// Forward of every (query block, key block) merged over key blocks, then the backward of
-    /// each from the merged output and LSE (`dLSE` when `with_dlse`), gradients summed. `q`,
+    /// each from the merged output and LSE (and what `with` adds), gradients summed. `q`,
     /// `k`, `v` are the problem's data in the storage type `T`. A block pair whose block mask
     /// is all empty is skipped in both passes (and counted).
     pub fn run_blocked<T: Element>(
@@ -107,9 +107,18 @@ impl Problem {
         q_blocks: &[Range<usize>],
         k_blocks: &[Range<usize>],
         tiles: (usize, usize),
-        with_dlse: bool,
+        with: With,
     ) -> Blocked {
-        let (shape, d, params) = (self.shape(), self.d, Params::default());
+        let (shape, d) = (self.shape(), self.d);
+        let params = match with.softcap {
+            Some(c) => Params::default().with_softcap(c),
+            None => Params::default(),
+        };
+        // The sinks' gradient: from one key block's backward per query block.
+        let params_sinks = match with.sinks {
+            Some(s) => params.with_sinks(s),
+            None => params,
+        };
         let mut out = vec![0f32; self.b * self.hq * self.lq * d];
         let mut lse = vec![f32::NEG_INFINITY; self.b * self.hq * self.lq];
         let compile = |qr: &Range<usize>, kr: &Range<usize>| {
@@ -129,6 +138,11 @@ impl Problem {
                 let f = maskattn::forward(&self.q_rows(q, qr), &kv, &vv, &bm, &params).unwrap();
                 maskattn::merge_partials(&mut o, &mut l, &f.out, &f.lse, d).unwrap();
             }
+            // A sink is one more part: no value, `LSE = sink_h`, once per row.
+            if let Some(sinks) = with.sinks {
+                let sink_lse: Vec<f32> = (0..n).map(|r| sinks[r / qr.len() % self.hq]).collect();
+                maskattn::merge_partials(&mut o, &mut l, &vec![0.0; n * d], &sink_lse, d).unwrap();
+            }
             // Scatter the block's rows into the whole problem's [B, H, L_q, ·].
             for (bh, (orow, lrow)) in o.chunks(qr.len() * d).zip(l.chunks(qr.len())).enumerate() {
                 let at = bh * self.lq + qr.start;
@@ -136,6 +150,7 @@ impl Problem {
                 lse[at..at + qr.len()].copy_from_slice(lrow);
             }
         }
+        let mut dsinks = with.sinks.map(|_| vec![0f32; self.hq]);
         let mut grads = Grads {
             dq: vec![0f32; self.q.len()],
             dk: vec![0f32; self.k.len()],
@@ -146,20 +161,27 @@ impl Problem {
             let (o, dout) = (self.q_rows(&out, qr), self.q_rows(&self.dout, qr));
             let (l, dl) = (self.lse_rows(&lse, qr), self.lse_rows(&self.dlse, qr));
             let up = Upstream::new(&dout);
-            let up = if with_dlse { up.with_dlse(&dl) } else { up };
+            let up = if with.dlse { up.with_dlse(&dl) } else { up };
+            let mut sinks_done = false;
             for kr in k_blocks {
                 let bm = compile(qr, kr);
                 if bm.all_empty() {
                     continue;
                 }
+                let par = if sinks_done { &params } else { &params_sinks };
+                sinks_done = true;
                 let (kv, vv) = (self.kv_rows("k", k, kr), self.kv_rows("v", v, kr));
                 let qkv = Qkv::new(&self.q_rows(q, qr), &kv, &vv);
-                let g = maskattn::backward_upstream(&qkv, &o, &l, up, &bm, &params).unwrap();
+                let g = maskattn::backward_upstream(&qkv, &o, &l, up, &bm, par).unwrap();
+                if let (Some(all), Some(part)) = (&mut dsinks, &g.params.dsinks) {
+                    all.iter_mut().zip(part).for_each(|(a, p)| *a += p);
+                }
                 add_rows(&mut grads.dq, &g.dq, (self.lq, qr), d);
                 add_rows(&mut grads.dk, &g.dk, (self.lk, kr), d);
                 add_rows(&mut grads.dv, &g.dv, (self.lk, kr), d);
             }
         }
+        grads.params.dsinks = dsinks;
         Blocked {
             out,
             lse,
@@ -167,6 +189,16 @@ impl Problem {
             skipped,
         }
     }
+}
+
+/// What a blocked run adds to plain attention: the loss's gradient through the LSE
+/// (`dLSE`), soft-capping, attention sinks (merged as a part of their own, `O = 0`,
+/// `LSE = sink_h`; their gradient from one key block's backward per query block).
+#[derive(Clone, Copy, Default)]
+pub struct With<'a> {
+    pub dlse: bool,
+    pub softcap: Option<f32>,
+    pub sinks: Option<&'a [f32]>,
 }
 
 /// Adds a block's `[B, H, len(r), d]` into rows `r` of the whole `[B, H, len, d]`.
