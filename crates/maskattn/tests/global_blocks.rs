@@ -69,7 +69,7 @@ type Cut = (Vec<Range<usize>>, Vec<Range<usize>>, (usize, usize));
 /// (203 = 64 + 70 + 69), with the kernels' 64 × 64 tiles and with small tiles that put
 /// several partial tiles in a block.
 fn grids(lq: usize, lk: usize, rng: &mut Rng) -> Vec<Cut> {
-    let one = vec![0..lq];
+    let one: Vec<Range<usize>> = std::iter::once(0..lq).collect();
     let split = 1 + rng.below(lk - 1);
     let thirds = |l: usize| cuts(l, &[l * 64 / 203, l * 134 / 203]);
     vec![

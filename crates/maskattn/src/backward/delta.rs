@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use super::grads::Upstream;
 use crate::block::{BlockMask, Tile};
 use crate::pack;
 use crate::shape::AttnDims;
@@ -21,12 +22,13 @@ pub(super) struct RowTerms {
 /// The row terms of a checked call; with `sinks` (the call's, where `dsinks` is wanted),
 /// `dsinks` receives `−Σ_{b,i} e^{sink_h − LSE_i} D_i`.
 ///
-/// With a gradient `dlse` of the loss with respect to `LSE` (one per row), `D_i` becomes
+/// With a gradient `up.dlse` of the loss with respect to `LSE` (one per row), `D_i` becomes
 /// `dO_i · O_i − dLSE_i`: `∂LSE_i/∂x_ij = P_ij`, so `dS_ij = P_ij (dP_ij − D_i + dLSE_i)`, and
 /// every use of `D` (the tasks' `dS`, `dsinks`) takes the LSE's gradient with it.
 pub(super) fn row_terms<T: Element>(
     q: &View<T>,
-    (out, dout, lse, dlse): (&View<f32>, &View<f32>, &[f32], Option<&[f32]>),
+    (out, lse): (&View<f32>, &[f32]),
+    up: &Upstream,
     block: &BlockMask,
     dims: &AttnDims,
     sinks: Option<&[f32]>,
@@ -39,6 +41,7 @@ pub(super) fn row_terms<T: Element>(
         d,
         ..
     } = *dims;
+    let (dout, dlse) = (&up.dout, up.dlse);
     let (tq, nq) = (block.tile_q(), block.grid().0);
     let mut delta = vec![0f32; batch * q_heads * lq];
     let mut rows_finite = vec![true; batch * q_heads * nq];

@@ -94,8 +94,7 @@ pub fn backward_upstream_into<T: Element>(
     params: &Params,
     grads: GradsMut<'_>,
 ) -> Result<()> {
-    let Upstream { dout, dlse } = up;
-    let dout = &dout;
+    let dout = &up.dout;
     let GradsMut {
         dq,
         dk,
@@ -105,13 +104,13 @@ pub fn backward_upstream_into<T: Element>(
     // Check: every shape, buffer and parameter, before any work.
     let lens = (dq.len(), dk.len(), dv.len());
     let (dims, scale) = check::call(qkv, (out, lse, dout), block, params, lens, &pg)?;
-    if let Some(dl) = dlse {
+    if let Some(dl) = up.dlse {
         AttnDims::check_buffer("dlse", dl.len(), lse.len(), "B * H_q * L_q")?;
     }
     // D: `D_i = dO_i · O_i` per query row, which query tiles are finite, and `dsinks`.
     let dsinks = pg.dsinks.take();
     let sinks = params.sinks.filter(|_| dsinks.is_some());
-    let rows = delta::row_terms(&qkv.q, (out, dout, lse, dlse), block, &dims, sinks, dsinks);
+    let rows = delta::row_terms(&qkv.q, (out, lse), &up, block, &dims, sinks, dsinks);
     // Tasks: (b, kv head, chunk of key tiles); then, per (b, kv head), reduce their results.
     let call = Call::new((&qkv.q, &qkv.k, &qkv.v), block, params, dims, scale);
     let pass = Pass::new(call, (dout, lse), rows, params, &pg);
