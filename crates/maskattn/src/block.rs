@@ -105,6 +105,9 @@ impl BlockMask {
     /// [`shape`](Self::shape) is `(B, H, len(q_range), len(k_range))`. Tiles start at the
     /// block's corner, so offsets need not be multiples of the tile size.
     ///
+    /// Score modifiers follow: ALiBi and T5 relative positions take the whole problem's
+    /// `j − i'`, and dropout its pattern, on such a block mask.
+    ///
     /// A block whose pairs the mask hides entirely has [`all_empty`](Self::all_empty): the
     /// caller can skip its forward and backward (they would return `LSE = −∞`, zero
     /// gradients) and need not send its keys and values. Ranges outside `global` are an
@@ -273,6 +276,15 @@ impl BlockMask {
     /// of the whole problem).
     pub fn offsets(&self) -> (usize, usize) {
         (self.q0, self.k0)
+    }
+
+    /// What a block adds to a local `j − i'` (`i' = i + L_k − L_q`, local lengths) to make it
+    /// the whole problem's `j − i'` at the same pair: `(k0 − q0) − (L_k − L_q)_global +
+    /// (L_k − L_q)_local`; 0 for the whole problem. The positional score terms (ALiBi, T5
+    /// buckets) and their gradients read their offsets through it.
+    pub(crate) fn position_shift(&self) -> i64 {
+        (self.k0 as i64 - self.q0 as i64) - self.global.bottom_right_offset()
+            + self.shape.bottom_right_offset()
     }
 
     /// Whether this is a block of a larger problem rather than the whole of it.

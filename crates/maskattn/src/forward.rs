@@ -154,7 +154,6 @@ pub fn forward_into<T: Element>(
     dims.check_bias(bias)?;
     params.check_mods(dims.q_heads)?;
     block.check_shape(dims.mask_shape())?;
-    params.check_block(block)?;
     let scale = dims.scale(params.scale)?;
     let call = Call::new((q, k, v), block, params, dims, scale);
     if dims.lq <= crate::decode::DECODE_MAX_LQ {

@@ -1,7 +1,6 @@
 //! What an attention call takes besides its tensors and its mask.
 
 use crate::bias::Bias;
-use crate::block::BlockMask;
 use crate::error::{AttnError, Result};
 use crate::score_mod::RelBias;
 
@@ -73,29 +72,6 @@ impl<'a> Params<'a> {
     /// Checks the score modifiers against the call's query heads: the soft-cap is positive
     /// and finite, slopes and sinks are finite with one per head, the relative-position
     /// table has one column per head.
-    /// Refuses what a kernel call on one block of a larger problem
-    /// ([`BlockMask::new_block`]) cannot yet do as the whole problem would: ALiBi and T5
-    /// relative positions, and dropout's pattern, are computed from the call's own positions,
-    /// not the global ones — a silent wrong result, so an error instead.
-    pub(crate) fn check_block(&self, block: &BlockMask) -> Result<()> {
-        if !block.is_block() {
-            return Ok(());
-        }
-        let unsupported = [
-            (self.alibi.is_some(), "ALiBi"),
-            (self.rel.is_some(), "T5 relative positions"),
-            (self.dropout.is_some(), "dropout"),
-        ];
-        match unsupported.iter().find(|(on, _)| *on) {
-            Some((_, name)) => Err(AttnError::BadScoreMod(format!(
-                "{name} is not supported on a block of a larger problem (a block mask from \
-                 BlockMask::new_block): it would use the block's positions, not the whole \
-                 problem's"
-            ))),
-            None => Ok(()),
-        }
-    }
-
     pub(crate) fn check_mods(&self, q_heads: usize) -> Result<()> {
         if let Some(c) = self.softcap {
             if !(c.is_finite() && c > 0.0) {

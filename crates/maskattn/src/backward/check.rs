@@ -29,7 +29,6 @@ pub(super) fn call<T: Element>(
     dims.check_like_q("out", out)?;
     dims.check_like_q("dout", dout)?;
     block.check_shape(dims.mask_shape())?;
-    params.check_block(block)?;
     let expected = dims.batch * dims.q_heads * dims.lq;
     if lse.len() != expected {
         return Err(AttnError::LseLength {

@@ -107,13 +107,10 @@ impl Problem {
         q_blocks: &[Range<usize>],
         k_blocks: &[Range<usize>],
         tiles: (usize, usize),
-        with: With,
+        with: With<'_>,
     ) -> Blocked {
         let (shape, d) = (self.shape(), self.d);
-        let params = match with.softcap {
-            Some(c) => Params::default().with_softcap(c),
-            None => Params::default(),
-        };
+        let params = with.params;
         // The sinks' gradient: from one key block's backward per query block.
         let params_sinks = match with.sinks {
             Some(s) => params.with_sinks(s),
@@ -150,7 +147,6 @@ impl Problem {
                 lse[at..at + qr.len()].copy_from_slice(lrow);
             }
         }
-        let mut dsinks = with.sinks.map(|_| vec![0f32; self.hq]);
         let mut grads = Grads {
             dq: vec![0f32; self.q.len()],
             dk: vec![0f32; self.k.len()],
@@ -173,15 +169,22 @@ impl Problem {
                 let (kv, vv) = (self.kv_rows("k", k, kr), self.kv_rows("v", v, kr));
                 let qkv = Qkv::new(&self.q_rows(q, qr), &kv, &vv);
                 let g = maskattn::backward_upstream(&qkv, &o, &l, up, &bm, par).unwrap();
-                if let (Some(all), Some(part)) = (&mut dsinks, &g.params.dsinks) {
-                    all.iter_mut().zip(part).for_each(|(a, p)| *a += p);
+                let (all, part) = (&mut grads.params, g.params);
+                for (all, part) in [
+                    (&mut all.dsinks, part.dsinks),
+                    (&mut all.dalibi, part.dalibi),
+                    (&mut all.drel, part.drel),
+                ] {
+                    if let Some(part) = part {
+                        let all = all.get_or_insert_with(|| vec![0f32; part.len()]);
+                        all.iter_mut().zip(&part).for_each(|(a, p)| *a += p);
+                    }
                 }
                 add_rows(&mut grads.dq, &g.dq, (self.lq, qr), d);
                 add_rows(&mut grads.dk, &g.dk, (self.lk, kr), d);
                 add_rows(&mut grads.dv, &g.dv, (self.lk, kr), d);
             }
         }
-        grads.params.dsinks = dsinks;
         Blocked {
             out,
             lse,
@@ -192,12 +195,13 @@ impl Problem {
 }
 
 /// What a blocked run adds to plain attention: the loss's gradient through the LSE
-/// (`dLSE`), soft-capping, attention sinks (merged as a part of their own, `O = 0`,
-/// `LSE = sink_h`; their gradient from one key block's backward per query block).
+/// (`dLSE`), the params of every block (soft-cap, ALiBi, T5 buckets, dropout: no sinks),
+/// attention sinks (merged as a part of their own, `O = 0`, `LSE = sink_h`; their gradient
+/// from one key block's backward per query block). Parameter gradients are summed over blocks.
 #[derive(Clone, Copy, Default)]
 pub struct With<'a> {
     pub dlse: bool,
-    pub softcap: Option<f32>,
+    pub params: Params<'a>,
     pub sinks: Option<&'a [f32]>,
 }
 
