@@ -8,22 +8,9 @@ mod common;
 
 use std::ops::Range;
 
-use common::blocks::{cuts, lse_loss_grads, Problem, With};
+use common::blocks::{cuts, doc_ids, lse_loss_grads, Problem, With};
 use common::{assert_close, grid_of, random_dense, report, Rng, EPS_F32};
 use maskattn::{reference, AttnError, BlockMask, Mask, MaskShape, Params, Qkv, Upstream, View};
-
-/// Document ids at global positions: documents end at 30, 75, 140, 190 (of 203) in batch
-/// row 0 and at 97, 150 in row 1 — crossing the block boundaries 64, 97, 134 — scaled to
-/// `len` positions.
-fn doc_ids(len: usize) -> Vec<i64> {
-    let at = |pos: usize, ends: &[usize]| {
-        let p = pos * 203 / len;
-        ends.iter().filter(|&&e| p >= e).count() as i64
-    };
-    let mut ids: Vec<i64> = (0..len).map(|i| at(i, &[30, 75, 140, 190])).collect();
-    ids.extend((0..len).map(|i| 10 + at(i, &[97, 150])));
-    ids
-}
 
 /// Every mask kind, with data for the whole problem `s` (B = 2): each is evaluated at
 /// global positions by the blocks.
@@ -237,165 +224,6 @@ fn backward_with_dlse_is_the_gradient_of_a_loss_using_the_lse() {
     }
 }
 
-/// Soft-capping and attention sinks on 3 × 3 blocks: the sink merged once as a part of its
-/// own (`O = 0`, `LSE = sink_h`), its gradient from one key block per query block; output,
-/// LSE, dq / dk / dv and dsinks equal the reference on the whole problem.
-#[test]
-fn softcap_and_sinks_work_on_blocks() {
-    let mut rng = Rng::new(2203);
-    let p = Problem::new(rng.next_u64(), [2, 2, 1, 203, 203, 16]);
-    let sinks = [0.7f32, -0.4];
-    let par = Params::default().with_softcap(5.0).with_sinks(&sinks);
-    let q = View::bhld("q", &p.q, [2, 2, 203, 16]).unwrap();
-    let k = View::bhld("k", &p.k, [2, 1, 203, 16]).unwrap();
-    let v = View::bhld("v", &p.v, [2, 1, 203, 16]).unwrap();
-    let dout = View::bhld("dout", &p.dout, [2, 2, 203, 16]).unwrap();
-    let thirds = cuts(203, &[64, 134]);
-    let with = With {
-        params: Params::default().with_softcap(5.0),
-        sinks: Some(&sinks),
-        ..With::default()
-    };
-    for (name, mask) in [
-        ("causal", Mask::causal()),
-        ("documents", Mask::documents(doc_ids(203), 2)),
-        ("query padding", Mask::query_padding(vec![150, 90])),
-    ] {
-        let gold = reference::forward::<f64>(&q, &k, &v, &mask, &par).unwrap();
-        let naive = reference::forward::<f32>(&q, &k, &v, &mask, &par).unwrap();
-        let gg = reference::backward::<f64>(&q, &k, &v, &mask, &par, &dout).unwrap();
-        let ng = reference::backward::<f32>(&q, &k, &v, &mask, &par, &dout).unwrap();
-        let r = p.run_blocked((&p.q, &p.k, &p.v), &mask, &thirds, &thirds, (64, 64), with);
-        assert_close(
-            &format!("out ({name})"),
-            &r.out,
-            &gold.out,
-            &naive.out,
-            EPS_F32,
-        );
-        assert_close(
-            &format!("lse ({name})"),
-            &r.lse,
-            &gold.lse,
-            &naive.lse,
-            EPS_F32,
-        );
-        assert_close(
-            &format!("dq ({name})"),
-            &r.grads.dq,
-            &gg.dq,
-            &ng.dq,
-            EPS_F32,
-        );
-        assert_close(
-            &format!("dk ({name})"),
-            &r.grads.dk,
-            &gg.dk,
-            &ng.dk,
-            EPS_F32,
-        );
-        assert_close(
-            &format!("dv ({name})"),
-            &r.grads.dv,
-            &gg.dv,
-            &ng.dv,
-            EPS_F32,
-        );
-        let (ds, gds, nds) = (
-            r.grads.params.dsinks.unwrap(),
-            gg.params.dsinks.unwrap(),
-            ng.params.dsinks.unwrap(),
-        );
-        let eps = 1e-5 * gds.iter().fold(1f64, |a, x| a.max(x.abs()));
-        assert_close(&format!("dsinks ({name})"), &ds, &gds, &nds, eps);
-    }
-}
-
-/// ALiBi, T5 relative positions and dropout on blocks: the positional terms take the
-/// whole problem's `j − i'` (bottom-right by the global lengths) and dropout the whole
-/// problem's pattern, so 3 × 3 blocks of self and cross attention, and the decode path (a
-/// query block of 3 rows), equal the reference on the whole problem — dalibi and drel summed
-/// over blocks included.
-#[test]
-fn positional_terms_and_dropout_work_on_blocks() {
-    report(&format!(
-        "positional_terms_and_dropout_work_on_blocks: ran {}",
-        maskattn::kernel_path()
-    ));
-    let mut rng = Rng::new(2204);
-    let slopes = maskattn::alibi_slopes(2);
-    let table: Vec<f32> = rng.vec(16 * 2);
-    let rel = maskattn::RelBias::new(&table, 16, 60, true).unwrap();
-    let dropout = maskattn::Dropout::new(0.2, 99).unwrap();
-    for (lq, lk) in [(203, 203), (150, 203)] {
-        let p = Problem::new(rng.next_u64(), [2, 2, 1, lq, lk, 16]);
-        let q = View::bhld("q", &p.q, [2, 2, lq, 16]).unwrap();
-        let k = View::bhld("k", &p.k, [2, 1, lk, 16]).unwrap();
-        let v = View::bhld("v", &p.v, [2, 1, lk, 16]).unwrap();
-        let dout = View::bhld("dout", &p.dout, [2, 2, lq, 16]).unwrap();
-        let thirds = |l: usize| cuts(l, &[l * 64 / 203, l * 134 / 203]);
-        let decode_rows = cuts(lq, &[lq - 3]); // the last block has 3 queries: the decode path
-        for (name, par) in [
-            ("alibi", Params::default().with_alibi(&slopes)),
-            ("t5", Params::default().with_rel(rel)),
-            ("dropout", Params::default().with_dropout(dropout)),
-            (
-                "all",
-                Params::default()
-                    .with_alibi(&slopes)
-                    .with_rel(rel)
-                    .with_dropout(dropout),
-            ),
-        ] {
-            let mask = Mask::causal() | Mask::prefix(9);
-            let gold = reference::forward::<f64>(&q, &k, &v, &mask, &par).unwrap();
-            let naive = reference::forward::<f32>(&q, &k, &v, &mask, &par).unwrap();
-            let gg = reference::backward::<f64>(&q, &k, &v, &mask, &par, &dout).unwrap();
-            let ng = reference::backward::<f32>(&q, &k, &v, &mask, &par, &dout).unwrap();
-            for qb in [thirds(lq), decode_rows.clone()] {
-                let at = format!("{name}, {lq} x {lk}, query blocks {qb:?}");
-                let with = With {
-                    params: par,
-                    ..With::default()
-                };
-                let r = p.run_blocked((&p.q, &p.k, &p.v), &mask, &qb, &thirds(lk), (64, 64), with);
-                assert_close(
-                    &format!("out ({at})"),
-                    &r.out,
-                    &gold.out,
-                    &naive.out,
-                    EPS_F32,
-                );
-                assert_close(
-                    &format!("lse ({at})"),
-                    &r.lse,
-                    &gold.lse,
-                    &naive.lse,
-                    EPS_F32,
-                );
-                let g = &r.grads;
-                assert_close(&format!("dq ({at})"), &g.dq, &gg.dq, &ng.dq, EPS_F32);
-                assert_close(&format!("dk ({at})"), &g.dk, &gg.dk, &ng.dk, EPS_F32);
-                assert_close(&format!("dv ({at})"), &g.dv, &gg.dv, &ng.dv, EPS_F32);
-                for (what, got, gold, naive) in [
-                    (
-                        "dalibi",
-                        &g.params.dalibi,
-                        &gg.params.dalibi,
-                        &ng.params.dalibi,
-                    ),
-                    ("drel", &g.params.drel, &gg.params.drel, &ng.params.drel),
-                ] {
-                    if let (Some(got), Some(gold), Some(naive)) = (got, gold, naive) {
-                        let eps = 1e-5 * gold.iter().fold(1f64, |a, x| a.max(x.abs()));
-                        assert_close(&format!("{what} ({at})"), got, gold, naive, eps);
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// bf16 storage: blocks read the bf16 inputs in place; merged output, LSE and summed
 /// gradients equal the whole problem's kernel results on the same bf16 inputs within one
 /// bf16 ulp at the results' scale (the whole problem's own accuracy is what
@@ -494,77 +322,9 @@ fn hidden_blocks_compile_to_all_empty_block_masks() {
     assert!(bm.all_empty());
 }
 
-/// `(O_a, LSE_a) ⊕ (O_b, LSE_b)` at the edges: a side with LSE −∞ leaves the other bit for
-/// bit (whatever its O holds), rows empty on both sides are `O = 0`, `LSE = −∞`, NaN or +∞ in
-/// an LSE makes the row NaN, and the order of the two sides does not matter beyond rounding.
-#[test]
-fn merge_partials_at_infinity_and_nan() {
-    let d = 3;
-    let ninf = f32::NEG_INFINITY;
-    let a_out = vec![
-        1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 0.0, 0.0, 0.0, 7.0, 8.0, 9.0, 1.0, 1.0, 1.0,
-    ];
-    let a_lse = vec![0.5, -3.0, ninf, 2.0, 1.0];
-    let b_out = vec![
-        f32::NAN,
-        9.0,
-        9.0,
-        1.0,
-        2.0,
-        3.0,
-        0.0,
-        0.0,
-        0.0,
-        3.0,
-        2.0,
-        1.0,
-        2.0,
-        2.0,
-        2.0,
-    ];
-    let b_lse = vec![ninf, ninf, ninf, 2.0, f32::NAN];
-    let (mut out, mut lse) = (a_out.clone(), a_lse.clone());
-    maskattn::merge_partials(&mut out, &mut lse, &b_out, &b_lse, d).unwrap();
-    // Rows 0, 1: b saw nothing (its O, even NaN, is not read): a, bit for bit.
-    assert_eq!(&out[..6], &a_out[..6]);
-    assert_eq!(&lse[..2], &a_lse[..2]);
-    // Row 2: empty on both sides.
-    assert_eq!((&out[6..9], lse[2]), (&[0.0f32; 3][..], ninf));
-    // Row 3: equal LSEs: the mean, and LSE + ln 2.
-    assert_eq!(&out[9..12], &[5.0, 5.0, 5.0]);
-    assert!((lse[3] - (2.0 + 2f32.ln())).abs() < 1e-6);
-    // Row 4: a NaN LSE makes the row NaN.
-    assert!(lse[4].is_nan() && out[12..].iter().all(|x| x.is_nan()));
-    // The other way round: empty a takes b exactly; +∞ is NaN too.
-    let (mut out, mut lse) = (vec![7.0; 6], vec![ninf, f32::INFINITY]);
-    maskattn::merge_partials(
-        &mut out,
-        &mut lse,
-        &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
-        &[0.25, 0.0],
-        d,
-    )
-    .unwrap();
-    assert_eq!((&out[..3], lse[0]), (&[1.0f32, 2.0, 3.0][..], 0.25));
-    assert!(lse[1].is_nan() && out[3..].iter().all(|x| x.is_nan()));
-    // Commutative up to rounding.
-    let mut rng = Rng::new(5);
-    let (xo, xl, yo, yl) = (rng.vec(40 * 8), rng.vec(40), rng.vec(40 * 8), rng.vec(40));
-    let (mut o1, mut l1, mut o2, mut l2) = (xo.clone(), xl.clone(), yo.clone(), yl.clone());
-    maskattn::merge_partials(&mut o1, &mut l1, &yo, &yl, 8).unwrap();
-    maskattn::merge_partials(&mut o2, &mut l2, &xo, &xl, 8).unwrap();
-    let gap = |a: &[f32], b: &[f32]| {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
-    };
-    assert!(gap(&o1, &o2) < 1e-6 && gap(&l1, &l2) < 1e-6);
-}
-
 /// Bad arguments are typed errors naming what is wrong, before any work.
 #[test]
-fn bad_blocks_and_partials_are_typed_errors() {
+fn bad_blocks_and_dlse_are_typed_errors() {
     let s = MaskShape::new(1, 2, 100, 120);
     let e = BlockMask::new_block(&Mask::causal(), s, 90..101, 0..120).unwrap_err();
     assert!(
@@ -591,14 +351,6 @@ fn bad_blocks_and_partials_are_typed_errors() {
         ),
         "{e}"
     );
-
-    let (mut out, mut lse) = (vec![0f32; 12], vec![0f32; 4]);
-    let e = maskattn::merge_partials(&mut out, &mut lse, &[0.0; 11], &[0.0; 4], 3).unwrap_err();
-    assert!(e.to_string().contains("part_out"), "{e}");
-    let e = maskattn::merge_partials(&mut out, &mut lse, &[0.0; 12], &[0.0; 3], 3).unwrap_err();
-    assert!(e.to_string().contains("part_lse"), "{e}");
-    let e = maskattn::merge_partials(&mut out, &mut lse, &[0.0; 12], &[0.0; 4], 0).unwrap_err();
-    assert!(matches!(e, AttnError::ZeroDim { .. }), "{e}");
 
     // A dLSE of the wrong length.
     let p = Problem::new(3, [1, 2, 2, 100, 120, 8]);

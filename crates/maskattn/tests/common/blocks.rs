@@ -215,6 +215,19 @@ fn add_rows(whole: &mut [f32], part: &[f32], (len, r): (usize, &Range<usize>), d
     }
 }
 
+/// Document ids at global positions: documents end at 30, 75, 140, 190 (of 203) in batch
+/// row 0 and at 97, 150 in row 1 — crossing the block boundaries 64, 97, 134 — scaled to
+/// `len` positions.
+pub fn doc_ids(len: usize) -> Vec<i64> {
+    let at = |pos: usize, ends: &[usize]| {
+        let p = pos * 203 / len;
+        ends.iter().filter(|&&e| p >= e).count() as i64
+    };
+    let mut ids: Vec<i64> = (0..len).map(|i| at(i, &[30, 75, 140, 190])).collect();
+    ids.extend((0..len).map(|i| 10 + at(i, &[97, 150])));
+    ids
+}
+
 /// `q_blocks` cut at the given points: `cuts(203, &[64, 134])` is `0..64, 64..134, 134..203`.
 pub fn cuts(len: usize, at: &[usize]) -> Vec<Range<usize>> {
     let mut ends: Vec<usize> = at.to_vec();
