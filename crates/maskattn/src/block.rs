@@ -2,6 +2,8 @@
 //! plus a bitmap for each `Partial` tile. This is what lets a mask that hides most pairs
 //! save most of the work: kernels skip `Empty` tiles outright and never test `Full` ones.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use crate::classify::{Classifier, Grid, TileClass};
@@ -53,7 +55,13 @@ impl BlockStats {
 /// A mask compiled for one shape and one tile size.
 #[derive(Clone, Debug)]
 pub struct BlockMask {
+    /// The problem the kernels see: the block's (`global` itself unless built by
+    /// [`BlockMask::new_block`]).
     shape: MaskShape,
+    /// The whole problem the mask is evaluated over, and the block's first query and key.
+    global: MaskShape,
+    q0: usize,
+    k0: usize,
     tile_q: usize,
     tile_k: usize,
     nq: usize,
@@ -85,15 +93,75 @@ impl BlockMask {
     }
 
     pub fn with_tiles(mask: &Mask, shape: MaskShape, tile_q: usize, tile_k: usize) -> Result<Self> {
+        Self::block_with_tiles(mask, shape, 0..shape.lq, 0..shape.lk, (tile_q, tile_k))
+    }
+
+    /// Compiles `mask` for one block of a larger problem: the queries `q_range` and keys
+    /// `k_range` of the whole problem `global` (context parallelism: one process holds one
+    /// block of the sequence). The mask is evaluated at the global positions
+    /// `(q_range.start + i, k_range.start + j)` — document ids, padding lengths, windows,
+    /// bottom-right alignment through the *global* `L_k − L_q` — while the block mask, and the
+    /// kernels it is handed to, see a local `len(q_range) × len(k_range)` problem:
+    /// [`shape`](Self::shape) is `(B, H, len(q_range), len(k_range))`. Tiles start at the
+    /// block's corner, so offsets need not be multiples of the tile size.
+    ///
+    /// Score modifiers follow: ALiBi and T5 relative positions take the whole problem's
+    /// `j − i'`, and dropout its pattern, on such a block mask.
+    ///
+    /// A block whose pairs the mask hides entirely has [`all_empty`](Self::all_empty): the
+    /// caller can skip its forward and backward (they would return `LSE = −∞`, zero
+    /// gradients) and need not send its keys and values. Ranges outside `global` are an
+    /// [`AttnError::BlockRange`].
+    pub fn new_block(
+        mask: &Mask,
+        global: MaskShape,
+        q_range: Range<usize>,
+        k_range: Range<usize>,
+    ) -> Result<Self> {
+        Self::block_with_tiles(
+            mask,
+            global,
+            q_range,
+            k_range,
+            (DEFAULT_TILE_Q, DEFAULT_TILE_K),
+        )
+    }
+
+    /// [`new_block`](Self::new_block) with tile sizes of the caller's choice.
+    pub fn block_with_tiles(
+        mask: &Mask,
+        global: MaskShape,
+        q_range: Range<usize>,
+        k_range: Range<usize>,
+        (tile_q, tile_k): (usize, usize),
+    ) -> Result<Self> {
         if tile_q == 0 || tile_k == 0 {
             return Err(AttnError::BadTiles { tile_q, tile_k });
         }
-        mask.validate(&shape)?;
+        mask.validate(&global)?;
+        for (what, r, len) in [
+            ("q_range", &q_range, global.lq),
+            ("k_range", &k_range, global.lk),
+        ] {
+            if r.start > r.end || r.end > len {
+                return Err(AttnError::BlockRange {
+                    what,
+                    start: r.start,
+                    end: r.end,
+                    len,
+                });
+            }
+        }
+        let shape = MaskShape::new(global.batch, global.heads, q_range.len(), k_range.len());
         // A tile larger than the sequence is the whole sequence; clamping keeps the bitmaps
         // (`tile_q · words` per partial tile) and the kernels' scratch at the sequence's size.
         let (tile_q, tile_k) = (tile_q.min(shape.lq.max(1)), tile_k.min(shape.lk.max(1)));
         let grid = Grid {
-            shape,
+            shape: global,
+            q0: q_range.start,
+            k0: k_range.start,
+            lq: shape.lq,
+            lk: shape.lk,
             tile_q,
             tile_k,
             nq: shape.lq.div_ceil(tile_q),
@@ -178,6 +246,9 @@ impl BlockMask {
         }
         Ok(BlockMask {
             shape,
+            global,
+            q0: grid.q0,
+            k0: grid.k0,
             tile_q,
             tile_k,
             nq: grid.nq,
@@ -193,6 +264,39 @@ impl BlockMask {
 
     pub fn shape(&self) -> MaskShape {
         self.shape
+    }
+
+    /// The whole problem the mask was evaluated over ([`shape`](Self::shape) unless this is
+    /// one block of it).
+    pub fn global_shape(&self) -> MaskShape {
+        self.global
+    }
+
+    /// The block's first query and first key in the whole problem (`(0, 0)` for a block mask
+    /// of the whole problem).
+    pub fn offsets(&self) -> (usize, usize) {
+        (self.q0, self.k0)
+    }
+
+    /// What a block adds to a local `j − i'` (`i' = i + L_k − L_q`, local lengths) to make it
+    /// the whole problem's `j − i'` at the same pair: `(k0 − q0) − (L_k − L_q)_global +
+    /// (L_k − L_q)_local`; 0 for the whole problem. The positional score terms (ALiBi, T5
+    /// buckets) and their gradients read their offsets through it.
+    pub(crate) fn position_shift(&self) -> i64 {
+        (self.k0 as i64 - self.q0 as i64) - self.global.bottom_right_offset()
+            + self.shape.bottom_right_offset()
+    }
+
+    /// Whether this is a block of a larger problem rather than the whole of it.
+    pub fn is_block(&self) -> bool {
+        self.shape != self.global
+    }
+
+    /// Whether every tile is empty (for every batch row and head): the mask hides every pair,
+    /// so a kernel call would do no work and return `LSE = −∞` (or the sink) and zero
+    /// gradients. A context-parallel caller skips such a block, and does not send it.
+    pub fn all_empty(&self) -> bool {
+        self.stats.empty == self.stats.tiles
     }
 
     pub fn tile_q(&self) -> usize {

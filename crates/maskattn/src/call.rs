@@ -41,6 +41,7 @@ impl<'a, 'b, T> Call<'a, 'b, T> {
             params.rel.as_ref(),
             (dims.q_heads, dims.lq, dims.lk),
             pad16(block.tile_k()),
+            block.position_shift(),
         );
         Call {
             q,
@@ -96,9 +97,27 @@ impl<'a, 'b, T> Call<'a, 'b, T> {
     pub fn drop_keys(&self, (b, h, i0): (usize, usize, usize), keys: &mut [u32]) {
         if let Some(dr) = self.dropout {
             for (r, key) in keys.iter_mut().enumerate() {
-                *key = dr.row_key(b, h, i0 + r, self.dims.q_heads, self.dims.lq);
+                *key = self.drop_key(dr, (b, h, i0 + r));
             }
         }
+    }
+
+    /// Dropout's key of query row `i` of head `(b, h)`, from the row's position in the whole
+    /// problem (a block of a larger one draws the whole problem's pattern, not its own).
+    pub fn drop_key(&self, dr: &Dropout, (b, h, i): (usize, usize, usize)) -> u32 {
+        let q0 = self.block.offsets().0;
+        let lq = self.block.global_shape().lq;
+        dr.row_key(b, h, q0 + i, self.dims.q_heads, lq)
+    }
+
+    /// Dropout's tile of `rows` keys against the keys from `j0` (local), at the keys'
+    /// positions in the whole problem.
+    pub fn drop_tile<'s>(&self, rows: &'s [u32], j0: usize) -> Option<DropTile<'s>>
+    where
+        'a: 's,
+    {
+        let k0 = self.block.offsets().1;
+        self.dropout.map(|dr| DropTile::new(dr, rows, k0 + j0))
     }
 
     /// The job of query rows `i0 ..` of head `(b, h)` against the key tile that starts at
@@ -126,9 +145,7 @@ impl<'a, 'b, T> Call<'a, 'b, T> {
             bits,
             scale: self.scale,
             bias,
-            drop: self
-                .dropout
-                .map(|dr| DropTile::new(dr, &drop_keys[..rows], j0)),
+            drop: self.drop_tile(&drop_keys[..rows], j0),
             softcap: self.softcap,
             pos: self.pos_rows((h, i0, usize::MAX), j0),
         }

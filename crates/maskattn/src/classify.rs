@@ -90,8 +90,17 @@ pub(crate) enum Classifier<'m> {
     Not(Box<Classifier<'m>>),
 }
 
+/// The tiles of a block mask. The mask is evaluated over `shape`, the whole problem; the
+/// tiles cover the block of queries `q0 .. q0 + lq` and keys `k0 .. k0 + lk` of it (all of
+/// it, `q0 = k0 = 0`, unless the block mask is for one block of a larger problem), tile
+/// `(0, 0)` starting at `(q0, k0)`. Rectangles are in the whole problem's positions, so every
+/// classifier and [`Mask::allowed`] see global positions while the kernels tile the block.
 pub(crate) struct Grid {
     pub shape: MaskShape,
+    pub q0: usize,
+    pub k0: usize,
+    pub lq: usize,
+    pub lk: usize,
     pub tile_q: usize,
     pub tile_k: usize,
     pub nq: usize,
@@ -100,14 +109,14 @@ pub(crate) struct Grid {
 
 impl Grid {
     pub fn rect(&self, qt: usize, kt: usize) -> Rect {
-        let i0 = qt * self.tile_q;
-        let j0 = kt * self.tile_k;
-        // `i0 + tile_q` can pass usize::MAX when the tile is huge; `lq − i0` cannot.
+        let i0 = self.q0 + qt * self.tile_q;
+        let j0 = self.k0 + kt * self.tile_k;
+        // `i0 + tile_q` can pass usize::MAX when the tile is huge; `q0 + lq − i0` cannot.
         Rect {
             i0,
-            i1: i0 + self.tile_q.min(self.shape.lq - i0),
+            i1: i0 + self.tile_q.min(self.q0 + self.lq - i0),
             j0,
-            j1: j0 + self.tile_k.min(self.shape.lk - j0),
+            j1: j0 + self.tile_k.min(self.k0 + self.lk - j0),
         }
     }
 }
@@ -315,19 +324,21 @@ impl<'m> Classifier<'m> {
                 key_ids,
                 rows,
             } => {
-                let sets = |ids: &[i64], len: usize, tile: usize, n: usize| -> Vec<Vec<i64>> {
+                // Each tile's positions `start .. end` (global) of batch row `b`.
+                let sets = |ids: &[i64],
+                            len: usize,
+                            n: usize,
+                            span: &dyn Fn(usize) -> (usize, usize)| {
                     (0..*rows)
-                        .flat_map(|b| {
-                            (0..n).map(move |t| {
-                                b * len + t * tile..b * len + ((t + 1) * tile).min(len)
-                            })
-                        })
-                        .map(|range| sorted_ids(&ids[range]))
-                        .collect()
+                        .flat_map(|b| (0..n).map(move |t| (b, span(t))))
+                        .map(|(b, (start, end))| sorted_ids(&ids[b * len + start..b * len + end]))
+                        .collect::<Vec<_>>()
                 };
+                let q_span = |t| (g.rect(t, 0).i0, g.rect(t, 0).i1);
+                let k_span = |t| (g.rect(0, t).j0, g.rect(0, t).j1);
                 Classifier::Documents {
-                    q_sets: sets(query_ids, s.lq, g.tile_q, g.nq),
-                    k_sets: sets(key_ids, s.lk, g.tile_k, g.nk),
+                    q_sets: sets(query_ids, s.lq, g.nq, &q_span),
+                    k_sets: sets(key_ids, s.lk, g.nk, &k_span),
                     rows: *rows,
                     nq: g.nq,
                     nk: g.nk,
@@ -588,26 +599,41 @@ mod tests {
         }
     }
 
-    /// Classifies every tile of `s` analytically and compares with a scan of its pairs.
+    /// Classifies every tile of `s` analytically and compares with a scan of its pairs: the
+    /// whole of `s`, and blocks of it at unaligned offsets (a block mask of one block of a
+    /// larger problem).
     fn assert_exact_without_scanning(mask: &Mask, s: MaskShape, (tq, tk): (usize, usize)) {
-        let g = Grid {
-            shape: s,
-            tile_q: tq,
-            tile_k: tk,
-            nq: s.lq.div_ceil(tq),
-            nk: s.lk.div_ceil(tk),
-        };
-        let c = Classifier::build(mask, &g);
-        assert!(!matches!(c, Classifier::Scan(_)));
-        for b in 0..s.batch {
-            for qt in 0..g.nq {
-                for kt in 0..g.nk {
-                    let want = scan_class(g.rect(qt, kt), |i, j| mask.allowed(&s, b, 0, i, j));
-                    assert_eq!(
-                        c.class(&g, b, 0, qt, kt),
-                        want,
-                        "{mask:?} {s:?} {tq}x{tk} b{b} ({qt},{kt})"
-                    );
+        let (lq, lk) = (s.lq, s.lk);
+        let blocks = [
+            (0, 0, lq, lk),
+            (lq / 3, lk / 2, lq - lq / 3, lk - lk / 2),
+            (lq / 5, lk / 7, lq / 2, lk / 2),
+        ];
+        for (q0, k0, bq, bk) in blocks {
+            let g = Grid {
+                shape: s,
+                q0,
+                k0,
+                lq: bq,
+                lk: bk,
+                tile_q: tq,
+                tile_k: tk,
+                nq: bq.div_ceil(tq),
+                nk: bk.div_ceil(tk),
+            };
+            let c = Classifier::build(mask, &g);
+            assert!(!matches!(c, Classifier::Scan(_)));
+            for b in 0..s.batch {
+                for qt in 0..g.nq {
+                    for kt in 0..g.nk {
+                        let r = g.rect(qt, kt);
+                        let want = scan_class(r, |i, j| mask.allowed(&s, b, 0, i, j));
+                        assert_eq!(
+                            c.class(&g, b, 0, qt, kt),
+                            want,
+                            "{mask:?} {s:?} {tq}x{tk} b{b} ({qt},{kt}) block at ({q0}, {k0})"
+                        );
+                    }
                 }
             }
         }

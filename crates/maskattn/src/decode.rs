@@ -16,7 +16,6 @@ use crate::block::Tile;
 use crate::call::Call;
 use crate::gemm::{gemm, gemm_add, MatMut, MatRef, Update};
 use crate::pack::{self, pad16, Span};
-use crate::params::DropTile;
 use crate::simd::{self, Simd, WithSimd};
 use crate::softmax::{Geom, Online, OnlineBufs, TileJob, Unseen};
 use crate::view::{Element, View};
@@ -103,7 +102,7 @@ impl Queries {
             Some(dr) => (0..rows)
                 .map(|r| {
                     let (h, i) = head_row(r);
-                    dr.row_key(b, h, i, dims.q_heads, lq)
+                    call.drop_key(dr, (b, h, i))
                 })
                 .collect(),
             None => Vec::new(),
@@ -230,7 +229,7 @@ fn chunk<T: Element>(
             bits: (!all).then_some(&bits[..]),
             scale: call.scale,
             bias: bias.map(|_| &bias_tile[..]),
-            drop: call.dropout.map(|dr| DropTile::new(dr, &qs.drop_keys, j0)),
+            drop: call.drop_tile(&qs.drop_keys, j0),
             softcap: call.softcap,
             pos: call.pos_rows((hk * group, 0, lq), j0),
         };

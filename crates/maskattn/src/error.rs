@@ -82,6 +82,16 @@ pub enum AttnError {
         factors: Vec<usize>,
     },
 
+    /// A block of a larger problem ([`crate::BlockMask::new_block`]) whose query or key
+    /// range does not lie within the whole problem's length.
+    #[error("{what} {start}..{end} is not a range within the whole problem's length {len}")]
+    BlockRange {
+        what: &'static str,
+        start: usize,
+        end: usize,
+        len: usize,
+    },
+
     /// The backward was handed an LSE of the wrong length.
     #[error("lse has {got} entries, expected {expected} (B * H_q * L_q)")]
     LseLength { got: usize, expected: usize },

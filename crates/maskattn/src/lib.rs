@@ -59,6 +59,7 @@ mod mask_shape;
 mod mask_syntax;
 mod mask_terms;
 mod mask_tree;
+mod merge;
 mod pack;
 mod params;
 pub mod reference;
@@ -69,7 +70,10 @@ mod simd;
 mod softmax;
 mod view;
 
-pub use backward::{backward, backward_into, Grads, GradsMut, ParamGrads, ParamGradsMut, Qkv};
+pub use backward::{
+    backward, backward_into, backward_upstream, backward_upstream_into, Grads, GradsMut,
+    ParamGrads, ParamGradsMut, Qkv, Upstream,
+};
 pub use bias::Bias;
 pub use block::{BlockMask, BlockStats, Tile, DEFAULT_TILE_K, DEFAULT_TILE_Q};
 pub use classify::TileClass;
@@ -85,6 +89,7 @@ pub use half;
 pub use mask::{CausalAlign, DenseMask, Mask, MaskFn, MaskShape, Terms};
 pub use mask_syntax::MaskExpr;
 pub use mask_terms::{data_terms, structured_terms, BuildTerm, MaskTerm, MASK_TERMS};
+pub use merge::merge_partials;
 pub use params::{Dropout, Params};
 pub use rng::SplitMix64;
 pub use score_mod::{alibi_slopes, t5_bucket, RelBias};

@@ -159,9 +159,10 @@ pub fn alibi_slopes(heads: usize) -> Vec<f32> {
 }
 
 /// The positional part of the scores of one call, per query head and offset: entry
-/// `h · stride + t` is `−slope_h · |Δ| + rel[bucket(Δ), h]` for `Δ = t − (L_k − 1)` (that is
-/// `j − i'` with `t = j − i + L_q − 1`); the last `pad` entries of each head are 0 (the
-/// padding columns of the last key tile read them).
+/// `h · stride + t` is `−slope_h · |Δ| + rel[bucket(Δ), h]` for `Δ = t − (L_k − 1) + shift`
+/// (that is `j − i'` with `t = j − i + L_q − 1`, plus the block mask's `position_shift`: on a
+/// block of a larger problem, `Δ` is the whole problem's `j − i'`); the last `pad` entries
+/// of each head are 0 (the padding columns of the last key tile read them).
 pub(crate) struct PosTable {
     pub data: Vec<f32>,
     pub stride: usize,
@@ -175,6 +176,7 @@ impl PosTable {
         rel: Option<&RelBias>,
         (heads, lq, lk): (usize, usize, usize),
         pad: usize,
+        shift: i64,
     ) -> Option<Self> {
         if alibi.is_none() && rel.is_none() {
             return None;
@@ -185,13 +187,13 @@ impl PosTable {
         // The bucket of every offset, once for all heads.
         let buckets: Vec<u32> = match rel {
             Some(rb) => (0..span)
-                .map(|t| rb.bucket(t as i64 - (lk as i64 - 1)) as u32)
+                .map(|t| rb.bucket(t as i64 - (lk as i64 - 1) + shift) as u32)
                 .collect(),
             None => Vec::new(),
         };
         for (h, row) in data.chunks_exact_mut(stride).enumerate() {
             for (t, x) in row[..span].iter_mut().enumerate() {
-                let delta = t as i64 - (lk as i64 - 1);
+                let delta = t as i64 - (lk as i64 - 1) + shift;
                 let mut v = 0f32;
                 if let Some(sl) = alibi {
                     v -= sl[h] * delta.unsigned_abs() as f32;

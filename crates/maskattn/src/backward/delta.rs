@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use super::grads::Upstream;
 use crate::block::{BlockMask, Tile};
 use crate::pack;
 use crate::shape::AttnDims;
@@ -20,9 +21,14 @@ pub(super) struct RowTerms {
 
 /// The row terms of a checked call; with `sinks` (the call's, where `dsinks` is wanted),
 /// `dsinks` receives `−Σ_{b,i} e^{sink_h − LSE_i} D_i`.
+///
+/// With a gradient `up.dlse` of the loss with respect to `LSE` (one per row), `D_i` becomes
+/// `dO_i · O_i − dLSE_i`: `∂LSE_i/∂x_ij = P_ij`, so `dS_ij = P_ij (dP_ij − D_i + dLSE_i)`, and
+/// every use of `D` (the tasks' `dS`, `dsinks`) takes the LSE's gradient with it.
 pub(super) fn row_terms<T: Element>(
     q: &View<T>,
-    (out, dout, lse): (&View<f32>, &View<f32>, &[f32]),
+    (out, lse): (&View<f32>, &[f32]),
+    up: &Upstream,
     block: &BlockMask,
     dims: &AttnDims,
     sinks: Option<&[f32]>,
@@ -35,6 +41,7 @@ pub(super) fn row_terms<T: Element>(
         d,
         ..
     } = *dims;
+    let (dout, dlse) = (&up.dout, up.dlse);
     let (tq, nq) = (block.tile_q(), block.grid().0);
     let mut delta = vec![0f32; batch * q_heads * lq];
     let mut rows_finite = vec![true; batch * q_heads * nq];
@@ -52,6 +59,9 @@ pub(super) fn row_terms<T: Element>(
                 q.load_rows(b, h, i, &mut qr);
                 // SAFETY: `DotInOrder` reads only its two slices.
                 *x = unsafe { simd::run(DotInOrder(&o, &g)) };
+                if let Some(dl) = dlse {
+                    *x -= dl[bh * lq + i];
+                }
                 fin[i / tq] &= pack::all_finite(&g) & pack::all_finite(&qr);
                 // dsink_h −= e^(sink_h − LSE_i) D_i. A row that allows nothing has O = 0 and
                 // so D = 0, unless its dO is not finite (0 · NaN): such a row has no

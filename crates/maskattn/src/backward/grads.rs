@@ -1,6 +1,8 @@
 //! The backward's public operand and result types: the three inputs as one operand, the
 //! gradients returned, and the caller's buffers they can be written into.
 
+use crate::params::Params;
+use crate::shape::AttnDims;
 use crate::view::{Element, View};
 
 /// The three attention inputs, as the forward took them: `q [B, H_q, L_q, d]`,
@@ -32,6 +34,68 @@ pub struct Grads {
     pub params: ParamGrads,
 }
 
+impl Grads {
+    /// Zeros shaped for a checked call: q's, k's and v's gradients and one for each
+    /// modifier of `params` that has parameters.
+    pub(super) fn zeros(dims: &AttnDims, params: &Params) -> Self {
+        let h = dims.q_heads;
+        Grads {
+            dq: vec![0f32; dims.q_len()],
+            dk: vec![0f32; dims.kv_len()],
+            dv: vec![0f32; dims.kv_len()],
+            params: ParamGrads {
+                dbias: params.bias.map(|bs| vec![0f32; bs.dims().iter().product()]),
+                dalibi: params.alibi.map(|_| vec![0f32; h]),
+                dsinks: params.sinks.map(|_| vec![0f32; h]),
+                drel: params.rel.map(|rb| vec![0f32; rb.num_buckets() * h]),
+            },
+        }
+    }
+
+    /// Every buffer of these gradients, to be written by a `_into` call.
+    pub(super) fn as_mut(&mut self) -> GradsMut<'_> {
+        let p = &mut self.params;
+        GradsMut {
+            dq: &mut self.dq,
+            dk: &mut self.dk,
+            dv: &mut self.dv,
+            params: ParamGradsMut {
+                dbias: p.dbias.as_deref_mut(),
+                dalibi: p.dalibi.as_deref_mut(),
+                dsinks: p.dsinks.as_deref_mut(),
+                drel: p.drel.as_deref_mut(),
+            },
+        }
+    }
+}
+
+/// The gradients arriving at attention from the loss: `dout` (`dO`, shaped like q) and,
+/// where the loss also uses the LSE (a merge of partial results, a z-loss, a log-partition
+/// term), `dlse` (`[B, H_q, L_q]`, one per query row). Without `dlse` the LSE's gradient is 0.
+#[derive(Clone, Copy, Debug)]
+pub struct Upstream<'a> {
+    pub dout: View<'a, f32>,
+    pub dlse: Option<&'a [f32]>,
+}
+
+impl<'a> Upstream<'a> {
+    /// `dO` alone.
+    pub fn new(dout: &View<'a, f32>) -> Self {
+        Upstream {
+            dout: *dout,
+            dlse: None,
+        }
+    }
+
+    /// With the LSE's gradient `dlse` (`[B, H_q, L_q]`).
+    pub fn with_dlse(self, dlse: &'a [f32]) -> Self {
+        Upstream {
+            dlse: Some(dlse),
+            ..self
+        }
+    }
+}
+
 /// Gradients of the score modifiers (docs/design.md section 1): `Some` for exactly the
 /// modifiers of the call's [`Params`](crate::Params) that have parameters.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -40,7 +104,7 @@ pub struct ParamGrads {
     pub dbias: Option<Vec<f32>>,
     /// `[H_q]`: `−Σ dS_ij |i' − j|`.
     pub dalibi: Option<Vec<f32>>,
-    /// `[H_q]`: `−Σ_{b,i} e^{sink_h − LSE_i} D_i`.
+    /// `[H_q]`: `−Σ_{b,i} e^{sink_h − LSE_i} D_i` (`D_i − dLSE_i` with an LSE gradient).
     pub dsinks: Option<Vec<f32>>,
     /// `[num_buckets, H_q]`: `dS` summed over the pairs of each bucket.
     pub drel: Option<Vec<f32>>,

@@ -25,7 +25,7 @@ use crate::error::Result;
 use crate::params::Params;
 use crate::shape::AttnDims;
 use crate::view::{Element, View};
-pub use grads::{Grads, GradsMut, ParamGrads, ParamGradsMut, Qkv};
+pub use grads::{Grads, GradsMut, ParamGrads, ParamGradsMut, Qkv, Upstream};
 use pass::Pass;
 
 /// Masked attention backward: gradients of `q`, `k`, `v` given the forward's `out` and `lse`
@@ -42,31 +42,8 @@ pub fn backward<T: Element>(
 ) -> Result<Grads> {
     let dims = AttnDims::of(&qkv.q, &qkv.k, &qkv.v)?;
     params.check_mods(dims.q_heads)?;
-    let h = dims.q_heads;
-    let mut grads = Grads {
-        dq: vec![0f32; dims.q_len()],
-        dk: vec![0f32; dims.kv_len()],
-        dv: vec![0f32; dims.kv_len()],
-        params: ParamGrads {
-            dbias: params.bias.map(|bs| vec![0f32; bs.dims().iter().product()]),
-            dalibi: params.alibi.map(|_| vec![0f32; h]),
-            dsinks: params.sinks.map(|_| vec![0f32; h]),
-            drel: params.rel.map(|rb| vec![0f32; rb.num_buckets() * h]),
-        },
-    };
-    let p = &mut grads.params;
-    let into = GradsMut {
-        dq: &mut grads.dq,
-        dk: &mut grads.dk,
-        dv: &mut grads.dv,
-        params: ParamGradsMut {
-            dbias: p.dbias.as_deref_mut(),
-            dalibi: p.dalibi.as_deref_mut(),
-            dsinks: p.dsinks.as_deref_mut(),
-            drel: p.drel.as_deref_mut(),
-        },
-    };
-    backward_into(qkv, out, lse, dout, block, params, into)?;
+    let mut grads = Grads::zeros(&dims, params);
+    backward_into(qkv, out, lse, dout, block, params, grads.as_mut())?;
     Ok(grads)
 }
 
@@ -83,6 +60,41 @@ pub fn backward_into<T: Element>(
     params: &Params,
     grads: GradsMut<'_>,
 ) -> Result<()> {
+    backward_upstream_into(qkv, out, lse, Upstream::new(dout), block, params, grads)
+}
+
+/// [`backward`] with the gradients arriving from above as an [`Upstream`]: `dO` and, where
+/// the loss uses the LSE too, `dLSE` (docs/design.md section 1, "Blocks of a larger
+/// problem"). `out` and `lse` need not be this call's forward: a block of a larger problem
+/// ([`BlockMask::new_block`]) takes the *merged* output and LSE of its query rows
+/// ([`merge_partials`](crate::merge_partials) over all key blocks) and returns its share of
+/// the gradients — summed over key blocks for `dq`, over query blocks for `dk` and `dv`.
+pub fn backward_upstream<T: Element>(
+    qkv: &Qkv<T>,
+    out: &View<f32>,
+    lse: &[f32],
+    up: Upstream,
+    block: &BlockMask,
+    params: &Params,
+) -> Result<Grads> {
+    let dims = AttnDims::of(&qkv.q, &qkv.k, &qkv.v)?;
+    params.check_mods(dims.q_heads)?;
+    let mut grads = Grads::zeros(&dims, params);
+    backward_upstream_into(qkv, out, lse, up, block, params, grads.as_mut())?;
+    Ok(grads)
+}
+
+/// [`backward_upstream`] into buffers the caller owns, as [`backward_into`].
+pub fn backward_upstream_into<T: Element>(
+    qkv: &Qkv<T>,
+    out: &View<f32>,
+    lse: &[f32],
+    up: Upstream,
+    block: &BlockMask,
+    params: &Params,
+    grads: GradsMut<'_>,
+) -> Result<()> {
+    let dout = &up.dout;
     let GradsMut {
         dq,
         dk,
@@ -92,10 +104,13 @@ pub fn backward_into<T: Element>(
     // Check: every shape, buffer and parameter, before any work.
     let lens = (dq.len(), dk.len(), dv.len());
     let (dims, scale) = check::call(qkv, (out, lse, dout), block, params, lens, &pg)?;
+    if let Some(dl) = up.dlse {
+        AttnDims::check_buffer("dlse", dl.len(), lse.len(), "B * H_q * L_q")?;
+    }
     // D: `D_i = dO_i · O_i` per query row, which query tiles are finite, and `dsinks`.
     let dsinks = pg.dsinks.take();
     let sinks = params.sinks.filter(|_| dsinks.is_some());
-    let rows = delta::row_terms(&qkv.q, (out, dout, lse), block, &dims, sinks, dsinks);
+    let rows = delta::row_terms(&qkv.q, (out, lse), &up, block, &dims, sinks, dsinks);
     // Tasks: (b, kv head, chunk of key tiles); then, per (b, kv head), reduce their results.
     let call = Call::new((&qkv.q, &qkv.k, &qkv.v), block, params, dims, scale);
     let pass = Pass::new(call, (dout, lse), rows, params, &pg);

@@ -119,6 +119,7 @@ impl<'a, 'b, T: Element> Pass<'a, 'b, T> {
             group: dims.group(),
             lq: dims.lq,
             lk: dims.lk,
+            shift: call.block.position_shift(),
         };
         let want_rel = params.rel.is_some() && pg.drel.is_some();
         let dq_bytes = dims.group() * dims.lq * g.d_pad * 4;

@@ -28,6 +28,8 @@ pub(super) struct ModSpec<'a> {
     pub group: usize,
     pub lq: usize,
     pub lk: usize,
+    /// The block mask's `position_shift` (0 unless a block of a larger problem).
+    pub shift: i64,
 }
 
 impl ModSpec<'_> {
@@ -152,7 +154,8 @@ pub(super) unsafe fn take<S: Simd>(
                 let idx = base + t;
                 if spec.alibi {
                     // |j − i'| with j − i' = idx − (L_k − 1)
-                    let dist = (idx as i64 - (spec.lk as i64 - 1)).unsigned_abs() as f64;
+                    let dist =
+                        (idx as i64 - (spec.lk as i64 - 1) + spec.shift).unsigned_abs() as f64;
                     acc.dalibi[hi] -= sum as f64 * dist;
                 }
                 if let Some(b) = spec.buckets {

@@ -2,6 +2,7 @@
 //! docs/design.md section 4.
 #![allow(dead_code)]
 
+pub mod blocks;
 pub mod mods;
 
 use maskattn::{
