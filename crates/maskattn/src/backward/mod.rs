@@ -239,6 +239,21 @@ pub fn backward_into<T: Element>(
     params: &Params,
     grads: GradsMut<'_>,
 ) -> Result<()> {
+    backward_into_dlse(qkv, out, (lse, None), dout, block, params, grads)
+}
+
+/// [`backward_into`] where the forward's `lse` also has a gradient `dlse` (same length):
+/// since `∂LSE_i/∂x_ij = P_ij`, it enters as `D_i − dLSE_i` in `dS = P ∘ (dP − D)` (and in
+/// the sinks' gradient). Rows whose LSE is −∞ have no gradient and ignore theirs.
+pub fn backward_into_dlse<T: Element>(
+    qkv: &Qkv<T>,
+    out: &View<f32>,
+    (lse, dlse): (&[f32], Option<&[f32]>),
+    dout: &View<f32>,
+    block: &BlockMask,
+    params: &Params,
+    grads: GradsMut<'_>,
+) -> Result<()> {
     let Qkv { q, k, v } = qkv;
     let dims = AttnDims::of(q, k, v)?;
     let GradsMut {
@@ -271,6 +286,12 @@ pub fn backward_into<T: Element>(
             expected: batch * q_heads * lq,
         });
     }
+    if let Some(dl) = dlse.filter(|dl| dl.len() != lse.len()) {
+        return Err(AttnError::LseLength {
+            got: dl.len(),
+            expected: lse.len(),
+        });
+    }
     let scale = dims.scale(params.scale)?;
     // D_i = dO_i · O_i, one per query row; and which query tiles hold a non-finite Q or dO
     // value (their products over query rows must skip the pairs the mask hides).
@@ -292,6 +313,11 @@ pub fn backward_into<T: Element>(
                 q.load_rows(b, h, i, &mut qr);
                 // SAFETY: `DotInOrder` reads only its two slices.
                 *x = unsafe { simd::run(DotInOrder(&o, &g)) };
+                if let Some(dl) = dlse {
+                    if lse[bh * lq + i] > f32::NEG_INFINITY {
+                        *x -= dl[bh * lq + i];
+                    }
+                }
                 fin[i / tq] &= pack::all_finite(&g) & pack::all_finite(&qr);
                 // dsink_h −= e^(sink_h − LSE_i) D_i. A row that allows nothing has O = 0 and
                 // so D = 0, unless its dO is not finite (0 · NaN): such a row has no
