@@ -50,7 +50,8 @@ pub fn forward(
         mods,
     };
     // The kernels touch no Python object: other Python threads run meanwhile.
-    py.detach(move || threads::run(|| call.dispatch(|c, t| c.forward(t, &block, outs))))
+    let work = call.work();
+    py.detach(move || threads::run_sized(work, || call.dispatch(|c, t| c.forward(t, &block, outs))))
         .and_then(|r| r)
         .map_err(PyValueError::new_err)
 }
@@ -99,9 +100,12 @@ pub fn backward(
         mod_grads,
         dlse,
     };
-    py.detach(move || threads::run(|| call.dispatch(|c, t| c.backward(t, &block, back))))
-        .and_then(|r| r)
-        .map_err(PyValueError::new_err)
+    let work = 2 * call.work();
+    py.detach(move || {
+        threads::run_sized(work, || call.dispatch(|c, t| c.backward(t, &block, back)))
+    })
+    .and_then(|r| r)
+    .map_err(PyValueError::new_err)
 }
 
 /// The compiled mask as a dense bool buffer `[B, H_q, L_q, L_k]` (contiguous, written in
@@ -166,6 +170,15 @@ struct BackwardCall {
 }
 
 impl Call {
+    /// Multiply-adds of the forward, `B·H_q·L_q·L_k·d` (saturating): what decides whether
+    /// the call is worth the pool's hand-off.
+    fn work(&self) -> usize {
+        let [b, h, lq, d] = self.q.1;
+        [b, h, lq, self.k.1[2], d]
+            .iter()
+            .fold(1usize, |a, &x| a.saturating_mul(x))
+    }
+
     /// Runs `f` with the storage type the tensors hold.
     fn dispatch<F>(&self, f: F) -> Result<(), String>
     where
@@ -216,12 +229,7 @@ impl Call {
         }
     }
 
-    fn backward(
-        &self,
-        t: Dtype,
-        block: &BlockMask,
-        back: BackwardCall,
-    ) -> Result<(), String> {
+    fn backward(&self, t: Dtype, block: &BlockMask, back: BackwardCall) -> Result<(), String> {
         match t {
             Dtype::F32 => self.backward_t::<f32>(block, back),
             Dtype::Bf16 => self.backward_t::<bf16>(block, back),

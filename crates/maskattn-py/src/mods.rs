@@ -35,16 +35,11 @@ fn as_tensor(b: RawOut) -> RawTensor {
 impl Mods {
     /// The parameter buffers, read by the kernels (for the overlap check).
     pub fn inputs(&self) -> Vec<RawTensor> {
-        [
-            self.1,
-            self.2,
-            self.3.map(|b| b.0),
-            self.4.map(|r| r.0),
-        ]
-        .into_iter()
-        .flatten()
-        .map(as_tensor)
-        .collect()
+        [self.1, self.2, self.3.map(|b| b.0), self.4.map(|r| r.0)]
+            .into_iter()
+            .flatten()
+            .map(as_tensor)
+            .collect()
     }
 
     /// The kernels' [`Params`] with these modifiers added to `base`.
@@ -78,7 +73,10 @@ impl Mods {
 
 impl ModGrads {
     pub fn outputs(&self) -> Vec<RawOut> {
-        [self.0, self.1, self.2, self.3].into_iter().flatten().collect()
+        [self.0, self.1, self.2, self.3]
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// The kernels' gradient buffers.

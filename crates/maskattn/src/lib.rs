@@ -69,7 +69,8 @@ mod softmax;
 mod view;
 
 pub use backward::{
-    backward, backward_into, backward_into_dlse, Grads, GradsMut, ParamGrads, ParamGradsMut, Qkv};
+    backward, backward_into, backward_into_dlse, Grads, GradsMut, ParamGrads, ParamGradsMut, Qkv,
+};
 pub use bias::Bias;
 pub use block::{BlockMask, BlockStats, Tile, DEFAULT_TILE_K, DEFAULT_TILE_Q};
 pub use classify::TileClass;
