@@ -57,3 +57,34 @@ def test_small_calls_from_many_threads():
     for res in got:
         for a, b in zip(res, want):
             assert torch.equal(a, b)
+
+
+def test_fork_child_after_inline_calls():
+    """The calling thread's inline pool has no thread of its own to lose in a fork: a
+    forked child's small call runs and agrees with the parent's."""
+    import os
+    import time
+
+    if not hasattr(os, "fork"):
+        return
+    shape = (1, 2, 3, 40, 16)
+    want = _grads(shape)[0]
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            torch.set_num_threads(1)
+            code = 0 if torch.equal(_grads(shape)[0], want) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        raise AssertionError("the forked child hung on its first small call")
+    assert os.waitstatus_to_exitcode(status) == 0
