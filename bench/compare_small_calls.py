@@ -7,7 +7,8 @@ calls of one query each), forward alone and forward + backward, same threads.
 
 Shapes ``B,H_q,L_q,L_k,d[,causal]``. Each cell times ours and SDPA alternately, call by
 call, so both see the same state of a shared machine; medians of --reps calls after
-warm-ups. Ratio = ours / SDPA (at or below 1: no slower). Benchmarks report, never assert.
+warm-ups (and the minima, which show how much a busy machine inflated them). Ratio =
+ours / SDPA medians (at or below 1: no slower). Benchmarks report, never assert.
 """
 
 import argparse
@@ -54,7 +55,7 @@ def pair_times(ours, peer, reps):
         t = time.perf_counter()
         peer()
         b.append(time.perf_counter() - t)
-    return statistics.median(a) * 1e6, statistics.median(b) * 1e6
+    return [f(x) * 1e6 for x in (a, b) for f in (statistics.median, min)]
 
 
 def main():
@@ -66,7 +67,8 @@ def main():
     torch.set_num_threads(args.threads)
     maskattn.set_num_threads(args.threads)
     print(f"# {cpu_model()}; torch {torch.__version__}; {args.threads} threads each; median of {args.reps} calls")
-    print(f"{'shape (B,H,Lq,Lk,d)':<26} {'autograd':<9} {'ours µs':>9} {'SDPA µs':>9} {'ratio':>6}")
+    # The minima show how much a busy machine inflated the medians.
+    print(f"{'shape (B,H,Lq,Lk,d)':<26} {'autograd':<9} {'ours µs':>9} {'SDPA µs':>9} {'ratio':>6}   {'min ours':>9} {'min SDPA':>9}")
     for text in args.shapes.split(";"):
         b, h, lq, lk, d, causal = parse_shape(text)
         g = torch.Generator().manual_seed(0)
@@ -90,9 +92,9 @@ def main():
                     out.backward(dout)
 
             with torch.set_grad_enabled(grad):
-                a, s = pair_times(ours, sdpa, args.reps)
+                a, amin, s, smin = pair_times(ours, sdpa, args.reps)
             label = "fwd+bwd" if grad else "fwd"
-            print(f"{name:<26} {label:<9} {a:9.0f} {s:9.0f} {a / s:6.2f}")
+            print(f"{name:<26} {label:<9} {a:9.0f} {s:9.0f} {a / s:6.2f}   {amin:9.0f} {smin:9.0f}")
 
 
 if __name__ == "__main__":
