@@ -253,3 +253,19 @@ def test_nonfinite_sinks_are_an_error():
     q = torch.zeros(1, 2, 5, 4)
     with pytest.raises(ValueError, match="sinks"):
         maskattn.attention(q, q, q, sinks=torch.tensor([0.0, math.nan]))
+
+
+def test_out_and_lse_gradients_from_one_buffer():
+    """A loss through torch.cat of out and lse: autograd hands the backward dout and dlse
+    as slices of one gradient buffer (read-only, allowed to share storage)."""
+    q, k, v, w, u, _ = _data(1, 2, 2, 7, 9, 4, 4)
+    leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+    out, lse = maskattn.attention(*leaves, return_lse=True)
+    flat = torch.cat([out.flatten(), lse.flatten()])
+    wu = torch.cat([w.float().flatten(), u.float().flatten()])
+    got = torch.autograd.grad((flat * wu).sum(), leaves)
+    ref_leaves = [t.float().double().requires_grad_(True) for t in (q, k, v)]
+    rout, rlse = attend_mods(*ref_leaves, torch.ones(1, dtype=torch.bool))
+    want = torch.autograd.grad((rout * w).sum() + (rlse * u).sum(), ref_leaves)
+    for a, b in zip(got, want):
+        assert (a.double() - b).abs().max() < 1e-5

@@ -82,10 +82,11 @@ pub fn backward(
     let GradOuts(dq, dk, dv) = grads;
     let mut reads = vec![q, k, v, out, dout];
     reads.extend(mods.inputs());
+    // dlse is only read: it may share storage with the other inputs (autograd can hand
+    // out dout and dlse as slices of one buffer), never with a gradient buffer.
+    reads.extend(dlse.map(RawOut::as_tensor));
     let mut writes = vec![dq, dk, dv, lse];
     writes.extend(mod_grads.outputs());
-    // dlse is only read, like lse, but must not alias a gradient buffer either.
-    writes.extend(dlse);
     check_disjoint(&reads, &writes).map_err(PyValueError::new_err)?;
     let call = Call {
         q,

@@ -4,7 +4,7 @@
 
 use maskattn::{Bias, ParamGradsMut, Params, RelBias};
 
-use crate::raw::{RawOut, RawTensor, F32};
+use crate::raw::{RawOut, RawTensor};
 
 /// `(softcap, alibi slopes [H_q], sinks [H_q], bias (data, dims), T5 table
 /// (data [num_buckets, H_q], num_buckets, max_distance, bidirectional))`, each `None` when
@@ -27,18 +27,13 @@ pub struct ModGrads(
     pub Option<RawOut>,
 );
 
-/// A contiguous f32 buffer as a 1-d tensor, for the overlap check.
-fn as_tensor(b: RawOut) -> RawTensor {
-    RawTensor(b.0, [1, 1, 1, b.1], [0, 0, 0, 1], F32)
-}
-
 impl Mods {
     /// The parameter buffers, read by the kernels (for the overlap check).
     pub fn inputs(&self) -> Vec<RawTensor> {
         [self.1, self.2, self.3.map(|b| b.0), self.4.map(|r| r.0)]
             .into_iter()
             .flatten()
-            .map(as_tensor)
+            .map(RawOut::as_tensor)
             .collect()
     }
 
