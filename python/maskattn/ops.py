@@ -245,6 +245,39 @@ def _attention_fwd_fake(q, k, v, mask_id, mask_data, scale, softcap=None, alibi=
     return out, q.new_empty((B, H, L), dtype=torch.float32)
 
 
+def _backward_native(q, k, v, out, lse, dout, dlse, mask_id, mask_data, scale, mods, want):
+    """``(dq, dk, dv, [dalibi, dsinks, dbias, drel])`` float32 from the fused backward; a
+    parameter gradient that ``want`` (alibi, sinks, bias, rel) does not ask for is None."""
+    softcap, alibi, sinks, bias, rel, rel_cfg = mods
+    q, k, v = _plain(q), _plain(k), _plain(v)
+    # Resolved before the cast: `.to` keeps a float32 tensor as it is, lazy bit and all.
+    dout = _plain(dout).to(torch.float32)
+    if dlse is not None:
+        dlse = _plain(dlse).to(torch.float32).contiguous()
+    block = _resolve(mask_id, mask_data, _shape(q, k))
+    lse = lse.contiguous()
+    alibi, sinks, bias, rel = _f32(alibi), _f32(sinks), _f32(bias), _f32(rel)
+    dq = torch.empty(q.shape, dtype=torch.float32)
+    dk = torch.empty(k.shape, dtype=torch.float32)
+    dv = torch.empty(v.shape, dtype=torch.float32)
+    pgrads = [
+        torch.empty(t.shape, dtype=torch.float32) if (t is not None and w) else None
+        for t, w in zip((alibi, sinks, bias, rel), want or (False,) * 4)
+    ]
+    buf = lambda t: None if t is None else _raw_out(t)  # noqa: E731
+    _native.backward(
+        (_raw(q), _raw(k), _raw(v)),
+        (_raw(out), _raw_out(lse), _raw(dout)),
+        block,
+        scale,
+        _native_mods(softcap, alibi, sinks, bias, rel, rel_cfg),
+        (_raw_out(dq), _raw_out(dk), _raw_out(dv)),
+        (buf(pgrads[2]), buf(pgrads[0]), buf(pgrads[1]), buf(pgrads[3])),
+        None if dlse is None else _raw_out(dlse),
+    )
+    return dq, dk, dv, pgrads
+
+
 def _backward_impl(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -265,34 +298,11 @@ def _backward_impl(
     want: Optional[List[bool]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dalibi, dsinks, dbias, drel)`` float32; a parameter gradient that
-    ``want`` (alibi, sinks, bias, rel) does not ask for is an empty tensor."""
-    q, k, v = _plain(q), _plain(k), _plain(v)
-    # Resolved before the cast: `.to` keeps a float32 tensor as it is, lazy bit and all.
-    dout = _plain(dout).to(torch.float32)
-    if dlse is not None:
-        dlse = _plain(dlse).to(torch.float32).contiguous()
-    block = _resolve(mask_id, mask_data, _shape(q, k))
-    lse = lse.contiguous()
-    alibi, sinks, bias, rel = _f32(alibi), _f32(sinks), _f32(bias), _f32(rel)
-    dq = torch.empty(q.shape, dtype=torch.float32)
-    dk = torch.empty(k.shape, dtype=torch.float32)
-    dv = torch.empty(v.shape, dtype=torch.float32)
-    pgrads = [
-        torch.empty(t.shape if (t is not None and w) else (0,), dtype=torch.float32)
-        for t, w in zip((alibi, sinks, bias, rel), want or (False,) * 4)
-    ]
-    buf = lambda t: _raw_out(t) if t.numel() else None  # noqa: E731
-    _native.backward(
-        (_raw(q), _raw(k), _raw(v)),
-        (_raw(out), _raw_out(lse), _raw(dout)),
-        block,
-        scale,
-        _native_mods(softcap, alibi, sinks, bias, rel, rel_cfg),
-        (_raw_out(dq), _raw_out(dk), _raw_out(dv)),
-        (buf(pgrads[2]), buf(pgrads[0]), buf(pgrads[1]), buf(pgrads[3])),
-        None if dlse is None else _raw_out(dlse),
-    )
-    return (dq, dk, dv, *pgrads)
+    ``want`` (alibi, sinks, bias, rel) does not ask for is an empty tensor (an op cannot
+    return None)."""
+    mods = (softcap, alibi, sinks, bias, rel, rel_cfg)
+    dq, dk, dv, pgrads = _backward_native(q, k, v, out, lse, dout, dlse, mask_id, mask_data, scale, mods, want)
+    return (dq, dk, dv, *(torch.empty(0) if g is None else g for g in pgrads))
 
 
 _attention_bwd = torch.library.custom_op("maskattn::attention_bwd", mutates_args=(), device_types="cpu")(
@@ -314,7 +324,7 @@ def _cast_grads(dq, dk, dv, pgrads, q, k, v, params):
     """The gradients in their inputs' dtypes, ``None`` for a parameter that has none."""
     out = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)]
     for g, t in zip(pgrads, params):
-        out.append(None if (t is None or g.numel() == 0 and t.numel() != 0) else g.to(t.dtype))
+        out.append(None if (t is None or g is None or g.numel() == 0 and t.numel() != 0) else g.to(t.dtype))
     return out
 
 
@@ -379,12 +389,11 @@ class _EagerAttention(torch.autograd.Function):
             # create_graph=True: the gradients must themselves be differentiable.
             allowed = _allowed(ctx.mask_id, mask_data, _shape(q, k))
             dq, dk, dv = _torch_backward(q, k, v, _plain(dout), allowed, ctx.scale)
-            pgrads = [torch.empty(0)] * 4
+            pgrads = [None] * 4
         else:
             want = [t is not None and ctx.needs_input_grad[i] for i, t in zip((6, 7, 8, 9), params)]
-            dq, dk, dv, *pgrads = _backward_impl(
-                q, k, v, out, lse, dout, dlse, ctx.mask_id, mask_data, ctx.scale, ctx.softcap, *params, ctx.rel_cfg, want
-            )
+            mods = (ctx.softcap, *params, ctx.rel_cfg)
+            dq, dk, dv, pgrads = _backward_native(q, k, v, out, lse, dout, dlse, ctx.mask_id, mask_data, ctx.scale, mods, want)
         grads = _cast_grads(dq, dk, dv, pgrads, q, k, v, params)
         return (*grads[:3], None, None, None, *grads[3:]) + (None,) * len(mask_data)
 
