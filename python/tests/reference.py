@@ -120,3 +120,64 @@ def allowed_of(kind, lq, lk, **kw):
     if kind == "prefix":
         return (j < kw["p"]) | (j <= ib)
     raise ValueError(kind)
+
+
+# ---- score modifiers from their written definitions (docs/design.md section 1) ----
+
+
+def t5_bucket(rel, bidirectional, num_buckets, max_distance):
+    """Hugging Face T5's ``_relative_position_bucket`` of an integer tensor ``rel = j − i'``
+    (transcribed from transformers' modeling_t5.py)."""
+    ret = torch.zeros_like(rel)
+    n = num_buckets
+    if bidirectional:
+        n //= 2
+        ret += (rel > 0).to(torch.long) * n
+        rel = torch.abs(rel)
+    else:
+        rel = -torch.min(rel, torch.zeros_like(rel))
+    max_exact = n // 2
+    is_small = rel < max_exact
+    large = max_exact + (
+        torch.log(rel.float() / max_exact) / math.log(max_distance / max_exact) * (n - max_exact)
+    ).to(torch.long)
+    large = torch.min(large, torch.full_like(large, n - 1))
+    return ret + torch.where(is_small, rel, large)
+
+
+def attend_mods(q, k, v, allowed, scale=None, softcap=None, alibi=None, sinks=None, bias=None, rel=None):
+    """``(out, lse)`` with score modifiers, in q's dtype: ``x = cap(z) + bias − slope·|i' − j|
+    + table[bucket(j − i'), h]``, sinks joining each row's softmax without a value.
+    ``rel = (table [N, H_q], max_distance, bidirectional)``."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    x = torch.matmul(q, k.transpose(-1, -2)) * scale
+    lq, lk = x.shape[-2:]
+    i, j, ib = index(lq, lk)
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    if bias is not None:
+        x = x + bias.to(x.dtype)
+    if alibi is not None:
+        x = x - alibi.to(x.dtype).view(-1, 1, 1) * (ib - j).abs().to(x.dtype)
+    if rel is not None:
+        table, max_distance, bidirectional = rel
+        b = t5_bucket(j - ib, bidirectional, table.shape[0], max_distance)
+        x = x + table.to(x.dtype)[b].permute(2, 0, 1)
+    x = torch.where(allowed.expand(x.shape), x, torch.full((), -math.inf, dtype=x.dtype))
+    if sinks is not None:
+        col = sinks.to(x.dtype).view(1, -1, 1, 1).expand(x.shape[0], -1, lq, 1)
+        x = torch.cat([x, col], dim=-1)
+    m = x.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=m.dtype))
+    p = torch.exp(x - m)
+    l = p.sum(dim=-1, keepdim=True)
+    p = p / torch.where(l > 0, l, torch.ones((), dtype=l.dtype))
+    if sinks is not None:
+        p = p[..., :lk]
+    out = torch.matmul(p, v)
+    lse = torch.where(l > 0, torch.log(torch.where(l > 0, l, torch.ones((), dtype=l.dtype))) + m, torch.full((), -math.inf, dtype=l.dtype))
+    return out, lse.squeeze(-1)

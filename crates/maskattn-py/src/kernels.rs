@@ -6,6 +6,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::masks::NativeBlockMask;
+use crate::mods::{ModGrads, Mods};
 use crate::raw::{check_disjoint, RawOut, RawTensor, BF16, F16, F32};
 use crate::threads;
 
@@ -33,28 +34,44 @@ pub fn forward(
     qkv: Qkv,
     block: &NativeBlockMask,
     scale: Option<f32>,
+    mods: Mods,
     outs: ForwardOuts,
 ) -> PyResult<()> {
     let block = block.inner.clone();
     let Qkv(q, k, v) = qkv;
-    check_disjoint(&[q, k, v], &[outs.0, outs.1]).map_err(PyValueError::new_err)?;
-    let call = Call { q, k, v, scale };
+    let mut ins = vec![q, k, v];
+    ins.extend(mods.inputs());
+    check_disjoint(&ins, &[outs.0, outs.1]).map_err(PyValueError::new_err)?;
+    let call = Call {
+        q,
+        k,
+        v,
+        scale,
+        mods,
+    };
     // The kernels touch no Python object: other Python threads run meanwhile.
-    py.detach(move || threads::run(|| call.dispatch(|c, t| c.forward(t, &block, outs))))
+    let work = call.work();
+    py.detach(move || threads::run_sized(work, || call.dispatch(|c, t| c.forward(t, &block, outs))))
         .and_then(|r| r)
         .map_err(PyValueError::new_err)
 }
 
 /// `dq` like q, `dk`, `dv` like k and v (contiguous f32) from the forward's `out` (f32, any
-/// strides), `lse` (contiguous f32) and `dout` (f32, any strides).
+/// strides), `lse` (contiguous f32) and `dout` (f32, any strides); with `dlse` (contiguous
+/// f32, like lse) the LSE's gradient enters too; `mod_grads` are the wanted parameter
+/// gradients of `mods`.
 #[pyfunction]
+#[allow(clippy::too_many_arguments)]
 pub fn backward(
     py: Python<'_>,
     qkv: Qkv,
     ins: BackwardIns,
     block: &NativeBlockMask,
     scale: Option<f32>,
+    mods: Mods,
     grads: GradOuts,
+    mod_grads: ModGrads,
+    dlse: Option<RawOut>,
 ) -> PyResult<()> {
     let block = block.inner.clone();
     let Qkv(q, k, v) = qkv;
@@ -63,11 +80,33 @@ pub fn backward(
         return Err(PyValueError::new_err("out and dout must be float32"));
     }
     let GradOuts(dq, dk, dv) = grads;
-    check_disjoint(&[q, k, v, out, dout], &[dq, dk, dv, lse]).map_err(PyValueError::new_err)?;
-    let call = Call { q, k, v, scale };
-    py.detach(move || threads::run(|| call.dispatch(|c, t| c.backward(t, &block, ins, grads))))
-        .and_then(|r| r)
-        .map_err(PyValueError::new_err)
+    let mut reads = vec![q, k, v, out, dout];
+    reads.extend(mods.inputs());
+    // dlse is only read: it may share storage with the other inputs (autograd can hand
+    // out dout and dlse as slices of one buffer), never with a gradient buffer.
+    reads.extend(dlse.map(RawOut::as_tensor));
+    let mut writes = vec![dq, dk, dv, lse];
+    writes.extend(mod_grads.outputs());
+    check_disjoint(&reads, &writes).map_err(PyValueError::new_err)?;
+    let call = Call {
+        q,
+        k,
+        v,
+        scale,
+        mods,
+    };
+    let back = BackwardCall {
+        ins,
+        grads,
+        mod_grads,
+        dlse,
+    };
+    let work = 2 * call.work();
+    py.detach(move || {
+        threads::run_sized(work, || call.dispatch(|c, t| c.backward(t, &block, back)))
+    })
+    .and_then(|r| r)
+    .map_err(PyValueError::new_err)
 }
 
 /// The compiled mask as a dense bool buffer `[B, H_q, L_q, L_k]` (contiguous, written in
@@ -119,9 +158,28 @@ struct Call {
     k: RawTensor,
     v: RawTensor,
     scale: Option<f32>,
+    mods: Mods,
+}
+
+/// What the backward adds to a [`Call`].
+#[derive(Clone, Copy)]
+struct BackwardCall {
+    ins: BackwardIns,
+    grads: GradOuts,
+    mod_grads: ModGrads,
+    dlse: Option<RawOut>,
 }
 
 impl Call {
+    /// Multiply-adds of the forward, `B·H_q·L_q·L_k·d` (saturating): what decides whether
+    /// the call is worth the pool's hand-off.
+    fn work(&self) -> usize {
+        let [b, h, lq, d] = self.q.1;
+        [b, h, lq, self.k.1[2], d]
+            .iter()
+            .fold(1usize, |a, &x| a.saturating_mul(x))
+    }
+
     /// Runs `f` with the storage type the tensors hold.
     fn dispatch<F>(&self, f: F) -> Result<(), String>
     where
@@ -140,11 +198,13 @@ impl Call {
         f(self, dtype)
     }
 
-    fn params(&self) -> Params<'static> {
-        Params {
+    /// # Safety
+    /// As [`Mods::params`].
+    unsafe fn params(&self) -> Result<Params<'static>, String> {
+        self.mods.params(Params {
             scale: self.scale,
             ..Default::default()
-        }
+        })
     }
 
     fn forward(&self, t: Dtype, block: &BlockMask, outs: ForwardOuts) -> Result<(), String> {
@@ -165,31 +225,26 @@ impl Call {
                 self.v.view::<T>("v")?,
             );
             let (out, lse) = (outs.0.slice_mut("out")?, outs.1.slice_mut("lse")?);
-            maskattn::forward_into(&q, &k, &v, block, &self.params(), out, lse)
+            maskattn::forward_into(&q, &k, &v, block, &self.params()?, out, lse)
                 .map_err(|e| e.to_string())
         }
     }
 
-    fn backward(
-        &self,
-        t: Dtype,
-        block: &BlockMask,
-        ins: BackwardIns,
-        g: GradOuts,
-    ) -> Result<(), String> {
+    fn backward(&self, t: Dtype, block: &BlockMask, back: BackwardCall) -> Result<(), String> {
         match t {
-            Dtype::F32 => self.backward_t::<f32>(block, ins, g),
-            Dtype::Bf16 => self.backward_t::<bf16>(block, ins, g),
-            Dtype::F16 => self.backward_t::<f16>(block, ins, g),
+            Dtype::F32 => self.backward_t::<f32>(block, back),
+            Dtype::Bf16 => self.backward_t::<bf16>(block, back),
+            Dtype::F16 => self.backward_t::<f16>(block, back),
         }
     }
 
-    fn backward_t<T: Element>(
-        &self,
-        block: &BlockMask,
-        ins: BackwardIns,
-        g: GradOuts,
-    ) -> Result<(), String> {
+    fn backward_t<T: Element>(&self, block: &BlockMask, back: BackwardCall) -> Result<(), String> {
+        let BackwardCall {
+            ins,
+            grads: g,
+            mod_grads,
+            dlse,
+        } = back;
         // SAFETY: as in `forward_t`; `out`, `lse` and `dout` are only read.
         unsafe {
             let (q, k, v) = (
@@ -201,18 +256,24 @@ impl Call {
             let out = out.view::<f32>("out")?;
             let dout = dout.view::<f32>("dout")?;
             let lse = lse.slice("lse")?;
-            let grads = GradsMut::new(
+            let dlse = dlse.map(|d| d.slice("dlse")).transpose()?;
+            let mut grads = GradsMut::new(
                 g.0.slice_mut("dq")?,
                 g.1.slice_mut("dk")?,
                 g.2.slice_mut("dv")?,
             );
-            maskattn::backward_into(
+            grads.params = mod_grads.slices()?;
+            let up = match dlse {
+                Some(dl) => maskattn::Upstream::new(&dout).with_dlse(dl),
+                None => maskattn::Upstream::new(&dout),
+            };
+            maskattn::backward_upstream_into(
                 &maskattn::Qkv::new(&q, &k, &v),
                 &out,
                 lse,
-                &dout,
+                up,
                 block,
-                &self.params(),
+                &self.params()?,
                 grads,
             )
             .map_err(|e| e.to_string())

@@ -4,6 +4,7 @@
 
 mod kernels;
 mod masks;
+mod mods;
 mod raw;
 mod threads;
 

@@ -70,6 +70,11 @@ impl RawOut {
         (self.0, self.0 + self.1 * 4)
     }
 
+    /// The buffer as a 1-d f32 input tensor, for the overlap check of read-only buffers.
+    pub fn as_tensor(self) -> RawTensor {
+        RawTensor(self.0, [1, 1, 1, self.1], [0, 0, 0, 1], F32)
+    }
+
     /// The buffer as a read-only slice (the forward's LSE handed back to the backward).
     ///
     /// # Safety

@@ -6,7 +6,15 @@
 //! `multiprocessing`'s "fork" start method) inherits the parent's pool object but none of
 //! its threads, so the pool is tagged with the id of the process that built it and rebuilt
 //! on first use in any other process. The global pool could not be rebuilt.
+//!
+//! A small call runs on the calling thread instead: handing a job to a pool worker and
+//! waiting for it costs two thread wake-ups (tens of µs, far more on a busy machine), more
+//! than the kernels take at a decode step's shapes. Each calling thread gets a one-thread
+//! pool of which it is itself the worker (`use_current_thread`), so `install` runs inline and
+//! the kernels' parallel loops run sequentially. It has no thread of its own to lose in a
+//! fork, and lives as long as the thread (rayon leaks it by design: one per Python thread).
 
+use std::cell::OnceCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -64,6 +72,41 @@ fn pool() -> Result<Arc<ThreadPool>, String> {
 /// Runs `f` on this process's pool.
 pub fn run<R: Send>(f: impl FnOnce() -> R + Send) -> Result<R, String> {
     Ok(pool()?.install(f))
+}
+
+/// Calls of at most this many multiply-adds (`B·H_q·L_q·L_k·d`, doubled for a backward)
+/// run on the calling thread: there the hand-off to the pool costs more than a second
+/// thread saves.
+pub const INLINE_WORK: usize = 1 << 19;
+
+thread_local! {
+    /// This thread's one-thread pool (itself); `None` if rayon refused (the thread is
+    /// already a worker of another pool).
+    static INLINE: OnceCell<Option<ThreadPool>> = const { OnceCell::new() };
+}
+
+/// Runs `f`, a call of about `work` multiply-adds: on the calling thread when it is small
+/// (or the pool has one thread), else on the pool.
+pub fn run_sized<R: Send>(work: usize, f: impl FnOnce() -> R + Send) -> Result<R, String> {
+    if work > INLINE_WORK && WANTED.load(Ordering::Relaxed) != 1 {
+        return run(f);
+    }
+    let mut f = Some(f);
+    let inline = INLINE.with(|cell| {
+        let pool = cell.get_or_init(|| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .use_current_thread()
+                .build()
+                .ok()
+        });
+        pool.as_ref()
+            .map(|p| p.install(f.take().expect("not yet run")))
+    });
+    match inline {
+        Some(r) => Ok(r),
+        None => run(f.take().expect("not yet run")),
+    }
 }
 
 /// `n` threads for every later kernel call; 0 goes back to rayon's default (one per core).
