@@ -399,19 +399,43 @@ def test_bert_padding_bidirectional(spy):
     assert "causal" not in spy["masks"][0].description and spy["masks"][0].analytic
 
 
-@pytest.mark.parametrize("cfg", ["llama", "mistral"])
+GENERATE = {
+    # name: (model, the reference's (naive float32, golden float64) attention)
+    "llama": (lambda: _model(_llama()), ("sdpa", "sdpa")),
+    "mistral": (lambda: _model(_mistral()), ("sdpa", "sdpa")),
+    "gemma2": (lambda: _model(_gemma2()), ("eager", "eager_f64")),
+    "gpt_oss": (lambda: _gpt_oss_model(), ("eager", "eager")),
+    "t5": (lambda: _model(_t5(), cls=transformers.AutoModelForSeq2SeqLM), ("sdpa", "sdpa")),
+}
+
+
+@pytest.mark.parametrize("cfg", sorted(GENERATE))
 def test_greedy_generate_left_padding_token_for_token(cfg):
-    # Mistral's window (7) is shorter than the prompt: the sliding cache's offsets are exercised.
-    model = _model(_llama() if cfg == "llama" else _mistral()).eval()
+    """Greedy tokens equal the reference's, and every step's logits hold to the rule. Windows
+    (7, 8) shorter than the prompt and its continuation exercise the sliding cache's offsets;
+    Gemma 2 and GPT-OSS decode with soft-capping / sinks, T5 with its position bias."""
+    make, (naive, golden) = GENERATE[cfg]
+    model = make().eval()
     ids, am = _tokens(2, 12, seed=3), _pad("left", 2, 12).long()
     ids = ids * am
-    out = {}
-    for impl in ("sdpa", "maskattn"):
-        model.set_attn_implementation(impl)
+    runs = []
+    for impl, dtype in (("maskattn", torch.float32), (naive, torch.float32), (golden, torch.float64)):
+        m = copy.deepcopy(model).to(dtype)
+        m.set_attn_implementation(impl)
         with torch.no_grad():
-            out[impl] = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=16, do_sample=False)
-    assert out["maskattn"].shape[1] == 12 + 16
-    assert torch.equal(out["maskattn"], out["sdpa"])
+            out = m.generate(
+                input_ids=ids,
+                attention_mask=am,
+                max_new_tokens=16,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        runs.append((out.sequences, torch.stack(out.logits)))
+    (ours, ours_logits), (ref, naive_logits), (ref64, golden_logits) = runs
+    assert ours.shape[1] == (1 if model.config.is_encoder_decoder else 12) + 16
+    assert torch.equal(ours, ref) and torch.equal(ours, ref64)
+    _assert_rule("generated logits", ours_logits, naive_logits, golden_logits)
 
 
 # ---- what is not supported yet: a clear error naming the argument ----
@@ -432,9 +456,9 @@ def mods(monkeypatch):
     return seen
 
 
-def test_gemma2_softcap_sliding_logits_and_gradients(mods):
+def _gemma2():
     # A small cap and larger weights, so that tanh is far from linear on these scores.
-    cfg = transformers.Gemma2Config(
+    return transformers.Gemma2Config(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=96,
@@ -449,6 +473,10 @@ def test_gemma2_softcap_sliding_logits_and_gradients(mods):
         attention_dropout=0.0,
         pad_token_id=0,
     )
+
+
+def test_gemma2_softcap_sliding_logits_and_gradients(mods):
+    cfg = _gemma2()
     assert cfg.layer_types == ["sliding_attention", "full_attention"]
     model = _model(cfg).train()
     ids, am = _tokens(2, 21), _pad("left", 2, 21).long()
@@ -475,12 +503,17 @@ def _gpt_oss(**kw):
     return transformers.GptOssConfig(**cfg)
 
 
-def test_gpt_oss_sinks_logits_and_gradients(mods):
-    model = _model(_gpt_oss(), experts_implementation="eager").train()
-    assert model.config.layer_types == ["sliding_attention", "full_attention"]
+def _gpt_oss_model():
+    model = _model(_gpt_oss(), experts_implementation="eager")
     with torch.no_grad():  # sinks large enough to take a real share of each row's softmax
         for layer in model.model.layers:
             layer.self_attn.sinks.copy_(torch.linspace(-1.0, 2.0, 4))
+    return model
+
+
+def test_gpt_oss_sinks_logits_and_gradients(mods):
+    model = _gpt_oss_model().train()
+    assert model.config.layer_types == ["sliding_attention", "full_attention"]
     ids, am = _tokens(2, 19), _pad("right", 2, 19).long()
     inputs = {"input_ids": ids, "attention_mask": am}
     _, _, golden = _check_against_sdpa(model, inputs, am.bool(), reference=("eager", "eager"))
@@ -567,10 +600,8 @@ def test_bart_encoder_padding_cross_attention():
     _check_against_sdpa(model, inputs, dam.bool())
 
 
-def test_t5_position_bias_and_its_gradient(mods):
-    """T5 passes its relative position bias as `position_bias` ([1, H, L_q, L_k], computed by
-    the first layer's relative_attention_bias and reused by the others): maskattn's bias."""
-    cfg = transformers.T5Config(
+def _t5():
+    return transformers.T5Config(
         vocab_size=VOCAB,
         d_model=64,
         d_kv=16,
@@ -583,6 +614,12 @@ def test_t5_position_bias_and_its_gradient(mods):
         pad_token_id=0,
         decoder_start_token_id=0,
     )
+
+
+def test_t5_position_bias_and_its_gradient(mods):
+    """T5 passes its relative position bias as `position_bias` ([1, H, L_q, L_k], computed by
+    the first layer's relative_attention_bias and reused by the others): maskattn's bias."""
+    cfg = _t5()
     model = _model(cfg, cls=transformers.AutoModelForSeq2SeqLM).train()
     src, am = _tokens(2, 23), _pad("right", 2, 23).long()
     tgt, dam = _tokens(2, 13, seed=1), _pad("right", 2, 13).long()
