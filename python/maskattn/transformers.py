@@ -563,7 +563,7 @@ def _sinks(s_aux, H_q: int) -> Optional[torch.Tensor]:
 def _bias(position_bias, mask_bias, B: int, H_q: int, L_q: int, L_k: int) -> Optional[torch.Tensor]:
     """T5's ``position_bias`` plus an additive float mask's finite part, as maskattn's ``bias``
     (broadcasting to ``[B, H_q, L_q, L_k]``). A bias of zeros that needs no gradient (T5's
-    cross attention and layers without a relative bias of their own pass one) is left out."""
+    cross attention passes one) is left out: the kernels then skip reading it."""
     if position_bias is not None:
         if not isinstance(position_bias, torch.Tensor) or not position_bias.is_floating_point():
             raise TypeError(f"position_bias must be a floating-point tensor, got {type(position_bias).__name__}")

@@ -522,12 +522,16 @@ def test_gpt_oss_sinks_logits_and_gradients(mods):
     assert mods and all(c["sinks"] is not None and c["sinks"].requires_grad for c in mods)
 
 
-def test_per_token_sinks_are_refused():
+def test_score_modifier_arguments_are_checked():
     q = torch.randn(1, 2, 5, 8)
-    with pytest.raises(NotImplementedError, match="sinks"):
+    with pytest.raises(NotImplementedError, match="sinks"):  # per-token sinks (Inkling 2)
         mt.attention_forward(torch.nn.Module(), q, q, q, None, sinks=torch.zeros(1, 2, 5, 1))
     with pytest.raises(NotImplementedError, match="s_aux"):
         mt.attention_forward(torch.nn.Module(), q, q, q, None, s_aux=torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="softcap"):
+        mt.attention_forward(torch.nn.Module(), q, q, q, None, softcap=-1.0)
+    with pytest.raises(ValueError, match="position_bias"):
+        mt.attention_forward(torch.nn.Module(), q, q, q, None, position_bias=torch.zeros(1, 3, 5, 5))
 
 
 def test_dropout_and_output_attentions_are_refused():
