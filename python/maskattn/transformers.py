@@ -22,6 +22,7 @@ The name has no "flash" in it on purpose: transformers routes such names to its 
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -451,10 +452,9 @@ def _translate(fn, ctx: _Context) -> Optional[_Conj]:
 # The attention function.
 
 _UNSUPPORTED = {
-    "softcap": "soft-capping of the scores (Gemma 2)",
-    "s_aux": "learnable attention sinks (GPT-OSS)",
-    "sinks": "learnable attention sinks",
-    "position_bias": "an additive position bias (T5)",
+    # Inkling 2 passes a logit per query row (computed from the hidden states); maskattn's
+    # sinks are one learnable logit per head, as GPT-OSS's `s_aux`.
+    "sinks": "per-token attention sinks",
 }
 
 
@@ -476,13 +476,20 @@ def attention_forward(
     heads are not repeated). ``attention_mask`` is what :func:`mask_interface` built (the
     layer type's mask, authoritative as in SDPA), ``None`` (causal per ``is_causal`` /
     the module's ``is_causal``, as SDPA, within ``sliding_window`` if given), or a 4-d
-    boolean or 0/−inf float tensor. Packed documents read from ``cu_seq_lens_q/k`` or from
-    ``position_ids`` restarts are enforced here even where a cache object kept transformers
-    from seeing them. Returns ``([B, L_q, H_q, d]`` contiguous, ``None)``.
+    boolean or float tensor (an additive float mask: its finite values are added to the
+    scores as maskattn's ``bias``, its ``-inf`` / dtype-minimum entries mask). Packed
+    documents read from ``cu_seq_lens_q/k`` or from ``position_ids`` restarts are enforced
+    here even where a cache object kept transformers from seeing them.
 
-    Not yet supported, each a ``NotImplementedError`` naming the argument: attention
-    dropout > 0, ``softcap``, ``s_aux``/``sinks``, ``position_bias``, an additive float mask
-    with other values than 0 and −inf, ``output_attentions``.
+    Score modifiers, as transformers' eager attention applies them: ``softcap`` (Gemma 2:
+    ``c·tanh(z/c)`` of the scaled scores, before the mask), ``s_aux`` (GPT-OSS: one logit per
+    query head joining every row's softmax, dropped after it — maskattn's ``sinks``, with
+    their gradient), ``position_bias`` (T5: added to the scores — maskattn's ``bias``, with
+    the gradient reaching ``relative_attention_bias``). Returns ``([B, L_q, H_q, d]``
+    contiguous, ``None)``.
+
+    Not supported, each a ``NotImplementedError`` naming the argument: attention dropout
+    > 0, per-token ``sinks``, ``output_attentions``.
     """
     for name, what in _UNSUPPORTED.items():
         if kwargs.get(name) is not None:
@@ -509,12 +516,75 @@ def attention_forward(
         raise ValueError(f"key/value heads ({key.shape[1]}) must divide query heads ({H_q})")
     L_k = key.shape[2]
 
-    mask = _layer_mask(module, attention_mask, B, H_q, L_q, L_k, is_causal, sliding_window, kwargs)
-    out = _attention(query, key, value, mask, scale=scaling)
+    mask, mask_bias = _layer_mask(module, attention_mask, B, H_q, L_q, L_k, is_causal, sliding_window, kwargs)
+    bias = _bias(kwargs.get("position_bias"), mask_bias, B, H_q, L_q, L_k)
+    out = _attention(
+        query,
+        key,
+        value,
+        mask,
+        scale=scaling,
+        softcap=_softcap(kwargs.get("softcap")),
+        sinks=_sinks(kwargs.get("s_aux"), H_q),
+        bias=bias,
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
+def _softcap(softcap) -> Optional[float]:
+    if softcap is None:
+        return None
+    try:
+        c = float(softcap)
+    except (TypeError, ValueError):
+        raise TypeError(f"softcap must be a positive number, got {softcap!r}") from None
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"softcap must be positive and finite, got {softcap!r}")
+    return c
+
+
+def _sinks(s_aux, H_q: int) -> Optional[torch.Tensor]:
+    """GPT-OSS's ``s_aux``: one logit per query head (``module.sinks``, ``[H_q]``), taken as it
+    is so that its gradient reaches the parameter."""
+    if s_aux is None:
+        return None
+    if not isinstance(s_aux, torch.Tensor) or not s_aux.is_floating_point():
+        raise TypeError(
+            f"s_aux must be a floating-point tensor of one logit per query head, got {type(s_aux).__name__}"
+        )
+    if tuple(s_aux.shape) != (H_q,):
+        raise NotImplementedError(
+            f"attn_implementation='maskattn' takes `s_aux` as one sink logit per query head, shape [{H_q}]; "
+            f"got {list(s_aux.shape)}"
+        )
+    return s_aux
+
+
+def _bias(position_bias, mask_bias, B: int, H_q: int, L_q: int, L_k: int) -> Optional[torch.Tensor]:
+    """T5's ``position_bias`` plus an additive float mask's finite part, as maskattn's ``bias``
+    (broadcasting to ``[B, H_q, L_q, L_k]``). A bias of zeros that needs no gradient (T5's
+    cross attention passes one) is left out: the kernels then skip reading it."""
+    if position_bias is not None:
+        if not isinstance(position_bias, torch.Tensor) or not position_bias.is_floating_point():
+            raise TypeError(f"position_bias must be a floating-point tensor, got {type(position_bias).__name__}")
+        want = (B, H_q, L_q, L_k)
+        shape = (1,) * (4 - position_bias.dim()) + tuple(position_bias.shape)
+        if position_bias.dim() > 4 or any(n not in (1, w) for n, w in zip(shape, want)):
+            raise ValueError(
+                f"position_bias of shape {list(position_bias.shape)} does not broadcast to "
+                f"[B, H_q, L_q, L_k] = {list(want)}"
+            )
+        if not position_bias.requires_grad and not bool(position_bias.any()):
+            position_bias = None
+    if position_bias is None:
+        return mask_bias
+    if mask_bias is None:
+        return position_bias
+    return position_bias + mask_bias
+
+
 def _layer_mask(module, attention_mask, B, H_q, L_q, L_k, is_causal, sliding_window, kwargs):
+    """The layer's mask for maskattn, and the additive part of a float mask (or ``None``)."""
     if isinstance(attention_mask, TransformersMask):
         m = attention_mask
         if (m.batch_size, m.q_length, m.kv_length) != (B, L_q, L_k):
@@ -525,48 +595,53 @@ def _layer_mask(module, attention_mask, B, H_q, L_q, L_k, is_causal, sliding_win
         docs = None
         if not m.has_documents:
             docs = _late_documents(m, kwargs, B, L_q, L_k)
-        return m.block(H_q, docs)
+        return m.block(H_q, docs), None
     if attention_mask is None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         if not causal:
             if sliding_window is not None:
                 raise NotImplementedError("sliding_window without a mask on a non-causal layer is not supported")
-            return None
+            return None, None
         # As SDPA: a single query sees every key; otherwise `is_causal`'s top-left alignment
         # (transformers leaves the mask out only with L_q = L_k or an empty static cache).
         # `sliding_window` as transformers' mask functions state it: kv > q − w.
         if L_q == 1:
             lo = None if sliding_window is None else L_k - int(sliding_window)
-            return _band(lo, None, L_q, L_k)
+            return _band(lo, None, L_q, L_k), None
         lo = None if sliding_window is None else 1 - int(sliding_window)
-        return _band(lo, 0, L_q, L_k)
+        return _band(lo, 0, L_q, L_k), None
     if isinstance(attention_mask, (Mask, BlockMask)):
-        return attention_mask
+        return attention_mask, None
     if isinstance(attention_mask, torch.Tensor):
-        return _masks.dense(_tensor_allowed(attention_mask, L_k))
+        allowed, additive = _tensor_mask(attention_mask, L_k)
+        return _masks.dense(allowed), additive
     raise TypeError(
         f"attention_mask of type {type(attention_mask).__name__} is not understood by attn_implementation='maskattn'"
     )
 
 
-def _tensor_allowed(mask: torch.Tensor, L_k: int) -> torch.Tensor:
-    """A 4-d mask a model or user built itself, as booleans (keys cut to ``L_k`` as transformers'
-    eager attention does)."""
+def _tensor_mask(mask: torch.Tensor, L_k: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A 4-d mask a model or user built itself (keys cut to ``L_k`` as transformers' eager
+    attention does), as booleans and, for a float mask with other values than 0 and the
+    masking value, the additive rest (``None`` otherwise).
+
+    A float mask's ``-inf`` / dtype-minimum entries (≤ half the minimum) become masked pairs
+    rather than huge biases, so a row that sees nothing gives 0, not an average of its values;
+    the others are added to the scores with their gradient."""
     if mask.dim() != 4:
         raise ValueError(f"attention_mask: expected a 4-d mask [B|1, H|1, L_q, L_k], got {tuple(mask.shape)}")
     mask = mask[..., :L_k]
     if mask.dtype == torch.bool:
-        return mask
+        return mask, None
     if not mask.is_floating_point():
         raise TypeError(f"attention_mask: expected bool or float, got {mask.dtype}")
-    # transformers' eager masks hold 0 (attend) and the dtype's minimum (or −inf).
+    if bool((torch.isnan(mask) | torch.isposinf(mask)).any()):
+        raise ValueError("attention_mask holds NaN or +inf")
     hidden = mask <= torch.finfo(mask.dtype).min / 2
-    if not bool(((mask == 0) | hidden).all()):
-        raise NotImplementedError(
-            "attn_implementation='maskattn' does not support an additive float attention_mask "
-            "(values other than 0 and -inf, e.g. a position bias) yet"
-        )
-    return ~hidden
+    additive = mask.masked_fill(hidden, 0.0)
+    if not additive.requires_grad and not bool(additive.any()):
+        additive = None
+    return ~hidden, additive
 
 
 def _late_documents(m: TransformersMask, kwargs, B: int, L_q: int, L_k: int) -> Optional[torch.Tensor]:

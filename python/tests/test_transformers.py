@@ -6,7 +6,8 @@ parameter gradient are held to docs/design.md's accuracy rule at model scale:
     |maskattn_f32 − golden_f64|max ≤ 2 · |sdpa_f32 − golden_f64|max + ε
 
 where the golden run is the same model with transformers' SDPA attention in float64 and
-the naive run the same in float32, and ε = 1e-5 · max(1, |golden|max) per tensor (the
+the naive run the same in float32 (eager attention where SDPA cannot run the model:
+soft-capping, sinks), and ε = 1e-5 · max(1, |golden|max) per tensor (the
 design's ε for parameter gradients, which sum over many pairs). Everything but attention is
 shared by the f32 runs, so the rule measures what attention adds.
 """
@@ -29,6 +30,26 @@ from transformers import masking_utils as mu  # noqa: E402
 mt.register()
 
 VOCAB = 61
+
+
+def _eager_f64(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
+    """A golden for Gemma 2: transformers' Gemma 2 eager attention (scale, soft-cap, add the
+    mask, softmax) with the softmax in the model's dtype — transformers' own computes it in
+    float32 even in a float64 model (and then turns a row that sees nothing into NaN)."""
+    assert not dropout and kwargs.get("s_aux") is None and kwargs.get("position_bias") is None
+    rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    scores = query @ key.transpose(2, 3) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[2]]
+    weights = scores.softmax(dim=-1)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
+transformers.AttentionInterface.register("eager_f64", _eager_f64)
+transformers.AttentionMaskInterface.register("eager_f64", mu.eager_mask)
 
 
 def _llama(**kw):
@@ -78,9 +99,9 @@ def _bert():
     )
 
 
-def _model(cfg, cls=transformers.AutoModelForCausalLM, seed=0):
+def _model(cfg, cls=transformers.AutoModelForCausalLM, seed=0, **kw):
     torch.manual_seed(seed)
-    return cls.from_config(cfg, attn_implementation="maskattn")
+    return cls.from_config(cfg, attn_implementation="maskattn", **kw)
 
 
 def _run(model, impl, dtype, inputs, weight, select, logits_of=lambda out: out.logits):
@@ -104,21 +125,25 @@ def _assert_rule(name, ours, naive, golden):
 def _assert_model_rule(ours, naive, golden):
     (lo, go), (ln, gn), (lg, gg) = ours, naive, golden
     _assert_rule("logits", lo, ln, lg)
-    assert set(go) == set(gg), "maskattn's run gave gradients to other parameters than SDPA's"
+    assert set(go) == set(gg), "maskattn's run gave gradients to other parameters than the reference's"
     assert len(go) > 5
     for name in gg:
         _assert_rule(f"grad {name}", go[name], gn[name], gg[name])
 
 
-def _check_against_sdpa(model, inputs, select, logits_of=lambda out: out.logits):
+def _check_against_sdpa(model, inputs, select, logits_of=lambda out: out.logits, reference=("sdpa", "sdpa")):
+    """maskattn in float32 against ``reference`` = (the naive float32 run's attention, the
+    golden float64 run's attention)."""
     torch.manual_seed(1)
     shape = logits_of(model(**inputs)).shape
     weight = torch.randn(shape, dtype=torch.float64)
+    naive, golden = reference
     runs = [
         _run(model, impl, dtype, inputs, weight, select, logits_of)
-        for impl, dtype in (("maskattn", torch.float32), ("sdpa", torch.float32), ("sdpa", torch.float64))
+        for impl, dtype in (("maskattn", torch.float32), (naive, torch.float32), (golden, torch.float64))
     ]
     _assert_model_rule(*runs)
+    return runs
 
 
 @pytest.fixture
@@ -374,26 +399,66 @@ def test_bert_padding_bidirectional(spy):
     assert "causal" not in spy["masks"][0].description and spy["masks"][0].analytic
 
 
-@pytest.mark.parametrize("cfg", ["llama", "mistral"])
+GENERATE = {
+    # name: (model, the reference's (naive float32, golden float64) attention)
+    "llama": (lambda: _model(_llama()), ("sdpa", "sdpa")),
+    "mistral": (lambda: _model(_mistral()), ("sdpa", "sdpa")),
+    "gemma2": (lambda: _model(_gemma2()), ("eager", "eager_f64")),
+    "gpt_oss": (lambda: _gpt_oss_model(), ("eager", "eager")),
+    "t5": (lambda: _model(_t5(), cls=transformers.AutoModelForSeq2SeqLM), ("sdpa", "sdpa")),
+}
+
+
+@pytest.mark.parametrize("cfg", sorted(GENERATE))
 def test_greedy_generate_left_padding_token_for_token(cfg):
-    # Mistral's window (7) is shorter than the prompt: the sliding cache's offsets are exercised.
-    model = _model(_llama() if cfg == "llama" else _mistral()).eval()
+    """Greedy tokens equal the reference's, and every step's logits hold to the rule. Windows
+    (7, 8) shorter than the prompt and its continuation exercise the sliding cache's offsets;
+    Gemma 2 and GPT-OSS decode with soft-capping / sinks, T5 with its position bias."""
+    make, (naive, golden) = GENERATE[cfg]
+    model = make().eval()
     ids, am = _tokens(2, 12, seed=3), _pad("left", 2, 12).long()
     ids = ids * am
-    out = {}
-    for impl in ("sdpa", "maskattn"):
-        model.set_attn_implementation(impl)
+    runs = []
+    for impl, dtype in (("maskattn", torch.float32), (naive, torch.float32), (golden, torch.float64)):
+        m = copy.deepcopy(model).to(dtype)
+        m.set_attn_implementation(impl)
         with torch.no_grad():
-            out[impl] = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=16, do_sample=False)
-    assert out["maskattn"].shape[1] == 12 + 16
-    assert torch.equal(out["maskattn"], out["sdpa"])
+            out = m.generate(
+                input_ids=ids,
+                attention_mask=am,
+                max_new_tokens=16,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        runs.append((out.sequences, torch.stack(out.logits)))
+    (ours, ours_logits), (ref, naive_logits), (ref64, golden_logits) = runs
+    assert ours.shape[1] == (1 if model.config.is_encoder_decoder else 12) + 16
+    assert torch.equal(ours, ref) and torch.equal(ours, ref64)
+    _assert_rule("generated logits", ours_logits, naive_logits, golden_logits)
 
 
 # ---- what is not supported yet: a clear error naming the argument ----
 
 
-def test_gemma2_softcap_is_refused():
-    cfg = transformers.Gemma2Config(
+@pytest.fixture
+def mods(monkeypatch):
+    """The score modifiers each maskattn.attention call received, so a test can say which
+    path ran."""
+    seen = []
+    real = mt._attention
+
+    def attention(q, k, v, mask=None, **kw):
+        seen.append({n: kw.get(n) for n in ("softcap", "sinks", "bias")})
+        return real(q, k, v, mask, **kw)
+
+    monkeypatch.setattr(mt, "_attention", attention)
+    return seen
+
+
+def _gemma2():
+    # A small cap and larger weights, so that tanh is far from linear on these scores.
+    return transformers.Gemma2Config(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=96,
@@ -401,19 +466,29 @@ def test_gemma2_softcap_is_refused():
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
+        query_pre_attn_scalar=16,
         sliding_window=8,
-        attn_logit_softcapping=50.0,
+        attn_logit_softcapping=2.0,
+        initializer_range=0.1,
+        attention_dropout=0.0,
+        pad_token_id=0,
     )
-    model = _model(cfg).eval()
-    with pytest.raises(NotImplementedError, match="softcap"):
-        model(_tokens(1, 10))
 
 
-def test_gpt_oss_sinks_are_refused():
-    cfg = transformers.GptOssConfig(
+def test_gemma2_softcap_sliding_logits_and_gradients(mods):
+    cfg = _gemma2()
+    assert cfg.layer_types == ["sliding_attention", "full_attention"]
+    model = _model(cfg).train()
+    ids, am = _tokens(2, 21), _pad("left", 2, 21).long()
+    _check_against_sdpa(model, {"input_ids": ids, "attention_mask": am}, am.bool(), reference=("eager", "eager_f64"))
+    assert mods and all(c["softcap"] == 2.0 and c["sinks"] is None and c["bias"] is None for c in mods)
+
+
+def _gpt_oss(**kw):
+    cfg = dict(
         vocab_size=VOCAB,
         hidden_size=64,
-        intermediate_size=64,
+        intermediate_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -421,10 +496,42 @@ def test_gpt_oss_sinks_are_refused():
         num_local_experts=2,
         num_experts_per_tok=1,
         sliding_window=8,
+        attention_dropout=0.0,
+        pad_token_id=0,
     )
-    model = _model(cfg).eval()
+    cfg.update(kw)
+    return transformers.GptOssConfig(**cfg)
+
+
+def _gpt_oss_model():
+    model = _model(_gpt_oss(), experts_implementation="eager")
+    with torch.no_grad():  # sinks large enough to take a real share of each row's softmax
+        for layer in model.model.layers:
+            layer.self_attn.sinks.copy_(torch.linspace(-1.0, 2.0, 4))
+    return model
+
+
+def test_gpt_oss_sinks_logits_and_gradients(mods):
+    model = _gpt_oss_model().train()
+    assert model.config.layer_types == ["sliding_attention", "full_attention"]
+    ids, am = _tokens(2, 19), _pad("right", 2, 19).long()
+    inputs = {"input_ids": ids, "attention_mask": am}
+    _, _, golden = _check_against_sdpa(model, inputs, am.bool(), reference=("eager", "eager"))
+    sinks = [n for n in golden[1] if n.endswith("self_attn.sinks")]
+    assert len(sinks) == 2 and all(golden[1][n].abs().max() > 1e-3 for n in sinks), "the sinks got no gradient"
+    assert mods and all(c["sinks"] is not None and c["sinks"].requires_grad for c in mods)
+
+
+def test_score_modifier_arguments_are_checked():
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(NotImplementedError, match="sinks"):  # per-token sinks (Inkling 2)
+        mt.attention_forward(torch.nn.Module(), q, q, q, None, sinks=torch.zeros(1, 2, 5, 1))
     with pytest.raises(NotImplementedError, match="s_aux"):
-        model(_tokens(1, 10))
+        mt.attention_forward(torch.nn.Module(), q, q, q, None, s_aux=torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="softcap"):
+        mt.attention_forward(torch.nn.Module(), q, q, q, None, softcap=-1.0)
+    with pytest.raises(ValueError, match="position_bias"):
+        mt.attention_forward(torch.nn.Module(), q, q, q, None, position_bias=torch.zeros(1, 3, 5, 5))
 
 
 def test_dropout_and_output_attentions_are_refused():
@@ -437,21 +544,42 @@ def test_dropout_and_output_attentions_are_refused():
         model(_tokens(1, 10), output_attentions=True)
 
 
-def test_additive_float_mask_is_refused():
-    q = torch.randn(1, 2, 5, 8)
-    bias = torch.randn(1, 1, 5, 5)
-    with pytest.raises(NotImplementedError, match="additive float attention_mask"):
-        mt.attention_forward(torch.nn.Module(), q, q, q, bias)
-    with pytest.raises(NotImplementedError, match="position_bias"):
-        mt.attention_forward(torch.nn.Module(), q, q, q, None, position_bias=bias)
-    # A 0 / −inf float mask is a boolean one.
-    allowed = torch.rand(1, 1, 5, 5) > 0.3
-    allowed[..., 0] = True
-    additive = torch.zeros(1, 1, 5, 5).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    out, weights = mt.attention_forward(torch.nn.Module(), q, q, q, additive)
-    assert weights is None and out.shape == (1, 5, 2, 8) and out.is_contiguous()
-    ref, _ = attend(q.double(), q.double(), q.double(), allowed)
-    assert max_err(out.transpose(1, 2), ref) < 1e-5
+def test_additive_float_mask_is_a_bias_with_its_gradient():
+    """A 4-d float mask a model or user builds: finite values are added to the scores (with
+    their gradient), the dtype's minimum masks; a row that sees nothing gives 0."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 8, generator=g, dtype=torch.float64) for n in (6, 9, 9))
+    k, v = k[:, :2], v[:, :2]  # grouped-query heads, as a model passes them
+    values = torch.randn(2, 1, 6, 9, generator=g, dtype=torch.float64)
+    allowed = torch.rand(2, 1, 6, 9, generator=g) > 0.3
+    allowed[0, 0, 2] = False  # a row that sees nothing
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2
+    dout = torch.randn(2, 6, 4, 8, generator=g, dtype=torch.float64)
+
+    def run(fn, dtype):
+        q_, k_, v_, b_ = (t.to(dtype).requires_grad_() for t in (q, k, v, values))
+        mask = b_.masked_fill(~allowed, torch.finfo(dtype).min)
+        out = fn(module, q_, k_, v_, mask)
+        (out.double() * dout).sum().backward()
+        return [out.detach()] + [t.grad for t in (q_, k_, v_, b_)]
+
+    def eager(module, q_, k_, v_, mask):  # transformers' eager attention, rows that see nothing → 0
+        k_, v_ = k_.repeat_interleave(2, dim=1), v_.repeat_interleave(2, dim=1)
+        scores = (q_ @ k_.transpose(2, 3) / 8**0.5 + mask).softmax(dim=-1) * allowed
+        return (scores @ v_).transpose(1, 2)
+
+    ours = run(lambda *a: mt.attention_forward(*a)[0], torch.float32)
+    naive, golden = run(eager, torch.float32), run(eager, torch.float64)
+    assert ours[0].is_contiguous() and ours[0][0, 2].abs().max() == 0
+    for name, o, n, gold in zip(["out", "dq", "dk", "dv", "dmask"], ours, naive, golden):
+        _assert_rule(name, o, n, gold)
+    assert golden[4].abs().max() > 1e-3
+    # A 0 / min float mask is a boolean one: no bias reaches maskattn.
+    zero_one = torch.zeros(2, 1, 6, 9).masked_fill(~allowed, -float("inf"))
+    assert mt._tensor_mask(zero_one, 9)[1] is None
+    with pytest.raises(ValueError, match="attention_mask"):
+        mt.attention_forward(module, q.float(), k.float(), v.float(), zero_one.abs())
 
 
 def test_bart_encoder_padding_cross_attention():
@@ -476,11 +604,36 @@ def test_bart_encoder_padding_cross_attention():
     _check_against_sdpa(model, inputs, dam.bool())
 
 
-def test_t5_position_bias_is_refused():
-    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, dropout_rate=0.0)
-    model = _model(cfg, cls=transformers.AutoModelForSeq2SeqLM).eval()
-    with pytest.raises(NotImplementedError, match="position_bias"):
-        model(input_ids=_tokens(1, 9), decoder_input_ids=_tokens(1, 5))
+def _t5():
+    return transformers.T5Config(
+        vocab_size=VOCAB,
+        d_model=64,
+        d_kv=16,
+        d_ff=96,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        decoder_start_token_id=0,
+    )
+
+
+def test_t5_position_bias_and_its_gradient(mods):
+    """T5 passes its relative position bias as `position_bias` ([1, H, L_q, L_k], computed by
+    the first layer's relative_attention_bias and reused by the others): maskattn's bias."""
+    cfg = _t5()
+    model = _model(cfg, cls=transformers.AutoModelForSeq2SeqLM).train()
+    src, am = _tokens(2, 23), _pad("right", 2, 23).long()
+    tgt, dam = _tokens(2, 13, seed=1), _pad("right", 2, 13).long()
+    inputs = {"input_ids": src, "attention_mask": am, "decoder_input_ids": tgt, "decoder_attention_mask": dam}
+    _, _, golden = _check_against_sdpa(model, inputs, dam.bool())
+    tables = [n for n in golden[1] if n.endswith("relative_attention_bias.weight")]
+    assert len(tables) == 2 and all(golden[1][n].abs().max() > 1e-3 for n in tables)
+    # Self attention gets the bias (with its gradient); cross attention's zeros are left out.
+    assert any(c["bias"] is not None and c["bias"].requires_grad for c in mods)
+    assert any(c["bias"] is None for c in mods)
 
 
 def test_vit_classifier():
