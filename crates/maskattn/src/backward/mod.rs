@@ -336,8 +336,10 @@ pub fn backward_into<T: Element>(
         mods,
         want_rel,
         #[cfg(target_arch = "x86_64")]
-        qs: (T::IS_BF16 && crate::simd::bf16_dot() && exactly_bf16(dout))
-            .then(|| query_side(q, dout, block, &g)),
+        qs: (T::IS_BF16 && exactly_bf16(dout))
+            .then(crate::gemm::amx::DotPath::now)
+            .flatten()
+            .map(|path| query_side(q, dout, block, &g, path)),
     };
     let group = dims.group();
     let nk = block.grid().1;
@@ -684,6 +686,7 @@ impl<T: Element> Pass<'_, '_, T> {
         let t = bf16::QueryTile {
             job,
             engine: qs.engine,
+            packing: qs.packing,
             lse: &self.lse[row0..row0 + rows],
             delta: &self.delta[row0..row0 + rows],
             q: &qs.q[idx * n_rows..(idx + 1) * n_rows],
@@ -706,9 +709,16 @@ impl<T: Element> Pass<'_, '_, T> {
             dq,
             mods,
         };
-        // SAFETY: `qs` exists only where `bf16_dot()` found AVX512-BF16; buffers sized by
-        // `QuerySide`, `KeySide::new`, `Work16::new` and `Scratch::new`.
-        unsafe { bf16::step(&t, ks, w, f32_tiles) };
+        // SAFETY: `qs.engine` came from `DotPath::now`; buffers sized by `QuerySide`,
+        // `KeySide::new`, `Work16::new` and `Scratch::new`.
+        unsafe {
+            simd::run(bf16::Step {
+                t: &t,
+                ks,
+                w,
+                f: f32_tiles,
+            })
+        };
     }
 
     /// One (query tile, key tile) pair: loads the query side, then runs the vector step.
@@ -816,6 +826,7 @@ fn query_side<T: Element>(
     dout: &View<f32>,
     block: &BlockMask,
     g: &Geom,
+    path: crate::gemm::amx::DotPath,
 ) -> bf16::QuerySide {
     let [batch, heads, lq, _] = q.shape();
     let (tq, nq) = (block.tile_q(), block.grid().0);
@@ -828,7 +839,8 @@ fn query_side<T: Element>(
         qt: vec![0; tiles * n_t],
         doutt: vec![0; tiles * n_t],
         tq_pad,
-        engine: crate::gemm::amx::Engine::now(),
+        engine: path.engine,
+        packing: path.packing,
     };
     qs.q.par_chunks_mut(n_rows)
         .zip(qs.dout.par_chunks_mut(n_rows))

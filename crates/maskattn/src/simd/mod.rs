@@ -156,12 +156,13 @@ pub(crate) unsafe fn run<Op: WithSimd>(op: Op) -> Op::Output {
     }
 }
 
-/// Whether bf16 storage goes to the CPU's bf16 dot products (AVX512-BF16) instead of
-/// being widened to f32; see `gemm::bf16`.
+/// Whether bf16 storage goes to bf16 pair products (AVX512-BF16, or AMX tiles: the
+/// hardware, or their model on any x86-64 CPU) instead of being widened to f32; see
+/// `gemm::bf16` and `gemm::amx::DotPath`.
 pub(crate) fn bf16_dot() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::gemm::bf16::enabled()
+        crate::gemm::amx::DotPath::now().is_some()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -207,9 +208,11 @@ pub fn kernel_path() -> KernelPath {
     }
 }
 
-/// Whether bf16 storage runs on the CPU's bf16 dot products now (AVX512-BF16 present, the
-/// kernels on AVX-512, and `MASKATTN_BF16_DOT=0` not set); otherwise bf16 is widened and
-/// computed in f32. Lets a test or a benchmark say which path it measured.
+/// Whether bf16 storage runs on bf16 pair products now: the CPU's (AVX512-BF16 present, the
+/// kernels on AVX-512), or the AMX tiles' plain-Rust model where `MASKATTN_AMX=model` or
+/// `set_amx` asks for it (any x86-64 CPU); never with `MASKATTN_BF16_DOT=0`. Otherwise
+/// bf16 is widened and computed in f32. Lets a test or a benchmark say which path it
+/// measured.
 pub fn bf16_dot_available() -> bool {
     bf16_dot()
 }

@@ -5,7 +5,7 @@
 //!
 //! The operands are the [`Pairs`](super::bf16::Pairs) of the AVX512-BF16 path, whose
 //! layouts already are the tiles' (see [`kernel`]), and the softmax between the products
-//! stays the f32 one: a call takes one [`Engine`] (picked once, [`Engine::now`]) for all
+//! stays the f32 one: a call takes one [`Engine`] (picked once, [`DotPath::now`]) for all
 //! its bf16 products, so a CPU without AMX pays one branch per product, no more.
 
 mod mode;
@@ -30,13 +30,46 @@ mod tests;
 pub(crate) mod tile;
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use engine::{Engine, TaskTiles};
+pub(crate) use engine::{DotPath, Engine, TaskTiles};
 
 #[cfg(target_arch = "x86_64")]
 mod engine {
     use super::super::bf16::{self, Pairs};
+    use super::super::pair_layouts::Packing;
     use super::super::{MatMut, Update};
     use super::{hardware::Hardware, kernel, kernel::Configured, model::Model, AmxMode};
+
+    /// A call's bf16 dot-product path, decided once per call ([`DotPath::now`]): which
+    /// code runs the pair products, and which rounds their operands out of f32 tiles.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) struct DotPath {
+        pub engine: Engine,
+        pub packing: Packing,
+    }
+
+    impl DotPath {
+        /// The path of a call starting now, `None` where bf16 storage is widened to f32:
+        /// `vdpbf16ps` where `bf16::enabled()` (AVX512-BF16, the kernels on AVX-512,
+        /// `MASKATTN_BF16_DOT` not `0`); AMX tiles where [`super::amx_mode`] says so — the
+        /// model on every x86-64 CPU (its operands packed in scalar code where
+        /// `bf16::enabled()` is false: `MASKATTN_ISA=avx2 MASKATTN_AMX=model` runs it so
+        /// on a CPU with AVX512-BF16), the hardware only alongside `bf16::enabled()`. One
+        /// read of the mode, so that a mode switched meanwhile cannot give a call an engine
+        /// its CPU lacks.
+        pub fn now() -> Option<DotPath> {
+            let vnni = bf16::enabled();
+            let engine = match super::amx_mode() {
+                AmxMode::Off => vnni.then_some(Engine::Vnni)?,
+                AmxMode::Model if super::mode::bf16_dot_switched_off() => return None,
+                AmxMode::Model => Engine::AmxModel,
+                AmxMode::Hardware => vnni.then_some(Engine::AmxHardware)?,
+            };
+            Some(DotPath {
+                engine,
+                packing: Packing::now(),
+            })
+        }
+    }
 
     /// Which code computes a call's bf16 pair products.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,21 +83,13 @@ mod engine {
     }
 
     impl Engine {
-        /// The engine for a call starting now ([`super::amx_mode`]); one check per call.
-        pub fn now() -> Engine {
-            match super::amx_mode() {
-                AmxMode::Off => Engine::Vnni,
-                AmxMode::Model => Engine::AmxModel,
-                AmxMode::Hardware => Engine::AmxHardware,
-            }
-        }
-
         /// The pair products of one task (on AMX: the tiles configured once for all of
         /// them, released when the value is dropped).
         ///
         /// # Safety
-        /// For `AmxHardware`, what [`Engine::now`] only returns where
-        /// `hardware::available()`; the thread runs no other tile code while it lives.
+        /// `self` came from [`DotPath::now`] (`Vnni` only where AVX512-BF16 is present,
+        /// `AmxHardware` only where `hardware::available()`); the thread runs no other tile
+        /// code while the value lives.
         pub unsafe fn tiles(self) -> TaskTiles {
             // SAFETY: the contract.
             unsafe {
@@ -79,8 +104,8 @@ mod engine {
         /// `C = A·B` or `C += A·B` on pairs, as [`bf16::gemm`] defines it.
         ///
         /// # Safety
-        /// `gemm::bf16::enabled()` (the surrounding bf16 path's condition); for
-        /// `AmxHardware`, what [`Engine::now`] only returns where `hardware::available()`.
+        /// `self` came from [`DotPath::now`] (`Vnni` only where AVX512-BF16 is present,
+        /// `AmxHardware` only where `hardware::available()`).
         #[inline(always)]
         pub unsafe fn gemm(self, c: MatMut, a: Pairs, b: Pairs, update: Update) {
             // SAFETY: the contract; the AMX kernel reads only inside the checked operands.
@@ -121,7 +146,7 @@ mod engine {
         /// [`Engine::gemm`] without a configuration of its own on AMX.
         ///
         /// # Safety
-        /// `gemm::bf16::enabled()`.
+        /// `self` was made by [`Engine::tiles`] (whose contract covers the engine).
         #[inline(always)]
         pub unsafe fn gemm(&mut self, c: MatMut, a: Pairs, b: Pairs, update: Update) {
             // SAFETY: the contract; the tiles were configured when `self` was made.
