@@ -46,6 +46,7 @@ pub mod mask_convert;
 pub mod model;
 mod mods;
 mod op;
+pub mod products;
 pub mod reference;
 mod rope;
 
