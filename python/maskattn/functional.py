@@ -5,7 +5,9 @@ Runs our kernels for no mask, a bool ``attn_mask`` (``True`` = attend) and ``is_
 on its math path, or that our kernels do not take, goes to ``torch``'s own function:
 ``dropout_p > 0``, a float (additive) ``attn_mask``, tensors not on the CPU or not
 float32 / bfloat16 / float16, inputs other than 3-d or 4-d, a value head dim that differs
-from the query's, and every argument combination PyTorch rejects (so its error is raised).
+from the query's, nested tensors, empty tensors (a dimension of size 0), a ``scale`` that
+is not finite in float32, and every argument combination PyTorch rejects (a mask of fewer
+than 2 dims, an ``is_causal`` that is not a bool, …: so its own error is raised).
 
 A query row whose bool mask allows no key gives 0 here, never NaN (PyTorch 2.15's CPU
 kernels give 0 as well; earlier PyTorch releases, and its math path with a float mask of
@@ -30,12 +32,25 @@ _DENSE = _masks.dense(torch.ones(1, 1, dtype=torch.bool))._id
 _FULL = _masks.full()._id
 
 
-def _ours(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> bool:
-    if dropout_p != 0.0:
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+def _ours(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
+    if dropout_p != 0.0 or type(is_causal) is not bool:
         return False
     ts = (query, key, value)
-    if not all(isinstance(t, torch.Tensor) for t in ts):
+    if not all(isinstance(t, torch.Tensor) and not t.is_nested for t in ts):
         return False
+    if any(n == 0 for t in ts for n in t.shape):
+        return False
+    if scale is not None:
+        try:
+            scale = float(scale)
+        except (TypeError, ValueError, RuntimeError):
+            return False
+        # The kernels take a finite float32 scale; torch takes any (and gives NaN or ±∞).
+        if not (math.isfinite(scale) and abs(scale) <= _F32_MAX):
+            return False
     if any(t.device.type != "cpu" or t.dtype not in _DTYPES for t in ts):
         return False
     if not (query.dtype == key.dtype == value.dtype):
@@ -51,9 +66,11 @@ def _ours(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> boo
         if hq != hkv and not (enable_gqa and hkv > 0 and hq % hkv == 0):
             return False
     if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor) or attn_mask.is_nested:
+            return False
         if is_causal or attn_mask.dtype != torch.bool or attn_mask.device.type != "cpu":
             return False
-        if attn_mask.dim() > query.dim():
+        if not 2 <= attn_mask.dim() <= query.dim():
             return False
         want = (*query.shape[:-1], key.shape[-2])
         got = (1,) * (len(want) - attn_mask.dim()) + tuple(attn_mask.shape)
@@ -73,7 +90,7 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
 ) -> torch.Tensor:
     """A drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (see the module doc)."""
-    if not _ours(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+    if not _ours(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
             is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,

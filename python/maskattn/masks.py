@@ -1,11 +1,20 @@
-"""Masks: one vocabulary with the Rust crate, ``True`` = may attend.
+"""Masks: one vocabulary and one written form with the Rust crate, ``True`` = may attend.
 
-A :class:`Mask` is a structure (which constructors, combined how) plus the tensors it reads
-(key lengths, document ids, dense booleans). The structure is interned as a small integer
-id, so the attention custom op can take a mask as ``(int, list[Tensor])`` — something
-``torch.library`` ops and ``torch.compile(fullgraph=True)`` both accept. The op builds the
-Rust mask from those at run time; masks that read no tensor are compiled once per shape and
-cached.
+A :class:`Mask` prints the Rust crate's mask grammar (``repr(m)`` is Rust's ``Display``,
+e.g. ``causal & !window(3,0)``) and :func:`mask` reads it back, with the data terms
+(``key-padding``, ``documents``, ``dense``) bound to tensors by keyword. The structured
+constructors (``causal()``, ``window(left, right)``, ...) are made at import from the
+kernel crate's list of terms, so a new structured kind needs no Python.
+
+A mask is a structure (which terms, combined how) plus the tensors it reads, in the order
+its data terms appear in the text. The structure is interned as a small integer id, so
+the attention custom op can take a mask as ``(int, list[Tensor])`` — something
+``torch.library`` ops and ``torch.compile(fullgraph=True)`` both accept. An id names a
+structure in this process only: a pickled mask carries its text and its tensors and is
+interned again where it is loaded. Combining two masks costs O(1) in the structure (the
+ids of the parts), so a chain of any length is built in linear time; the op builds the Rust
+mask from the structure and the tensors at run time, and masks that read no tensor are
+compiled once per shape and cached.
 
 A :class:`BlockMask` is a mask compiled for one shape ``(B, H_q, L_q, L_k)``: every 64 × 64
 tile of the score matrix classified empty (skipped), full or partial. Compile it once and
@@ -14,6 +23,7 @@ reuse it across calls and layers.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import threading
 import weakref
@@ -24,29 +34,20 @@ import torch
 
 from . import _maskattn as _native
 
-__all__ = [
-    "Mask",
-    "BlockMask",
-    "full",
-    "causal",
-    "causal_top_left",
-    "window",
-    "chunks",
-    "block_causal",
-    "neighbourhood",
-    "key_padding",
-    "documents",
-    "prefix",
-    "dense",
-    "from_mask_mod",
-]
-
 # One id space for mask structures and compiled block masks, so an op argument names
 # either without ambiguity.
 _ids = itertools.count(1)
 _lock = threading.Lock()
+# A structure is one of
+#   ("term", name, numbers)     a structured term of the kernel crate's list
+#   ("data", name)              a data term, reading the next tensor
+#   ("expr", text, names)       a parsed expression, its data terms `names` in order
+#   ("and" | "or", id, id), ("not", id)
+# Parts are named by their ids, so interning a combination hashes two ints, not a tree.
 _structure_ids: Dict[tuple, int] = {}
 _structures: Dict[int, tuple] = {}
+# The grammar text of each structure printed so far (it does not depend on the data).
+_texts: Dict[int, str] = {}
 # Block masks are held weakly: one created per batch (as FlexAttention users do) must not
 # live forever. The autograd context keeps the one a forward used alive for its backward.
 _blocks: "weakref.WeakValueDictionary[int, BlockMask]" = weakref.WeakValueDictionary()
@@ -54,11 +55,23 @@ _blocks: "weakref.WeakValueDictionary[int, BlockMask]" = weakref.WeakValueDictio
 _cache: "OrderedDict[Tuple[int, int, int, int, int], object]" = OrderedDict()
 _CACHE_SIZE = 64
 
+# The kernel crate's terms: (name, params, repeats, is_data, doc).
+_TERMS = [tuple(t) for t in _native.terms()]
+# The data terms this package binds, and the keyword (and constructor) of each.
+_DATA_KEYWORDS = {"key-padding": "key_padding", "documents": "documents", "dense": "dense"}
+
 
 # Under torch.compile the id of a structure is a constant of the trace: Dynamo calls this
 # once while tracing instead of stepping into the lock and the dicts.
 @torch._dynamo.assume_constant_result
 def _structure_id(spec: tuple) -> int:
+    with _lock:
+        sid = _structure_ids.get(spec)
+        if sid is not None:
+            return sid
+    if spec[0] == "term":
+        # Checked once, by the kernel crate, when first seen: `chunks(0)` fails here.
+        _native.make(spec[1], list(spec[2]))
     with _lock:
         sid = _structure_ids.get(spec)
         if sid is None:
@@ -69,14 +82,18 @@ def _structure_id(spec: tuple) -> int:
 
 
 class Mask:
-    """An uncompiled mask; combine with ``&``, ``|``, ``~``."""
+    """An uncompiled mask; combine with ``&``, ``|``, ``~``.
 
-    __slots__ = ("_spec", "_tensors", "_id")
+    ``repr(m)`` is the mask in the Rust crate's grammar (``causal & !window(3,0)``), and
+    ``maskattn.mask(repr(m), key_padding=..., documents=..., dense=...)`` builds it again.
+    A mask pickles as that text and its tensors, so it means the same in another process.
+    """
+
+    __slots__ = ("_id", "_tensors")
 
     def __init__(self, spec: tuple, tensors: Sequence[torch.Tensor] = ()):
-        self._spec = spec
-        self._tensors = tuple(tensors)
         self._id = _structure_id(spec)
+        self._tensors = tuple(tensors)
 
     def __and__(self, other: "Mask") -> "Mask":
         return _combine("and", self, other)
@@ -85,141 +102,342 @@ class Mask:
         return _combine("or", self, other)
 
     def __invert__(self) -> "Mask":
-        return Mask(("not", self._spec), self._tensors)
+        return Mask(("not", self._id), self._tensors)
 
     def compile(self, B: int, H: int, L_q: int, L_k: int) -> "BlockMask":
         """This mask compiled for ``(B, H_q, L_q, L_k)``."""
         return BlockMask(self, B, H, L_q, L_k)
 
     def __repr__(self) -> str:
-        return f"maskattn.Mask({_describe(self._spec)})"
+        return _text(self._id)
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        # Never the id: it names another structure (or none) in another process.
+        return (_restore, (_text(self._id), self._tensors))
 
 
 def _combine(op: str, a: Mask, b: Mask) -> Mask:
     if not isinstance(a, Mask) or not isinstance(b, Mask):
         return NotImplemented
-    return Mask((op, a._spec, _shift(b._spec, len(a._tensors))), a._tensors + b._tensors)
+    return Mask((op, a._id, b._id), a._tensors + b._tensors)
 
 
-# Leaves that read a tensor carry its index into the mask's tensor list.
-_DATA_LEAVES = ("key_padding", "key_keep", "documents", "dense")
+def _restore(text: str, tensors: Sequence[torch.Tensor]) -> Mask:
+    """A pickled mask: its text parsed and interned in this process, its tensors in order."""
+    names = tuple(name for name, _ in _parse(text))
+    if len(names) != len(tensors):
+        raise ValueError(f"a pickled mask {text!r} names {len(names)} data terms but carries {len(tensors)} tensors")
+    return Mask(("expr", text, names), tensors)
 
 
-def _shift(spec: tuple, n: int) -> tuple:
-    kind = spec[0]
-    if kind in _DATA_LEAVES:
-        return (kind, spec[1] + n)
-    if kind in ("and", "or"):
-        return (kind, _shift(spec[1], n), _shift(spec[2], n))
-    if kind == "not":
-        return (kind, _shift(spec[1], n))
-    return spec
+def _parse(text: str) -> List[Tuple[str, int]]:
+    """The data terms of ``text`` with their byte positions; a syntax error is a ValueError."""
+    terms = _native.parse(text)
+    for name, at in terms:
+        if name not in _DATA_KEYWORDS:
+            if any(t[0] == name and t[3] for t in _TERMS):
+                raise ValueError(
+                    f"mask expression {text!r}, at byte {at}: the data term `{name}` cannot be bound "
+                    f"from Python; the package binds {', '.join(_DATA_KEYWORDS)}"
+                )
+            raise ValueError(
+                f"mask expression {text!r}, at byte {at}: unknown mask term `{name}`; expected "
+                f"{', '.join(_usage(t) for t in _TERMS if not t[3])}, or a data term "
+                f"({', '.join(_DATA_KEYWORDS)})"
+            )
+    return terms
 
 
-def _describe(spec: tuple) -> str:
-    kind = spec[0]
-    if kind in ("and", "or"):
-        sym = " & " if kind == "and" else " | "
-        return f"({_describe(spec[1])}{sym}{_describe(spec[2])})"
-    if kind == "not":
-        return f"~{_describe(spec[1])}"
-    if kind in _DATA_LEAVES:
-        return f"{kind}(<tensor {spec[1]}>)"
-    return f"{kind}({', '.join(map(str, spec[1:]))})"
+def mask(expr: str, **data) -> Mask:
+    """A mask from the Rust crate's grammar: ``mask("causal & window(128,0)")``.
+
+    ``&`` (and), ``|`` (or), ``!`` (not) and parentheses; ``!`` binds tightest, then ``&``,
+    then ``|``. The structured terms take their numbers in the text; the data terms are
+    bound by keyword: ``key-padding`` by ``key_padding=`` (an int tensor ``[B]`` of
+    lengths), ``documents`` by ``documents=`` (an int tensor ``[B, L]`` of ids), ``dense``
+    by ``dense=`` (a bool tensor ``[B|1, H|1, L_q, L_k]``).
+
+    A keyword given one tensor binds every occurrence of its term to that tensor; given a
+    list or tuple of tensors, it binds the occurrences in the order they appear in the
+    text, one each (the list must have one tensor per occurrence). ``repr`` of a mask
+    writes its data terms in that same order, so
+    ``mask(repr(m), key_padding=[first, second])`` rebuilds a mask with two key paddings.
+
+    A syntax error or an unknown term is a ``ValueError``; a keyword that is not a data
+    term, a data term without its keyword, or a keyword whose term the text does not name
+    is a ``TypeError``.
+    """
+    if not isinstance(expr, str):
+        raise TypeError(f"mask: expr must be a str in the mask grammar, not {type(expr).__name__}")
+    names = [name for name, _ in _parse(expr)]
+    keywords = set(_DATA_KEYWORDS.values())
+    for kw in data:
+        if kw not in keywords:
+            raise TypeError(
+                f"mask() got an unexpected keyword argument {kw!r}; the data terms bind by "
+                + ", ".join(f"{k}=" for k in _DATA_KEYWORDS.values())
+            )
+    counts = {n: names.count(n) for n in set(names)}
+    bound: Dict[str, List[torch.Tensor]] = {}
+    for term, kw in _DATA_KEYWORDS.items():
+        n = counts.get(term, 0)
+        if kw not in data:
+            if n:
+                raise TypeError(f"mask(): {expr!r} names the data term `{term}`; bind it with {kw}=")
+            continue
+        if not n:
+            raise TypeError(f"mask(): keyword {kw}= given, but {expr!r} has no `{term}` term")
+        value = data[kw]
+        if isinstance(value, (list, tuple)):
+            if len(value) != n:
+                raise ValueError(
+                    f"mask(): {kw}= lists {len(value)} tensors for the {n} `{term}` terms of {expr!r}"
+                )
+            values = list(value)
+        else:
+            values = [value] * n
+        for t in values:
+            _CHECK[term](t)
+        bound[term] = values
+    cursor = {term: iter(v) for term, v in bound.items()}
+    tensors = [next(cursor[name]) for name in names]
+    return Mask(("expr", expr, tuple(names)), tensors)
 
 
-def full() -> Mask:
-    """Every query sees every key."""
-    return Mask(("full",))
+def _usage(term: tuple) -> str:
+    """``window(LEFT,RIGHT)``, ``chunked(C[,LEFT])``, as the kernel crate writes a term in
+    messages."""
+    name, params, repeats, optional = term[0], term[1], term[2], term[5]
+    if not params:
+        return name
+    more = f"[,{params[-1]}…]" if repeats else ""
+    required, rest = params[: len(params) - optional], params[len(params) - optional :]
+    return f"{name}({','.join(required)}{''.join(f'[,{p}]' for p in rest)}{more})"
 
 
-def causal() -> Mask:
-    """``j ≤ i + (L_k − L_q)``: bottom-right aligned (the last query sees the last key)."""
-    return Mask(("causal",))
+def _structured(name: str, params: Sequence[str], repeats: bool, doc: str, optional: int = 0):
+    """The Python constructor of one structured term of the kernel crate's list. The last
+    ``optional`` numbers may be left out (``chunked(c)`` or ``chunked(c, left)``)."""
+    pyname = name.replace("-", "_")
+    args = [p.lower() for p in params]
+    usage = _usage((name, params, repeats, None, doc, optional))
+    required = len(args) - optional
+
+    def constructor(*numbers, **named) -> Mask:
+        for a in args[len(numbers):]:
+            if a in named:
+                numbers = numbers + (named.pop(a),)
+        # An optional number given as None is left out: ``chunked(c, left=None)`` is ``chunked(c)``.
+        while len(numbers) > required and len(numbers) <= len(args) and numbers[-1] is None:
+            numbers = numbers[:-1]
+        if named:
+            raise TypeError(f"{pyname}() got an unexpected keyword argument {next(iter(named))!r}")
+        if len(numbers) < required or (len(numbers) > len(args) and not repeats):
+            count = f"{required} to {len(args)}" if optional else f"{len(args)}"
+            raise TypeError(f"{pyname}() takes {count} numbers, {usage}; got {len(numbers)}")
+        for n, x in enumerate(numbers):
+            what = args[min(n, len(args) - 1)]
+            if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+                raise ValueError(f"{pyname}: {what} must be an int ≥ 0, got {x!r}")
+        return Mask(("term", name, tuple(numbers)))
+
+    sig = [
+        inspect.Parameter(
+            a,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            annotation=int,
+            **({} if n < required else {"default": None}),
+        )
+        for n, a in enumerate(args)
+    ]
+    if repeats:  # `prefix(p, *more)`: one number for every batch row, or one per row
+        sig.append(inspect.Parameter("more", inspect.Parameter.VAR_POSITIONAL, annotation=int))
+    constructor.__signature__ = inspect.Signature(sig, return_annotation=Mask)
+    constructor.__name__ = constructor.__qualname__ = pyname
+    constructor.__module__ = __name__
+    constructor.__doc__ = f"``{usage}``: {doc}."
+    return constructor
 
 
-def causal_top_left() -> Mask:
-    """``j ≤ i``: PyTorch's ``is_causal`` when ``L_q ≠ L_k``."""
-    return Mask(("causal_top_left",))
+# The structured constructors, one per structured term of the kernel crate's list.
+_STRUCTURED = []
+for _term in _TERMS:
+    if not _term[3]:
+        _f = _structured(_term[0], _term[1], _term[2], _term[4], _term[5])
+        globals()[_f.__name__] = _f
+        _STRUCTURED.append(_f.__name__)
+del _term, _f
 
 
-def window(left: int, right: int) -> Mask:
-    """``i' − left ≤ j ≤ i' + right`` with ``i' = i + (L_k − L_q)``."""
-    return Mask(("window", _count(left, "left"), _count(right, "right")))
+def _check_key_padding(lengths) -> None:
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"key_padding takes an int tensor [B] of lengths, not {type(lengths).__name__}")
+    if lengths.dtype == torch.bool:
+        raise TypeError(
+            "key_padding takes an int tensor [B] of lengths, not a torch.bool tensor; for a bool "
+            "vector of keys [B, L_k] (True = may attend) use maskattn.dense(keep[:, None, None, :])"
+        )
+    if lengths.dim() != 1 or lengths.is_floating_point() or lengths.is_complex():
+        raise TypeError(
+            f"key_padding takes an int tensor [B] of lengths, got {lengths.dtype} of shape {tuple(lengths.shape)}"
+        )
 
 
-def chunks(c: int) -> Mask:
-    """``⌊j/c⌋ = ⌊i'/c⌋``: local attention in fixed chunks."""
-    return Mask(("chunks", _count(c, "chunk size", 1)))
+def _check_documents(ids) -> None:
+    if (
+        not isinstance(ids, torch.Tensor)
+        or ids.dim() != 2
+        or ids.dtype == torch.bool
+        or ids.is_floating_point()
+        or ids.is_complex()
+    ):
+        got = f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise TypeError(f"documents takes an int tensor [B, L] of document ids, got {got}")
 
 
-def block_causal(c: int) -> Mask:
-    """``⌊j/c⌋ ≤ ⌊i'/c⌋``: a whole chunk and every earlier one."""
-    return Mask(("block_causal", _count(c, "chunk size", 1)))
+def _check_dense(allowed) -> None:
+    if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool:
+        got = allowed.dtype if isinstance(allowed, torch.Tensor) else type(allowed).__name__
+        raise TypeError(f"dense takes a bool tensor, got {got}")
+    if not 2 <= allowed.dim() <= 4:
+        raise ValueError("dense takes a bool tensor of 2 to 4 dims, [B|1, H|1, L_q, L_k]")
 
 
-def neighbourhood(h: int, w: int, r: int) -> Mask:
-    """Positions on an ``h × w`` grid in raster order; rows and columns at most ``r`` apart."""
-    return Mask(("neighbourhood", _count(h, "height", 1), _count(w, "width", 1), _count(r, "radius")))
+_CHECK = {"key-padding": _check_key_padding, "documents": _check_documents, "dense": _check_dense}
 
 
 def key_padding(lengths: torch.Tensor) -> Mask:
-    """``j < lengths[b]``: an int tensor ``[B]`` of valid key counts."""
-    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.is_floating_point():
-        raise TypeError("key_padding takes an int tensor [B] of lengths")
-    return Mask(("key_padding", 0), (lengths,))
+    """``key-padding``: ``j < lengths[b]``, an int tensor ``[B]`` of valid key counts."""
+    _check_key_padding(lengths)
+    return Mask(("data", "key-padding"), (lengths,))
 
 
 def documents(ids: torch.Tensor) -> Mask:
-    """``ids[b, i] == ids[b, j]``: packed sequences, an int tensor ``[B, L]`` of document ids."""
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
-        raise TypeError("documents takes an int tensor [B, L] of document ids")
-    return Mask(("documents", 0), (ids,))
-
-
-def prefix(p: int) -> Mask:
-    """Prefix-LM: ``j < p`` or causal (bottom-right)."""
-    return Mask(("prefix", _count(p, "prefix length")))
+    """``documents``: ``ids[b, i] == ids[b, j]``, packed sequences, an int tensor ``[B, L]`` of ids."""
+    _check_documents(ids)
+    return Mask(("data", "documents"), (ids,))
 
 
 def dense(allowed: torch.Tensor) -> Mask:
-    """A bool tensor ``[B|1, H|1, L_q, L_k]`` (``True`` = may attend), broadcast over size-1 dims."""
-    if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool:
-        raise TypeError("dense takes a bool tensor")
-    if not 2 <= allowed.dim() <= 4:
-        raise ValueError("dense takes a bool tensor of 2 to 4 dims, [B|1, H|1, L_q, L_k]")
-    return Mask(("dense", 0), (allowed,))
+    """``dense``: a bool tensor ``[B|1, H|1, L_q, L_k]`` (``True`` = may attend), broadcast over size-1 dims."""
+    _check_dense(allowed)
+    return Mask(("data", "dense"), (allowed,))
 
 
 def _key_keep(keep: torch.Tensor) -> Mask:
-    """Key padding as a bool ``[B|1, L_k]`` keep vector (``True`` = a real key)."""
-    return Mask(("key_keep", 0), (keep,))
+    """Key padding as a bool ``[B|1, L_k]`` keep vector (``True`` = a real key); prints as
+    ``key-padding``, and the tensor's dtype tells the two forms apart when it is built."""
+    return Mask(("data", "key-padding"), (keep,))
 
 
-def _count(x: int, what: str, least: int = 0) -> int:
-    if isinstance(x, bool) or not isinstance(x, int) or x < least:
-        raise ValueError(f"{what} must be an int ≥ {least}, got {x!r}")
-    return x
+def _data_native(name: str, t: torch.Tensor):
+    """The Rust mask of one data term and its tensor (copied into the Rust mask)."""
+    if name == "key-padding":
+        if t.dtype == torch.bool:
+            keep = t.to(device="cpu").contiguous()
+            return _native.key_keep(keep.data_ptr(), keep.numel(), keep.shape[0])
+        values = t.tolist()
+        if any(x < 0 for x in values):
+            raise ValueError("key_padding: lengths must be ≥ 0")
+        return _native.key_padding(values)
+    if name == "documents":
+        ids = t.to(device="cpu", dtype=torch.int64).contiguous()
+        return _native.documents(ids.data_ptr(), ids.numel(), ids.shape[0])
+    if name == "dense":
+        allowed = t.to(device="cpu", dtype=torch.bool)
+        while allowed.dim() < 4:
+            allowed = allowed.unsqueeze(0)
+        allowed = allowed.contiguous()
+        return _native.dense(allowed.data_ptr(), list(allowed.shape))
+    raise ValueError(f"the data term `{name}` cannot be bound from Python")
+
+
+# Stand-ins for the data when only the text is wanted (Display does not print data).
+_PLACEHOLDERS = {
+    "key-padding": torch.zeros(1, dtype=torch.int64),
+    "documents": torch.zeros(1, 1, dtype=torch.int64),
+    "dense": torch.ones(1, 1, dtype=torch.bool),
+}
+
+
+def _program(sid: int) -> Tuple[List[tuple], List[str]]:
+    """The structure as a postfix program for ``_native.build``, and the data terms it
+    reads in order. A loop with a stack of its own: a chain built term by term is a tree
+    as deep as it is long."""
+    program: List[tuple] = []
+    names: List[str] = []
+    todo: list = [sid]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, tuple):  # an operator whose operands are done
+            program.append(x)
+            continue
+        spec = _structures[x]
+        kind = spec[0]
+        if kind in ("and", "or"):
+            todo += [(kind, "", []), spec[2], spec[1]]
+        elif kind == "not":
+            todo += [("not", "", []), spec[1]]
+        elif kind == "term":
+            program.append(("term", spec[1], list(spec[2])))
+        elif kind == "data":
+            program.append(("data", "", []))
+            names.append(spec[1])
+        else:  # "expr"
+            program.append(("expr", spec[1], []))
+            names.extend(spec[2])
+    return program, names
+
+
+def _build(sid: int, tensors: Sequence[torch.Tensor]):
+    """The Rust mask for a structure and its tensors (copied into the Rust mask)."""
+    program, names = _program(sid)
+    if len(names) != len(tensors):
+        raise ValueError(f"mask {_text(sid)!r} reads {len(names)} tensors, got {len(tensors)}")
+    return _native.build(program, [_data_native(n, t) for n, t in zip(names, tensors)])
+
+
+def _text(sid: int) -> str:
+    """The structure in the Rust crate's grammar: the Rust mask's ``Display``."""
+    text = _texts.get(sid)
+    if text is None:
+        program, names = _program(sid)
+        stand_ins = [_data_native(n, _PLACEHOLDERS[n]) for n in names]
+        text = str(_native.build(program, stand_ins))
+        with _lock:
+            _texts[sid] = text
+    return text
+
+
+def _compile_again(mask: Mask, shape: Tuple[int, int, int, int]) -> "BlockMask":
+    """An unpickled :class:`BlockMask`: its mask compiled again for its shape."""
+    return BlockMask(mask, *shape)
 
 
 class BlockMask:
     """A mask compiled for ``(B, H_q, L_q, L_k)``; reuse it across calls and layers.
 
     ``skipped_tile_fraction`` is the fraction of tiles the kernels never touch,
-    ``hidden_pair_fraction`` the fraction of (query, key) pairs the mask hides.
+    ``hidden_pair_fraction`` the fraction of (query, key) pairs the mask hides. A copy
+    shares the compiled (immutable) tiles and is registered under its own id; a pickled
+    block mask carries its mask and shape and is compiled again where it is loaded.
     """
 
     def __init__(self, mask: Mask, B: int, H: int, L_q: int, L_k: int):
         if not isinstance(mask, Mask):
             raise TypeError("BlockMask compiles a maskattn.Mask")
-        self._native = _native.NativeBlockMask(_build(mask._spec, mask._tensors), B, H, L_q, L_k)
+        self._native = _native.NativeBlockMask(_build(mask._id, mask._tensors), B, H, L_q, L_k)
+        self._mask = mask
         self._id = next(_ids)
         _blocks[self._id] = self
 
     @classmethod
-    def _from_native(cls, native) -> "BlockMask":
+    def _from_native(cls, native, mask: Optional[Mask] = None) -> "BlockMask":
         self = cls.__new__(cls)
         self._native = native
+        self._mask = mask
         self._id = next(_ids)
         _blocks[self._id] = self
         return self
@@ -237,6 +455,20 @@ class BlockMask:
     def hidden_pair_fraction(self) -> float:
         return self._native.hidden_pair_fraction
 
+    def __copy__(self) -> "BlockMask":
+        # The default copy would keep the original's id, which names nothing once the
+        # original is freed (block masks are registered weakly).
+        return BlockMask._from_native(self._native, self._mask)
+
+    def __deepcopy__(self, memo) -> "BlockMask":
+        # The compiled tiles are immutable, so a deep copy may share them too.
+        return self.__copy__()
+
+    def __reduce__(self):
+        if self._mask is None:
+            raise TypeError("this BlockMask was made without a maskattn.Mask and cannot be pickled")
+        return (_compile_again, (self._mask, self.shape))
+
     def __repr__(self) -> str:
         return (
             f"maskattn.BlockMask(shape={self.shape}, "
@@ -251,54 +483,47 @@ def from_mask_mod(
     L_q: int,
     L_k: int,
 ) -> BlockMask:
-    """A FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx) -> bool`` compiled into a block mask.
+    """A FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor`` compiled into a block mask.
 
     ``mask_mod`` is evaluated once, vectorised, on broadcast index tensors (``b [B,1,1,1]``,
     ``h [1,H,1,1]``, ``q_idx [1,1,L_q,1]``, ``kv_idx [1,1,1,L_k]``); a mask that ignores
-    ``b`` or ``h`` stays broadcast over them. The result is classified tile by tile, so
-    tiles it hides entirely are skipped.
+    ``b`` or ``h`` stays broadcast over them. As in FlexAttention it must return a bool
+    tensor (a Python ``bool`` is taken as a constant) whose shape broadcasts to
+    ``(B, H, L_q, L_k)``; anything else is a ``TypeError`` (``ValueError`` for the shape).
+    The result is classified tile by tile, so tiles it hides entirely are skipped.
     """
-    idx = [torch.arange(n).view([n if i == d else 1 for i in range(4)]) for d, n in enumerate((B, H, L_q, L_k))]
+    full_shape = (B, H, L_q, L_k)
+    idx = [torch.arange(n).view([n if i == d else 1 for i in range(4)]) for d, n in enumerate(full_shape)]
     allowed = mask_mod(*idx)
+    name = getattr(mask_mod, "__name__", type(mask_mod).__name__)
+    if isinstance(allowed, bool):
+        allowed = torch.tensor(allowed)
     if not isinstance(allowed, torch.Tensor):
-        allowed = torch.tensor(bool(allowed))
-    allowed = allowed.to(torch.bool)
+        hint = " (a missing `return`?)" if allowed is None else ""
+        raise TypeError(
+            f"from_mask_mod: mask_mod {name!r} returned {type(allowed).__name__}{hint}; it must return "
+            "a bool tensor (True = may attend), e.g. `q_idx >= kv_idx`"
+        )
+    if allowed.dtype != torch.bool:
+        raise TypeError(
+            f"from_mask_mod: mask_mod {name!r} returned a {allowed.dtype} tensor; it must return a bool "
+            "tensor (True = may attend), e.g. `q_idx >= kv_idx`"
+        )
+    try:
+        fits = allowed.dim() <= 4 and torch.broadcast_shapes(allowed.shape, full_shape) == full_shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"from_mask_mod: mask_mod {name!r} returned shape {tuple(allowed.shape)}, which does not "
+            f"broadcast to (B, H, L_q, L_k) = {full_shape}"
+        )
     while allowed.dim() < 4:
         allowed = allowed.unsqueeze(0)
     # Keep broadcast (size-1) dims as they are; only sizes in between are expanded.
-    target = [n if allowed.shape[i] != 1 else 1 for i, n in enumerate((B, H, L_q, L_k))]
+    target = [n if allowed.shape[i] != 1 else 1 for i, n in enumerate(full_shape)]
     allowed = allowed.expand(target)
     return BlockMask(dense(allowed), B, H, L_q, L_k)
-
-
-def _build(spec: tuple, tensors: Sequence[torch.Tensor]):
-    """The Rust mask for a structure and its tensors (copied into the Rust mask)."""
-    kind = spec[0]
-    if kind == "and":
-        return _build(spec[1], tensors).and_(_build(spec[2], tensors))
-    if kind == "or":
-        return _build(spec[1], tensors).or_(_build(spec[2], tensors))
-    if kind == "not":
-        return _build(spec[1], tensors).not_()
-    if kind == "key_padding":
-        lengths = tensors[spec[1]]
-        values = lengths.tolist()
-        if any(x < 0 for x in values):
-            raise ValueError("key_padding: lengths must be ≥ 0")
-        return _native.key_lengths(values)
-    if kind == "key_keep":
-        keep = tensors[spec[1]].to(device="cpu", dtype=torch.bool).contiguous()
-        return _native.key_keep(keep.data_ptr(), keep.numel(), keep.shape[0])
-    if kind == "documents":
-        ids = tensors[spec[1]].to(device="cpu", dtype=torch.int64).contiguous()
-        return _native.documents(ids.data_ptr(), ids.numel(), ids.shape[0])
-    if kind == "dense":
-        allowed = tensors[spec[1]].to(device="cpu", dtype=torch.bool)
-        while allowed.dim() < 4:
-            allowed = allowed.unsqueeze(0)
-        allowed = allowed.contiguous()
-        return _native.dense(allowed.data_ptr(), list(allowed.shape))
-    return getattr(_native, kind)(*spec[1:])
 
 
 def _resolve(mask_id: int, data: List[torch.Tensor], shape: Tuple[int, int, int, int]):
@@ -311,18 +536,17 @@ def _resolve(mask_id: int, data: List[torch.Tensor], shape: Tuple[int, int, int,
                 f"but the call has {tuple(shape)}"
             )
         return block._native
-    spec = _structures.get(mask_id)
-    if spec is None:
+    if mask_id not in _structures:
         raise ValueError(f"unknown mask handle {mask_id} (a BlockMask that was freed?)")
     if data:
-        return _native.NativeBlockMask(_build(spec, data), *shape)
+        return _native.NativeBlockMask(_build(mask_id, data), *shape)
     key = (mask_id, *shape)
     with _lock:
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
             return hit
-    native = _native.NativeBlockMask(_build(spec, ()), *shape)
+    native = _native.NativeBlockMask(_build(mask_id, ()), *shape)
     with _lock:
         _cache[key] = native
         while len(_cache) > _CACHE_SIZE:
@@ -341,4 +565,20 @@ def _handle(mask: Optional[object]) -> Tuple[int, List[torch.Tensor]]:
     raise TypeError(f"mask must be None, a maskattn.Mask or a maskattn.BlockMask, not {type(mask).__name__}")
 
 
-_FULL_ID = full()._id
+_FULL_ID = full()._id  # noqa: F821 (made from the kernel crate's list above)
+
+# `torch.load` reads only allow-listed globals by default (weights_only): these two rebuild
+# a mask from its text and tensors, and a block mask from its mask and shape, and run no
+# other code, so a saved mask loads like a saved tensor.
+torch.serialization.add_safe_globals([_restore, _compile_again])
+
+__all__ = [
+    "Mask",
+    "BlockMask",
+    "mask",
+    *_STRUCTURED,
+    "key_padding",
+    "documents",
+    "dense",
+    "from_mask_mod",
+]

@@ -10,7 +10,8 @@ left aligned); our kernels then skip the hidden tiles instead of reading the mas
 It falls back to PyTorch's own forward for what PyTorch runs on its math path or our
 kernels do not take: attention dropout while training, float (additive) masks,
 ``add_bias_kv``, ``add_zero_attn``, tensors not on the CPU or not float32 / bfloat16 /
-float16, nested tensors.
+float16, nested tensors, empty tensors, and every shape PyTorch rejects (so its own error is
+raised: a 2-d key with a batched query, a ``key_padding_mask`` of the wrong shape, …).
 
 ``need_weights`` weights are recomputed from the kernel's log-sum-exp (``exp(s·qkᵀ − lse)``
 where allowed, 0 elsewhere); they are for inspection and carry no gradient. Rows that see
@@ -55,11 +56,35 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         ts = (query, key, value)
         if any(t.is_nested or t.device.type != "cpu" or t.dtype not in _DTYPES for t in ts):
             return False
-        if query.dim() not in (2, 3):
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            return False
+        if any(n == 0 for t in ts for n in t.shape):
             return False
         for m in (key_padding_mask, attn_mask):
-            if m is not None and (m.dtype != torch.bool or m.device.type != "cpu"):
+            if m is not None and (
+                not isinstance(m, torch.Tensor) or m.is_nested or m.dtype != torch.bool or m.device.type != "cpu"
+            ):
                 return False
+        # Every shape PyTorch checks: anything else goes to its forward, which raises.
+        batched = query.dim() == 3
+        if batched and self.batch_first:
+            N, L, E = query.shape
+            S = key.shape[1]
+            kv_batch = (key.shape[0], value.shape[0])
+        elif batched:
+            L, N, E = query.shape
+            S = key.shape[0]
+            kv_batch = (key.shape[1], value.shape[1])
+        else:
+            (L, E), N, S, kv_batch = query.shape, 1, key.shape[0], (1, 1)
+        if E != self.embed_dim or key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
+            return False
+        if kv_batch != (N, N) or key.shape[:-1] != value.shape[:-1]:
+            return False
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != ((N, S) if batched else (S,)):
+            return False
+        if attn_mask is not None and tuple(attn_mask.shape) not in ((L, S), (N * self.num_heads, L, S)):
+            return False
         return True
 
     def forward(

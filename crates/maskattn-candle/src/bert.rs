@@ -15,7 +15,7 @@ use maskattn::{BlockMask, Mask, MaskShape};
 use serde::Deserialize;
 
 use crate::interop::WeightFormat;
-use crate::layer::{MaskedMultiHeadAttention, MhaConfig, Mode};
+use crate::layer::{MaskedMultiHeadAttention, MhaConfig, MhaOptions};
 use crate::model::LayerNorm;
 
 /// The fields of a Hugging Face BERT `config.json` this encoder reads.
@@ -165,7 +165,7 @@ impl Bert {
     /// for the call and used by every layer.
     pub fn forward(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
-        let block = self.compile_mask(&Mask::key_lengths(lengths.to_vec()), b, l)?;
+        let block = self.compile_mask(&Mask::key_padding(lengths.to_vec()), b, l)?;
         self.forward_with_block(ids, &block)
     }
 
@@ -196,7 +196,7 @@ impl Bert {
             .add(&self.typ.forward(&types)?)?;
         let mut x = self.ln.forward(&x)?;
         for layer in &self.layers {
-            let a = layer.attn.forward_with_block(&x, &x, block, Mode::Eval)?;
+            let a = layer.attn.forward(&x, &MhaOptions::new(block))?;
             x = layer.ln_attn.forward(&(x + a)?)?;
             let f = layer
                 .out

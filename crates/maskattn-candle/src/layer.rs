@@ -1,9 +1,17 @@
 //! `MaskedMultiHeadAttention`: projections, heads (grouped-query or multi-query), optional
 //! rotary positions, masked attention through the maskattn kernels, output projection.
 //!
-//! Shapes: `x_q [B, L_q, d_model]`, `x_kv [B, L_k, kdim]` → `[B, L_q, d_model]`.
+//! Shapes: `x [B, L_q, d_model]` (with keys' and values' inputs `[B, L_k, kdim]`,
+//! `[B, L_k, vdim]` for cross-attention) → `[B, L_q, d_model]`.
 //! Inside: `q [B, H_q, L_q, head_dim]`, `k, v [B, H_kv, L_k, head_dim]`.
 //! Every op on the training path has a backward (no fused candle-nn softmax/norm/rotary op).
+//!
+//! As candle-nn's modules: the layer holds the weights, one [`forward`] takes the input and
+//! the call's options ([`MhaOptions`]: mask, keys' and values' inputs, mode). The same
+//! layer with attention in plain candle ops, for comparisons, is
+//! [`crate::reference::mha_forward`].
+//!
+//! [`forward`]: MaskedMultiHeadAttention::forward
 
 use std::sync::Arc;
 
@@ -13,9 +21,10 @@ use maskattn::{BlockMask, Dropout, Mask, MaskShape};
 
 use crate::fused;
 use crate::kv_cache::KvCache;
-use crate::op::{attention_with_block, AttnOptions, RelPos};
-use crate::reference;
+use crate::op::attention_with_block;
+use crate::options::{AttnOptions, RelPos};
 use crate::rope::Rope;
+use crate::scores;
 
 /// The layer's hyper-parameters.
 #[derive(Clone, Debug, PartialEq)]
@@ -218,34 +227,87 @@ pub struct MaskedMultiHeadAttention {
     cfg: MhaConfig,
 }
 
-/// Which attention computes the heads: the maskattn kernels, or plain candle ops (the
-/// comparison the tests and benchmarks measure against), optionally with the mask as a
-/// ready 0/1 tensor.
-#[derive(Clone, Copy, Debug)]
-enum Backend<'a> {
-    Kernels,
-    Reference(Option<&'a Tensor>),
-}
-
 /// The mask of one call: as written (compiled by the call for its shape), or compiled
-/// beforehand — once per model call rather than once per layer.
+/// beforehand ([`MaskedMultiHeadAttention::compile_mask`]) — once per model call rather than
+/// once per layer. `From` either, so [`MhaOptions::new`] takes `&mask` or `&block`.
 #[derive(Clone, Copy, Debug)]
-enum MaskArg<'a> {
+pub enum MhaMask<'a> {
+    /// As written; compiled by the call.
     Mask(&'a Mask),
+    /// Compiled for `[B, H_q, L_q, L_k]`; one of another shape is refused.
     Block(&'a Arc<BlockMask>),
 }
 
-impl MaskArg<'_> {
+impl<'a> From<&'a Mask> for MhaMask<'a> {
+    fn from(m: &'a Mask) -> Self {
+        MhaMask::Mask(m)
+    }
+}
+
+impl<'a> From<&'a Arc<BlockMask>> for MhaMask<'a> {
+    fn from(b: &'a Arc<BlockMask>) -> Self {
+        MhaMask::Block(b)
+    }
+}
+
+/// The options of one [`MaskedMultiHeadAttention::forward`] call. [`MhaOptions::new`] is
+/// self-attention in evaluation; set the other fields with struct update syntax:
+///
+/// ```
+/// # use candle_core::{Result, Tensor};
+/// # use maskattn::Mask;
+/// # use maskattn_candle::{MaskedMultiHeadAttention, MhaOptions, Mode};
+/// // Cross-attention of `x [B, L_q, d_model]` to `memory [B, L_k, kdim]`, a training step.
+/// fn step(
+///     attn: &MaskedMultiHeadAttention,
+///     (x, memory): (&Tensor, &Tensor),
+///     mask: &Mask,
+///     seed: u64,
+/// ) -> Result<Tensor> {
+///     let opts = MhaOptions {
+///         keys: Some(memory),
+///         mode: Mode::Train { seed },
+///         ..MhaOptions::new(mask)
+///     };
+///     attn.forward(x, &opts)
+/// }
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct MhaOptions<'a> {
+    /// Over `[B, H_q, L_q, L_k]`.
+    pub mask: MhaMask<'a>,
+    /// The keys' input `[B, L_k, kdim]`; `None`: the queries' input (self-attention).
+    pub keys: Option<&'a Tensor>,
+    /// The values' input `[B, L_k, vdim]`; `None`: the keys' input.
+    pub values: Option<&'a Tensor>,
+    /// Evaluation, or a training step (dropout drawn from its seed).
+    pub mode: Mode,
+}
+
+impl<'a> MhaOptions<'a> {
+    /// Self-attention under `mask` (a [`Mask`] or a compiled `Arc<BlockMask>`), in
+    /// [`Mode::Eval`].
+    pub fn new(mask: impl Into<MhaMask<'a>>) -> Self {
+        MhaOptions {
+            mask: mask.into(),
+            keys: None,
+            values: None,
+            mode: Mode::Eval,
+        }
+    }
+}
+
+impl MhaMask<'_> {
     /// The block mask for a call of `shape`: compiled now, or the given one after checking
     /// that it was compiled for this shape (the kernel would refuse it too, but in its own
     /// words, which do not say how to compile the right one).
     fn block(&self, shape: MaskShape) -> Result<Arc<BlockMask>> {
         match self {
-            MaskArg::Mask(m) => Ok(Arc::new(
+            MhaMask::Mask(m) => Ok(Arc::new(
                 BlockMask::new(m, shape).map_err(candle_core::Error::wrap)?,
             )),
-            MaskArg::Block(b) if b.shape() == shape => Ok(Arc::clone(b)),
-            MaskArg::Block(b) => Err(candle_core::Error::Msg(format!(
+            MhaMask::Block(b) if b.shape() == shape => Ok(Arc::clone(b)),
+            MhaMask::Block(b) => Err(candle_core::Error::Msg(format!(
                 "MaskedMultiHeadAttention: the block mask was compiled for {}, but this call \
                  is {} (compile it with MaskShape::new(batch, num_heads, L_q, L_k))",
                 fmt_shape(b.shape()),
@@ -256,8 +318,8 @@ impl MaskArg<'_> {
 
     fn mask(&self) -> Result<&Mask> {
         match self {
-            MaskArg::Mask(m) => Ok(m),
-            MaskArg::Block(_) => Err(candle_core::Error::Msg(
+            MhaMask::Mask(m) => Ok(m),
+            MhaMask::Block(_) => Err(candle_core::Error::Msg(
                 "MaskedMultiHeadAttention: this path needs the mask itself, not a block mask"
                     .into(),
             )),
@@ -328,7 +390,7 @@ impl MaskedMultiHeadAttention {
     }
 
     /// The call options of this layer's score modifiers (f32; the kernels take them so).
-    fn options(&self, dropout: Option<Dropout>) -> Result<AttnOptions> {
+    pub(crate) fn modifier_options(&self, dropout: Option<Dropout>) -> Result<AttnOptions> {
         let f32 = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_dtype(DType::F32)).transpose();
         Ok(AttnOptions {
             scale: None,
@@ -352,7 +414,7 @@ impl MaskedMultiHeadAttention {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
     }
 
-    fn cfg_has_modifiers(&self) -> bool {
+    pub(crate) fn has_modifiers(&self) -> bool {
         self.cfg.softcap.is_some()
             || self.alibi.is_some()
             || self.sinks.is_some()
@@ -410,37 +472,27 @@ impl MaskedMultiHeadAttention {
         Ok(())
     }
 
-    /// Self- or cross-attention: `x_q [B, L_q, d_model]` attends to `x_kv [B, L_k, kdim]`
-    /// (used for both keys and values) under `mask` (compiled for `[B, H_q, L_q, L_k]`).
-    pub fn forward(&self, x_q: &Tensor, x_kv: &Tensor, mask: &Mask, mode: Mode) -> Result<Tensor> {
-        self.forward_qkv(x_q, x_kv, x_kv, mask, mode)
+    /// Self- or cross-attention: `x [B, L_q, d_model]` attends to `opts.keys`
+    /// (`[B, L_k, kdim]`, `x` itself when `None`) and `opts.values` (`[B, L_k, vdim]`, the
+    /// keys' input when `None`) under `opts.mask` (over `[B, H_q, L_q, L_k]`), with dropout
+    /// in `Mode::Train` → `[B, L_q, d_model]`. A compiled mask gives the same bits as the
+    /// mask it was compiled from; one compiled for another shape is an error.
+    pub fn forward(&self, x: &Tensor, opts: &MhaOptions) -> Result<Tensor> {
+        Ok(self.run(x, opts, false)?.0)
     }
 
-    /// As [`forward`](Self::forward) with separate key and value inputs.
-    pub fn forward_qkv(
-        &self,
-        x_q: &Tensor,
-        x_k: &Tensor,
-        x_v: &Tensor,
-        mask: &Mask,
-        mode: Mode,
-    ) -> Result<Tensor> {
-        Ok(self
-            .run(
-                x_q,
-                x_k,
-                x_v,
-                MaskArg::Mask(mask),
-                mode,
-                Backend::Kernels,
-                false,
-            )?
-            .0)
+    /// [`forward`](Self::forward) and the attention weights `[B, H_q, L_q, L_k]` (f32,
+    /// recomputed from the kernel's LSE, without dropout; detached — for inspection and
+    /// pictures, not training). Needs `opts.mask` as a [`Mask`], not a compiled one.
+    pub fn forward_with_weights(&self, x: &Tensor, opts: &MhaOptions) -> Result<(Tensor, Tensor)> {
+        opts.mask.mask()?; // refused before any work
+        let (out, weights) = self.run(x, opts, true)?;
+        Ok((out, weights.expect("asked for weights")))
     }
 
     /// Compiles `mask` for this layer's calls on `batch` rows of `lq` queries and `lk` keys
-    /// (`[B, H_q, L_q, L_k]`), for [`forward_with_block`](Self::forward_with_block): a model
-    /// compiles its mask once per call and hands it to every layer.
+    /// (`[B, H_q, L_q, L_k]`), for [`MhaOptions::new`]: a model compiles its mask once per
+    /// call and hands it to every layer.
     pub fn compile_mask(
         &self,
         mask: &Mask,
@@ -454,172 +506,77 @@ impl MaskedMultiHeadAttention {
         ))
     }
 
-    /// As [`forward`](Self::forward) with the mask compiled beforehand (for
-    /// `[B, H_q, L_q, L_k]`, [`compile_mask`](Self::compile_mask)); the same bits as
-    /// `forward` with the mask it was compiled from. A block mask of another shape is an error.
-    pub fn forward_with_block(
-        &self,
-        x_q: &Tensor,
-        x_kv: &Tensor,
-        block: &Arc<BlockMask>,
-        mode: Mode,
-    ) -> Result<Tensor> {
-        self.forward_qkv_with_block(x_q, x_kv, x_kv, block, mode)
-    }
-
-    /// As [`forward_qkv`](Self::forward_qkv) with the mask compiled beforehand.
-    pub fn forward_qkv_with_block(
-        &self,
-        x_q: &Tensor,
-        x_k: &Tensor,
-        x_v: &Tensor,
-        block: &Arc<BlockMask>,
-        mode: Mode,
-    ) -> Result<Tensor> {
-        Ok(self
-            .run(
-                x_q,
-                x_k,
-                x_v,
-                MaskArg::Block(block),
-                mode,
-                Backend::Kernels,
-                false,
-            )?
-            .0)
-    }
-
-    /// The forward and the attention weights `[B, H_q, L_q, L_k]` (f32, recomputed from the
-    /// kernel's LSE, without dropout; detached — for inspection and pictures, not training).
-    pub fn forward_with_weights(
-        &self,
-        x_q: &Tensor,
-        x_kv: &Tensor,
-        mask: &Mask,
-    ) -> Result<(Tensor, Tensor)> {
-        let (out, weights) = self.run(
-            x_q,
-            x_kv,
-            x_kv,
-            MaskArg::Mask(mask),
-            Mode::Eval,
-            Backend::Kernels,
-            true,
-        )?;
-        Ok((out, weights.expect("asked for weights")))
-    }
-
-    /// The same forward with attention in plain candle ops (for comparisons; no dropout).
-    pub fn forward_reference(&self, x_q: &Tensor, x_kv: &Tensor, mask: &Mask) -> Result<Tensor> {
-        Ok(self
-            .run(
-                x_q,
-                x_kv,
-                x_kv,
-                MaskArg::Mask(mask),
-                Mode::Eval,
-                Backend::Reference(None),
-                false,
-            )?
-            .0)
-    }
-
-    /// [`forward_reference`](Self::forward_reference) with the mask as a ready 0/1 tensor
-    /// ([`reference::dense_mask`]), as a benchmark of candle's own ops wants it.
-    pub fn forward_reference_with_keep(
-        &self,
-        x_q: &Tensor,
-        x_kv: &Tensor,
-        keep: &Tensor,
-    ) -> Result<Tensor> {
-        Ok(self
-            .run(
-                x_q,
-                x_kv,
-                x_kv,
-                MaskArg::Mask(&Mask::full()),
-                Mode::Eval,
-                Backend::Reference(Some(keep)),
-                false,
-            )?
-            .0)
-    }
-
-    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
-        x_q: &Tensor,
-        x_k: &Tensor,
-        x_v: &Tensor,
-        mask: MaskArg,
-        mode: Mode,
-        backend: Backend,
+        x: &Tensor,
+        opts: &MhaOptions,
         weights: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        self.check_inputs(x_q, x_k, x_v)?;
-        let (hq, hkv) = (self.cfg.num_heads, self.cfg.num_kv_heads);
-        if let MaskArg::Block(_) = mask {
-            // Refuse a block mask of another shape before any work is done.
-            let ((b, lq, _), lk) = (x_q.dims3()?, x_k.dim(1)?);
-            mask.block(MaskShape::new(b, hq, lq, lk))?;
-        }
-        let q = self.heads(x_q, &self.q_proj, hq, Some(0))?;
-        let k = self.heads(x_k, &self.k_proj, hkv, Some(0))?;
-        let v = self.heads(x_v, &self.v_proj, hkv, None)?;
-        self.attend(&q, &k, &v, mask, mode, backend, weights)
+        let (q, k, v) = self.project(x, opts)?;
+        let out = self.attend(&q, &k, &v, opts.mask, opts.mode, weights)?;
+        Ok((self.output(&out.0)?, out.1))
     }
 
-    /// Heads → attention → output projection.
-    #[allow(clippy::too_many_arguments)]
+    /// The inputs checked and projected to heads, with rotary positions from 0: `q [B, H_q,
+    /// L_q, head_dim]`, `k, v [B, H_kv, L_k, head_dim]` (for [`forward`](Self::forward) and
+    /// the reference path).
+    pub(crate) fn project(
+        &self,
+        x: &Tensor,
+        opts: &MhaOptions,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let x_k = opts.keys.unwrap_or(x);
+        let x_v = opts.values.or(opts.keys).unwrap_or(x);
+        self.check_inputs(x, x_k, x_v)?;
+        let (hq, hkv) = (self.cfg.num_heads, self.cfg.num_kv_heads);
+        if let MhaMask::Block(_) = opts.mask {
+            // Refuse a block mask of another shape before any work is done.
+            let ((b, lq, _), lk) = (x.dims3()?, x_k.dim(1)?);
+            opts.mask.block(MaskShape::new(b, hq, lq, lk))?;
+        }
+        let q = self.heads(x, &self.q_proj, hq, Some(0))?;
+        let k = self.heads(x_k, &self.k_proj, hkv, Some(0))?;
+        let v = self.heads(x_v, &self.v_proj, hkv, None)?;
+        Ok((q, k, v))
+    }
+
+    /// `[B, H, L_q, head_dim]` → `[B, L_q, H·head_dim]` → the output projection.
+    pub(crate) fn output(&self, heads: &Tensor) -> Result<Tensor> {
+        let out = fused::merge_heads(heads)?;
+        let o = &self.o_proj;
+        fused::linear(&out, o.weight(), o.bias())
+    }
+
+    /// The kernels' attention of the heads (and the weights when asked), before the output
+    /// projection.
     fn attend(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        mask: MaskArg,
+        mask: MhaMask,
         mode: Mode,
-        backend: Backend,
         weights: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, hq, lq, _) = q.dims4()?;
         let lk = k.dim(2)?;
-        let (out, w) = match backend {
-            Backend::Reference(None) => (
-                reference::attention_with_options(q, k, v, mask.mask()?, &self.options(None)?)?,
-                None,
-            ),
-            Backend::Reference(Some(keep)) if !self.cfg_has_modifiers() => {
-                (reference::attention_with_keep(q, k, v, keep, None)?, None)
+        let shape = MaskShape::new(b, hq, lq, lk);
+        let block = mask.block(shape)?;
+        let dropout = match mode {
+            Mode::Train { seed } if self.cfg.dropout > 0.0 => {
+                Some(Dropout::new(self.cfg.dropout, seed).map_err(candle_core::Error::wrap)?)
             }
-            Backend::Reference(Some(_)) => {
-                return Err(candle_core::Error::Msg(
-                    "MaskedMultiHeadAttention: forward_reference_with_keep has no score modifiers; use forward_reference".into(),
-                ))
-            }
-            Backend::Kernels => {
-                let shape = MaskShape::new(b, hq, lq, lk);
-                let block = mask.block(shape)?;
-                let dropout = match mode {
-                    Mode::Train { seed } if self.cfg.dropout > 0.0 => Some(
-                        Dropout::new(self.cfg.dropout, seed).map_err(candle_core::Error::wrap)?,
-                    ),
-                    _ => None,
-                };
-                let opts = self.options(dropout)?;
-                let a = attention_with_block(q, k, v, block, opts)?;
-                let w = if weights {
-                    let opts = self.options(None)?;
-                    Some(attention_weights(q, k, &a.lse, mask.mask()?, shape, &opts)?)
-                } else {
-                    None
-                };
-                (a.out, w)
-            }
+            _ => None,
         };
-        // [B, H, L_q, hd] → [B, L_q, H·hd] → output projection.
-        let out = fused::merge_heads(&out)?;
-        let o = &self.o_proj;
-        Ok((fused::linear(&out, o.weight(), o.bias())?, w))
+        let opts = self.modifier_options(dropout)?;
+        let a = attention_with_block(q, k, v, block, opts)?;
+        let w = if weights {
+            let opts = self.modifier_options(None)?;
+            Some(attention_weights(q, k, &a.lse, mask.mask()?, shape, &opts)?)
+        } else {
+            None
+        };
+        Ok((a.out, w))
     }
 
     /// One decoding step: `x [B, L_new, d_model]` (usually `L_new = 1`) attends to everything
@@ -648,22 +605,13 @@ impl MaskedMultiHeadAttention {
             Some(m) => Mask::causal() & m.clone(),
             None => Mask::causal(),
         };
-        Ok(self
-            .attend(
-                &q,
-                &k,
-                &v,
-                MaskArg::Mask(&mask),
-                Mode::Eval,
-                Backend::Kernels,
-                false,
-            )?
-            .0)
+        let (out, _) = self.attend(&q, &k, &v, MhaMask::Mask(&mask), Mode::Eval, false)?;
+        self.output(&out)
     }
 }
 
 /// `P = e^(x − LSE)` where allowed, 0 elsewhere: `[B, H_q, L_q, L_k]`, f32, detached; `x`
-/// the scores with the layer's modifiers ([`reference::scores`]). With sinks a row sums to
+/// the scores with the layer's modifiers ([`scores::scores`]). With sinks a row sums to
 /// less than 1: the sink's share is in `LSE`.
 fn attention_weights(
     q: &Tensor,
@@ -683,9 +631,8 @@ fn attention_weights(
         table: r.table.detach(),
         ..r
     });
-    let scores = reference::scores(&q, &k, &opts)?;
-    let p = scores.broadcast_sub(&lse.unsqueeze(3)?)?.exp()?;
-    let keep =
-        reference::dense_mask(mask, shape, DType::U8, q.device())?.broadcast_as(p.shape())?;
+    let x = scores::scores(&q, &k, &opts)?;
+    let p = x.broadcast_sub(&lse.unsqueeze(3)?)?.exp()?;
+    let keep = scores::dense_mask(mask, shape, DType::U8, q.device())?.broadcast_as(p.shape())?;
     keep.where_cond(&p, &p.zeros_like()?)
 }

@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::fused;
 use crate::kv_cache::KvCache;
-use crate::layer::{AlibiMode, MaskedMultiHeadAttention, MhaConfig, Mode};
+use crate::layer::{AlibiMode, MaskedMultiHeadAttention, MhaConfig, MhaOptions, Mode};
+use crate::reference;
 
 /// How the model knows positions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -307,12 +308,20 @@ impl TinyLm {
             };
             let a = match layers {
                 Layers::Weights(mask) => {
-                    let (a, w) = b.attn.forward_with_weights(&h, &h, mask)?;
+                    let (a, w) = b.attn.forward_with_weights(&h, &MhaOptions::new(mask))?;
                     all.push(w);
                     a
                 }
-                Layers::Reference(mask) => b.attn.forward_reference(&h, &h, mask)?,
-                Layers::Block(block) => b.attn.forward_with_block(&h, &h, block, layer_mode)?,
+                Layers::Reference(mask) => {
+                    reference::mha_forward(&b.attn, &h, &MhaOptions::new(mask))?
+                }
+                Layers::Block(block) => b.attn.forward(
+                    &h,
+                    &MhaOptions {
+                        mode: layer_mode,
+                        ..MhaOptions::new(block)
+                    },
+                )?,
             };
             x = (x + a)?;
             x = (&x + b.mlp(&x)?)?;

@@ -1,44 +1,19 @@
-//! The score modifiers of the attention op (docs/design.md section 1, "Score modifiers"):
-//! their tensors packed into one f32 vector for the kernels, and the "tap" op through which
-//! their gradients reach candle's autograd.
+//! The score modifiers of the attention op (docs/design.md section 1, "Score modifiers"),
+//! packed into one f32 vector for the kernels.
 //!
 //! candle's `CustomOp3` takes three tensors, all of them q, k, v. The parameters (ALiBi
 //! slopes `[H_q]`, sinks `[H_q]`, the T5 table `[N, H_q]`, a dense bias
-//! `[B|1, H_q|1, L_q|1, L_k|1]`) are concatenated, flattened, into one tensor `pack`, and a
-//! second op, the tap, takes `(out, pack)` and returns `out` unchanged. The tap is the only
-//! consumer of the attention op's output, so its backward runs first: it calls the kernel
-//! backward once, returns `d pack` and passes `d out` through, and leaves `dq, dk, dv` in a
-//! stash that the attention op's backward takes instead of running the kernel again.
+//! `[B|1, H_q|1, L_q|1, L_k|1]`) are concatenated, flattened, into one tensor `pack`, which
+//! the op's "tap" (in `op.rs`, beside the op whose backward it serves) takes with the
+//! output, so that their gradients reach candle's autograd.
 
 use std::ops::Range;
-use std::sync::{Arc, Mutex, OnceLock};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Error, Result, Tensor};
 use maskattn::{Bias, ParamGradsMut, Params, RelBias};
 
-/// T5 relative position biases: `table [num_buckets, H_q]` (trainable when a `Var`), the
-/// bucket of key `j` for aligned query position `i'` being Hugging Face T5's
-/// `_relative_position_bucket(j − i', bidirectional, num_buckets, max_distance)`.
-#[derive(Clone, Debug)]
-pub struct RelPos {
-    pub table: Tensor,
-    pub num_buckets: usize,
-    pub max_distance: usize,
-    pub bidirectional: bool,
-}
-
-impl RelPos {
-    pub fn new(table: Tensor, max_distance: usize, bidirectional: bool) -> Result<Self> {
-        let (num_buckets, _) = table.dims2()?;
-        Ok(RelPos {
-            table,
-            num_buckets,
-            max_distance,
-            bidirectional,
-        })
-    }
-}
+use crate::options::AttnOptions;
+use crate::storage::{as_cpu, cpu};
 
 /// Where each parameter lies in the pack, and whether autograd wants its gradient.
 #[derive(Clone, Debug, Default)]
@@ -63,7 +38,7 @@ pub(crate) struct Mods {
 
 impl Mods {
     /// Packs the parameters of `opts` for a call with `heads` query heads.
-    pub fn new(opts: &crate::AttnOptions, heads: usize) -> Result<Self> {
+    pub fn new(opts: &AttnOptions, heads: usize) -> Result<Self> {
         let mut slots = Slots::default();
         let mut parts: Vec<Tensor> = Vec::new();
         let mut add = |t: &Tensor, what: &str, slot: usize, parts: &mut Vec<Tensor>| {
@@ -149,8 +124,8 @@ impl Mods {
                 ..base
             });
         };
-        let (s, l) = crate::op::cpu(pack)?;
-        let CpuStorage::F32(all) = crate::op::as_cpu(&s) else {
+        let (s, l) = cpu(pack)?;
+        let CpuStorage::F32(all) = as_cpu(&s) else {
             unreachable!("packed as f32")
         };
         let all = &all[l.start_offset()..l.start_offset() + self.slots.len];
@@ -171,12 +146,12 @@ impl Mods {
     }
 
     /// A zeroed gradient buffer shaped like the pack.
-    fn grad_buffer(&self) -> Vec<f32> {
+    pub fn grad_buffer(&self) -> Vec<f32> {
         vec![0f32; self.slots.len]
     }
 
     /// The parameter-gradient buffers the kernel writes: the wanted ones, within `buf`.
-    fn grads_in<'a>(&self, buf: &'a mut [f32]) -> ParamGradsMut<'a> {
+    pub fn grads_in<'a>(&self, buf: &'a mut [f32]) -> ParamGradsMut<'a> {
         let s = &self.slots;
         // The slots are in pack order and disjoint: split the buffer front to back.
         let mut rest = buf;
@@ -198,77 +173,5 @@ impl Mods {
             dsinks,
             drel,
         }
-    }
-}
-
-/// `dq, dk, dv` as the tap computed them, for the attention op's backward.
-pub(crate) type Stash = Arc<Mutex<Option<(Tensor, Tensor, Tensor)>>>;
-
-/// `(out, pack) → out`; its backward is the kernel backward (see the module comment).
-pub(crate) struct Tap {
-    pub q: Tensor,
-    pub k: Tensor,
-    pub v: Tensor,
-    pub attn: Arc<crate::op::AttnCore>,
-    pub lse: Arc<OnceLock<Vec<f32>>>,
-    pub stash: Stash,
-}
-
-impl CustomOp2 for Tap {
-    fn name(&self) -> &'static str {
-        "maskattn-modifier-tap"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        _s2: &CpuStorage,
-        _l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        // The attention op's fresh output: contiguous from its start.
-        let (a, b) = l1
-            .contiguous_offsets()
-            .ok_or_else(|| Error::Msg("maskattn: the tap needs a contiguous output".into()))?;
-        let out = match s1 {
-            CpuStorage::F32(x) => CpuStorage::F32(x[a..b].to_vec()),
-            CpuStorage::BF16(x) => CpuStorage::BF16(x[a..b].to_vec()),
-            CpuStorage::F16(x) => CpuStorage::F16(x[a..b].to_vec()),
-            other => {
-                return Err(Error::Msg(format!(
-                    "maskattn: unexpected output dtype {:?}",
-                    other.dtype()
-                )))
-            }
-        };
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        out: &Tensor,
-        pack: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let lse = self
-            .lse
-            .get()
-            .ok_or_else(|| Error::Msg("maskattn: backward before forward".into()))?;
-        let mods = &self.attn.mods;
-        let mut dpack = mods.grad_buffer();
-        let (dq, dk, dv) = self.attn.backward(
-            (&self.q, &self.k, &self.v),
-            out,
-            lse,
-            grad,
-            mods.grads_in(&mut dpack),
-        )?;
-        *self.stash.lock().expect("the stash is never poisoned") = Some((dq, dk, dv));
-        let dpack = Tensor::from_vec(dpack, pack.shape(), pack.device())?;
-        Ok((
-            out.track_op().then(|| grad.clone()),
-            pack.track_op().then_some(dpack),
-        ))
     }
 }

@@ -6,15 +6,16 @@
 //! f16 tensors work; results are rounded back to the input type (bf16 goes to the CPU's
 //! bf16 dot products where it has them, f16 is computed in f32; see the kernel crate).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 use maskattn::half::{bf16, f16};
 use maskattn::{BlockMask, Dropout, Element, GradsMut, Mask, ParamGradsMut, Params, View};
 
-pub use crate::mods::RelPos;
-use crate::mods::{Mods, Stash, Tap};
+use crate::mods::Mods;
+use crate::options::AttnOptions;
+use crate::storage::{as_cpu, cpu};
 
 /// Runs `$body` with q, k, v as slices of their common storage type, `$to` converting an
 /// f32 to it and `$wrap` making a candle storage of it.
@@ -44,40 +45,6 @@ macro_rules! by_dtype {
             ))),
         }
     };
-}
-
-/// What [`attention`] takes besides tensors and mask: the scale, dropout, and the score
-/// modifiers of docs/design.md section 1. The modifier tensors are f32 on the CPU; each
-/// that is a [`candle_core::Var`] (or computed from one) gets its gradient through autograd.
-#[derive(Clone, Debug, Default)]
-pub struct AttnOptions {
-    /// Score scale; `None` means `1/sqrt(d)`.
-    pub scale: Option<f32>,
-    /// Attention dropout (training); see [`maskattn::Dropout`].
-    pub dropout: Option<Dropout>,
-    /// Soft-capping `c · tanh(z / c)` of the scaled scores (`c > 0`).
-    pub softcap: Option<f32>,
-    /// A dense additive bias `[B|1, H_q|1, L_q, L_k]` (1 where it broadcasts).
-    pub bias: Option<Tensor>,
-    /// ALiBi slopes `[H_q]`: `− slope_h · |i' − j|` on the scores
-    /// ([`maskattn::alibi_slopes`] gives the standard ones).
-    pub alibi: Option<Tensor>,
-    /// Attention sinks `[H_q]`: a logit per head that takes part in the softmax's sum.
-    pub sinks: Option<Tensor>,
-    /// T5 relative position biases.
-    pub rel: Option<RelPos>,
-}
-
-impl AttnOptions {
-    /// Whether any score modifier is set (without, the op is exactly what it was before
-    /// modifiers existed).
-    pub fn has_modifiers(&self) -> bool {
-        self.softcap.is_some()
-            || self.bias.is_some()
-            || self.alibi.is_some()
-            || self.sinks.is_some()
-            || self.rel.is_some()
-    }
 }
 
 /// The results of [`attention`]: `out [B, H_q, L_q, d]` (tracked by autograd) and
@@ -268,24 +235,6 @@ fn view<'a, T: Element>(name: &'static str, data: &'a [T], l: &Layout) -> Result
     View::strided(name, &data[l.start_offset()..], shape, strides).map_err(Error::wrap)
 }
 
-/// The CPU buffer of a tensor as a candle storage guard.
-pub(crate) fn cpu(t: &Tensor) -> Result<(impl std::ops::Deref<Target = Storage> + '_, &Layout)> {
-    let (s, l) = t.storage_and_layout();
-    match &*s {
-        Storage::Cpu(_) => Ok((s, l)),
-        _ => Err(Error::Msg(
-            "maskattn: only the CPU device is supported".into(),
-        )),
-    }
-}
-
-pub(crate) fn as_cpu(s: &Storage) -> &CpuStorage {
-    match s {
-        Storage::Cpu(c) => c,
-        _ => unreachable!("checked by `cpu`"),
-    }
-}
-
 impl CustomOp3 for AttnOp {
     fn name(&self) -> &'static str {
         "maskattn-attention"
@@ -334,5 +283,85 @@ impl CustomOp3 for AttnOp {
             self.core
                 .backward((q, k, v), res, lse, grad_res, ParamGradsMut::default())?;
         Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// `dq, dk, dv` as the tap computed them, for the attention op's backward.
+pub(crate) type Stash = Arc<Mutex<Option<(Tensor, Tensor, Tensor)>>>;
+
+/// `(out, pack) → out`, the op's autograd half where a score modifier is trainable: its
+/// backward is the kernel backward.
+///
+/// candle's `CustomOp3` takes three tensors, all of them q, k, v; the modifiers' tensors
+/// travel packed in one (`mods.rs`). The tap takes `(out, pack)` and returns `out`
+/// unchanged. It is the only consumer of the attention op's output, so its backward runs
+/// first: it calls the kernel backward once, returns `d pack` and passes `d out` through,
+/// and leaves `dq, dk, dv` in a stash that [`AttnOp`]'s backward takes instead of running
+/// the kernel again.
+pub(crate) struct Tap {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub attn: Arc<AttnCore>,
+    pub lse: Arc<OnceLock<Vec<f32>>>,
+    pub stash: Stash,
+}
+
+impl CustomOp2 for Tap {
+    fn name(&self) -> &'static str {
+        "maskattn-modifier-tap"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        // The attention op's fresh output: contiguous from its start.
+        let (a, b) = l1
+            .contiguous_offsets()
+            .ok_or_else(|| Error::Msg("maskattn: the tap needs a contiguous output".into()))?;
+        let out = match s1 {
+            CpuStorage::F32(x) => CpuStorage::F32(x[a..b].to_vec()),
+            CpuStorage::BF16(x) => CpuStorage::BF16(x[a..b].to_vec()),
+            CpuStorage::F16(x) => CpuStorage::F16(x[a..b].to_vec()),
+            other => {
+                return Err(Error::Msg(format!(
+                    "maskattn: unexpected output dtype {:?}",
+                    other.dtype()
+                )))
+            }
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        out: &Tensor,
+        pack: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let lse = self
+            .lse
+            .get()
+            .ok_or_else(|| Error::Msg("maskattn: backward before forward".into()))?;
+        let mods = &self.attn.mods;
+        let mut dpack = mods.grad_buffer();
+        let (dq, dk, dv) = self.attn.backward(
+            (&self.q, &self.k, &self.v),
+            out,
+            lse,
+            grad,
+            mods.grads_in(&mut dpack),
+        )?;
+        *self.stash.lock().expect("the stash is never poisoned") = Some((dq, dk, dv));
+        let dpack = Tensor::from_vec(dpack, pack.shape(), pack.device())?;
+        Ok((
+            out.track_op().then(|| grad.clone()),
+            pack.track_op().then_some(dpack),
+        ))
     }
 }

@@ -1,63 +1,18 @@
 //! The reference path in candle: attention written with candle ops (matmul, mask, softmax),
 //! the comparison every test and benchmark of this crate measures against (the kernel crate's
-//! `reference` is the same in f64; `maskattn bench --reference` times it). Materialises
-//! `L_q × L_k` scores.
+//! `reference` is the same in f64; `maskattn bench --reference` times it), both for the op
+//! ([`attention`]) and for the layer ([`mha_forward`]: the layer's projections around it).
+//! Materialises `L_q × L_k` scores.
 //!
 //! Hidden pairs get a large negative score before the softmax and the probabilities are
 //! multiplied by the 0/1 mask after it, so a row that sees nothing gives 0 instead of NaN.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 use maskattn::{Mask, MaskShape};
 
-use crate::op::AttnOptions;
-
-/// The mask as a 0/1 tensor `[B or 1, H_q or 1, L_q, L_k]` in `dtype` (1 where the mask
-/// is the same for every batch row or head; it broadcasts).
-pub fn dense_mask(
-    mask: &Mask,
-    shape: MaskShape,
-    dtype: DType,
-    device: &candle_core::Device,
-) -> Result<Tensor> {
-    mask.validate(&shape).map_err(candle_core::Error::wrap)?;
-    let MaskShape { lq, lk, .. } = shape;
-    let batch = if mask.varies_with_batch() {
-        shape.batch
-    } else {
-        1
-    };
-    let heads = if mask.varies_with_head() {
-        shape.heads
-    } else {
-        1
-    };
-    let mut v = Vec::with_capacity(batch * heads * lq * lk);
-    for b in 0..batch {
-        for h in 0..heads {
-            for i in 0..lq {
-                for j in 0..lk {
-                    v.push(if mask.allowed(&shape, b, h, i, j) {
-                        1f32
-                    } else {
-                        0.0
-                    });
-                }
-            }
-        }
-    }
-    Tensor::from_vec(v, (batch, heads, lq, lk), device)?.to_dtype(dtype)
-}
-
-/// `k [B, H_kv, L, d]` repeated to `[B, H_q, L, d]`: query head h reads kv head h / group.
-pub fn repeat_kv(k: &Tensor, group: usize) -> Result<Tensor> {
-    if group == 1 {
-        return Ok(k.clone());
-    }
-    let (b, hkv, l, d) = k.dims4()?;
-    k.unsqueeze(2)?
-        .expand((b, hkv, group, l, d))?
-        .reshape((b, hkv * group, l, d))
-}
+use crate::layer::{MaskedMultiHeadAttention, MhaMask, MhaOptions, Mode};
+use crate::options::AttnOptions;
+pub use crate::scores::{dense_mask, repeat_kv, scores};
 
 /// `softmax(s · Q Kᵀ, masked) V` with plain candle ops; the result and every gradient flow
 /// through candle's own autograd.
@@ -117,49 +72,56 @@ pub fn attention_with_keep(
     )
 }
 
-/// The scores `x [B, H_q, L_q, L_k]` before the mask and the softmax, in q's dtype:
-/// `cap(s · q·kᵀ) + bias − slope_h·|i' − j| + rel[bucket(j − i'), h]` (each term present
-/// in `opts`), `i' = i + L_k − L_q`.
-pub fn scores(q: &Tensor, k: &Tensor, opts: &AttnOptions) -> Result<Tensor> {
-    let (_, hq, lq, d) = q.dims4()?;
-    let (hkv, lk) = (k.dim(1)?, k.dim(2)?);
-    let (dt, dev) = (q.dtype(), q.device());
-    let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt()) as f64;
-    let k = repeat_kv(k, hq / hkv)?.contiguous()?;
-    let mut x = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    if let Some(c) = opts.softcap {
-        x = ((x / c as f64)?.tanh()? * c as f64)?;
+/// [`MaskedMultiHeadAttention::forward`] with the attention in plain candle ops: the
+/// layer's projections, heads, rotary positions and score modifiers around
+/// [`attention_with_options`]. `x [B, L_q, d_model]` and `opts` as for `forward`, →
+/// `[B, L_q, d_model]`. No dropout: with `Mode::Train` the layer's dropout must be 0; the
+/// mask must be a [`Mask`] (this path does not read a compiled block mask).
+pub fn mha_forward(
+    layer: &MaskedMultiHeadAttention,
+    x: &Tensor,
+    opts: &MhaOptions,
+) -> Result<Tensor> {
+    let MhaMask::Mask(mask) = opts.mask else {
+        return Err(candle_core::Error::Msg(
+            "reference::mha_forward: needs the mask itself, not a block mask".into(),
+        ));
+    };
+    if matches!(opts.mode, Mode::Train { .. }) && layer.config().dropout > 0.0 {
+        return Err(candle_core::Error::Msg(format!(
+            "reference::mha_forward: no dropout on this path, but the layer has dropout {} \
+             and the call is Mode::Train (call it with Mode::Eval)",
+            layer.config().dropout
+        )));
     }
-    if let Some(bias) = &opts.bias {
-        x = x.broadcast_add(&bias.to_dtype(dt)?)?;
+    let (q, k, v) = layer.project(x, opts)?;
+    let out = attention_with_options(&q, &k, &v, mask, &layer.modifier_options(None)?)?;
+    layer.output(&out)
+}
+
+/// [`mha_forward`] for `x_q [B, L_q, d_model]` attending to `x_kv [B, L_k, kdim]` with the
+/// mask as a ready 0/1 tensor that broadcasts to `[B, H_q, L_q, L_k]` ([`dense_mask`]), as
+/// a benchmark of candle's own ops wants it. A layer with score modifiers is refused (use
+/// [`mha_forward`]).
+pub fn mha_forward_with_keep(
+    layer: &MaskedMultiHeadAttention,
+    x_q: &Tensor,
+    x_kv: &Tensor,
+    keep: &Tensor,
+) -> Result<Tensor> {
+    let full = Mask::full();
+    let opts = MhaOptions {
+        keys: Some(x_kv),
+        ..MhaOptions::new(&full)
+    };
+    let (q, k, v) = layer.project(x_q, &opts)?;
+    if layer.has_modifiers() {
+        return Err(candle_core::Error::Msg(
+            "reference::mha_forward_with_keep has no score modifiers; use reference::mha_forward"
+                .into(),
+        ));
     }
-    // j − i' for every (i, j), row-major [L_q, L_k].
-    let rel_pos =
-        || (0..lq).flat_map(move |i| (0..lk).map(move |j| j as i64 - (i + lk - lq) as i64));
-    if let Some(slopes) = &opts.alibi {
-        let dist: Vec<f32> = rel_pos().map(|r| r.unsigned_abs() as f32).collect();
-        let dist = Tensor::from_vec(dist, (1, 1, lq, lk), dev)?.to_dtype(dt)?;
-        let slopes = slopes.to_dtype(dt)?.reshape((1, hq, 1, 1))?;
-        x = x.broadcast_sub(&dist.broadcast_mul(&slopes)?)?;
-    }
-    if let Some(rel) = &opts.rel {
-        let idx: Vec<u32> = rel_pos()
-            .map(|r| {
-                maskattn::t5_bucket(r, rel.bidirectional, rel.num_buckets, rel.max_distance) as u32
-            })
-            .collect();
-        let idx = Tensor::from_vec(idx, lq * lk, dev)?;
-        // [N, H] → [L_q·L_k, H] → [1, H, L_q, L_k].
-        let r = rel
-            .table
-            .to_dtype(dt)?
-            .index_select(&idx, 0)?
-            .reshape((lq, lk, hq))?
-            .permute((2, 0, 1))?
-            .unsqueeze(0)?;
-        x = x.broadcast_add(&r)?;
-    }
-    Ok(x)
+    layer.output(&attention_with_keep(&q, &k, &v, keep, None)?)
 }
 
 /// Attention from scores, mask and values, in plain candle ops.

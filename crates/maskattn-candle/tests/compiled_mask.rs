@@ -12,7 +12,7 @@ use common::tensor;
 use maskattn::Mask;
 use maskattn_candle::bert::{Bert, BertConfig};
 use maskattn_candle::model::{LmConfig, Positions, TinyLm};
-use maskattn_candle::{MaskedMultiHeadAttention, MhaConfig, Mode};
+use maskattn_candle::{MaskedMultiHeadAttention, MhaConfig, MhaOptions, Mode};
 
 fn bits(t: &Tensor) -> Vec<u32> {
     t.flatten_all()
@@ -61,20 +61,38 @@ fn layer_with_a_compiled_mask_gives_the_same_bits_as_with_the_mask() -> Result<(
     )?;
     let x = Var::from_tensor(&tensor(&[3, 70, 32], 1)?)?;
     let dout = tensor(&[3, 70, 32], 2)?;
-    let mask = Mask::causal() & Mask::key_lengths(vec![70, 41, 9]);
+    let mask = Mask::causal() & Mask::key_padding(vec![70, 41, 9]);
     let mode = Mode::Train { seed: 7 };
 
-    let a = attn.forward(&x, &x, &mask, mode)?;
+    let a = attn.forward(
+        &x,
+        &MhaOptions {
+            mode,
+            ..MhaOptions::new(&mask)
+        },
+    )?;
     let ga = grad_bits(&(&a * &dout)?.sum_all()?, &vars, &[x.as_tensor()]);
     let block = attn.compile_mask(&mask, 3, 70, 70)?;
-    let b = attn.forward_with_block(&x, &x, &block, mode)?;
+    let b = attn.forward(
+        &x,
+        &MhaOptions {
+            mode,
+            ..MhaOptions::new(&block)
+        },
+    )?;
     let gb = grad_bits(&(&b * &dout)?.sum_all()?, &vars, &[x.as_tensor()]);
 
     assert_eq!(bits(&a), bits(&b), "outputs");
     assert_eq!(ga.len(), 9, "8 parameters and the input");
     assert_eq!(ga, gb, "gradients");
     // The block mask is reused, not consumed: a second call gives the same bits again.
-    let c = attn.forward_with_block(&x, &x, &block, mode)?;
+    let c = attn.forward(
+        &x,
+        &MhaOptions {
+            mode,
+            ..MhaOptions::new(&block)
+        },
+    )?;
     assert_eq!(bits(&a), bits(&c));
     Ok(())
 }
@@ -91,7 +109,7 @@ fn layer_refuses_a_block_mask_of_another_shape() -> Result<()> {
     for (b, l, what) in [(1, 10, "batch"), (2, 11, "length")] {
         let block = attn.compile_mask(&mask, b, l, l)?;
         let err = attn
-            .forward_with_block(&x, &x, &block, Mode::Eval)
+            .forward(&x, &MhaOptions::new(&block))
             .expect_err(what)
             .to_string();
         assert!(
@@ -105,7 +123,7 @@ fn layer_refuses_a_block_mask_of_another_shape() -> Result<()> {
         maskattn::BlockMask::new(&mask, maskattn::MaskShape::new(2, 1, 10, 10)).unwrap(),
     );
     let err = attn
-        .forward_with_block(&x, &x, &one_head, Mode::Eval)
+        .forward(&x, &MhaOptions::new(&one_head))
         .expect_err("heads")
         .to_string();
     assert!(err.contains("compiled for [B 2, H 1,"), "{err}");
@@ -225,11 +243,11 @@ fn bert_with_a_compiled_mask_gives_the_same_bits_as_with_the_lengths() -> Result
     let ids = tokens(3, 20, 30)?;
     let lengths = [20, 7, 1];
     let a = bert.forward(&ids, &lengths)?;
-    let block = bert.compile_mask(&Mask::key_lengths(lengths.to_vec()), 3, 20)?;
+    let block = bert.compile_mask(&Mask::key_padding(lengths.to_vec()), 3, 20)?;
     let b = bert.forward_with_block(&ids, &block)?;
     assert_eq!(bits(&a), bits(&b));
 
-    let wrong = bert.compile_mask(&Mask::key_lengths(lengths.to_vec()), 3, 21)?;
+    let wrong = bert.compile_mask(&Mask::key_padding(lengths.to_vec()), 3, 21)?;
     let err = bert
         .forward_with_block(&ids, &wrong)
         .expect_err("length")

@@ -13,7 +13,7 @@ use common::{max_diff, tensor};
 use maskattn::Mask;
 use maskattn_candle::interop::{from_native, to_native};
 use maskattn_candle::mask_convert::{from_torch_key_padding, from_torch_mha_attn_mask};
-use maskattn_candle::{MaskedMultiHeadAttention, MhaConfig, Mode, WeightFormat};
+use maskattn_candle::{MaskedMultiHeadAttention, MhaConfig, MhaOptions, WeightFormat};
 
 fn fixture(name: &str) -> HashMap<String, Tensor> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -34,15 +34,15 @@ fn reproduces_pytorch_multihead_attention() {
     .unwrap();
     let x = &t["x"];
     let pad = from_torch_key_padding(&t["key_padding_mask"]).unwrap();
-    let out = layer.forward(x, x, &pad, Mode::Eval).unwrap();
+    let out = layer.forward(x, &MhaOptions::new(&pad)).unwrap();
     let d = max_diff(&out, &t["out_pad"]);
     assert!(d < 1e-5, "key padding: differs from PyTorch by {d}");
     let causal = from_torch_mha_attn_mask(&t["attn_mask"], 4).unwrap();
-    let out = layer.forward(x, x, &causal, Mode::Eval).unwrap();
+    let out = layer.forward(x, &MhaOptions::new(&causal)).unwrap();
     let d = max_diff(&out, &t["out_causal"]);
     assert!(d < 1e-5, "causal: differs from PyTorch by {d}");
     // The same through our own vocabulary.
-    let out = layer.forward(x, x, &Mask::causal(), Mode::Eval).unwrap();
+    let out = layer.forward(x, &MhaOptions::new(&Mask::causal())).unwrap();
     assert!(max_diff(&out, &t["out_causal"]) < 1e-5);
 }
 
@@ -55,7 +55,14 @@ fn reproduces_pytorch_cross_attention_with_other_key_and_value_sizes() {
             .unwrap();
     let pad = from_torch_key_padding(&t["key_padding_mask"]).unwrap();
     let out = layer
-        .forward_qkv(&t["x"], &t["key"], &t["value"], &pad, Mode::Eval)
+        .forward(
+            &t["x"],
+            &MhaOptions {
+                keys: Some(&t["key"]),
+                values: Some(&t["value"]),
+                ..MhaOptions::new(&pad)
+            },
+        )
         .unwrap();
     let d = max_diff(&out, &t["out_pad"]);
     assert!(d < 1e-5, "differs from PyTorch by {d}");
@@ -72,7 +79,9 @@ fn save_and_load_round_trip_in_every_format() {
     )
     .unwrap();
     let x = tensor(&[2, 6, 24], 1).unwrap();
-    let want = layer.forward(&x, &x, &Mask::causal(), Mode::Eval).unwrap();
+    let want = layer
+        .forward(&x, &MhaOptions::new(&Mask::causal()))
+        .unwrap();
     let formats = [
         WeightFormat::Native,
         WeightFormat::TorchMha,
@@ -92,7 +101,7 @@ fn save_and_load_round_trip_in_every_format() {
             assert_eq!(saved["in_proj_weight"].dims(), &[72, 24]);
         }
         let back = MaskedMultiHeadAttention::load(cfg.clone(), &path, f, &Device::Cpu).unwrap();
-        let got = back.forward(&x, &x, &Mask::causal(), Mode::Eval).unwrap();
+        let got = back.forward(&x, &MhaOptions::new(&Mask::causal())).unwrap();
         assert_eq!(max_diff(&got, &want), 0.0, "{f:?}");
         // And the names convert both ways without loss.
         let native = to_native(&saved, f, &cfg).unwrap();

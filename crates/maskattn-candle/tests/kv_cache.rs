@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use common::{max_diff, tensor};
 use maskattn::Mask;
-use maskattn_candle::{KvCache, MaskedMultiHeadAttention, MhaConfig, Mode};
+use maskattn_candle::{KvCache, MaskedMultiHeadAttention, MhaConfig, MhaOptions};
 
 #[test]
 fn step_by_step_decoding_equals_the_full_forward() {
@@ -33,7 +33,9 @@ fn step_by_step_decoding_equals_the_full_forward() {
         .unwrap();
         let total: usize = steps.iter().sum();
         let x = tensor(&[2, total, cfg.d_model], 3).unwrap();
-        let full = layer.forward(&x, &x, &Mask::causal(), Mode::Eval).unwrap();
+        let full = layer
+            .forward(&x, &MhaOptions::new(&Mask::causal()))
+            .unwrap();
         // A small chunk makes the cache grow several times on the way.
         let mut cache = KvCache::new(4);
         let mut pos = 0;
@@ -66,9 +68,7 @@ fn a_padding_mask_carries_into_decoding() {
     let full = layer
         .forward(
             &x,
-            &x,
-            &(Mask::causal() & Mask::key_keep(keep(6), 2)),
-            Mode::Eval,
+            &MhaOptions::new(&(Mask::causal() & Mask::key_keep(keep(6), 2))),
         )
         .unwrap();
     let mut cache = KvCache::new(8);
@@ -108,7 +108,7 @@ fn chunked_attention_carries_into_decoding() {
     let x = tensor(&[2, 14, 16], 9).unwrap();
     let chunks = Mask::chunks(4);
     let full = layer
-        .forward(&x, &x, &(Mask::causal() & chunks.clone()), Mode::Eval)
+        .forward(&x, &MhaOptions::new(&(Mask::causal() & chunks.clone())))
         .unwrap();
     let mut cache = KvCache::new(8);
     let mut pos = 0;
@@ -121,7 +121,9 @@ fn chunked_attention_carries_into_decoding() {
         pos += n;
     }
     // And the chunks matter: plain causal attention differs after the first chunk.
-    let causal = layer.forward(&x, &x, &Mask::causal(), Mode::Eval).unwrap();
+    let causal = layer
+        .forward(&x, &MhaOptions::new(&Mask::causal()))
+        .unwrap();
     assert!(
         max_diff(
             &causal.narrow(1, 4, 10).unwrap(),

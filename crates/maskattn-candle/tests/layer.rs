@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::{assert_close, max_diff, tensor};
 use maskattn::Mask;
-use maskattn_candle::{MaskedMultiHeadAttention, MhaConfig, Mode};
+use maskattn_candle::{reference, MaskedMultiHeadAttention, MhaConfig, MhaOptions, Mode};
 
 /// A layer whose parameters live in a fresh VarMap of `dtype`, set to `weights` if given.
 fn layer(
@@ -48,9 +48,24 @@ fn run(
     let xkv = xkv.map(|x| Var::from_tensor(x).unwrap());
     let kv = xkv.as_ref().map_or(xq.as_tensor(), |v| v.as_tensor());
     let out = if plain {
-        l.forward_reference(xq.as_tensor(), kv, mask).unwrap()
+        reference::mha_forward(
+            l,
+            xq.as_tensor(),
+            &MhaOptions {
+                keys: Some(kv),
+                ..MhaOptions::new(mask)
+            },
+        )
+        .unwrap()
     } else {
-        l.forward(xq.as_tensor(), kv, mask, Mode::Eval).unwrap()
+        l.forward(
+            xq.as_tensor(),
+            &MhaOptions {
+                keys: Some(kv),
+                ..MhaOptions::new(mask)
+            },
+        )
+        .unwrap()
     };
     let loss = (&out * dout.to_dtype(out.dtype()).unwrap())
         .unwrap()
@@ -108,7 +123,7 @@ fn layer_matches_the_plain_candle_layer() {
         let dout = tensor(&[b, lq, cfg.d_model], 300 + n as u64).unwrap();
         let masks = [
             Mask::full(),
-            Mask::key_lengths((0..b).map(|i| lk_ - i * lk_ / 3).collect::<Vec<_>>()),
+            Mask::key_padding((0..b).map(|i| lk_ - i * lk_ / 3).collect::<Vec<_>>()),
             if lk.is_none() {
                 Mask::causal()
             } else {
@@ -162,7 +177,13 @@ fn every_parameter_receives_a_gradient_when_training() {
     let (l, vm) = layer(&cfg, DType::F32, None);
     let x = tensor(&[2, 17, 32], 5).unwrap();
     let out = l
-        .forward(&x, &x, &Mask::causal(), Mode::Train { seed: 3 })
+        .forward(
+            &x,
+            &MhaOptions {
+                mode: Mode::Train { seed: 3 },
+                ..MhaOptions::new(&Mask::causal())
+            },
+        )
         .unwrap();
     let g = out.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     let vars = vm.all_vars();
@@ -192,11 +213,35 @@ fn dropout_is_seeded_and_off_in_eval() {
     let (l, _) = layer(&cfg, DType::F32, None);
     let x = tensor(&[1, 12, 16], 1).unwrap();
     let m = Mask::full();
-    let a = l.forward(&x, &x, &m, Mode::Train { seed: 1 }).unwrap();
-    let b = l.forward(&x, &x, &m, Mode::Train { seed: 1 }).unwrap();
-    let c = l.forward(&x, &x, &m, Mode::Train { seed: 2 }).unwrap();
-    let e1 = l.forward(&x, &x, &m, Mode::Eval).unwrap();
-    let plain = l.forward_reference(&x, &x, &m).unwrap();
+    let a = l
+        .forward(
+            &x,
+            &MhaOptions {
+                mode: Mode::Train { seed: 1 },
+                ..MhaOptions::new(&m)
+            },
+        )
+        .unwrap();
+    let b = l
+        .forward(
+            &x,
+            &MhaOptions {
+                mode: Mode::Train { seed: 1 },
+                ..MhaOptions::new(&m)
+            },
+        )
+        .unwrap();
+    let c = l
+        .forward(
+            &x,
+            &MhaOptions {
+                mode: Mode::Train { seed: 2 },
+                ..MhaOptions::new(&m)
+            },
+        )
+        .unwrap();
+    let e1 = l.forward(&x, &MhaOptions::new(&m)).unwrap();
+    let plain = reference::mha_forward(&l, &x, &MhaOptions::new(&m)).unwrap();
     let diff = max_diff;
     assert_eq!(diff(&a, &b), 0.0);
     assert!(diff(&a, &c) > 1e-3);
@@ -208,8 +253,8 @@ fn attention_weights_are_the_softmax_and_respect_the_mask() {
     let cfg = MhaConfig::new(16, 2).with_kv_heads(1);
     let (l, _) = layer(&cfg, DType::F32, None);
     let x = tensor(&[2, 7, 16], 9).unwrap();
-    let mask = Mask::causal() & Mask::key_lengths(vec![7, 4]);
-    let (out, w) = l.forward_with_weights(&x, &x, &mask).unwrap();
+    let mask = Mask::causal() & Mask::key_padding(vec![7, 4]);
+    let (out, w) = l.forward_with_weights(&x, &MhaOptions::new(&mask)).unwrap();
     assert_eq!(w.dims(), &[2, 2, 7, 7]);
     let ws: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
     for b in 0..2 {
@@ -227,7 +272,7 @@ fn attention_weights_are_the_softmax_and_respect_the_mask() {
             }
         }
     }
-    let again = l.forward(&x, &x, &mask, Mode::Eval).unwrap();
+    let again = l.forward(&x, &MhaOptions::new(&mask)).unwrap();
     assert_eq!(max_diff(&out, &again), 0.0);
 }
 
@@ -252,23 +297,64 @@ fn bad_configs_and_inputs_are_errors() {
     let e = l
         .forward(
             &tensor(&[2, 5, 31], 1).unwrap(),
-            &x,
-            &Mask::full(),
-            Mode::Eval,
+            &MhaOptions {
+                keys: Some(&x),
+                ..MhaOptions::new(&Mask::full())
+            },
         )
         .unwrap_err();
     assert!(e.to_string().contains("d_model"), "{e}");
     let e = l
         .forward(
             &x,
-            &tensor(&[3, 5, 32], 1).unwrap(),
-            &Mask::full(),
-            Mode::Eval,
+            &MhaOptions {
+                keys: Some(&tensor(&[3, 5, 32], 1).unwrap()),
+                ..MhaOptions::new(&Mask::full())
+            },
         )
         .unwrap_err();
     assert!(e.to_string().contains("batch"), "{e}");
     let e = l
-        .forward(&x, &x, &Mask::key_lengths(vec![1, 2, 3]), Mode::Eval)
+        .forward(&x, &MhaOptions::new(&Mask::key_padding(vec![1, 2, 3])))
         .unwrap_err();
     assert!(e.to_string().contains("batch rows"), "{e}");
+}
+
+/// What the reference path and the weights cannot do is refused, naming what to pass
+/// instead: a compiled mask (both need the mask itself) and dropout (the reference has none).
+#[test]
+fn the_reference_path_and_the_weights_refuse_what_they_cannot_compute() {
+    let (l, _) = layer(&MhaConfig::new(32, 4).with_dropout(0.1), DType::F32, None);
+    let x = tensor(&[2, 5, 32], 1).unwrap();
+    let block = l.compile_mask(&Mask::causal(), 2, 5, 5).unwrap();
+    let e = reference::mha_forward(&l, &x, &MhaOptions::new(&block)).unwrap_err();
+    assert!(e.to_string().contains("not a block mask"), "{e}");
+    let e = l
+        .forward_with_weights(&x, &MhaOptions::new(&block))
+        .unwrap_err();
+    assert!(e.to_string().contains("not a block mask"), "{e}");
+    let causal = Mask::causal();
+    let train = MhaOptions {
+        mode: Mode::Train { seed: 1 },
+        ..MhaOptions::new(&causal)
+    };
+    let e = reference::mha_forward(&l, &x, &train).unwrap_err();
+    assert!(e.to_string().contains("Mode::Eval"), "{e}");
+    // In evaluation the two paths agree; the kernels take the compiled mask too.
+    let plain = reference::mha_forward(&l, &x, &MhaOptions::new(&Mask::causal())).unwrap();
+    let ours = l.forward(&x, &MhaOptions::new(&block)).unwrap();
+    assert!(max_diff(&plain, &ours) < 1e-5);
+    // And the layer with score modifiers is refused by the ready-tensor reference.
+    let (m, _) = layer(&MhaConfig::new(32, 4).with_softcap(20.0), DType::F32, None);
+    let keep = reference::dense_mask(
+        &Mask::causal(),
+        maskattn::MaskShape::new(2, 4, 5, 5),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let e = reference::mha_forward_with_keep(&m, &x, &x, &keep).unwrap_err();
+    assert!(e.to_string().contains("score modifiers"), "{e}");
+    let same = reference::mha_forward_with_keep(&l, &x, &x, &keep).unwrap();
+    assert!(max_diff(&same, &plain) < 1e-6);
 }

@@ -8,7 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use common::{max_diff, tensor, to_f32_vec};
 use maskattn::Mask;
-use maskattn_candle::{AlibiMode, KvCache, MaskedMultiHeadAttention, MhaConfig, Mode};
+use maskattn_candle::{
+    reference, AlibiMode, KvCache, MaskedMultiHeadAttention, MhaConfig, MhaOptions, Mode,
+};
 
 fn configs() -> Vec<MhaConfig> {
     let base = || MhaConfig::new(32, 4).with_kv_heads(2);
@@ -70,13 +72,19 @@ fn trainable_modifiers_get_gradients_move_and_survive_save_and_load() {
             assert_eq!(got, maskattn::alibi_slopes(4), "config {n}");
         }
         let x = tensor(&[2, 19, 32], 1).unwrap();
-        let mask = Mask::causal() & Mask::key_lengths(vec![19, 12]);
+        let mask = Mask::causal() & Mask::key_padding(vec![19, 12]);
         let before: Vec<Vec<f32>> = names
             .iter()
             .map(|m| to_f32_vec(&var(&vm, m)).unwrap())
             .collect();
         let y = layer
-            .forward(&x, &x, &mask, Mode::Train { seed: 3 })
+            .forward(
+                &x,
+                &MhaOptions {
+                    mode: Mode::Train { seed: 3 },
+                    ..MhaOptions::new(&mask)
+                },
+            )
             .unwrap();
         let loss = y.sqr().unwrap().mean_all().unwrap();
         let grads = loss.backward().unwrap();
@@ -105,18 +113,18 @@ fn trainable_modifiers_get_gradients_move_and_survive_save_and_load() {
         // Save, load into a fresh layer both ways, same output bit for bit.
         let path = dir.path().join(format!("layer{n}.safetensors"));
         vm.save(&path).unwrap();
-        let want = to_f32_vec(&layer.forward(&x, &x, &mask, Mode::Eval).unwrap()).unwrap();
+        let want = to_f32_vec(&layer.forward(&x, &MhaOptions::new(&mask)).unwrap()).unwrap();
         let mut vm2 = VarMap::new();
         let loaded = build(&cfg, &vm2);
         vm2.load(&path).unwrap();
-        let got = to_f32_vec(&loaded.forward(&x, &x, &mask, Mode::Eval).unwrap()).unwrap();
+        let got = to_f32_vec(&loaded.forward(&x, &MhaOptions::new(&mask)).unwrap()).unwrap();
         assert_eq!(got, want, "config {n}: VarMap::load");
         // SAFETY: the file was just written by this test and is not changed while mapped.
         let vb = unsafe {
             VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &Device::Cpu).unwrap()
         };
         let mapped = MaskedMultiHeadAttention::new(cfg.clone(), vb.pp("attn")).unwrap();
-        let got = to_f32_vec(&mapped.forward(&x, &x, &mask, Mode::Eval).unwrap()).unwrap();
+        let got = to_f32_vec(&mapped.forward(&x, &MhaOptions::new(&mask)).unwrap()).unwrap();
         assert_eq!(got, want, "config {n}: from_mmaped_safetensors");
         eprintln!("config {n}: {names:?} trained, saved and loaded");
     }
@@ -131,7 +139,7 @@ fn the_layer_with_modifiers_matches_its_plain_candle_ops_and_its_decoding() {
         let x = tensor(&[2, 21, 32], 5).unwrap();
         let mut opt = AdamW::new(vm.all_vars(), ParamsAdamW::default()).unwrap();
         let loss = layer
-            .forward(&x, &x, &Mask::causal(), Mode::Eval)
+            .forward(&x, &MhaOptions::new(&Mask::causal()))
             .unwrap()
             .sqr()
             .unwrap()
@@ -140,8 +148,8 @@ fn the_layer_with_modifiers_matches_its_plain_candle_ops_and_its_decoding() {
         opt.backward_step(&loss).unwrap();
 
         for mask in [Mask::causal(), Mask::full(), Mask::window(5, 0)] {
-            let ours = layer.forward(&x, &x, &mask, Mode::Eval).unwrap();
-            let plain = layer.forward_reference(&x, &x, &mask).unwrap();
+            let ours = layer.forward(&x, &MhaOptions::new(&mask)).unwrap();
+            let plain = reference::mha_forward(&layer, &x, &MhaOptions::new(&mask)).unwrap();
             let d = max_diff(&ours, &plain);
             assert!(
                 d < 1e-5,
@@ -149,7 +157,9 @@ fn the_layer_with_modifiers_matches_its_plain_candle_ops_and_its_decoding() {
             );
         }
         // Attention weights: the reference softmax of the modified scores.
-        let (_, w) = layer.forward_with_weights(&x, &x, &Mask::causal()).unwrap();
+        let (_, w) = layer
+            .forward_with_weights(&x, &MhaOptions::new(&Mask::causal()))
+            .unwrap();
         let sums = to_f32_vec(&w.sum(3).unwrap()).unwrap();
         let below_one = sums.iter().all(|&s| s < 1.0 + 1e-5 && s > 0.0);
         assert!(below_one, "config {n}: row sums {:?}", &sums[..4]);
@@ -160,7 +170,9 @@ fn the_layer_with_modifiers_matches_its_plain_candle_ops_and_its_decoding() {
             );
         }
 
-        let full = layer.forward(&x, &x, &Mask::causal(), Mode::Eval).unwrap();
+        let full = layer
+            .forward(&x, &MhaOptions::new(&Mask::causal()))
+            .unwrap();
         let mut cache = KvCache::new(4);
         let mut pos = 0;
         for step in [6, 1, 1, 5, 1, 7] {

@@ -8,7 +8,7 @@ use candle_nn::{VarBuilder, VarMap};
 use common::tensor;
 use maskattn::{Mask, MaskShape};
 use maskattn_candle::mask_convert::*;
-use maskattn_candle::{MaskedMultiHeadAttention, MhaConfig, Mode};
+use maskattn_candle::{MaskedMultiHeadAttention, MhaConfig, MhaOptions};
 
 fn allowed(m: &Mask, s: MaskShape) -> Vec<bool> {
     m.validate(&s).unwrap();
@@ -108,15 +108,13 @@ fn converted_masks_give_the_same_layer_output_as_our_vocabulary() {
     .unwrap();
     let x = tensor(&[2, 5, 16], 4).unwrap();
     let ours = layer
-        .forward(&x, &x, &Mask::key_lengths(vec![5, 3]), Mode::Eval)
+        .forward(&x, &MhaOptions::new(&Mask::key_padding(vec![5, 3])))
         .unwrap();
     let ignore = u8t(&[0, 0, 0, 0, 0, 0, 0, 0, 1, 1], &[2, 5]);
     let theirs = layer
         .forward(
             &x,
-            &x,
-            &from_torch_key_padding(&ignore).unwrap(),
-            Mode::Eval,
+            &MhaOptions::new(&from_torch_key_padding(&ignore).unwrap()),
         )
         .unwrap();
     assert_eq!(common::max_diff(&ours, &theirs), 0.0);

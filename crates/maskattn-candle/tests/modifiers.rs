@@ -188,11 +188,11 @@ fn masks(b: usize, lk: usize) -> Vec<Mask> {
     vec![
         Mask::full(),
         Mask::causal(),
-        Mask::window(4, 2) & Mask::key_lengths((0..b).map(|x| lk - x * lk / 3).collect::<Vec<_>>()),
+        Mask::window(4, 2) & Mask::key_padding((0..b).map(|x| lk - x * lk / 3).collect::<Vec<_>>()),
         // Rows that see nothing: zero out and gradients, LSE the sink's alone.
-        Mask::causal_top_left() & !Mask::key_lengths(vec![2]),
+        Mask::causal_top_left() & !Mask::key_padding(vec![2]),
         Mask::causal_top_left(),
-        Mask::key_lengths(vec![0]),
+        Mask::key_padding(vec![0]),
     ]
 }
 
@@ -353,7 +353,7 @@ fn lse_includes_the_sink_and_bad_modifiers_are_errors() {
     let q = tensor(&[b, h, l, d], 1).unwrap();
     let sinks = Tensor::new(&[0.5f32, -1.0], &Device::Cpu).unwrap();
     // The first two rows see nothing: their LSE is the sink's logit alone.
-    let mask = Mask::causal_top_left() & !Mask::key_lengths(vec![2]);
+    let mask = Mask::causal_top_left() & !Mask::key_padding(vec![2]);
     let a = attention(
         &q,
         &q,

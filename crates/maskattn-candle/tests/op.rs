@@ -41,9 +41,9 @@ fn masks(b: usize, lq: usize, lk: usize) -> Vec<Mask> {
     let mut v = vec![
         Mask::full(),
         Mask::causal(),
-        Mask::window(5, 0) & Mask::key_lengths((0..b).map(|x| lk - x * lk / 3).collect::<Vec<_>>()),
+        Mask::window(5, 0) & Mask::key_padding((0..b).map(|x| lk - x * lk / 3).collect::<Vec<_>>()),
         Mask::prefix(lk / 3),
-        Mask::key_lengths(vec![0]), // every row sees nothing
+        Mask::key_padding(vec![0]), // every row sees nothing
     ];
     if lq == lk {
         v.push(Mask::documents(docs, 1) & Mask::causal());
@@ -103,7 +103,7 @@ fn lse_is_returned_and_minus_infinity_for_empty_rows() {
     let q = tensor(&[1, 2, 6, 8], 1).unwrap();
     let k = tensor(&[1, 2, 6, 8], 2).unwrap();
     // Queries 0 and 1 see nothing: top-left causal and keys from 2 on.
-    let mask = Mask::causal_top_left() & !Mask::key_lengths(vec![2]);
+    let mask = Mask::causal_top_left() & !Mask::key_padding(vec![2]);
     let a = attention(&q, &k, &k, &mask, AttnOptions::default()).unwrap();
     let lse: Vec<f32> = a.lse.flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(a.lse.dims(), &[1, 2, 6]);
@@ -160,7 +160,7 @@ fn bad_input_is_an_error() {
         &q,
         &q,
         &q,
-        &Mask::key_lengths(vec![9]),
+        &Mask::key_padding(vec![9]),
         AttnOptions::default(),
     )
     .unwrap_err();

@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{AdamW, Embedding, Linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use maskattn::{Mask, SplitMix64};
-use maskattn_candle::{MaskedMultiHeadAttention, MhaConfig, Mode};
+use maskattn_candle::{MaskedMultiHeadAttention, MhaConfig, MhaOptions, Mode};
 
 const VOCAB: usize = 8;
 const PERIOD: usize = 3;
@@ -39,7 +39,13 @@ struct Model {
 impl Model {
     fn logits(&self, tokens: &Tensor, mode: Mode) -> Result<Tensor> {
         let x = self.emb.forward(tokens)?;
-        let y = (self.attn.forward(&x, &x, &Mask::causal(), mode)? + &x)?;
+        let y = (self.attn.forward(
+            &x,
+            &MhaOptions {
+                mode,
+                ..MhaOptions::new(&Mask::causal())
+            },
+        )? + &x)?;
         self.head.forward(&y)
     }
 }

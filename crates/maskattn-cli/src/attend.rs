@@ -26,7 +26,7 @@ pub struct AttendArgs {
     #[arg(short, long)]
     pub output: PathBuf,
     /// Mask expression (the data terms read `key_lengths`, `doc_ids`, `mask` from the input).
-    #[arg(long, default_value = "full", long_help = crate::mask_expr::SYNTAX)]
+    #[arg(long, default_value = "full", long_help = crate::mask_expr::syntax())]
     pub mask: String,
     /// Score scale (default 1/sqrt(d)).
     #[arg(long)]
@@ -134,7 +134,7 @@ struct FileMaskData<'a> {
 }
 
 impl MaskData for FileMaskData<'_> {
-    fn key_lengths(&self) -> Result<Mask> {
+    fn key_padding(&self) -> Result<Mask> {
         let t = tensors::i64(self.st, "key_lengths", 1)
             .context("--mask key-padding needs `key_lengths`")?;
         if t.shape[0] != self.batch {
@@ -152,7 +152,7 @@ impl MaskData for FileMaskData<'_> {
                     .with_context(|| format!("key_lengths holds {x}; lengths are >= 0"))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Mask::key_lengths(lens))
+        Ok(Mask::key_padding(lens))
     }
 
     fn documents(&self) -> Result<Mask> {

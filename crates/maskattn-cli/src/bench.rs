@@ -26,7 +26,7 @@ pub struct BenchArgs {
     pub kv_heads: Option<usize>,
     /// Mask expression; key-padding hides the last 25% of keys, documents packs 4 equal
     /// documents, dense is a random half of the pairs.
-    #[arg(long, default_value = "full", long_help = crate::mask_expr::SYNTAX)]
+    #[arg(long, default_value = "full", long_help = crate::mask_expr::syntax())]
     pub mask: String,
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: Dtype,
@@ -195,7 +195,8 @@ pub struct Row {
     pub dtype: Dtype,
     pub pass: Pass,
     pub threads: usize,
-    pub isa: String,
+    #[serde(serialize_with = "crate::peak::debug_name")]
+    pub isa: maskattn::Isa,
     pub median_ms: f64,
     pub dense_gflops: f64,
     pub useful_gflops: f64,
@@ -222,8 +223,8 @@ struct SynthData {
 }
 
 impl MaskData for SynthData {
-    fn key_lengths(&self) -> Result<Mask> {
-        Ok(Mask::key_lengths(vec![self.lk - self.lk / 4; self.batch]))
+    fn key_padding(&self) -> Result<Mask> {
+        Ok(Mask::key_padding(vec![self.lk - self.lk / 4; self.batch]))
     }
     fn documents(&self) -> Result<Mask> {
         let ids = |n: usize| (0..n).map(|i| (i * 4 / n) as i64).collect::<Vec<_>>();
@@ -262,7 +263,6 @@ fn run_case(c: &Case, reps: usize, reference: bool, peak: f64, bw: f64) -> Resul
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn run_typed<T: Element>(
     c: &Case,
     reps: usize,
@@ -401,7 +401,7 @@ fn run_typed<T: Element>(
         dtype: c.dtype,
         pass: c.pass,
         threads: rayon::current_num_threads(),
-        isa: format!("{:?}", maskattn::current_isa()),
+        isa: maskattn::current_isa(),
         median_ms: ms,
         dense_gflops: dense / ms / 1e6,
         useful_gflops,
@@ -672,14 +672,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"practical_peak_gflops": peak, "bandwidth_gb_per_s": bw, "threads": rayon::current_num_threads(), "isa": format!("{:?}", maskattn::current_isa()), "peaks": crate::peak::header_json(&limits, &paths)})
+            serde_json::json!({"practical_peak_gflops": peak, "bandwidth_gb_per_s": bw, "threads": rayon::current_num_threads(), "isa": format!("{:?}", paths.isa), "peaks": crate::peak::header_json(&limits, &paths)})
         );
     } else {
         println!("{}", crate::peak::header(&limits, &paths));
         println!(
             "practical peak: {peak:.1} GFLOP/s (2048^3 f32 matrix product, {} threads); kernels on {:?}; GFLOP/s columns: dense counts every pair, useful only allowed ones (fwd+bwd = 3.5x fwd)",
             rayon::current_num_threads(),
-            maskattn::current_isa()
+            paths.isa
         );
         if decoding {
             println!(

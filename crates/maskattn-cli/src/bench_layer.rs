@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
 use maskattn_candle::{
-    attention, reference, AttnOptions, MaskedMultiHeadAttention, MhaConfig, Mode,
+    attention, reference, AttnOptions, MaskedMultiHeadAttention, MhaConfig, MhaOptions,
 };
 
 use crate::mask_expr;
@@ -18,7 +18,7 @@ pub struct BenchLayerArgs {
     #[arg(long, value_parser = crate::measure::parse_dims::<4>, default_values = ["4,8,512,64", "4,8,2048,64"])]
     pub shape: Vec<[usize; 4]>,
     /// Mask expression (structured terms only: no data terms).
-    #[arg(long, default_value = "causal", long_help = crate::mask_expr::SYNTAX)]
+    #[arg(long, default_value = "causal", long_help = crate::mask_expr::syntax())]
     pub mask: String,
     /// Timed repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
@@ -35,7 +35,7 @@ fn tensor(shape: &[usize], seed: u64) -> Result<Tensor> {
 
 struct NoData;
 impl mask_expr::MaskData for NoData {
-    fn key_lengths(&self) -> Result<maskattn::Mask> {
+    fn key_padding(&self) -> Result<maskattn::Mask> {
         anyhow::bail!("bench-layer takes structured masks only (no key-padding)")
     }
     fn documents(&self) -> Result<maskattn::Mask> {
@@ -116,9 +116,9 @@ pub fn run(args: &BenchLayerArgs) -> Result<()> {
         let layer_run = |plain_attn: bool, bwd: bool| -> Result<()> {
             let xt = x.as_tensor();
             let out = if plain_attn {
-                layer.forward_reference_with_keep(xt, xt, &keep)?
+                reference::mha_forward_with_keep(&layer, xt, xt, &keep)?
             } else {
-                layer.forward(xt, xt, &mask, Mode::Eval)?
+                layer.forward(xt, &MhaOptions::new(&mask))?
             };
             if bwd {
                 (out * &ldout)?.sum_all()?.backward()?;

@@ -16,7 +16,7 @@ pub struct DemoArgs {
     /// Run these masks instead of the built-in list (repeat the flag for several):
     /// key-padding is L, L − L/3, … valid keys per batch row, documents 4 per row, dense a
     /// random 30% of the pairs per head.
-    #[arg(long, long_help = crate::mask_expr::SYNTAX)]
+    #[arg(long, long_help = crate::mask_expr::syntax())]
     pub mask: Vec<String>,
 }
 
@@ -28,9 +28,9 @@ struct DemoData {
 }
 
 impl MaskData for DemoData {
-    fn key_lengths(&self) -> Result<Mask> {
+    fn key_padding(&self) -> Result<Mask> {
         let (b, l) = (self.batch, self.l);
-        Ok(Mask::key_lengths(
+        Ok(Mask::key_padding(
             (0..b).map(|i| l - (i * l / 3).min(l)).collect::<Vec<_>>(),
         ))
     }

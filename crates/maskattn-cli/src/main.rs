@@ -68,6 +68,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    default_sigpipe();
     alloc_count::keep_freed_memory();
     // candle runs its element-wise ops on a thread pool of its own, whose threads spin
     // between ops; beside rayon's (matrix products, attention kernels, fused ops) they only
@@ -84,6 +85,21 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Output piped into a reader that stops early (`maskattn bench | head -1`) ends the program
+/// as it ends `cat` or `grep`: killed by SIGPIPE, silently — status 141 in a shell. Rust
+/// ignores SIGPIPE by default, which turns the closed pipe into an error that `println!`
+/// reports by panicking (exit 101). Not exit 0: under `set -o pipefail` a shell should still
+/// see that the output was cut short, and every writer (tables, progress, reports) gets the
+/// same behaviour without a check of its own.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in `main`, before any other thread exists; SIG_DFL is a
+    // valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -95,6 +95,10 @@ pub fn practical_peak() -> f64 {
     let mut c = vec![0f32; n * n];
     let threads = rayon::current_num_threads();
     // On the kernels' instruction set, as the model path's products run (`MASKATTN_ISA`).
+    // SAFETY: `a`, `b` and `c` each hold `n × n` f32, addressed row-major (rows `n` apart,
+    // columns 1 apart) exactly inside them, which is `gemm_f32`'s contract; `c` is borrowed
+    // mutably here and aliases neither input; `read_dst` is false, so `c`'s old contents
+    // are not read.
     let ms = time(3, || unsafe {
         maskattn_candle::products::gemm_f32(
             (n, n, n),

@@ -12,6 +12,8 @@
 
 use std::time::Instant;
 
+use maskattn::{AmxMode, Isa};
+
 /// FLOP/s figures in GFLOP/s; `None` where the CPU lacks the instructions.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Peaks {
@@ -29,7 +31,8 @@ pub struct Peaks {
 pub struct Paths {
     pub cpu: String,
     /// `maskattn::current_isa()`.
-    pub isa: String,
+    #[serde(serialize_with = "debug_name")]
+    pub isa: Isa,
     /// Whether bf16 storage goes to `vdpbf16ps` (else it is widened to f32).
     pub bf16_dot: bool,
     /// CPUID leaf 7: AMX-TILE and AMX-BF16.
@@ -37,7 +40,17 @@ pub struct Paths {
     pub amx_bf16: bool,
     /// `maskattn::kernel_path().amx`: where the bf16 products run (`Hardware` tiles, the
     /// `Model` of them, `Off`).
-    pub amx: String,
+    #[serde(serialize_with = "debug_name")]
+    pub amx: AmxMode,
+}
+
+/// Serialises an enum of the kernel crate (which has no serde) as its variant's name:
+/// `"Avx512"`, `"Hardware"`.
+pub fn debug_name<T: std::fmt::Debug, S: serde::Serializer>(
+    x: &T,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{x:?}"))
 }
 
 /// The CPU's "model name" from /proc/cpuinfo ("unknown" where there is none), with its
@@ -72,7 +85,7 @@ pub fn paths() -> Paths {
     let isa = maskattn::current_isa();
     #[cfg(target_arch = "x86_64")]
     let (bf16_dot, (amx_tile, amx_bf16)) = (
-        isa == maskattn::Isa::Avx512
+        isa == Isa::Avx512
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512bf16")
             && std::env::var("MASKATTN_BF16_DOT").as_deref() != Ok("0"),
@@ -82,11 +95,11 @@ pub fn paths() -> Paths {
     let (bf16_dot, (amx_tile, amx_bf16)) = (false, (false, false));
     Paths {
         cpu: cpu_model(),
-        isa: format!("{isa:?}"),
+        isa,
         bf16_dot,
         amx_tile,
         amx_bf16,
-        amx: format!("{:?}", maskattn::kernel_path().amx),
+        amx: maskattn::kernel_path().amx,
     }
 }
 
@@ -105,9 +118,9 @@ fn amx() -> (bool, bool) {
 
 impl Paths {
     pub fn amx_word(&self) -> &'static str {
-        match (self.amx.as_str(), self.amx_tile, self.amx_bf16) {
-            ("Hardware", ..) => "bf16 products on AMX tiles",
-            ("Model", ..) => "bf16 products on the plain-Rust AMX model (slow)",
+        match (self.amx, self.amx_tile, self.amx_bf16) {
+            (AmxMode::Hardware, ..) => "bf16 products on AMX tiles",
+            (AmxMode::Model, ..) => "bf16 products on the plain-Rust AMX model (slow)",
             (_, true, true) => "present, unused (MASKATTN_AMX=0, or no tile state from the OS)",
             (_, true, false) => "tiles without bf16 (unused)",
             _ => "absent",
@@ -120,16 +133,16 @@ impl Peaks {
     /// the instruction set in use (none for the portable path: the compiler chooses its
     /// instructions). Returns the limit's name and GFLOP/s.
     pub fn limit_for(&self, paths: &Paths, bf16: bool) -> Option<(&'static str, f64)> {
-        if bf16 && paths.bf16_dot && paths.amx == "Hardware" {
+        if bf16 && paths.bf16_dot && paths.amx == AmxMode::Hardware {
             return self.amx.map(|g| ("tdpbf16ps", g));
         }
         if bf16 && paths.bf16_dot {
             return self.bf16_dot.map(|g| ("vdpbf16ps", g));
         }
-        match paths.isa.as_str() {
-            "Avx512" => self.fma_avx512.map(|g| ("avx512 fma", g)),
-            "Avx2" => self.fma_avx2.map(|g| ("avx2 fma", g)),
-            _ => None,
+        match paths.isa {
+            Isa::Avx512 => self.fma_avx512.map(|g| ("avx512 fma", g)),
+            Isa::Avx2 => self.fma_avx2.map(|g| ("avx2 fma", g)),
+            Isa::Neon | Isa::Portable => None,
         }
     }
 }
@@ -172,13 +185,13 @@ impl RowLimit {
 pub fn header(peaks: &Peaks, paths: &Paths) -> String {
     let g = |x: Option<f64>| x.map_or("absent".to_string(), |g| format!("{g:.1} GFLOP/s"));
     format!(
-        "CPU: {}; kernels on {}, bf16 {}, AMX: {}\n\
+        "CPU: {}; kernels on {:?}, bf16 {}, AMX: {}\n\
          limits ({} threads, register-only loops): avx512 fma {}, avx2 fma {}, vdpbf16ps {}, amx tdpbf16ps {}; \
          %limit holds each row to the limit of its path (bf16 on AMX tiles: tdpbf16ps; bf16 on vdpbf16ps: vdpbf16ps; else the fma of the kernels' ISA), \
          %gemm to the f32 matrix product",
         paths.cpu,
         paths.isa,
-        if paths.bf16_dot && paths.amx != "Off" {
+        if paths.bf16_dot && paths.amx != AmxMode::Off {
             "on AMX tiles"
         } else if paths.bf16_dot {
             "on vdpbf16ps"
@@ -355,9 +368,9 @@ mod tests {
     fn the_cpu_model_and_paths_are_named() {
         let p = paths();
         assert!(!p.cpu.is_empty());
-        assert_eq!(p.isa, format!("{:?}", maskattn::current_isa()));
+        assert_eq!(p.isa, maskattn::current_isa());
         if p.bf16_dot {
-            assert_eq!(p.isa, "Avx512");
+            assert_eq!(p.isa, Isa::Avx512);
         }
     }
 
@@ -399,13 +412,17 @@ mod tests {
         };
         let mut paths = Paths {
             cpu: "Some CPU 9000".into(),
-            isa: "Avx512".into(),
+            isa: Isa::Avx512,
             bf16_dot: true,
             amx_tile: false,
             amx_bf16: false,
-            amx: "Off".into(),
+            amx: AmxMode::Off,
         };
         let h = header(&peaks, &paths);
+        // The JSON header names the sets as the kernel crate's variants.
+        let j = header_json(&peaks, &paths);
+        assert_eq!(j["paths"]["isa"], "Avx512");
+        assert_eq!(j["paths"]["amx"], "Off");
         for want in [
             "CPU: Some CPU 9000",
             "kernels on Avx512",
@@ -428,9 +445,9 @@ mod tests {
         assert_eq!(v["limit_fraction"], 0.2);
         paths.bf16_dot = false; // MASKATTN_BF16_DOT=0: bf16 is widened, held to the FMA
         assert_eq!(RowLimit::of(&peaks, &paths, true, 80.0).cell(), "80%");
-        paths.isa = "Avx2".into();
+        paths.isa = Isa::Avx2;
         assert_eq!(RowLimit::of(&peaks, &paths, false, 40.0).cell(), "80%");
-        paths.isa = "Portable".into();
+        paths.isa = Isa::Portable;
         let none = RowLimit::of(&peaks, &paths, false, 40.0);
         assert_eq!(none.cell(), "-");
         assert!(none.add_to(serde_json::json!({})).unwrap()["limit"].is_null());
@@ -446,9 +463,9 @@ mod tests {
                 ..peaks
             },
             Paths {
-                isa: "Avx512".into(),
+                isa: Isa::Avx512,
                 bf16_dot: true,
-                amx: "Hardware".into(),
+                amx: AmxMode::Hardware,
                 ..paths
             },
         );
@@ -463,7 +480,7 @@ mod tests {
         let h = header(&amx_peaks, &amx_paths);
         assert!(h.contains("AMX: bf16 products on AMX tiles"), "{h}");
         assert!(h.contains("amx tdpbf16ps 1600.0 GFLOP/s"), "{h}");
-        amx_paths.amx = "Model".into();
+        amx_paths.amx = AmxMode::Model;
         assert!(header(&amx_peaks, &amx_paths).contains("plain-Rust AMX model"));
     }
 

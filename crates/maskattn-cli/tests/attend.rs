@@ -129,7 +129,7 @@ fn attend_writes_outputs_and_gradients_that_match_the_reference() {
     // The same mask built by hand, evaluated by the reference.
     let allowed: Vec<bool> = mask_u8.iter().map(|&x| x != 0).collect();
     let mask = Mask::causal()
-        & Mask::key_lengths(vec![45, 30])
+        & Mask::key_padding(vec![45, 30])
         & Mask::documents(doc_ids, b)
         & Mask::dense(DenseMask::new(allowed, [1, hq, l, l]).unwrap())
         & Mask::window(12, 0);

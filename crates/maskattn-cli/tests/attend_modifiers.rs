@@ -158,7 +158,7 @@ fn every_modifier_and_its_gradient_match_the_reference() {
         assert_eq!(st.tensor(name).unwrap().shape(), &shape[..], "{name}");
     }
 
-    let mask = Mask::causal() & Mask::key_lengths(vec![37, 20]);
+    let mask = Mask::causal() & Mask::key_padding(vec![37, 20]);
     let (qv, kv, vv, dv) = (
         View::bhld("q", &x.q, [B, HQ, LQ, D]).unwrap(),
         View::bhld("k", &x.k, [B, HKV, LK, D]).unwrap(),

@@ -1,7 +1,7 @@
 //! The forward and backward kernels over tensors read in place, with the GIL released.
 
 use maskattn::half::{bf16, f16};
-use maskattn::{BlockMask, Element, GradsMut, Params};
+use maskattn::{BlockMask, Element, GradsMut, Params, Tile};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -41,6 +41,7 @@ pub fn forward(
     let call = Call { q, k, v, scale };
     // The kernels touch no Python object: other Python threads run meanwhile.
     py.detach(move || threads::run(|| call.dispatch(|c, t| c.forward(t, &block, outs))))
+        .and_then(|r| r)
         .map_err(PyValueError::new_err)
 }
 
@@ -65,7 +66,52 @@ pub fn backward(
     check_disjoint(&[q, k, v, out, dout], &[dq, dk, dv, lse]).map_err(PyValueError::new_err)?;
     let call = Call { q, k, v, scale };
     py.detach(move || threads::run(|| call.dispatch(|c, t| c.backward(t, &block, ins, grads))))
+        .and_then(|r| r)
         .map_err(PyValueError::new_err)
+}
+
+/// The compiled mask as a dense bool buffer `[B, H_q, L_q, L_k]` (contiguous, written in
+/// place): what the differentiable torch formulation (second-order and forward-mode
+/// autograd, `ops.py`) needs. O(L²) memory, by design of its callers.
+#[pyfunction]
+pub fn allowed(block: &NativeBlockMask, out: (usize, usize)) -> PyResult<()> {
+    let b = &block.inner;
+    let s = b.shape();
+    let (ptr, len) = out;
+    if len != s.batch * s.heads * s.lq * s.lk {
+        return Err(PyValueError::new_err(
+            "allowed: the buffer does not match the mask's shape",
+        ));
+    }
+    if len == 0 {
+        return Ok(());
+    }
+    if ptr == 0 {
+        return Err(PyValueError::new_err("allowed: null data pointer"));
+    }
+    // SAFETY: the Python caller passes a fresh contiguous bool tensor of `len` elements,
+    // which it holds until this call returns; `bool` has size and alignment 1.
+    let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut bool, len) };
+    let (tq, tk) = (b.tile_q(), b.tile_k());
+    let words = b.words();
+    for bi in 0..s.batch {
+        for h in 0..s.heads {
+            for i in 0..s.lq {
+                let row = &mut dst[((bi * s.heads + h) * s.lq + i) * s.lk..][..s.lk];
+                for (j, cell) in row.iter_mut().enumerate() {
+                    *cell = match b.tile(bi, h, i / tq, j / tk) {
+                        Tile::Empty => false,
+                        Tile::Full => true,
+                        Tile::Partial(bits) => {
+                            let (r, c) = (i % tq, j % tk);
+                            bits[r * words + c / 64] >> (c % 64) & 1 == 1
+                        }
+                    };
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 struct Call {

@@ -1,9 +1,11 @@
-//! Masks and block masks as Python objects. Every constructor maps one to one onto
-//! `maskattn::Mask` (same names, same polarity: `true` = may attend).
+//! Masks and block masks as Python objects. The structured terms come from the kernel
+//! crate's one list ([`maskattn::MASK_TERMS`]) through [`terms`] and [`make`], so a new
+//! structured kind needs nothing here; the data terms read tensors and are spelled out
+//! below (same names, same polarity: `true` = may attend).
 
 use std::sync::Arc;
 
-use maskattn::{BlockMask, DenseMask, Mask, MaskShape};
+use maskattn::{BlockMask, DenseMask, Mask, MaskExpr, MaskShape, MaskTerm, MASK_TERMS};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -27,8 +29,105 @@ impl NativeMask {
         wrap(!self.inner.clone())
     }
 
+    /// The grammar: `causal & !window(3,0)` (Rust's `Display`).
+    fn __str__(&self) -> String {
+        self.inner.to_string()
+    }
+
+    /// The grammar with each data term's data summarised (Rust's `Debug`).
     fn __repr__(&self) -> String {
         format!("{:?}", self.inner)
+    }
+}
+
+fn value_error(e: maskattn::AttnError) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+/// One term: `(name, params, repeats, is_data, doc, optional)`.
+type TermRow = (
+    &'static str,
+    Vec<&'static str>,
+    bool,
+    bool,
+    &'static str,
+    usize,
+);
+
+/// The kernel crate's terms: `(name, params, repeats, is_data, doc, optional)` for each,
+/// `optional` being how many of the last params may be left out.
+#[pyfunction]
+pub fn terms() -> Vec<TermRow> {
+    MASK_TERMS
+        .iter()
+        .map(|t: &MaskTerm| {
+            let params = t.params.to_vec();
+            (t.name, params, t.repeats, t.is_data(), t.doc, t.optional)
+        })
+        .collect()
+}
+
+/// The structured term `name` with its numbers (`make("window", [3, 0])`).
+#[pyfunction]
+pub fn make(name: &str, args: Vec<usize>) -> PyResult<NativeMask> {
+    Mask::term(name, &args).map(wrap).map_err(value_error)
+}
+
+/// The data terms of a mask expression, in the order binding asks for them, each with its
+/// byte position; a syntax error is a `ValueError`.
+#[pyfunction]
+pub fn parse(expr: &str) -> PyResult<Vec<(String, usize)>> {
+    let parsed = MaskExpr::parse(expr).map_err(value_error)?;
+    Ok(parsed
+        .data_terms()
+        .into_iter()
+        .map(|(name, at)| (name.to_string(), at))
+        .collect())
+}
+
+/// Builds a mask from a postfix program, so that however long the Python side's chain,
+/// Rust's `&` and `|` grow one flat list in place (amortised O(1) a term).
+///
+/// Each step is `(op, text, numbers)`: `("term", name, numbers)` a structured term,
+/// `("data", "", [])` the next of `data`, `("expr", text, [])` a parsed expression whose
+/// data terms take the next of `data` in order, `("and" | "or", "", [])` the last two
+/// masks, `("not", "", [])` the last one.
+#[pyfunction]
+pub fn build(
+    program: Vec<(String, String, Vec<usize>)>,
+    data: Vec<NativeMask>,
+) -> PyResult<NativeMask> {
+    let mut data = data.into_iter().map(|d| d.inner);
+    let mut stack: Vec<Mask> = Vec::new();
+    let bad = |what: &str| PyValueError::new_err(format!("mask program: {what}"));
+    for (op, text, args) in program {
+        let m = match op.as_str() {
+            "term" => Mask::term(&text, &args).map_err(value_error)?,
+            "data" => data.next().ok_or_else(|| bad("too few data masks"))?,
+            "expr" => MaskExpr::parse(&text)
+                .map_err(value_error)?
+                .bind(|_| data.next().ok_or_else(|| bad("too few data masks")))?,
+            "and" | "or" => {
+                let (Some(b), Some(a)) = (stack.pop(), stack.pop()) else {
+                    return Err(bad("an operator without two operands"));
+                };
+                if op == "and" {
+                    a & b
+                } else {
+                    a | b
+                }
+            }
+            "not" => !stack.pop().ok_or_else(|| bad("`not` without an operand"))?,
+            _ => return Err(bad(&format!("unknown step `{op}`"))),
+        };
+        stack.push(m);
+    }
+    if data.next().is_some() {
+        return Err(bad("more data masks than data terms"));
+    }
+    match (stack.pop(), stack.is_empty()) {
+        (Some(m), true) => Ok(wrap(m)),
+        _ => Err(bad("not exactly one mask at the end")),
     }
 }
 
@@ -36,53 +135,10 @@ fn wrap(inner: Mask) -> NativeMask {
     NativeMask { inner }
 }
 
+/// Key padding by valid lengths, one per batch row.
 #[pyfunction]
-pub fn full() -> NativeMask {
-    wrap(Mask::full())
-}
-
-#[pyfunction]
-pub fn causal() -> NativeMask {
-    wrap(Mask::causal())
-}
-
-#[pyfunction]
-pub fn causal_top_left() -> NativeMask {
-    wrap(Mask::causal_top_left())
-}
-
-#[pyfunction]
-pub fn window(left: usize, right: usize) -> NativeMask {
-    wrap(Mask::window(left, right))
-}
-
-#[pyfunction]
-pub fn chunks(size: usize) -> PyResult<NativeMask> {
-    positive("chunks", size)?;
-    Ok(wrap(Mask::chunks(size)))
-}
-
-#[pyfunction]
-pub fn block_causal(size: usize) -> PyResult<NativeMask> {
-    positive("block_causal", size)?;
-    Ok(wrap(Mask::block_causal(size)))
-}
-
-#[pyfunction]
-pub fn neighbourhood(height: usize, width: usize, radius: usize) -> PyResult<NativeMask> {
-    positive("neighbourhood height", height)?;
-    positive("neighbourhood width", width)?;
-    Ok(wrap(Mask::neighbourhood(height, width, radius)))
-}
-
-#[pyfunction]
-pub fn key_lengths(lengths: Vec<usize>) -> NativeMask {
-    wrap(Mask::key_lengths(lengths))
-}
-
-#[pyfunction]
-pub fn prefix(p: usize) -> NativeMask {
-    wrap(Mask::prefix(p))
+pub fn key_padding(lengths: Vec<usize>) -> NativeMask {
+    wrap(Mask::key_padding(lengths))
 }
 
 /// Key padding from a contiguous bool tensor `[rows, L_k]` (`true` = a real key), copied.
@@ -134,13 +190,6 @@ unsafe fn bools(ptr: usize, len: usize) -> PyResult<Vec<bool>> {
     Ok(bytes.iter().map(|&x| x != 0).collect())
 }
 
-fn positive(what: &str, n: usize) -> PyResult<()> {
-    if n == 0 {
-        return Err(PyValueError::new_err(format!("{what} must be at least 1")));
-    }
-    Ok(())
-}
-
 /// A mask compiled for one shape `(B, H_q, L_q, L_k)`.
 #[pyclass(name = "NativeBlockMask", module = "maskattn._maskattn", frozen)]
 pub struct NativeBlockMask {
@@ -152,8 +201,10 @@ impl NativeBlockMask {
     #[new]
     fn new(mask: &NativeMask, batch: usize, heads: usize, lq: usize, lk: usize) -> PyResult<Self> {
         let shape = MaskShape::new(batch, heads, lq, lk);
-        let block =
-            BlockMask::new(&mask.inner, shape).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        // On the package's own pool: rayon's global one hangs in a forked child (threads.rs).
+        let block = crate::threads::run(|| BlockMask::new(&mask.inner, shape))
+            .map_err(PyValueError::new_err)?
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
         Ok(NativeBlockMask {
             inner: Arc::new(block),
         })

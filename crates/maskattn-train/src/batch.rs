@@ -61,7 +61,7 @@ impl Batch {
     pub fn mask(&self, objective: Objective) -> Mask {
         let data = match self.layout {
             Layout::Packed => Mask::documents(self.doc_ids.clone(), self.rows),
-            Layout::Padded => Mask::key_lengths(self.lengths.clone()),
+            Layout::Padded => Mask::key_padding(self.lengths.clone()),
         };
         match objective {
             Objective::Clm => Mask::causal() & data,

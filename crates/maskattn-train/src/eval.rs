@@ -1,8 +1,9 @@
 //! Held-out evaluation. Documents are evaluated one per row (padded), in a fixed order with
 //! fixed masking choices, so two evaluations of the same weights give the same figures.
 //!
-//! Metrics: on the built-in task, the fraction of answer digits predicted exactly (chance is
-//! 1 in 10); on text, masked-token accuracy (MLM) or perplexity (CLM).
+//! Metrics: on the built-in task, the fraction of answers (the majority letter, one of
+//! a–d) predicted exactly (chance is 1 in 4); on text, masked-token accuracy (MLM) or
+//! perplexity (CLM).
 
 use anyhow::Result;
 use candle_core::{Device, Tensor, D};
@@ -12,6 +13,7 @@ use maskattn_candle::Mode;
 use crate::batch::{self, Layout, MlmChoice, Objective};
 use crate::checkpoint::{Eval, RunSettings};
 use crate::corpus::Corpus;
+use crate::loss::loss;
 use crate::rng::Rng;
 use crate::vocab::Vocab;
 
@@ -48,7 +50,7 @@ pub fn evaluate(
         let tokens = Tensor::from_slice(&b.inputs, (b.rows, b.len), &Device::Cpu)?;
         let logits = model.forward(&tokens, &b.mask(s.objective), Mode::Eval)?;
         let w: f32 = b.weights.iter().sum();
-        loss_sum += crate::trainer::loss(&logits, &b)?.to_scalar::<f32>()? as f64 * w as f64;
+        loss_sum += loss(&logits, &b)?.to_scalar::<f32>()? as f64 * w as f64;
         weight_sum += w as f64;
         let flat = logits.reshape(((), logits.dim(D::Minus1)?))?;
         // The positions whose predictions are scored, with the right answer.

@@ -59,6 +59,7 @@ pub mod corpus;
 pub mod durable;
 pub mod eval;
 pub mod finite;
+pub mod loss;
 pub mod optim;
 pub mod rng;
 pub mod settings;
@@ -67,8 +68,9 @@ pub mod vocab;
 
 pub use batch::{Batch, Layout, Objective};
 pub use checkpoint::{Eval, State};
+pub use loss::loss;
 pub use settings::RunSettings;
 pub use trainer::{
-    build_model, init, loss, open, Diverged, Hooks, Outcome, RunReport, StepReport, Trainer,
+    build_model, init, open, Diverged, Hooks, Outcome, RunReport, StepReport, Trainer,
 };
 pub use vocab::{Vocab, VocabSpec};

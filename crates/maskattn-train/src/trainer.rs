@@ -20,6 +20,7 @@ use crate::checkpoint::{self, Eval, RunSettings, State};
 use crate::corpus::{self, Corpus};
 use crate::durable;
 use crate::eval;
+use crate::loss::loss;
 use crate::optim::{self, AdamW};
 use crate::rng::Rng;
 use crate::settings;
@@ -129,14 +130,6 @@ pub struct Trainer {
     out: PathBuf,
     saved: Option<u64>,
     stop: Arc<AtomicBool>,
-}
-
-/// The weighted mean cross-entropy of `logits [B, L, V]` against the batch's targets where
-/// its weights are 1 (one fused op with its backward: `maskattn_candle::fused::weighted_nll`).
-pub fn loss(logits: &Tensor, b: &Batch) -> Result<Tensor> {
-    let count = b.weights.iter().sum::<f32>().max(1.0) as f64;
-    let sum = maskattn_candle::fused::weighted_nll(logits, &b.targets, &b.weights)?;
-    Ok((sum * (1.0 / count))?)
 }
 
 fn load_corpus(run: &RunSettings, vocab: &Vocab) -> Result<Corpus> {

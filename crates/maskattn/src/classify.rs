@@ -7,6 +7,7 @@
 //! bitmap, so the compiled classes are exact for every mask.
 
 use crate::mask::{chunk_of, window_band, CausalAlign, Mask, MaskShape};
+use crate::mask_grid::GridAttn;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TileClass {
@@ -46,6 +47,17 @@ pub(crate) enum Classifier<'m> {
     Neighbourhood {
         width: usize,
         radius: usize,
+    },
+    /// WeNet's chunks: `0 ≤ ⌊i'/size⌋ − ⌊j/size⌋ ≤ left`.
+    ChunkedLeft {
+        size: usize,
+        left: usize,
+    },
+    /// `natten` and `swin`, with the first and last key any query of each query tile sees
+    /// (`None`: no query of the tile is on the grid).
+    Grid {
+        grid: GridAttn,
+        hulls: Vec<Option<(usize, usize)>>,
     },
     KeyLengths(&'m [usize]),
     QueryLengths(&'m [usize]),
@@ -165,6 +177,27 @@ fn neighbourhood_class(r: Rect, offset: i64, w: usize, radius: usize) -> TileCla
     from_bool(all, none)
 }
 
+/// Exact class of an image-grid mask (`natten`, `swin`) over a tile: each query row counts
+/// its allowed keys in the tile's key range exactly (O(1) a row, see `mask_grid.rs`).
+fn grid_class(r: Rect, offset: i64, grid: &GridAttn) -> TileClass {
+    let n = r.j1 - r.j0;
+    let (mut all, mut none) = (true, true);
+    for i in r.i0..r.i1 {
+        let q = i as i64 + offset;
+        let c = if q < 0 {
+            0
+        } else {
+            grid.count_keys(q as usize, r.j0, r.j1)
+        };
+        all &= c == n;
+        none &= c == 0;
+        if !all && !none {
+            return Partial;
+        }
+    }
+    from_bool(all, none)
+}
+
 /// Class of "index < len" over the index range `[x0, x1)`.
 fn prefix_class(x0: usize, x1: usize, len: usize) -> TileClass {
     from_bool(x1 <= len, x0 >= len)
@@ -235,6 +268,32 @@ impl<'m> Classifier<'m> {
                 width: *width,
                 radius: *radius,
             },
+            Mask::Chunked { size, left: None } => Classifier::Chunks {
+                size: *size,
+                earlier: true,
+            },
+            Mask::Chunked {
+                size,
+                left: Some(left),
+            } => Classifier::ChunkedLeft {
+                size: *size,
+                left: *left,
+            },
+            Mask::Natten { .. } | Mask::Swin { .. } => {
+                let grid = mask.grid_attn().expect("a grid mask");
+                let o = s.bottom_right_offset();
+                let hulls = (0..g.nq)
+                    .map(|qt| {
+                        let r = g.rect(qt, 0);
+                        let first = (r.i0 as i64 + o).max(0);
+                        let last = r.i1 as i64 - 1 + o;
+                        (first..=last)
+                            .map(|q| grid.key_hull(q as usize))
+                            .reduce(|a, b| (a.0.min(b.0), a.1.max(b.1)))
+                    })
+                    .collect();
+                Classifier::Grid { grid, hulls }
+            }
             Mask::KeyLengths(v) => Classifier::KeyLengths(v),
             Mask::QueryLengths(v) => Classifier::QueryLengths(v),
             Mask::KeyKeep { keep, rows } => {
@@ -322,6 +381,21 @@ impl<'m> Classifier<'m> {
             Classifier::Neighbourhood { width, radius } => {
                 neighbourhood_class(r, g.shape.bottom_right_offset(), *width, *radius)
             }
+            Classifier::ChunkedLeft { size, left } => {
+                // As for chunks: the tile's query chunks are [qa, qb] and key chunks [ka, kb],
+                // varying independently, so `qc − kc` takes every value in [qa − kb, qb − ka].
+                let (qa, ka) = chunk_of(&g.shape, *size, r.i0, r.j0);
+                let (qb, kb) = chunk_of(&g.shape, *size, r.i1 - 1, r.j1 - 1);
+                let (dmin, dmax) = (qa as i128 - kb as i128, qb as i128 - ka as i128);
+                let left = *left as i128;
+                from_bool(dmin >= 0 && dmax <= left, dmax < 0 || dmin > left)
+            }
+            Classifier::Grid { grid, hulls } => match hulls[qt] {
+                Some((lo, hi)) if r.j1 > lo && r.j0 <= hi => {
+                    grid_class(r, g.shape.bottom_right_offset(), grid)
+                }
+                _ => Empty,
+            },
             Classifier::KeyLengths(v) => prefix_class(r.j0, r.j1, pick(v, b)),
             Classifier::QueryLengths(v) => prefix_class(r.i0, r.i1, pick(v, b)),
             Classifier::KeyKeep { counts, nk } => {
@@ -411,8 +485,8 @@ mod tests {
                 Mask::causal_top_left(),
                 Mask::window(9, 2),
                 Mask::window(0, 0),
-                Mask::key_lengths(vec![lk / 3, lk]),
-                Mask::query_lengths(vec![0, lq / 2]),
+                Mask::key_padding(vec![lk / 3, lk]),
+                Mask::query_padding(vec![0, lq / 2]),
                 Mask::key_keep(
                     (0..2 * lk)
                         .map(|j| j % 5 != 0 || j > lk)
@@ -461,6 +535,54 @@ mod tests {
                     for tiles in [(8, 8), (1, 1), (7, 13), (64, 64), (5, 17)] {
                         assert_exact_without_scanning(&mask, MaskShape::new(1, 1, lq, lk), tiles);
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn domain_masks_classify_exactly_without_scanning() {
+        let grids = [
+            (
+                7,
+                9,
+                vec![
+                    Mask::natten(7, 9, 3),
+                    Mask::natten(7, 9, 7),
+                    Mask::natten_dilated(7, 9, 3, 2),
+                ],
+            ),
+            (
+                8,
+                12,
+                vec![
+                    Mask::swin(8, 12, 4, 0),
+                    Mask::swin(8, 12, 4, 2),
+                    Mask::swin(8, 12, 4, 3),
+                ],
+            ),
+            (1, 40, vec![Mask::natten(1, 40, 1), Mask::swin(1, 40, 1, 0)]),
+        ];
+        for (h, w, masks) in grids {
+            let lk = h * w;
+            for lq in [lk, lk / 3 + 1, lk + 9] {
+                for mask in &masks {
+                    for tiles in [(8, 8), (1, 1), (7, 13), (64, 64), (5, 17)] {
+                        assert_exact_without_scanning(mask, MaskShape::new(1, 1, lq, lk), tiles);
+                    }
+                }
+            }
+        }
+        for &(lq, lk) in &[(50, 50), (37, 91), (91, 37)] {
+            for mask in [
+                Mask::chunked(4, None),
+                Mask::chunked(4, Some(0)),
+                Mask::chunked(3, Some(2)),
+                Mask::chunked(1, Some(5)),
+                Mask::chunked(8, Some(usize::MAX)),
+            ] {
+                for tiles in [(8, 8), (1, 1), (7, 13), (64, 64)] {
+                    assert_exact_without_scanning(&mask, MaskShape::new(1, 1, lq, lk), tiles);
                 }
             }
         }

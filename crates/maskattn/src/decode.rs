@@ -5,8 +5,9 @@
 //! streams its keys once past *all* query rows of the kv head's group (query heads ×
 //! queries), reading an f32 cache in place. Scores are dot products (a key row against each
 //! query row, no transposed copy of the keys); the online softmax is `softmax`'s, as
-//! on every path. Chunks are merged with the LSE rule of docs/design.md section 1:
-//! `LSE = logaddexp(LSE_a, LSE_b)`, `O = e^(LSE_a−LSE) O_a + e^(LSE_b−LSE) O_b`.
+//! on every path, and so is the merge of the chunks' states ([`Online::merge`], the LSE rule
+//! of docs/design.md section 1: `LSE = logaddexp(LSE_a, LSE_b)`,
+//! `O = e^(LSE_a−LSE) O_a + e^(LSE_b−LSE) O_b`).
 //! The number of chunks depends on the shape only, so results do not depend on threads.
 
 use rayon::prelude::*;
@@ -14,11 +15,11 @@ use rayon::prelude::*;
 use crate::block::Tile;
 use crate::call::Call;
 use crate::gemm::{gemm, gemm_add, MatMut, MatRef, Update};
-use crate::pack::{self, pad16, Span, Unseen};
+use crate::pack::{self, pad16, Span};
 use crate::params::DropTile;
 use crate::simd::{self, Simd, WithSimd};
-use crate::softmax::{Geom, Online, TileJob};
-use crate::view::Element;
+use crate::softmax::{Geom, Online, OnlineBufs, TileJob, Unseen};
+use crate::view::{Element, View};
 
 /// Calls with at most this many queries take the decode path.
 pub(crate) const DECODE_MAX_LQ: usize = 4;
@@ -28,14 +29,6 @@ pub(crate) const DECODE_MAX_LQ: usize = 4;
 const PRODUCT_MIN_ROWS: usize = 12;
 /// Key chunks per (b, kv head) aim for this many tasks in all.
 const TARGET_TASKS: usize = 32;
-
-/// Running softmax state of one chunk for every query row of a kv head's group.
-struct State {
-    m: Vec<f32>,
-    l: Vec<f32>,
-    /// `rows × d_pad`
-    acc: Vec<f32>,
-}
 
 pub(crate) fn forward<T: Element>(call: &Call<T>, out: &mut [f32], lse: &mut [f32]) {
     let (dims, g) = (call.dims, call.geom());
@@ -50,7 +43,7 @@ pub(crate) fn forward<T: Element>(call: &Call<T>, out: &mut [f32], lse: &mut [f3
         .enumerate()
         .for_each(|(bhk, (out, lse))| {
             let (b, hk) = (bhk / dims.kv_heads, bhk % dims.kv_heads);
-            let states: Vec<State> = (0..chunks)
+            let parts: Vec<OnlineBufs> = (0..chunks)
                 .into_par_iter()
                 .map(|c| {
                     chunk(
@@ -61,101 +54,157 @@ pub(crate) fn forward<T: Element>(call: &Call<T>, out: &mut [f32], lse: &mut [f3
                     )
                 })
                 .collect();
-            // Row r of the group is a query of head hk·group + r / lq.
-            let sink = |r: usize| call.sink(hk * group + r / lq);
-            merge(&states, &g, sink, out, lse);
+            // The chunks start without the sink (each would count it once more): it is in
+            // the state they are merged into, once. Row r of the group is a query of head
+            // hk·group + r / lq.
+            let rows = group * lq;
+            let mut all = OnlineBufs::new(rows, g.d_pad, |r| call.sink(hk * group + r / lq));
+            let mut all = all.online();
+            all.merge(&parts, rows, g.d_pad);
+            all.finish(d, g.d_pad, out, lse);
         });
 }
 
-/// Combines the chunks' states row by row with the LSE rule, in chunk order. The chunks
-/// start without the sink (each would count it once more); it joins here once, as one more
-/// state with `m = sink`, `l = 1` and no value.
-fn merge(
-    states: &[State],
-    g: &Geom,
-    sink: impl Fn(usize) -> Option<f32>,
-    out: &mut [f32],
-    lse: &mut [f32],
-) {
-    for (r, (o, x)) in out.chunks_exact_mut(g.d).zip(lse.iter_mut()).enumerate() {
-        let sink = sink(r);
-        let m = states.iter().fold(f32::NEG_INFINITY, |a, s| a.max(s.m[r]));
-        let m = sink.map_or(m, |sk| m.max(sk));
-        o.fill(0.0);
-        // A chunk saw something where its sum is not 0 (a NaN sum: it saw a NaN or +∞
-        // score, and the row is NaN, see `softmax`).
-        let saw = |s: &&State| s.l[r] != 0.0;
-        if !states.iter().any(|s| saw(&s)) {
-            // Nothing seen: O = 0, LSE = −∞, or the sink's own log-sum.
-            *x = sink.unwrap_or(f32::NEG_INFINITY);
-            continue;
+/// The query rows of one kv head's group, as every key tile of a chunk meets them: row `r`
+/// is query `r % L_q` of head `hk·group + r / L_q`.
+struct Queries {
+    rows: usize,
+    /// Q rows (`rows × d_pad`); the scale goes on the products in `Online::update`, as in
+    /// the tiled forward.
+    q: Vec<f32>,
+    /// Scores come from the product `K · Qᵀ` ([`PRODUCT_MIN_ROWS`]); then `Qᵀ`
+    /// (`d_pad × rows_pad`) and the product's tile (`tk_pad × rows_pad`), else empty.
+    product: bool,
+    qt: Vec<f32>,
+    st: Vec<f32>,
+    rows_pad: usize,
+    /// Dropout's key per row (empty without dropout).
+    drop_keys: Vec<u32>,
+}
+
+impl Queries {
+    fn new<T: Element>(call: &Call<T>, g: &Geom, (b, hk): (usize, usize)) -> Self {
+        let dims = call.dims;
+        let (lq, group) = (dims.lq, dims.group());
+        let rows = group * lq;
+        let head_row = |r: usize| (hk * group + r / lq, r % lq);
+        let mut q = vec![0f32; rows * g.d_pad];
+        for (r, dst) in q.chunks_exact_mut(g.d_pad).enumerate() {
+            let (h, i) = head_row(r);
+            let span = Span {
+                b,
+                h,
+                start: i,
+                len: 1,
+            };
+            pack::rows(call.q, span, g.d_pad, dst);
         }
-        let mut l = sink.map_or(0.0, |sk| (sk - m).exp());
-        for s in states.iter().filter(saw) {
-            let w = (s.m[r] - m).exp();
-            l += w * s.l[r];
-            for (ov, a) in o.iter_mut().zip(&s.acc[r * g.d_pad..]) {
-                *ov += w * a;
+        let drop_keys: Vec<u32> = match call.dropout {
+            Some(dr) => (0..rows)
+                .map(|r| {
+                    let (h, i) = head_row(r);
+                    dr.row_key(b, h, i, dims.q_heads, lq)
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let rows_pad = pad16(rows);
+        let product = rows >= PRODUCT_MIN_ROWS;
+        let mut qt = vec![0f32; if product { g.d_pad * rows_pad } else { 0 }];
+        if product {
+            for (r, row) in q.chunks_exact(g.d_pad).enumerate() {
+                for (x, &val) in row.iter().enumerate() {
+                    qt[x * rows_pad + r] = val;
+                }
             }
         }
-        let inv = 1.0 / l;
-        o.iter_mut().for_each(|v| *v *= inv);
-        *x = m + l.ln();
+        let st = vec![0f32; if product { g.tk_pad * rows_pad } else { 0 }];
+        Queries {
+            rows,
+            q,
+            product,
+            qt,
+            st,
+            rows_pad,
+            drop_keys,
+        }
     }
 }
 
-/// Streams key tiles `tiles` of kv head `(b, hk)` past every query row of its group.
+/// The rows' visibility of key tile `kt` into `bits` (`rows × words`), gathered from their
+/// block-mask tiles: `None` where no row sees the tile, else whether every row sees all of
+/// it.
+fn tile_bits<T: Element>(
+    call: &Call<T>,
+    g: &Geom,
+    (b, hk, kt): (usize, usize, usize),
+    bits: &mut [u64],
+) -> Option<bool> {
+    let (lq, group, tq) = (call.dims.lq, call.dims.group(), call.block.tile_q());
+    let (mut any, mut all) = (false, true);
+    for (r, dst) in bits.chunks_exact_mut(g.words).enumerate() {
+        let (h, i) = (hk * group + r / lq, r % lq);
+        match call.block.tile(b, h, i / tq, kt) {
+            Tile::Empty => {
+                all = false;
+                dst.fill(0);
+            }
+            Tile::Full => {
+                any = true;
+                dst.fill(u64::MAX);
+            }
+            Tile::Partial(tb) => {
+                (any, all) = (true, false);
+                let row = i % tq;
+                dst.copy_from_slice(&tb[row * g.words..(row + 1) * g.words]);
+            }
+        }
+    }
+    any.then_some(all)
+}
+
+/// Rows of a tile and the distance between them.
+type Rows<'a> = (&'a [f32], usize);
+
+/// A key tile's key and value rows (`cols × d_pad`) with their row strides, and whether
+/// the values may skip the guard against `0 · NaN` (every row sees every key, or every
+/// value is finite). Where every row sees every key and the storage is f32, the cache is
+/// read in place (V then needs whole vectors per row, so `d` must be a multiple of 16);
+/// else the rows are packed into `kbuf`, `vbuf`.
+fn keys_values<'a, T: Element>(
+    (k, v): (&'a View<T>, &'a View<T>),
+    span: Span,
+    (g, all): (&Geom, bool),
+    (kbuf, vbuf): (&'a mut [f32], &'a mut [f32]),
+) -> (Rows<'a>, Rows<'a>, bool) {
+    let direct = k
+        .f32_rows(span.b, span.h, span.start)
+        .zip(v.f32_rows(span.b, span.h, span.start))
+        .filter(|_| all && g.d == g.d_pad);
+    if let Some((kr, vr)) = direct {
+        return (kr, vr, true);
+    }
+    pack::rows(k, span, g.d_pad, kbuf);
+    pack::rows(v, span, g.d_pad, vbuf);
+    let finite = all || pack::all_finite(&vbuf[..span.len * g.d_pad]);
+    ((&kbuf[..], g.d_pad), (&vbuf[..], g.d_pad), finite)
+}
+
+/// Streams key tiles `tiles` of kv head `(b, hk)` past every query row of its group: per
+/// tile, the rows' visibility, the bias tile, the keys and values (read in place or
+/// packed), the guard against `0 · NaN`, then the [`Step`].
 fn chunk<T: Element>(
     call: &Call<T>,
     g: &Geom,
     (b, hk): (usize, usize),
     tiles: std::ops::Range<usize>,
-) -> State {
-    let (q, k, v, bias, dropout) = (call.q, call.k, call.v, call.bias, call.dropout);
-    let (block, dims, scale) = (call.block, call.dims, call.scale);
+) -> OnlineBufs {
+    let (k, v, bias) = (call.k, call.v, call.bias);
+    let (lq, lk, group) = (call.dims.lq, call.dims.lk, call.dims.group());
     let g = *g;
-    let (lq, lk, group, tq) = (dims.lq, dims.lk, dims.group(), block.tile_q());
-    let rows = group * lq;
-    // Row r of the group is query i = r % lq of head hk·group + r / lq.
-    let head_row = |r: usize| (hk * group + r / lq, r % lq);
-    let mut state = State {
-        m: vec![f32::NEG_INFINITY; rows],
-        l: vec![0.0; rows],
-        acc: vec![0.0; rows * g.d_pad],
-    };
-    // Q, a query row per row; and transposed (`d_pad × rows_pad`) for the product form.
-    // The scale goes on the products in `Online::update`, as in the tiled forward.
-    let mut qs = vec![0f32; rows * g.d_pad];
-    for (r, dst) in qs.chunks_exact_mut(g.d_pad).enumerate() {
-        let (h, i) = head_row(r);
-        let span = Span {
-            b,
-            h,
-            start: i,
-            len: 1,
-        };
-        pack::rows(q, span, g.d_pad, dst);
-    }
-    let drop_keys: Vec<u32> = match dropout {
-        Some(dr) => (0..rows)
-            .map(|r| {
-                let (h, i) = head_row(r);
-                dr.row_key(b, h, i, dims.q_heads, lq)
-            })
-            .collect(),
-        None => Vec::new(),
-    };
-    let rows_pad = pad16(rows);
-    let product = rows >= PRODUCT_MIN_ROWS;
-    let mut qt = vec![0f32; if product { g.d_pad * rows_pad } else { 0 }];
-    if product {
-        for (r, row) in qs.chunks_exact(g.d_pad).enumerate() {
-            for (x, &val) in row.iter().enumerate() {
-                qt[x * rows_pad + r] = val;
-            }
-        }
-    }
-    let mut st = vec![0f32; if product { g.tk_pad * rows_pad } else { 0 }];
+    let mut qs = Queries::new(call, &g, (b, hk));
+    let rows = qs.rows;
+    let mut state = OnlineBufs::new(rows, g.d_pad, |_| None);
     let tile_len = g.tk_pad * g.d_pad;
     let (mut kbuf, mut vbuf) = (vec![0f32; tile_len], vec![0f32; tile_len]);
     let mut s = vec![0f32; rows * g.tk_pad];
@@ -165,33 +214,12 @@ fn chunk<T: Element>(
     for kt in tiles {
         let j0 = kt * g.tk;
         let cols = (lk - j0).min(g.tk);
-        // The rows' visibility of this key tile, gathered from their block-mask tiles.
-        let (mut any, mut all) = (false, true);
-        for r in 0..rows {
-            let (h, i) = head_row(r);
-            let dst = &mut bits[r * g.words..(r + 1) * g.words];
-            match block.tile(b, h, i / tq, kt) {
-                Tile::Empty => {
-                    all = false;
-                    dst.fill(0);
-                }
-                Tile::Full => {
-                    any = true;
-                    dst.fill(u64::MAX);
-                }
-                Tile::Partial(tb) => {
-                    (any, all) = (true, false);
-                    let row = i % tq;
-                    dst.copy_from_slice(&tb[row * g.words..(row + 1) * g.words]);
-                }
-            }
-        }
-        if !any {
+        let Some(all) = tile_bits(call, &g, (b, hk, kt), &mut bits) else {
             continue;
-        }
+        };
         if let Some(bs) = bias {
             for (r, dst) in bias_tile.chunks_exact_mut(g.tk_pad).enumerate() {
-                let (h, i) = head_row(r);
+                let (h, i) = (hk * group + r / lq, r % lq);
                 bs.tile((b, h), (i, 1), (j0, cols), (g.tk_pad, dst));
             }
         }
@@ -200,49 +228,34 @@ fn chunk<T: Element>(
             rows,
             cols,
             bits: (!all).then_some(&bits[..]),
-            scale,
+            scale: call.scale,
             bias: bias.map(|_| &bias_tile[..]),
-            drop: dropout.map(|dr| DropTile::new(dr, &drop_keys, j0)),
+            drop: call.dropout.map(|dr| DropTile::new(dr, &qs.drop_keys, j0)),
             softcap: call.softcap,
             pos: call.pos_rows((hk * group, 0, lq), j0),
         };
-        // Where every row sees every key of the tile and the storage is f32, read the cache
-        // in place; V then needs whole vectors per row, so d must be a multiple of 16.
-        let direct = k
-            .f32_rows(b, hk, j0)
-            .zip(v.f32_rows(b, hk, j0))
-            .filter(|_| all && g.d == g.d_pad);
-        let ((k_tile, k_ld), (v_tile, v_ld)) = match direct {
-            Some(x) => x,
-            None => {
-                let span = Span {
-                    b,
-                    h: hk,
-                    start: j0,
-                    len: cols,
-                };
-                pack::rows(k, span, g.d_pad, &mut kbuf);
-                pack::rows(v, span, g.d_pad, &mut vbuf);
-                ((&kbuf[..], g.d_pad), (&vbuf[..], g.d_pad))
-            }
+        let span = Span {
+            b,
+            h: hk,
+            start: j0,
+            len: cols,
         };
-        // The guard against 0 · NaN, as on every path (a packed tile when not `all`).
-        let finite = job.bits.is_none() || pack::all_finite(&vbuf[..cols * g.d_pad]);
+        let ((k_tile, k_ld), (v_tile, v_ld), finite) =
+            keys_values((k, v), span, (&g, all), (&mut kbuf, &mut vbuf));
+        // The guard against 0 · NaN, as on every path.
         let (v_tile, exact) = unseen.rows(&job, v_tile, v_ld, finite);
         let step = Step {
             job,
-            q: MatRef::new(&qs, rows, g.d_pad, g.d_pad),
+            q: MatRef::new(&qs.q, rows, g.d_pad, g.d_pad),
             k: MatRef::new(k_tile, cols, g.d_pad, k_ld),
-            qt: product.then(|| MatRef::new(&qt, g.d, rows_pad, rows_pad)),
+            qt: qs
+                .product
+                .then(|| MatRef::new(&qs.qt, g.d, qs.rows_pad, qs.rows_pad)),
             v: MatRef::new(v_tile, cols, g.d_pad, v_ld),
             exact,
             s: &mut s,
-            st: &mut st,
-            state: Online {
-                m: &mut state.m,
-                l: &mut state.l,
-                acc: &mut state.acc,
-            },
+            st: &mut qs.st,
+            state: state.online(),
         };
         // SAFETY: the operands were checked as they were made; `s`, `st` and the state are
         // sized above for `rows` rows.

@@ -2,7 +2,7 @@
 
 use thiserror::Error;
 
-use crate::mask::MaskShape;
+use crate::mask_shape::MaskShape;
 
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum AttnError {

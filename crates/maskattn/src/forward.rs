@@ -13,11 +13,11 @@ use crate::block::{BlockMask, Tile};
 use crate::call::Call;
 use crate::error::{AttnError, Result};
 use crate::gemm::{gemm, gemm_add, MatMut, MatRef, Update};
-use crate::pack::{self, pad16, Span, Unseen};
+use crate::pack::{self, pad16, Span};
 use crate::params::Params;
 use crate::shape::AttnDims;
 use crate::simd::{self, Simd, WithSimd};
-use crate::softmax::{Geom, Online, TileJob};
+use crate::softmax::{Geom, Online, TileJob, Unseen};
 use crate::view::{Element, View};
 
 /// `out [B, H_q, L_q, d]` and `lse [B, H_q, L_q]` (−∞ where a row allows nothing, or its
@@ -228,12 +228,12 @@ fn pack_kv<T: Element>(call: &Call<T>, g: &Geom, (b, hk): (usize, usize), dot: b
         };
         for t in 0..nk {
             let kp = &mut kv.kp[t * kp_len..(t + 1) * kp_len];
-            pack::kt_pairs(k, span(t), (g.tk_pad, g.d_pad), kp);
+            pack::pairs_over_features(k, span(t), (g.tk_pad, g.d_pad), kp);
             let k16 = &mut kv.k16[t * kt_len..(t + 1) * kt_len];
             pack::rows_bf16(k, span(t), g.d_pad, k16);
             k16[span(t).len * g.d_pad..].fill(0);
             let vp = &mut kv.vp[t * vp_len..(t + 1) * vp_len];
-            kv.v_finite[t] = pack::v_pairs(v, span(t), (g.tk_pad, g.d_pad), vp);
+            kv.v_finite[t] = pack::pairs_over_rows(v, span(t), (g.tk_pad, g.d_pad), vp);
         }
         return kv;
     }
@@ -283,7 +283,7 @@ fn query_tile<T: Element>(
     if dot {
         // bf16 rows as they are; the scale is applied to the f32 scores.
         pack::rows_bf16(call.q, span, g.d_pad, &mut sc.q16);
-        pack::kt_pairs(call.q, span, (pad16(rows), g.d_pad), &mut sc.qt_pairs);
+        pack::pairs_over_features(call.q, span, (pad16(rows), g.d_pad), &mut sc.qt_pairs);
     } else {
         // `Qᵀ`, the B operand of the column form's `Sᵀ = K·Qᵀ` and (read through strides)
         // the A operand of the row form's `S = Q·Kᵀ`. The scale goes on the products, in

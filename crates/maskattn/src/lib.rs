@@ -36,7 +36,7 @@
 //!     View::bhld("v", &v, shape)?,
 //! );
 //! // Causal, and the last key of the sequence is padding.
-//! let mask = Mask::causal() & Mask::key_lengths(vec![4]);
+//! let mask = Mask::causal() & Mask::key_padding(vec![4]);
 //! let block = BlockMask::new(&mask, maskattn::MaskShape::new(b, h, l, l))?;
 //! let fwd = maskattn::forward(&q, &k, &v, &block, &maskattn::Params::default())?;
 //! assert_eq!(fwd.out.len(), b * h * l * d);
@@ -54,7 +54,10 @@ mod error;
 mod forward;
 mod gemm;
 mod mask;
+mod mask_grid;
+mod mask_shape;
 mod mask_syntax;
+mod mask_terms;
 mod mask_tree;
 mod pack;
 mod params;
@@ -83,7 +86,8 @@ pub use gemm::pair_layouts::{bf16_packing, bf16_scalar_packings};
 /// The `half` crate, whose `bf16` and `f16` are storage types the kernels read.
 pub use half;
 pub use mask::{CausalAlign, DenseMask, Mask, MaskFn, MaskShape, Terms};
-pub use mask_syntax::{MaskExpr, DATA_TERMS, STRUCTURED_TERMS};
+pub use mask_syntax::MaskExpr;
+pub use mask_terms::{data_terms, structured_terms, BuildTerm, MaskTerm, MASK_TERMS};
 pub use params::{Dropout, Params};
 pub use rng::SplitMix64;
 pub use score_mod::{alibi_slopes, t5_bucket, RelBias};

@@ -4,48 +4,12 @@
 //! and [`Mask::allowed`] answers for one `(b, h, i, j)`. Masks compose with `&`, `|`, `!`.
 //! Before a kernel runs, a mask is compiled for one shape into a [`crate::BlockMask`].
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::error::{AttnError, Result};
-pub use crate::mask_tree::Terms;
-
-/// The shape a mask is evaluated over: batch, query heads, query length, key length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MaskShape {
-    pub batch: usize,
-    pub heads: usize,
-    pub lq: usize,
-    pub lk: usize,
-}
-
-/// `B 2, H 8, L_q 128, L_k 256`, for messages.
-impl std::fmt::Display for MaskShape {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "B {}, H {}, L_q {}, L_k {}",
-            self.batch, self.heads, self.lq, self.lk
-        )
-    }
-}
-
-impl MaskShape {
-    pub fn new(batch: usize, heads: usize, lq: usize, lk: usize) -> Self {
-        MaskShape {
-            batch,
-            heads,
-            lq,
-            lk,
-        }
-    }
-
-    /// `L_k − L_q`: exact for the shapes [`Mask::validate`] accepts (lengths up to
-    /// `i64::MAX`). How far query `i` is shifted to line up with key positions when a mask
-    /// is aligned bottom-right (the last query sees the last key, as in KV-cache decoding).
-    pub fn bottom_right_offset(&self) -> i64 {
-        self.lk as i64 - self.lq as i64
-    }
-}
+use crate::mask_grid::{natten_check, swin_check, GridAttn};
+pub use crate::mask_shape::MaskShape;
 
 /// Where the diagonal of a causal mask sits when `L_q ≠ L_k`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +64,27 @@ impl DenseMask {
     }
 }
 
+/// The terms of an `&` or `|`: at least two, none of them the same operator again. A
+/// deque, so that chains grow in O(1) at either end (`a & chain` as well as `chain & a`).
+/// Built only by `&` and `|` (no public constructor, no `Default`), so the invariant holds;
+/// how chains grow is in `mask_tree.rs`, with the other walks of the tree.
+#[derive(Clone)]
+pub struct Terms(pub(crate) Arc<VecDeque<Mask>>);
+
+impl Terms {
+    pub fn iter(&self) -> std::collections::vec_deque::Iter<'_, Mask> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Which pairs `(query i, key j)` of batch row `b` and query head `h` may attend.
 ///
 /// `Display` writes a mask in the grammar of [`crate::MaskExpr`] and `FromStr` reads it
@@ -126,6 +111,29 @@ pub enum Mask {
         width: usize,
         radius: usize,
     },
+    /// NATTEN's neighbourhood attention (Hassani et al., 2023; dilation: DiNAT, 2022) on a
+    /// `height × width` grid in raster order (`L_k` positions): query `i'` (bottom-right
+    /// aligned) sees a `kernel × kernel` window of keys `dilation` apart, centred on it and
+    /// shifted inwards at the borders so that it stays whole (see [`Mask::natten`]).
+    Natten {
+        height: usize,
+        width: usize,
+        kernel: usize,
+        dilation: usize,
+    },
+    /// Swin Transformer's (shifted) windows on a `height × width` grid in raster order
+    /// (`L_k` positions): after rolling the grid by `−shift`, query `i'` and key `j` are in
+    /// the same `window × window` window and the same region of Swin's attention mask (see
+    /// [`Mask::swin`]).
+    Swin {
+        height: usize,
+        width: usize,
+        window: usize,
+        shift: usize,
+    },
+    /// WeNet's `subsequent_chunk_mask`: `⌊i'/size⌋ − left ≤ ⌊j/size⌋ ≤ ⌊i'/size⌋` with
+    /// `i' = i + (L_k − L_q)`; `left = None`: every earlier chunk (see [`Mask::chunked`]).
+    Chunked { size: usize, left: Option<usize> },
     /// Key padding by valid length: `j < lengths[b]` (one length, or one per batch row).
     KeyLengths(Arc<[usize]>),
     /// Key padding by a keep vector `[1 or B, L_k]`: `keep[b][j]`.
@@ -209,8 +217,85 @@ impl Mask {
         }
     }
 
+    /// NATTEN's neighbourhood attention on a `height × width` patch grid in raster order
+    /// (`L_k = height · width`): patch `(y, x)` sees the patches `(y', x')` with
+    /// `|clamp(y, k/2, height − 1 − k/2) − y'| ≤ k/2` and the same for `x` (`k = kernel`,
+    /// odd, at most `height` and `width`): a whole `k × k` window everywhere, its centre
+    /// moved inwards at the borders. [`Mask::natten_dilated`] spreads it out.
+    pub fn natten(height: usize, width: usize, kernel: usize) -> Self {
+        Mask::natten_dilated(height, width, kernel, 1)
+    }
+
+    /// Dilated neighbourhood attention (DiNAT): each dilation group — the rows (columns)
+    /// with the same index mod `dilation` — is a sub-grid of its own, and a patch sees the
+    /// clamped `kernel × kernel` window of its sub-grid, which on the grid is `dilation`
+    /// apart. `kernel · dilation` must be at most `height` and `width`, as NATTEN requires.
+    pub fn natten_dilated(height: usize, width: usize, kernel: usize, dilation: usize) -> Self {
+        Mask::Natten {
+            height,
+            width,
+            kernel,
+            dilation,
+        }
+    }
+
+    /// Swin Transformer's window attention on a `height × width` patch grid in raster order
+    /// (`L_k = height · width`): the grid rolled by `(−shift, −shift)` is cut into
+    /// `window × window` windows, and two patches attend when their rolled positions share
+    /// a window and a region of Swin's shifted-window mask (the slices `[0, n − window)`,
+    /// `[n − window, n − shift)`, `[n − shift, n)` of each axis), which keeps patches that
+    /// the roll wrapped around apart. `shift = 0`: plain windows. Tokens stay in the
+    /// un-rolled order: query and key are original positions.
+    pub fn swin(height: usize, width: usize, window: usize, shift: usize) -> Self {
+        Mask::Swin {
+            height,
+            width,
+            window,
+            shift,
+        }
+    }
+
+    /// WeNet's chunk mask for streaming encoders (`subsequent_chunk_mask`): query `i` sees
+    /// the keys `[max((c − left)·size, 0), min((c + 1)·size, L_k))` where `c = ⌊i'/size⌋`,
+    /// its own chunk and `left` chunks before it; `left = None` (WeNet's `−1`) every earlier
+    /// chunk, which is [`Mask::block_causal`]. Bottom-right aligned, `i' = i + (L_k − L_q)`,
+    /// so the last queries of a KV-cached stream see what they would in the whole utterance.
+    pub fn chunked(size: usize, left: Option<usize>) -> Self {
+        Mask::Chunked { size, left }
+    }
+
+    /// The image-grid geometry of a `natten` or `swin` mask.
+    pub(crate) fn grid_attn(&self) -> Option<GridAttn> {
+        match *self {
+            Mask::Natten {
+                height,
+                width,
+                kernel,
+                dilation,
+            } => Some(GridAttn::Natten {
+                height,
+                width,
+                kernel,
+                dilation,
+            }),
+            Mask::Swin {
+                height,
+                width,
+                window,
+                shift,
+            } => Some(GridAttn::Swin {
+                height,
+                width,
+                window,
+                shift,
+            }),
+            _ => None,
+        }
+    }
+
     /// Key padding: batch row `b` has `lengths[b]` valid keys (or one length for all rows).
-    pub fn key_lengths(lengths: impl Into<Arc<[usize]>>) -> Self {
+    /// The grammar's `key-padding` (also the keep-vector form, [`Mask::key_keep`]).
+    pub fn key_padding(lengths: impl Into<Arc<[usize]>>) -> Self {
         Mask::KeyLengths(lengths.into())
     }
 
@@ -227,8 +312,9 @@ impl Mask {
         Mask::key_keep(ignore.iter().map(|&x| !x).collect::<Vec<_>>(), rows)
     }
 
-    /// Query padding: batch row `b` has `lengths[b]` valid queries.
-    pub fn query_lengths(lengths: impl Into<Arc<[usize]>>) -> Self {
+    /// Query padding: batch row `b` has `lengths[b]` valid queries (the grammar's
+    /// `query-padding`).
+    pub fn query_padding(lengths: impl Into<Arc<[usize]>>) -> Self {
         Mask::QueryLengths(lengths.into())
     }
 
@@ -324,6 +410,15 @@ impl Mask {
                     (qi / w).abs_diff(j / w) <= *radius && (qi % w).abs_diff(j % w) <= *radius
                 }
             }
+            Mask::Natten { .. } | Mask::Swin { .. } => {
+                let qi = i as i64 + s.bottom_right_offset();
+                qi >= 0 && self.grid_attn().is_some_and(|g| g.allowed(qi as usize, j))
+            }
+            Mask::Chunked { size, left } => {
+                let (qc, kc) = chunk_of(s, *size, i, j);
+                // `qc − kc` is in [0, i64::MAX) once `kc ≤ qc` (keys' chunks are ≥ 0).
+                kc <= qc && left.is_none_or(|l| (qc - kc) as u64 <= l as u64)
+            }
             Mask::KeyLengths(len) => j < per_b(len),
             Mask::KeyKeep { keep, rows } => keep[row(*rows) * s.lk + j],
             Mask::QueryLengths(len) => i < per_b(len),
@@ -391,16 +486,32 @@ impl Mask {
             Mask::Full | Mask::Causal(_) | Mask::Window { .. } | Mask::Func { .. } => Ok(()),
             Mask::Chunks { size: 0, .. } => err("chunk size must be at least 1".into()),
             Mask::Chunks { .. } => Ok(()),
+            Mask::Chunked { size: 0, .. } => {
+                err("chunked: the chunk size C must be at least 1".into())
+            }
+            Mask::Chunked { .. } => Ok(()),
             Mask::Neighbourhood { height, width, .. } => {
-                if height.checked_mul(*width) == Some(s.lk) {
-                    Ok(())
-                } else {
-                    err(format!(
-                        "a {height} x {width} neighbourhood grid needs L_k = {}, not {}",
-                        height.saturating_mul(*width),
-                        s.lk
-                    ))
-                }
+                grid_fits("neighbourhood", *height, *width, s)
+            }
+            Mask::Natten {
+                height,
+                width,
+                kernel,
+                dilation,
+            } => {
+                natten_check(*height, *width, *kernel, *dilation)
+                    .or_else(|e| err(format!("{self}: {e}")))?;
+                grid_fits("natten", *height, *width, s)
+            }
+            Mask::Swin {
+                height,
+                width,
+                window,
+                shift,
+            } => {
+                swin_check(*height, *width, *window, *shift)
+                    .or_else(|e| err(format!("{self}: {e}")))?;
+                grid_fits("swin", *height, *width, s)
             }
             Mask::KeyLengths(v) => lengths_ok("key length", v, s.lk, "L_k"),
             Mask::QueryLengths(v) => lengths_ok("query length", v, s.lq, "L_q"),
@@ -483,6 +594,20 @@ impl Mask {
             Mask::PerHead(m) => m.len() > 1,
             _ => false,
         })
+    }
+}
+
+/// A grid mask's positions are the keys: `height · width` must be `L_k` (the queries are
+/// bottom-right aligned on them, as every mask's are).
+fn grid_fits(what: &str, height: usize, width: usize, s: &MaskShape) -> Result<()> {
+    if height.checked_mul(width) == Some(s.lk) {
+        Ok(())
+    } else {
+        Err(AttnError::Mask(format!(
+            "a {height} x {width} {what} grid needs L_k = {}, not {}",
+            height.saturating_mul(width),
+            s.lk
+        )))
     }
 }
 

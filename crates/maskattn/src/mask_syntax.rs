@@ -6,9 +6,14 @@
 //! not   := '!'* atom                 `!` tightest
 //! atom  := '(' expr ')' | term
 //! term  := full | causal | causal-top-left | window(LEFT,RIGHT) | chunks(C)
-//!        | block-causal(C) | neighbourhood(HEIGHT,WIDTH,RADIUS) | prefix(P[,P…])
+//!        | block-causal(C) | neighbourhood(HEIGHT,WIDTH,RADIUS)
+//!        | natten(HEIGHT,WIDTH,KERNEL[,DILATION]) | swin(HEIGHT,WIDTH,WINDOW,SHIFT)
+//!        | chunked(C[,LEFT]) | prefix(P[,P…])
 //!        | NAME                      a data term, bound by the caller
 //! ```
+//!
+//! The terms, their numbers and what they mean are listed once, in
+//! [`crate::MASK_TERMS`]; this file reads names and numbers and asks that list.
 //!
 //! Numbers are decimal `usize`s; spaces are allowed between tokens. A data term (a bare
 //! name such as `key-padding`, `documents`, `dense`) stands for a mask whose data the text
@@ -24,20 +29,7 @@ use std::str::FromStr;
 
 use crate::error::{AttnError, Result};
 use crate::mask::{CausalAlign, Mask};
-
-/// The structured terms, for messages and help texts.
-pub const STRUCTURED_TERMS: &str = "full, causal, causal-top-left, window(LEFT,RIGHT), \
-chunks(C), block-causal(C), neighbourhood(HEIGHT,WIDTH,RADIUS), prefix(P)";
-
-/// The names under which masks that carry data print (and parse, when bound).
-pub const DATA_TERMS: [&str; 6] = [
-    "key-padding",
-    "query-padding",
-    "documents",
-    "dense",
-    "fn",
-    "per-head",
-];
+use crate::mask_terms::{structured_terms, MaskTerm};
 
 /// A parsed mask expression whose data terms are not yet bound.
 #[derive(Clone, Debug)]
@@ -136,10 +128,13 @@ impl Mask {
 
 /// The error for a data term that nobody bound.
 fn unbound(name: &str, at: usize) -> AttnError {
-    let message = if DATA_TERMS.contains(&name) {
+    let message = if MaskTerm::find(name).is_some_and(MaskTerm::is_data) {
         format!("`{name}` is a data term: its data must come from the caller (Mask::parse_with)")
     } else {
-        format!("unknown mask term `{name}`; expected {STRUCTURED_TERMS}, or a data term")
+        format!(
+            "unknown mask term `{name}`; expected {}, or a data term",
+            structured_terms()
+        )
     };
     AttnError::MaskSyntax { at, message }
 }
@@ -338,8 +333,8 @@ fn negate(odd: bool, node: Node) -> Node {
     }
 }
 
-/// One term: `Some(mask)` for a structured term, `None` for a data term. `t` is the term's
-/// text, for messages.
+/// One term: `Some(mask)` for a structured term, `None` for a data term (or a name that is
+/// no term, which binding reports). `t` is the term's text, for messages.
 fn term(name: &str, args: Option<&str>, t: &str) -> std::result::Result<Option<Mask>, String> {
     let numbers = |inner: &str| -> std::result::Result<Vec<usize>, String> {
         inner
@@ -359,52 +354,27 @@ fn term(name: &str, args: Option<&str>, t: &str) -> std::result::Result<Option<M
             })
             .collect()
     };
-    let takes_args = matches!(
-        name,
-        "window" | "chunks" | "block-causal" | "neighbourhood" | "prefix"
-    );
-    let args = match (args, takes_args) {
-        (None, true) => return Err(format!("`{t}`: expected {name}(...)")),
-        (Some(_), false) if matches!(name, "full" | "causal" | "causal-top-left") => {
-            return Err(format!("`{t}`: `{name}` takes no numbers"))
-        }
-        (Some(_), false) => {
+    let build = match MaskTerm::find(name) {
+        Some(MaskTerm {
+            build: Some(build),
+            params,
+            ..
+        }) => match (args, params.is_empty()) {
+            (None, true) => build,
+            (Some(_), true) => return Err(format!("`{t}`: `{name}` takes no numbers")),
+            (None, false) => return Err(format!("`{t}`: expected {name}(...)")),
+            (Some(_), false) => build,
+        },
+        _ if args.is_some() => {
             return Err(format!(
-                "unknown mask term `{t}`; expected {STRUCTURED_TERMS}"
+                "unknown mask term `{t}`; expected {}",
+                structured_terms()
             ))
         }
-        (None, false) => {
-            return Ok(match name {
-                "full" => Some(Mask::full()),
-                "causal" => Some(Mask::causal()),
-                "causal-top-left" => Some(Mask::causal_top_left()),
-                _ => None,
-            })
-        }
-        (Some(a), true) => numbers(a)?,
+        _ => return Ok(None),
     };
-    let chunk = |a: &[usize]| match a {
-        [c] if *c > 0 => Ok(*c),
-        [_] => Err(format!("`{t}`: the chunk size must be at least 1")),
-        _ => Err(format!("`{t}`: takes one number, the chunk size")),
-    };
-    Ok(Some(match name {
-        "window" => match args[..] {
-            [l, r] => Mask::window(l, r),
-            _ => return Err(format!("`{t}`: window takes two numbers, window(LEFT,RIGHT)")),
-        },
-        "chunks" => Mask::chunks(chunk(&args)?),
-        "block-causal" => Mask::block_causal(chunk(&args)?),
-        "neighbourhood" => match args[..] {
-            [h, w, r] if h > 0 && w > 0 => Mask::neighbourhood(h, w, r),
-            _ => return Err(format!("`{t}`: neighbourhood takes a grid and a radius, neighbourhood(HEIGHT,WIDTH,RADIUS), HEIGHT and WIDTH at least 1")),
-        },
-        "prefix" => match args[..] {
-            [p] => Mask::prefix(p),
-            _ => Mask::prefix_per_batch(args),
-        },
-        _ => unreachable!("every name that takes numbers is listed"),
-    }))
+    let nums = args.map(numbers).transpose()?.unwrap_or_default();
+    build(&nums).map(Some).map_err(|e| format!("`{t}`: {e}"))
 }
 
 /// How tightly a node binds: `|` loosest, then `&`, then `!` and single terms.
@@ -494,6 +464,29 @@ fn write_leaf(m: &Mask, f: &mut fmt::Formatter<'_>, with_data: bool) -> fmt::Res
             width,
             radius,
         } => write!(f, "neighbourhood({height},{width},{radius})"),
+        Mask::Natten {
+            height,
+            width,
+            kernel,
+            dilation: 1,
+        } => write!(f, "natten({height},{width},{kernel})"),
+        Mask::Natten {
+            height,
+            width,
+            kernel,
+            dilation,
+        } => write!(f, "natten({height},{width},{kernel},{dilation})"),
+        Mask::Swin {
+            height,
+            width,
+            window,
+            shift,
+        } => write!(f, "swin({height},{width},{window},{shift})"),
+        Mask::Chunked { size, left: None } => write!(f, "chunked({size})"),
+        Mask::Chunked {
+            size,
+            left: Some(left),
+        } => write!(f, "chunked({size},{left})"),
         Mask::Prefix(p) => {
             f.write_str("prefix(")?;
             for (n, x) in p.iter().enumerate() {

@@ -11,27 +11,9 @@ use std::collections::VecDeque;
 use std::ops::{BitAnd, BitOr, Not};
 use std::sync::Arc;
 
-use crate::mask::Mask;
-
-/// The terms of an `&` or `|`: at least two, none of them the same operator again. A
-/// deque, so that chains grow in O(1) at either end (`a & chain` as well as `chain & a`).
-/// Built only by `&` and `|` (no public constructor, no `Default`), so the invariant holds.
-#[derive(Clone)]
-pub struct Terms(Arc<VecDeque<Mask>>);
+use crate::mask::{Mask, Terms};
 
 impl Terms {
-    pub fn iter(&self) -> std::collections::vec_deque::Iter<'_, Mask> {
-        self.0.iter()
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// Moves the terms out of `t`, leaving an empty list in a mask about to be dropped.
     fn take(t: &mut Terms) -> Terms {
         std::mem::replace(t, Terms(Arc::new(VecDeque::new())))
@@ -172,6 +154,37 @@ impl PartialEq for Mask {
                         radius: r2,
                     },
                 ) => (height, width, radius) == (h2, w2, r2),
+                (
+                    Mask::Natten {
+                        height,
+                        width,
+                        kernel,
+                        dilation,
+                    },
+                    Mask::Natten {
+                        height: h2,
+                        width: w2,
+                        kernel: k2,
+                        dilation: d2,
+                    },
+                ) => (height, width, kernel, dilation) == (h2, w2, k2, d2),
+                (
+                    Mask::Swin {
+                        height,
+                        width,
+                        window,
+                        shift,
+                    },
+                    Mask::Swin {
+                        height: h2,
+                        width: w2,
+                        window: win2,
+                        shift: s2,
+                    },
+                ) => (height, width, window, shift) == (h2, w2, win2, s2),
+                (Mask::Chunked { size, left }, Mask::Chunked { size: s2, left: l2 }) => {
+                    (size, left) == (s2, l2)
+                }
                 (Mask::KeyLengths(x), Mask::KeyLengths(y))
                 | (Mask::QueryLengths(x), Mask::QueryLengths(y))
                 | (Mask::Prefix(x), Mask::Prefix(y)) => x == y,

@@ -1,10 +1,8 @@
 //! Moving tiles out of the strided views into padded `f32` scratch: rows padded with zeros
 //! to a multiple of 16 features, and transposed tiles (`Kᵀ`, `Vᵀ`) whose columns are keys.
 //! Storage types are widened here, once per element, so the vector code sees only `f32`;
-//! the bf16 dot-product path instead packs bf16 bits in pairs (`*_pairs`, `*_bf16`).
-//! Also the one guard against `0 · NaN` in a product over a partial tile ([`Unseen`]).
+//! the bf16 dot-product path instead packs bf16 bits in pairs (`pairs_over_*`, `*_bf16`).
 
-use crate::softmax::TileJob;
 use crate::view::{Element, View};
 
 /// `x` rounded up to a multiple of 16 (the widest vector), so every product is whole vectors.
@@ -68,106 +66,6 @@ pub(crate) fn all_finite(x: &[f32]) -> bool {
     x.iter().fold(true, |ok, v| ok & v.is_finite())
 }
 
-/// The guard against `0 · NaN`, written once for every product that reads keys or values
-/// over a partial tile (the forward's and decode's `P̃·V`, the backward's `dS·K`, on f32 and
-/// on bf16 pairs). Non-finite values in keys no row of the tile sees must not meet a zero
-/// weight in the product (`0 · NaN = NaN`): those keys are zeroed in a copy. If a
-/// non-finite value remains in a key some rows see and others don't, the product must
-/// skip the hidden pairs (`gemm_visible`); where every value is finite, nothing is copied.
-pub(crate) struct Unseen {
-    seen: Vec<u64>,
-    fix: Vec<f32>,
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    fix_pairs: Vec<u32>,
-}
-
-impl Unseen {
-    /// For tiles of `tile_len` f32 values (pair tiles: half as many `u32`).
-    pub fn new(words: usize, tile_len: usize) -> Self {
-        Unseen {
-            seen: vec![0; words],
-            fix: vec![0.0; tile_len],
-            fix_pairs: Vec::new(),
-        }
-    }
-
-    /// Bit `c` of `seen`: column `c` of the job's partial tile is visible to at least one
-    /// of its rows.
-    fn seen_columns(&mut self, bits: &[u64], job: &TileJob) {
-        let words = job.g.words;
-        self.seen.fill(0);
-        for r in 0..job.rows {
-            for w in 0..words {
-                self.seen[w] |= bits[r * words + w];
-            }
-        }
-    }
-
-    /// `tile` (key rows `ld` apart, `job.cols` keys) as the job's product may read it, and
-    /// whether that product must skip the hidden pairs. `finite`: every value of `tile` is.
-    pub fn rows<'a>(
-        &'a mut self,
-        job: &TileJob,
-        tile: &'a [f32],
-        ld: usize,
-        finite: bool,
-    ) -> (&'a [f32], bool) {
-        let Some(bits) = job.bits.filter(|_| !finite) else {
-            return (tile, false);
-        };
-        self.seen_columns(bits, job);
-        let fix = &mut self.fix[..tile.len()];
-        fix.copy_from_slice(tile);
-        let seen = &self.seen;
-        for c in (0..job.cols).filter(|&c| seen[c / 64] >> (c % 64) & 1 == 0) {
-            fix[c * ld..(c + 1) * ld].fill(0.0);
-        }
-        (
-            &self.fix[..tile.len()],
-            !all_finite(&self.fix[..tile.len()]),
-        )
-    }
-
-    /// [`Unseen::rows`] for a tile interleaved over keys ([`v_pairs`] layout, rows `ld`
-    /// pairs long): `Ok` the pairs to multiply, or `Err` the tile widened to f32 rows
-    /// (`tk_pad × ld`) for a product that skips the hidden pairs.
-    #[cfg(target_arch = "x86_64")]
-    pub fn pairs<'a>(
-        &'a mut self,
-        job: &TileJob,
-        pairs: &'a [u32],
-        ld: usize,
-        finite: bool,
-    ) -> Result<&'a [u32], &'a [f32]> {
-        let Some(bits) = job.bits.filter(|_| !finite) else {
-            return Ok(pairs);
-        };
-        self.seen_columns(bits, job);
-        self.fix_pairs.resize(pairs.len(), 0);
-        self.fix_pairs.copy_from_slice(pairs);
-        let seen = &self.seen;
-        for c in (0..job.cols).filter(|&c| seen[c / 64] >> (c % 64) & 1 == 0) {
-            let keep = if c % 2 == 0 { 0xffff_0000 } else { 0x0000_ffff };
-            self.fix_pairs[c / 2 * ld..(c / 2 + 1) * ld]
-                .iter_mut()
-                .for_each(|x| *x &= keep);
-        }
-        if pairs_finite(&self.fix_pairs) {
-            return Ok(&self.fix_pairs);
-        }
-        let rows_pad = job.g.tk_pad;
-        let fix = &mut self.fix[..rows_pad * ld];
-        for c in 0..rows_pad {
-            let (p, half) = (c / 2, 16 * (c % 2));
-            for x in 0..ld {
-                let bits = (self.fix_pairs[p * ld + x] >> half) as u16;
-                fix[c * ld + x] = half::bf16::from_bits(bits).to_f32();
-            }
-        }
-        Err(&self.fix[..rows_pad * ld])
-    }
-}
-
 /// The span's rows as bf16 bits into `out` (`len × d_pad`, zero padded): the pair-read `A`
 /// operand of the bf16 products.
 pub(crate) fn rows_bf16<T: Element>(view: &View<T>, s: Span, d_pad: usize, out: &mut [u16]) {
@@ -189,10 +87,11 @@ pub(crate) fn rows_bf16<T: Element>(view: &View<T>, s: Span, d_pad: usize, out: 
     }
 }
 
-/// The span's keys as `Kᵀ` interleaved over features for the bf16 products: `out` is
-/// `d_pad / 2` rows of `ld` pairs, entry `(p, c)` = features `2p, 2p+1` of key `start + c`.
-/// Columns past `len` and features past `d` are zero.
-pub(crate) fn kt_pairs<T: Element>(
+/// The span's rows transposed and interleaved over features, the pair-read `B` operand of
+/// a bf16 product over features (`Kᵀ` for `Q·Kᵀ`; `Vᵀ`, `Qᵀ` in the column form and the
+/// backward): `out` is `d_pad / 2` rows of `ld` pairs, entry `(p, c)` = features `2p, 2p+1`
+/// of row `start + c`. Columns past `len` and features past `d` are zero.
+pub(crate) fn pairs_over_features<T: Element>(
     view: &View<T>,
     s: Span,
     (ld, d_pad): (usize, usize),
@@ -218,11 +117,11 @@ pub(crate) fn kt_pairs<T: Element>(
     }
 }
 
-/// The span's values interleaved over keys for the bf16 products: `out` is `rows_pad / 2`
-/// rows of `d_pad` pairs, entry `(p, x)` = feature `x` of keys `start + 2p` and
-/// `start + 2p + 1`. Keys past `len` and features past `d` are zero. Returns whether every
-/// value is finite.
-pub(crate) fn v_pairs<T: Element>(
+/// The span's rows interleaved over rows, the pair-read `B` operand of a bf16 product over
+/// keys (`V` for `P̃·V`, `K` for the backward's `dS·K`): `out` is `rows_pad / 2` rows of
+/// `d_pad` pairs, entry `(p, x)` = feature `x` of rows `start + 2p` and `start + 2p + 1`.
+/// Rows past `len` and features past `d` are zero. Returns whether every value is finite.
+pub(crate) fn pairs_over_rows<T: Element>(
     view: &View<T>,
     s: Span,
     (rows_pad, d_pad): (usize, usize),
@@ -265,12 +164,4 @@ pub(crate) fn transposed_bf16<T: Element>(
             out[x * ld + r] = view.get(s.b, s.h, s.start + r, x).bf16_bits();
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-/// Whether both bf16 halves of every pair are finite.
-fn pairs_finite(pairs: &[u32]) -> bool {
-    pairs.iter().fold(true, |ok, &x| {
-        ok & (x & 0x7f80 != 0x7f80) & (x & 0x7f80_0000 != 0x7f80_0000)
-    })
 }

@@ -6,9 +6,13 @@
 //!   cannot leak in);
 //! - [`Online::update`]: the forward's running max `m_i` and sum `l_i` over key tiles, the
 //!   accumulator rescaled by `e^(m_old − m_new)`, and `P̃_ij = e^(x_ij − m_i)`;
+//! - [`Online::merge`]: states of the same rows over other keys (decode's chunks) added
+//!   with the LSE rule;
 //! - [`Online::finish`]: `O_i = acc_i / l_i`, `LSE_i = m_i + ln l_i` (a sink is where the
 //!   state starts: `m = sink`, `l = 1`, see [`Online::reset`]);
-//! - [`probs`]: the backward's `P_ij = e^(x_ij − LSE_i)`.
+//! - [`probs`]: the backward's `P_ij = e^(x_ij − LSE_i)`;
+//! - [`Unseen`]: the guard that keeps a key no row of a tile sees out of the products that
+//!   follow (`0 · NaN`).
 //!
 //! Two rules live here and nowhere else. A row that sees nothing (`l = 0`) has `O = 0`,
 //! `LSE = −∞`, `P = 0`, with no `−∞ − −∞`. A NaN or +∞ among a row's allowed scores makes
@@ -18,6 +22,7 @@
 //!
 //! A score tile is `rows × tk_pad`; columns at or past `cols` are padding and count as hidden.
 
+use crate::pack;
 use crate::params::{keep_hash, DropTile};
 use crate::simd::Simd;
 
@@ -112,7 +117,7 @@ impl TileJob<'_> {
     pub fn column_form(&self) -> bool {
         self.bits.is_none()
             && self.bias.is_none()
-            && (self.pos.is_none() || crate::pack::pad16(self.rows) + self.cols <= POS_RUN)
+            && (self.pos.is_none() || pack::pad16(self.rows) + self.cols <= POS_RUN)
     }
 
     /// Visibility bits of lanes `c0 .. c0 + W` of tile row `r`: from the partial tile's
@@ -139,6 +144,107 @@ pub(crate) const POS_RUN: usize = 512;
 #[inline(always)]
 pub(crate) fn visible(bits: Option<&[u64]>, words: usize, r: usize, c: usize) -> bool {
     bits.is_none_or(|b| b[r * words + c / 64] >> (c % 64) & 1 == 1)
+}
+
+/// The guard against `0 · NaN` (the NaN rule above, for the products that follow the
+/// softmax), written once for every product that reads keys or values
+/// over a partial tile (the forward's and decode's `P̃·V`, the backward's `dS·K`, on f32 and
+/// on bf16 pairs). Non-finite values in keys no row of the tile sees must not meet a zero
+/// weight in the product (`0 · NaN = NaN`): those keys are zeroed in a copy. If a
+/// non-finite value remains in a key some rows see and others don't, the product must
+/// skip the hidden pairs (`gemm_visible`); where every value is finite, nothing is copied.
+pub(crate) struct Unseen {
+    seen: Vec<u64>,
+    fix: Vec<f32>,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fix_pairs: Vec<u32>,
+}
+
+impl Unseen {
+    /// For tiles of `tile_len` f32 values (pair tiles: half as many `u32`).
+    pub fn new(words: usize, tile_len: usize) -> Self {
+        Unseen {
+            seen: vec![0; words],
+            fix: vec![0.0; tile_len],
+            fix_pairs: Vec::new(),
+        }
+    }
+
+    /// Bit `c` of `seen`: column `c` of the job's partial tile is visible to at least one
+    /// of its rows.
+    fn seen_columns(&mut self, bits: &[u64], job: &TileJob) {
+        let words = job.g.words;
+        self.seen.fill(0);
+        for r in 0..job.rows {
+            for w in 0..words {
+                self.seen[w] |= bits[r * words + w];
+            }
+        }
+    }
+
+    /// `tile` (key rows `ld` apart, `job.cols` keys) as the job's product may read it, and
+    /// whether that product must skip the hidden pairs. `finite`: every value of `tile` is.
+    pub fn rows<'a>(
+        &'a mut self,
+        job: &TileJob,
+        tile: &'a [f32],
+        ld: usize,
+        finite: bool,
+    ) -> (&'a [f32], bool) {
+        let Some(bits) = job.bits.filter(|_| !finite) else {
+            return (tile, false);
+        };
+        self.seen_columns(bits, job);
+        let fix = &mut self.fix[..tile.len()];
+        fix.copy_from_slice(tile);
+        let seen = &self.seen;
+        for c in (0..job.cols).filter(|&c| seen[c / 64] >> (c % 64) & 1 == 0) {
+            fix[c * ld..(c + 1) * ld].fill(0.0);
+        }
+        (
+            &self.fix[..tile.len()],
+            !pack::all_finite(&self.fix[..tile.len()]),
+        )
+    }
+
+    /// [`Unseen::rows`] for a tile interleaved over keys ([`pack::pairs_over_rows`] layout, rows `ld`
+    /// pairs long): `Ok` the pairs to multiply, or `Err` the tile widened to f32 rows
+    /// (`tk_pad × ld`) for a product that skips the hidden pairs.
+    #[cfg(target_arch = "x86_64")]
+    pub fn pairs<'a>(
+        &'a mut self,
+        job: &TileJob,
+        pairs: &'a [u32],
+        ld: usize,
+        finite: bool,
+    ) -> Result<&'a [u32], &'a [f32]> {
+        let Some(bits) = job.bits.filter(|_| !finite) else {
+            return Ok(pairs);
+        };
+        self.seen_columns(bits, job);
+        self.fix_pairs.resize(pairs.len(), 0);
+        self.fix_pairs.copy_from_slice(pairs);
+        let seen = &self.seen;
+        for c in (0..job.cols).filter(|&c| seen[c / 64] >> (c % 64) & 1 == 0) {
+            let keep = if c % 2 == 0 { 0xffff_0000 } else { 0x0000_ffff };
+            self.fix_pairs[c / 2 * ld..(c / 2 + 1) * ld]
+                .iter_mut()
+                .for_each(|x| *x &= keep);
+        }
+        if pairs_finite(&self.fix_pairs) {
+            return Ok(&self.fix_pairs);
+        }
+        let rows_pad = job.g.tk_pad;
+        let fix = &mut self.fix[..rows_pad * ld];
+        for c in 0..rows_pad {
+            let (p, half) = (c / 2, 16 * (c % 2));
+            for x in 0..ld {
+                let bits = (self.fix_pairs[p * ld + x] >> half) as u16;
+                fix[c * ld + x] = half::bf16::from_bits(bits).to_f32();
+            }
+        }
+        Err(&self.fix[..rows_pad * ld])
+    }
 }
 
 /// Turns row `r` of raw products `q·k` into scores
@@ -252,7 +358,7 @@ impl Online<'_> {
     /// the column form also runs the padding lanes past `rows`, which then hold the same
     /// start, not whatever an earlier tile left there.
     pub fn reset(&mut self, rows: usize, d_pad: usize, sink: Option<f32>) {
-        let (m, l) = sink.map_or((f32::NEG_INFINITY, 0.0), |s| (s, 1.0));
+        let (m, l) = start(sink);
         self.m.fill(m);
         self.l.fill(l);
         self.acc[..rows * d_pad].fill(0.0);
@@ -428,6 +534,38 @@ impl Online<'_> {
         }
     }
 
+    /// Adds to the first `rows` rows of this state the states `parts` of the same rows over
+    /// other keys (decode's chunks, each over its own key tiles), with the LSE rule of
+    /// docs/design.md section 1, in the order given; [`finish`](Self::finish) then gives `O`
+    /// and `LSE` over all the keys. Every sum runs from the largest maximum `m` of them all:
+    /// `l = Σ e^(m_k − m) l_k`, `acc = Σ e^(m_k − m) acc_k`. A state that saw nothing
+    /// (`l = 0`) adds nothing, so a row no state saw keeps `l = 0` and `finish` makes it
+    /// empty; a NaN sum makes the row's sum NaN.
+    pub fn merge(&mut self, parts: &[OnlineBufs], rows: usize, d_pad: usize) {
+        let saw = |l: f32| l != 0.0;
+        for r in 0..rows {
+            let m = parts.iter().fold(self.m[r], |a, s| a.max(s.m[r]));
+            if !parts.iter().any(|s| saw(s.l[r])) {
+                continue;
+            }
+            let acc = &mut self.acc[r * d_pad..(r + 1) * d_pad];
+            let mut l = 0.0;
+            if saw(self.l[r]) {
+                let w = (self.m[r] - m).exp();
+                l = self.l[r] * w;
+                acc.iter_mut().for_each(|a| *a *= w);
+            }
+            for s in parts.iter().filter(|s| saw(s.l[r])) {
+                let w = (s.m[r] - m).exp();
+                l += w * s.l[r];
+                for (a, x) in acc.iter_mut().zip(&s.acc[r * d_pad..(r + 1) * d_pad]) {
+                    *a += w * x;
+                }
+            }
+            (self.m[r], self.l[r]) = (m, l);
+        }
+    }
+
     /// `O_i = acc_i / l_i` into `out` (`rows × d`), `LSE_i = m_i + ln l_i` into `lse`; a row
     /// that saw nothing (`l = 0`) gets `O = 0`, `LSE = −∞`, and a NaN sum NaN.
     pub fn finish(&self, d: usize, d_pad: usize, out: &mut [f32], lse: &mut [f32]) {
@@ -442,6 +580,41 @@ impl Online<'_> {
                 dst.fill(0.0);
                 *x = f32::NEG_INFINITY;
             }
+        }
+    }
+}
+
+/// A row's state before any key: nothing seen (`m = −∞`, `l = 0`), or, with an attention
+/// sink, its term already in (`m = sink`, `l = e^(sink − sink) = 1`).
+fn start(sink: Option<f32>) -> (f32, f32) {
+    sink.map_or((f32::NEG_INFINITY, 0.0), |s| (s, 1.0))
+}
+
+/// The buffers of an [`Online`] state that outlives its loop over key tiles: a decode
+/// chunk's, kept until the chunks are merged ([`Online::merge`]).
+pub(crate) struct OnlineBufs {
+    pub m: Vec<f32>,
+    pub l: Vec<f32>,
+    /// `rows × d_pad`
+    pub acc: Vec<f32>,
+}
+
+impl OnlineBufs {
+    /// `rows` rows of `d_pad` features before any key, row `r` with the sink `sink(r)`.
+    pub fn new(rows: usize, d_pad: usize, sink: impl Fn(usize) -> Option<f32>) -> Self {
+        let (m, l) = (0..rows).map(|r| start(sink(r))).unzip();
+        OnlineBufs {
+            m,
+            l,
+            acc: vec![0.0; rows * d_pad],
+        }
+    }
+
+    pub fn online(&mut self) -> Online<'_> {
+        Online {
+            m: &mut self.m,
+            l: &mut self.l,
+            acc: &mut self.acc,
         }
     }
 }
@@ -489,4 +662,12 @@ pub(crate) unsafe fn probs<S: Simd>(
             }
         }
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+/// Whether both bf16 halves of every pair are finite.
+fn pairs_finite(pairs: &[u32]) -> bool {
+    pairs.iter().fold(true, |ok, &x| {
+        ok & (x & 0x7f80 != 0x7f80) & (x & 0x7f80_0000 != 0x7f80_0000)
+    })
 }

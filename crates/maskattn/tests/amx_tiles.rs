@@ -116,11 +116,11 @@ fn bf16_through_amx_matches_the_reference() {
                     1,
                 ),
                 // Padding, with a batch row of no keys at all (rows that see nothing).
-                Mask::key_lengths(
+                Mask::key_padding(
                     (0..b)
                         .map(|x| if x == 1 { 0 } else { lk - lk / 4 })
                         .collect::<Vec<_>>(),
-                ) & Mask::query_lengths(vec![lq - 1; b]),
+                ) & Mask::query_padding(vec![lq - 1; b]),
             ];
             for (i, mask) in masks.into_iter().enumerate() {
                 let seed = 11_000 + 10 * n as u64 + i as u64;
@@ -261,7 +261,7 @@ fn hidden_nan_and_inf_change_nothing_through_amx() {
             // Padding keys hide something from everyone; an odd number of them leaves a
             // visible key paired with a hidden one in the products' pairs.
             let lens: Vec<usize> = (0..b).map(|_| rng.below(lk)).collect();
-            c.mask = c.mask.clone() & Mask::key_lengths(lens);
+            c.mask = c.mask.clone() & Mask::key_padding(lens);
             let clean = bits(&c.run_kernel_half::<bf16>());
             let bad = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][case as usize % 3];
             assert!(poison(&mut c, bad) >= b);
@@ -278,8 +278,8 @@ fn hidden_nan_and_inf_change_nothing_through_amx() {
 fn rows_that_see_nothing_stay_zero_through_amx() {
     for_each_amx_mode("rows_that_see_nothing_stay_zero_through_amx", |_| {
         let dims = [2, 4, 2, 37, 29, 24];
-        let mask = Mask::key_lengths(vec![29, 0])
-            & (Mask::causal_top_left() & !Mask::key_lengths(vec![3]));
+        let mask = Mask::key_padding(vec![29, 0])
+            & (Mask::causal_top_left() & !Mask::key_padding(vec![3]));
         let c = with_mask(random_case(7, dims, (16, 16), false), mask).rounded::<bf16>();
         let [out, lse, dq, dk, dv] = c.run_kernel_half::<bf16>();
         let [b, hq, hkv, lq, lk, d] = dims;

@@ -66,8 +66,8 @@ fn non_finite_scale() {
 fn mask_data_that_does_not_fit() {
     let qs = [2, 2, 4, 8];
     let cases = [
-        (Mask::key_lengths(vec![1, 2, 3]), "batch rows"),
-        (Mask::key_lengths(vec![5]), "exceeds L_k"),
+        (Mask::key_padding(vec![1, 2, 3]), "batch rows"),
+        (Mask::key_padding(vec![5]), "exceeds L_k"),
         (Mask::documents(vec![0i64; 5], 1), "document ids"),
         (Mask::key_keep(vec![true; 3], 1), "keep"),
         (Mask::per_head(vec![Mask::causal()]), "per-head"),

@@ -93,10 +93,10 @@ fn every_kind(s: &MaskShape, rng: &mut Rng) -> Vec<Mask> {
         Mask::window(3, 7),
         Mask::window(0, 0),
         Mask::window(usize::MAX, 2),
-        Mask::key_lengths(lens(s.lk, rng)),
-        Mask::key_lengths(vec![s.lk / 2]),
+        Mask::key_padding(lens(s.lk, rng)),
+        Mask::key_padding(vec![s.lk / 2]),
         Mask::key_keep(keep, s.batch),
-        Mask::query_lengths(lens(s.lq, rng)),
+        Mask::query_padding(lens(s.lq, rng)),
         Mask::documents_cross(q_ids.clone(), k_ids.clone(), s.batch),
         // Unsorted ids: documents interleaved.
         Mask::documents_cross(
@@ -114,7 +114,7 @@ fn every_kind(s: &MaskShape, rng: &mut Rng) -> Vec<Mask> {
                 .map(|h| Mask::window(h * 4, 0))
                 .collect::<Vec<_>>(),
         ),
-        Mask::causal() & Mask::key_lengths(lens(s.lk, rng)),
+        Mask::causal() & Mask::key_padding(lens(s.lk, rng)),
         Mask::causal() | Mask::window(0, 3),
         !Mask::causal(),
         Mask::documents_cross(q_ids, k_ids, s.batch) & Mask::causal(),
@@ -127,6 +127,22 @@ fn every_kind(s: &MaskShape, rng: &mut Rng) -> Vec<Mask> {
         Mask::neighbourhood(grid_of(s.lk).0, grid_of(s.lk).1, 1),
         Mask::neighbourhood(grid_of(s.lk).0, grid_of(s.lk).1, 3) & Mask::causal(),
         Mask::neighbourhood(1, s.lk, 2),
+        {
+            let (h, w) = grid_of(s.lk);
+            Mask::natten(h, w, if h.min(w) >= 3 { 3 } else { 1 })
+        },
+        Mask::natten(1, s.lk, 1) & Mask::causal(),
+        {
+            // The largest window that divides both sides, shifted by half of it.
+            let (h, w) = grid_of(s.lk);
+            let win = (1..=h.min(w))
+                .rev()
+                .find(|x| h.is_multiple_of(*x) && w.is_multiple_of(*x))
+                .unwrap();
+            Mask::swin(h, w, win, win / 2)
+        },
+        Mask::chunked(7, Some(1)),
+        Mask::chunked(5, None) & Mask::window(9, usize::MAX),
     ]
 }
 

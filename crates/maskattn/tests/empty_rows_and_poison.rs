@@ -19,7 +19,7 @@ fn rows_that_see_nothing_are_zero_and_never_nan() {
     // the causal diagonal (top-left) and a window that starts at key 3 exclude everything.
     let dims = [2, 4, 2, 37, 29, 24];
     let mask =
-        Mask::key_lengths(vec![29, 0]) & (Mask::causal_top_left() & !Mask::key_lengths(vec![3]));
+        Mask::key_padding(vec![29, 0]) & (Mask::causal_top_left() & !Mask::key_padding(vec![3]));
     let c = case_with_mask(dims, mask, 7);
     let [out, lse, dq, dk, dv] = c.run_kernel();
     let [b, hq, hkv, lq, lk, d] = dims;
@@ -106,7 +106,7 @@ fn clean_and_poisoned(
 ) -> (usize, Vec<Vec<u32>>, Vec<Vec<u32>>) {
     let [b, _, _, _, lk, _] = c.dims;
     let lens: Vec<usize> = (0..b).map(|x| (seed as usize >> (8 * x)) % lk).collect();
-    c.mask = c.mask.clone() & Mask::key_lengths(lens);
+    c.mask = c.mask.clone() & Mask::key_padding(lens);
     let clean = run(&c);
     let n = poison(&mut c, bad);
     (n, bits(&clean), bits(&run(&c)))

@@ -22,8 +22,8 @@ fn every_value_of_the_callers_buffers_is_written() {
             let mut c = random_case(300 + 10 * n as u64 + seed, dims, (64, 64), seed % 2 == 1);
             let [b, _, _, lq, lk, _] = dims;
             // Batch row 1 sees no key past lk/3 and its last query sees nothing at all.
-            c.mask = Mask::key_lengths(vec![lk, lk / 3])
-                & Mask::query_lengths(vec![lq, lq - 1])
+            c.mask = Mask::key_padding(vec![lk, lk / 3])
+                & Mask::query_padding(vec![lq, lq - 1])
                 & c.mask.clone();
             assert_eq!(b, 2);
             let [out, lse, dq, dk, dv] = c.run_kernel();

@@ -73,14 +73,14 @@ fn display_and_debug_spell_masks_one_way() {
         "!(causal & full)"
     );
     // Data terms print their name; Debug adds a summary of the data.
-    let k = Mask::causal() & Mask::key_lengths(vec![5, 7]);
+    let k = Mask::causal() & Mask::key_padding(vec![5, 7]);
     assert_eq!(k.to_string(), "causal & key-padding");
     assert_eq!(format!("{k:?}"), "causal & key-padding[lengths [5, 7]]");
 }
 
 #[test]
 fn data_terms_are_bound_by_the_caller() {
-    let keys = Mask::key_lengths(vec![3]);
+    let keys = Mask::key_padding(vec![3]);
     let m = Mask::parse_with("causal & !key-padding | documents", |name| {
         (name == "key-padding").then(|| keys.clone())
     });
@@ -134,6 +134,88 @@ fn bad_expressions_are_typed_errors_that_say_what_is_wrong() {
         let e = syntax_error(expr);
         assert!(e.contains(word), "{expr:?}: {e}");
     }
+}
+
+/// Driven by the crate's one list of terms, so a new kind is covered the day it is listed:
+/// each structured term builds from its numbers, prints as the grammar writes it, parses
+/// back (alone and inside a tree), and refuses the wrong count of numbers; each data term
+/// is what some mask with data prints, and a bare parse asks the caller for its data.
+#[test]
+fn every_term_of_the_list_prints_and_parses_back() {
+    use maskattn::{DenseMask, MaskTerm, MASK_TERMS};
+    for t in MASK_TERMS {
+        assert!(MaskTerm::find(t.name).is_some_and(|f| f.name == t.name));
+        if t.is_data() {
+            let e = syntax_error(t.name);
+            assert!(e.contains(&format!("`{}` is a data term", t.name)), "{e}");
+            assert!(Mask::term(t.name, &[]).is_err(), "{}", t.name);
+            continue;
+        }
+        // Small numbers that fit: the grid masks need a kernel or window that fits the grid.
+        let args: Vec<usize> = match t.name {
+            "natten" => vec![7, 9, 3, 2],
+            "swin" => vec![8, 12, 4, 2],
+            _ => (0..t.params.len()).map(|n| n + 2).collect(),
+        };
+        let required = t.params.len() - t.optional;
+        let mut sets = vec![args.clone()];
+        if t.repeats {
+            sets.push([args.clone(), vec![9]].concat());
+        }
+        if t.optional > 0 {
+            sets.push(args[..required].to_vec());
+        }
+        for args in sets {
+            let m = Mask::term(t.name, &args).unwrap_or_else(|e| panic!("{}: {e}", t.name));
+            let text = m.to_string();
+            let nums: Vec<String> = args.iter().map(usize::to_string).collect();
+            let want = if args.is_empty() {
+                t.name.to_string()
+            } else {
+                format!("{}({})", t.name, nums.join(","))
+            };
+            assert_eq!(text, want);
+            assert!(parse(&text) == m, "{text}");
+            let tree = Mask::causal() & !(m.clone() | Mask::window(1, 2));
+            assert!(parse(&tree.to_string()) == tree, "{tree}");
+            // One number fewer than it needs is refused; one more, unless it repeats.
+            if let Some((_, fewer)) = args.split_last().filter(|_| args.len() == required) {
+                assert!(Mask::term(t.name, fewer).is_err(), "{}({fewer:?})", t.name);
+            }
+            if !t.repeats && args.len() == t.params.len() {
+                let more = [args.clone(), vec![1]].concat();
+                assert!(Mask::term(t.name, &more).is_err(), "{}({more:?})", t.name);
+            }
+        }
+        assert!(t.usage().starts_with(t.name));
+        assert_eq!(
+            t.usage().matches(',').count() + 1,
+            t.params.len().max(1) + t.repeats as usize
+        );
+    }
+    // Every mask that carries data prints as a data term of the list, and every data term
+    // of the list is printed by one.
+    let dense = DenseMask::new(vec![true; 4], [1, 1, 2, 2]).unwrap();
+    let with_data = [
+        Mask::key_padding(vec![3]),
+        Mask::key_keep(vec![true, false], 1),
+        Mask::query_padding(vec![3]),
+        Mask::documents(vec![0i64, 1], 1),
+        Mask::dense(dense),
+        Mask::from_fn(|_, _, i, j| i >= j),
+        Mask::per_head(vec![Mask::causal()]),
+    ];
+    let printed: Vec<String> = with_data.iter().map(Mask::to_string).collect();
+    for p in &printed {
+        assert!(MaskTerm::find(p).is_some_and(MaskTerm::is_data), "{p}");
+    }
+    for t in MASK_TERMS.iter().filter(|t| t.is_data()) {
+        assert!(printed.iter().any(|p| p == t.name), "{}", t.name);
+    }
+    let e = Mask::term("sideways", &[1]).unwrap_err().to_string();
+    assert!(e.contains("unknown mask term `sideways`"), "{e}");
+    let e = Mask::term("causal", &[1]).unwrap_err().to_string();
+    assert!(e.contains("takes no numbers"), "{e}");
 }
 
 /// One structured leaf, any sizes (the extremes included).
@@ -224,14 +306,14 @@ proptest! {
     ) {
         let text: String = picks.iter().map(|&p| TOKENS[p]).collect();
         match Mask::parse_with(&text, |name| match name {
-            "key-padding" => Some(Mask::key_lengths(vec![2])),
+            "key-padding" => Some(Mask::key_padding(vec![2])),
             "documents" => Some(Mask::documents(vec![0i64, 1], 1)),
             _ => None,
         }) {
             Ok(m) => {
                 let again = m.to_string();
                 let back = Mask::parse_with(&again, |name| match name {
-                    "key-padding" => Some(Mask::key_lengths(vec![2])),
+                    "key-padding" => Some(Mask::key_padding(vec![2])),
                     "documents" => Some(Mask::documents(vec![0i64, 1], 1)),
                     _ => None,
                 }).unwrap();

@@ -154,8 +154,8 @@ fn prefix_and_lengths_past_the_sequence_are_typed_errors() {
     let s = MaskShape::new(1, 1, 8, 8);
     for m in [
         Mask::prefix(usize::MAX),
-        Mask::key_lengths(vec![usize::MAX]),
-        Mask::query_lengths(vec![usize::MAX / 2 + 1]),
+        Mask::key_padding(vec![usize::MAX]),
+        Mask::query_padding(vec![usize::MAX / 2 + 1]),
     ] {
         let e = BlockMask::new(&m, s).unwrap_err();
         assert!(matches!(e, AttnError::Mask(_)), "{m:?}: {e}");

@@ -214,7 +214,7 @@ fn case(dims: [usize; 6], mask: Mask, dropout: Option<Dropout>) -> Case {
 fn non_finite_values_the_mask_lets_through_reach_exactly_what_ieee_says() {
     // Causal bottom-right with L_q > L_k: queries 0..8 see nothing (empty rows), key j is
     // seen from query j + 8 on; batch row 1 has 20 valid keys. GQA: 4 query heads, 2 kv heads.
-    let mask = || Mask::causal() & Mask::key_lengths(vec![29, 20]);
+    let mask = || Mask::causal() & Mask::key_padding(vec![29, 20]);
     let tiled = case([2, 4, 2, 37, 29, 24], mask(), None);
     let dropped = case(
         [2, 4, 2, 37, 29, 24],
@@ -249,7 +249,7 @@ fn non_finite_values_the_mask_lets_through_reach_exactly_what_ieee_says() {
     // Decode path (at most 4 queries): d = 16 reads an f32 cache in place where a tile is full.
     let decode = case(
         [2, 4, 2, 3, 40, 16],
-        Mask::causal() & Mask::key_lengths(vec![40, 23]),
+        Mask::causal() & Mask::key_padding(vec![40, 23]),
         None,
     );
     let decode_spots = [

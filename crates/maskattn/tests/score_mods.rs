@@ -62,7 +62,7 @@ fn each_modifier_alone_and_all_together() {
                             .collect::<Vec<_>>(),
                         dims[0],
                     ),
-                    _ => Mask::key_lengths(vec![dims[4], dims[4] / 2]) & Mask::causal(),
+                    _ => Mask::key_padding(vec![dims[4], dims[4] / 2]) & Mask::causal(),
                 };
                 c.check();
             }
@@ -112,7 +112,7 @@ fn decode_path_with_modifiers() {
         let which = [ALL_MODS, 4, 2 | 4, 1 | 8][n as usize % 4];
         let mut c = ModCase::random(n * 13 + 2, dims, (64, 64), n % 3 == 0, which);
         if n % 2 == 0 {
-            c.case.mask = Mask::causal() & Mask::key_lengths(vec![dims[4] / 2 + 1; dims[0]]);
+            c.case.mask = Mask::causal() & Mask::key_padding(vec![dims[4] / 2 + 1; dims[0]]);
         }
         c.check();
         if n < 4 {
@@ -254,7 +254,7 @@ fn rows_that_see_nothing_with_sinks() {
     let mut c = ModCase::random(9, dims, (16, 32), true, ALL_MODS);
     c.case.dropout = None;
     c.case.mask =
-        Mask::key_lengths(vec![90, 0]) & Mask::causal() & !Mask::query_lengths(vec![5, 0]);
+        Mask::key_padding(vec![90, 0]) & Mask::causal() & !Mask::query_padding(vec![5, 0]);
     // A NaN dO on rows that see nothing must not reach any gradient.
     let lq = dims[3];
     for h in 0..dims[1] {
@@ -314,7 +314,7 @@ fn hidden_nan_changes_nothing_with_modifiers() {
         let dims = [2, 4, 2, 60 + n, 100, 24];
         let mut c = ModCase::random(n as u64 + 40, dims, (16, 32), true, which);
         let lens = vec![70usize, 45];
-        c.case.mask = Mask::key_lengths(lens.clone()) & Mask::causal();
+        c.case.mask = Mask::key_padding(lens.clone()) & Mask::causal();
         let clean = c.run();
         let mut poisoned = c.clone();
         let [b, _, hkv, _, lk, d] = dims;
@@ -477,7 +477,7 @@ fn bias_gradient_in_every_broadcast_form() {
                     if which == 0 {
                         c.mods = Mods::default();
                     }
-                    c.case.mask = Mask::causal() & Mask::key_lengths(vec![lk, 50]);
+                    c.case.mask = Mask::causal() & Mask::key_padding(vec![lk, 50]);
                     let bd = [db, dh, dq, dk];
                     c.case.bias = Some((Rng::new(n as u64).vec(bd.iter().product()), bd));
                     c.check();

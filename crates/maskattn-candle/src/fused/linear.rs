@@ -11,8 +11,8 @@
 //! Shapes: `x [..., in]`, `W [out, in]`, `b [out]` → `y [..., out]`. The products are
 //! `gemm`'s (the same call, strides and thread count as candle's own matmul, so the forward
 //! gives candle's bits), on the kernels' instruction set (`crate::products`: an AVX2 run
-//! forced with `MASKATTN_ISA=avx2` takes gemm's AVX2 kernels); the bias gradient is summed in fixed blocks of rows, so it does
-//! not depend on the number of threads.
+//! forced with `MASKATTN_ISA=avx2` takes gemm's AVX2 kernels); the bias gradient is summed
+//! in fixed blocks of rows, so it does not depend on the number of threads.
 
 use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Error, Layout, Module, Result, Shape, Storage, Tensor,

@@ -1,8 +1,12 @@
-//! Element-wise loops over f32 slices: vectorised for the widest instruction set the CPU has
-//! (the same body compiled three times, chosen at run time) and split over rayon's pool —
+//! Element-wise loops over f32 slices: vectorised for the instruction set the kernels use
+//! (the same body compiled three times, chosen at run time through the kernel crate's
+//! [`maskattn::Isa`], so one vocabulary and one switch for both) and split over rayon's pool —
 //! the pool the matrix products and the attention kernels already run on, so no second set
 //! of spinning threads competes with them for the cores.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use maskattn::Isa;
 use rayon::prelude::*;
 
 /// Below this many elements a loop runs on the calling thread.
@@ -10,52 +14,55 @@ pub(crate) const PAR_MIN: usize = 32 * 1024;
 /// Elements per parallel piece (a multiple of every vector width).
 const PIECE: usize = 8 * 1024;
 
-/// Which compiled copy of a loop body runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Isa {
-    Avx512,
-    Avx2,
-    Portable,
+/// Calls of a multiversioned loop body per instruction set, indexed by [`slot`]: how a
+/// test sees which compiled copy ran (one relaxed add per call of a whole piece or block
+/// of rows, not per element).
+static CALLS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+
+fn slot(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 0,
+        Isa::Avx2 => 1,
+        Isa::Neon => 2,
+        Isa::Portable => 3,
+    }
 }
 
-pub(crate) fn isa() -> Isa {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                Isa::Avx512
-            } else if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                Isa::Avx2
-            } else {
-                Isa::Portable
-            }
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    Isa::Portable
+/// Counts one call of a loop body compiled for `isa` (called by [`multiversion`]).
+pub(crate) fn count(isa: Isa) {
+    CALLS[slot(isa)].fetch_add(1, Ordering::Relaxed);
+}
+
+/// How many times the fused ops' loop bodies have run on `isa` in this process: the
+/// fused ops follow the kernel crate's choice ([`maskattn::current_isa`], so
+/// `MASKATTN_ISA` and [`maskattn::set_isa`] reach them too), and this says which copy ran.
+/// On NEON the loops run the portable copy, which the compiler vectorises for aarch64.
+pub fn calls_on(isa: Isa) -> u64 {
+    CALLS[slot(isa)].load(Ordering::Relaxed)
 }
 
 /// `fn name(args)` that runs the `#[inline(always)]` function `body(args)` compiled for the
-/// widest instruction set the CPU has: `body` is inlined into a copy built with AVX-512, one
-/// with AVX2 + FMA, and a portable one (which the compiler vectorises for the baseline).
+/// instruction set the kernels use now ([`maskattn::current_isa`]): `body` is inlined into
+/// a copy built with AVX-512, one with AVX2 + FMA, and a portable one (which the compiler
+/// vectorises for the baseline).
 macro_rules! multiversion {
     ($vis:vis fn $name:ident($($a:ident: $t:ty),*) $(-> $ret:ty)? => $body:path) => {
         $vis fn $name($($a: $t),*) $(-> $ret)? {
+            let isa = maskattn::current_isa();
+            $crate::fused::par::count(isa);
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f")]
+                #[target_feature(enable = "avx512f,avx2,fma")]
                 unsafe fn v4($($a: $t),*) $(-> $ret)? { $body($($a),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($a: $t),*) $(-> $ret)? { $body($($a),*) }
-                match $crate::fused::par::isa() {
-                    // SAFETY: the instruction set was detected on this CPU.
-                    $crate::fused::par::Isa::Avx512 => unsafe { v4($($a),*) },
-                    $crate::fused::par::Isa::Avx2 => unsafe { v3($($a),*) },
-                    $crate::fused::par::Isa::Portable => $body($($a),*),
+                match isa {
+                    // SAFETY: `current_isa` returns only a set this CPU has (detected, or
+                    // forced through `set_isa`, which refuses a set the CPU lacks).
+                    maskattn::Isa::Avx512 => unsafe { v4($($a),*) },
+                    // SAFETY: as for AVX-512.
+                    maskattn::Isa::Avx2 => unsafe { v3($($a),*) },
+                    _ => $body($($a),*),
                 }
             }
             #[cfg(not(target_arch = "x86_64"))]

@@ -22,67 +22,69 @@ pub use maskattn_train::{batch, open, rng};
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
     /// mlm: predict masked tokens (bidirectional attention); clm: predict the next token (causal).
-    #[arg(long, value_enum, default_value = "clm")]
+    #[arg(long, value_enum, default_value = "clm", conflicts_with = "resume")]
     pub objective: ObjectiveArg,
     /// packed: several documents per row with a documents mask; padded: one per row with key padding.
-    #[arg(long, value_enum, default_value = "packed")]
+    #[arg(long, value_enum, default_value = "packed", conflicts_with = "resume")]
     pub layout: LayoutArg,
     /// Train on this UTF-8 text (paragraphs are documents) instead of the built-in task.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub text: Option<PathBuf>,
     /// A Hugging Face tokenizer.json (needs --text); default: bytes.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub tokenizer: Option<PathBuf>,
     /// Checkpoint folder (written at every evaluation, at the end and on Ctrl-C).
-    #[arg(long, default_value = "runs/default")]
+    #[arg(long, default_value = "runs/default", conflicts_with = "resume")]
     pub out: PathBuf,
-    /// Continue the run saved in this checkpoint folder (its settings are kept; --steps may extend it).
+    /// Continue the run saved in this checkpoint folder (its settings are kept; --steps may
+    /// extend it). The run's settings cannot be given with it: a flag that would be ignored
+    /// is refused, naming it.
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Optimisation steps in all [default: 500; on --resume: the checkpoint's, or more to extend it].
     #[arg(long)]
     pub steps: Option<u64>,
     /// Rows per batch.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, conflicts_with = "resume")]
     pub batch: usize,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, conflicts_with = "resume")]
     pub seq_len: usize,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, conflicts_with = "resume")]
     pub d_model: usize,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, conflicts_with = "resume")]
     pub layers: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, conflicts_with = "resume")]
     pub heads: usize,
     /// Key/value heads (grouped-query attention; default: --heads).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub kv_heads: Option<usize>,
     /// How the model knows positions: rotary, learned embeddings, ALiBi (fixed standard
     /// slopes) or T5 relative biases (a trainable table per layer, 32 buckets up to 128).
-    #[arg(long, value_enum, default_value = "rotary")]
+    #[arg(long, value_enum, default_value = "rotary", conflicts_with = "resume")]
     pub positions: PositionsArg,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, conflicts_with = "resume")]
     pub dropout: f32,
     /// Soft-cap the attention scores at C: `C · tanh(score / C)`.
-    #[arg(long, value_name = "C")]
+    #[arg(long, value_name = "C", conflicts_with = "resume")]
     pub softcap: Option<f32>,
     /// An attention sink (a trainable logit in every softmax's sum) per head and layer.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub sinks: bool,
-    #[arg(long, default_value_t = 3e-3)]
+    #[arg(long, default_value_t = 3e-3, conflicts_with = "resume")]
     pub lr: f64,
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, conflicts_with = "resume")]
     pub warmup: u64,
     /// Final learning rate as a fraction of --lr.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, conflicts_with = "resume")]
     pub min_lr_ratio: f64,
     /// Largest global gradient norm (0: no clipping).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, conflicts_with = "resume")]
     pub clip: f64,
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, conflicts_with = "resume")]
     pub weight_decay: f64,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, conflicts_with = "resume")]
     pub eval_every: u64,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "resume")]
     pub seed: u64,
     /// Stop after this many steps of this invocation (the schedule still spans --steps);
     /// for testing resume.

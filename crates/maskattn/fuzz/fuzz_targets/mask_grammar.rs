@@ -7,7 +7,7 @@ use maskattn::{AttnError, Mask};
 
 fn data(name: &str) -> Option<Mask> {
     match name {
-        "key-padding" => Some(Mask::key_lengths(vec![3])),
+        "key-padding" => Some(Mask::key_padding(vec![3])),
         "documents" => Some(Mask::documents(vec![0i64, 0, 1], 1)),
         _ => None,
     }

@@ -18,15 +18,19 @@
 //! pair-interleaved operand, which vector code builds from their rows; they are transposed
 //! back (and `dK` scaled by `s`) once per key tile.
 
-use super::ds_rows;
+use rayon::prelude::*;
+
 use super::score_grads::{self, ModGrads};
-use crate::gemm::amx::Engine;
+use super::step::ds_rows;
+use crate::block::BlockMask;
+use crate::gemm::amx::{DotPath, Engine};
 use crate::gemm::bf16::Pairs;
 use crate::gemm::pair_layouts::Packing;
 use crate::gemm::{gemm_add, MatMut, MatRef, Update};
-use crate::pack::Unseen;
+use crate::pack::{self, Span};
 use crate::simd::{Simd, WithSimd};
-use crate::softmax::{self as sm, Geom, TileJob};
+use crate::softmax::{self as sm, Geom, TileJob, Unseen};
+use crate::view::{Element, View};
 
 /// The query-side operands of every (b, query head, query tile), made once per call.
 pub(super) struct QuerySide {
@@ -41,6 +45,62 @@ pub(super) struct QuerySide {
     pub qt: Vec<u16>,
     pub doutt: Vec<u16>,
     pub tq_pad: usize,
+}
+
+/// The query-side operands of the bf16 path (see [`QuerySide`]).
+pub(super) fn query_side<T: Element>(
+    q: &View<T>,
+    dout: &View<f32>,
+    block: &BlockMask,
+    g: &Geom,
+    path: DotPath,
+) -> QuerySide {
+    let [batch, heads, lq, _] = q.shape();
+    let (tq, nq) = (block.tile_q(), block.grid().0);
+    let tq_pad = tq.next_multiple_of(2);
+    let (n_rows, n_t) = (tq * g.d_pad, g.d_pad * tq_pad);
+    let tiles = batch * heads * nq;
+    let mut qs = QuerySide {
+        q: vec![0; tiles * n_rows],
+        dout: vec![0; tiles * n_rows],
+        qt: vec![0; tiles * n_t],
+        doutt: vec![0; tiles * n_t],
+        tq_pad,
+        engine: path.engine,
+        packing: path.packing,
+    };
+    qs.q.par_chunks_mut(n_rows)
+        .zip(qs.dout.par_chunks_mut(n_rows))
+        .zip(qs.qt.par_chunks_mut(n_t))
+        .zip(qs.doutt.par_chunks_mut(n_t))
+        .enumerate()
+        .for_each(|(idx, (((qr, dr), qt), dt))| {
+            let (bh, t) = (idx / nq, idx % nq);
+            let (b, h, i0) = (bh / heads, bh % heads, t * tq);
+            let span = Span {
+                b,
+                h,
+                start: i0,
+                len: (lq - i0).min(tq),
+            };
+            pack::rows_bf16(q, span, g.d_pad, qr);
+            pack::rows_bf16(dout, span, g.d_pad, dr);
+            pack::transposed_bf16(q, span, (tq_pad, g.d_pad), qt);
+            pack::transposed_bf16(dout, span, (tq_pad, g.d_pad), dt);
+        });
+    qs
+}
+
+/// Every value of `dout` is exactly a bf16 (so the bf16 products lose nothing on it).
+pub(super) fn exactly_bf16(dout: &View<f32>) -> bool {
+    let [batch, heads, l, d] = dout.shape();
+    let mut row = vec![0f32; d];
+    (0..batch * heads * l).all(|n| {
+        dout.load_rows(n / (heads * l), n / l % heads, n % l, &mut row);
+        // NaN is a bf16 too (the products carry it as they should).
+        row.iter()
+            .all(|&x| x.is_nan() || half::bf16::from_f32(x).to_f32() == x)
+    })
 }
 
 /// One key tile's operands (see the table above).
@@ -85,9 +145,10 @@ impl KeySide {
 
 /// Per-task scratch of the bf16 step.
 pub(super) struct Work16 {
-    /// P (or P ∘ z) and dS interleaved over query rows: `tq_pad/2 × tk_pad` pairs.
-    pub pi: Vec<u32>,
-    pub dsi: Vec<u32>,
+    /// P (or P ∘ z) and dS interleaved over query rows, the pair operands of `dVᵀ` and
+    /// `dKᵀ` (see the table above): `tq_pad/2 × tk_pad` pairs each.
+    pub p_pairs: Vec<u32>,
+    pub ds_pairs: Vec<u32>,
     /// dS rows in bf16: `tq × tk_pad`.
     pub ds16: Vec<u16>,
 }
@@ -95,8 +156,8 @@ pub(super) struct Work16 {
 impl Work16 {
     pub fn new(g: &Geom, tq_pad: usize) -> Self {
         Work16 {
-            pi: vec![0; tq_pad / 2 * g.tk_pad],
-            dsi: vec![0; tq_pad / 2 * g.tk_pad],
+            p_pairs: vec![0; tq_pad / 2 * g.tk_pad],
+            ds_pairs: vec![0; tq_pad / 2 * g.tk_pad],
             ds16: vec![0; tq_pad * g.tk_pad],
         }
     }
@@ -222,9 +283,9 @@ unsafe fn step<S: Simd>(t: &QueryTile, ks: &mut KeySide, w: &mut Work16, f: F32T
             // Over the query rows, in pairs; padding rows are 0.
             let pairs = rows.div_ceil(2);
             t.packing
-                .interleave_rows(pv, rows, tk_pad, tk_pad, &mut w.pi);
+                .interleave_rows(pv, rows, tk_pad, tk_pad, &mut w.p_pairs);
             t.packing
-                .interleave_rows(ds, rows, tk_pad, tk_pad, &mut w.dsi);
+                .interleave_rows(ds, rows, tk_pad, tk_pad, &mut w.ds_pairs);
             let (qt, doutt) = (
                 Pairs::of_u16(t.qt, g.d, pairs, rp),
                 Pairs::of_u16(t.doutt, g.d, pairs, rp),
@@ -232,13 +293,13 @@ unsafe fn step<S: Simd>(t: &QueryTile, ks: &mut KeySide, w: &mut Work16, f: F32T
             t.engine.gemm(
                 dvt,
                 doutt,
-                Pairs::of_u32(&w.pi, pairs, tk_pad, tk_pad),
+                Pairs::of_u32(&w.p_pairs, pairs, tk_pad, tk_pad),
                 Update::Add,
             ); // dVᵀ += dOᵀ·P
             t.engine.gemm(
                 dkt,
                 qt,
-                Pairs::of_u32(&w.dsi, pairs, tk_pad, tk_pad),
+                Pairs::of_u32(&w.ds_pairs, pairs, tk_pad, tk_pad),
                 Update::Add,
             ); // dKᵀ += Qᵀ·dS
         }

@@ -293,7 +293,7 @@ pub(crate) unsafe fn gemm_visible<S: Simd>(
 }
 
 /// `C += A·B`; with `Some(vis)`, over the pairs `vis` allows only ([`gemm_visible`]): what
-/// a product over a partial tile takes where the `0 · NaN` guard (`pack::Unseen`) says a
+/// a product over a partial tile takes where the `0 · NaN` guard (`softmax::Unseen`) says a
 /// non-finite value some rows must not see remains.
 ///
 /// # Safety

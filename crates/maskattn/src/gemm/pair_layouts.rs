@@ -17,9 +17,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::bf16;
+use crate::simd::{self, Bf16Path};
 
-/// Which code rounds the operands: picked per call by [`Packing::now`], the only way to
-/// make one, so that the vector side exists only where its instructions do.
+/// Which code rounds the operands: picked per call by [`Packing::of`] (from the call's
+/// [`Bf16Path`]) or [`Packing::now`], the only ways to make one, so that the vector side
+/// exists only where its instructions do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Packing {
     vector: bool,
@@ -43,11 +45,20 @@ pub fn bf16_packing() -> &'static str {
 }
 
 impl Packing {
-    /// AVX512-BF16 where the bf16 dot products are enabled (the CPU has them, the kernels
-    /// run on AVX-512, `MASKATTN_BF16_DOT` is not `0`), else scalar.
+    /// AVX512-BF16 where the kernels may use the bf16 instructions now
+    /// ([`simd::bf16_instructions`]: the CPU has them, the kernels run on AVX-512,
+    /// `MASKATTN_BF16_DOT` is not `0`), else scalar.
     pub fn now() -> Packing {
         Packing {
-            vector: bf16::enabled(),
+            vector: simd::bf16_instructions(),
+        }
+    }
+
+    /// The packing of a call whose path `simd::bf16_path` decided (the same read of the
+    /// instruction set as its engine's).
+    pub fn of(path: Bf16Path) -> Packing {
+        Packing {
+            vector: path.vector,
         }
     }
 
@@ -78,7 +89,8 @@ impl Packing {
         assert!(rows == 0 || src.len() >= (rows - 1) * ld + n);
         self.count();
         if self.vector {
-            // SAFETY: `vector` is only set where `bf16::enabled()`; sizes asserted above.
+            // SAFETY: `vector` is only set where `simd::bf16_instructions()`; sizes
+            // asserted above.
             return unsafe { bf16::round_rows(src, rows, ld, n, dst) };
         }
         for r in 0..rows {
@@ -96,7 +108,8 @@ impl Packing {
         assert!(rows == 0 || src.len() >= (rows - 1) * ld + n);
         self.count();
         if self.vector {
-            // SAFETY: `vector` is only set where `bf16::enabled()`; sizes asserted above.
+            // SAFETY: `vector` is only set where `simd::bf16_instructions()`; sizes
+            // asserted above.
             return unsafe { bf16::interleave_rows(src, rows, ld, n, dst) };
         }
         for p in 0..pairs {
@@ -124,8 +137,8 @@ impl Packing {
     ) {
         self.count();
         if self.vector {
-            // SAFETY: `vector` is only set where `bf16::enabled()` (the function asserts
-            // its sizes itself).
+            // SAFETY: `vector` is only set where `simd::bf16_instructions()` (the function
+            // asserts its sizes itself).
             return unsafe { bf16::transpose_rows(src, (cols, ld), (rows, n), dst) };
         }
         // The vector side's preconditions, so that both refuse the same calls.

@@ -131,14 +131,14 @@ pub fn random_mask(rng: &mut Rng, s: &MaskShape, depth: usize) -> Mask {
         4 => {
             let rows = if rng.below(2) == 0 { 1 } else { s.batch };
             // Lengths of 0 make whole batch rows see nothing.
-            Mask::key_lengths((0..rows).map(|_| rng.below(s.lk + 1)).collect::<Vec<_>>())
+            Mask::key_padding((0..rows).map(|_| rng.below(s.lk + 1)).collect::<Vec<_>>())
         }
         5 => {
             let rows = if rng.below(2) == 0 { 1 } else { s.batch };
             let keep: Vec<bool> = (0..rows * s.lk).map(|_| rng.below(4) != 0).collect();
             Mask::key_keep(keep, rows)
         }
-        6 => Mask::query_lengths(
+        6 => Mask::query_padding(
             (0..s.batch)
                 .map(|_| rng.below(s.lq + 1))
                 .collect::<Vec<_>>(),

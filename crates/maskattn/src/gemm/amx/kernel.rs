@@ -20,7 +20,7 @@
 //! the pairs past the operands' end are padded, they are zero on both sides: `0·0` adds
 //! nothing (a −0 sum may turn +0). Padded rows of A are zero and their results dropped, so
 //! the `0·NaN` they make with a NaN in B never reaches C: C gets exactly the sums of the
-//! operands' own pairs, and the 0·NaN guard of the callers (`pack::Unseen`) holds as on the
+//! operands' own pairs, and the 0·NaN guard of the callers (`softmax::Unseen`) holds as on the
 //! AVX512-BF16 path.
 
 use super::super::bf16::Pairs;

@@ -48,25 +48,21 @@ mod engine {
     }
 
     impl DotPath {
-        /// The path of a call starting now, `None` where bf16 storage is widened to f32:
-        /// `vdpbf16ps` where `bf16::enabled()` (AVX512-BF16, the kernels on AVX-512,
-        /// `MASKATTN_BF16_DOT` not `0`); AMX tiles where [`super::amx_mode`] says so — the
-        /// model on every x86-64 CPU (its operands packed in scalar code where
-        /// `bf16::enabled()` is false: `MASKATTN_ISA=avx2 MASKATTN_AMX=model` runs it so
-        /// on a CPU with AVX512-BF16), the hardware only alongside `bf16::enabled()`. One
-        /// read of the mode, so that a mode switched meanwhile cannot give a call an engine
-        /// its CPU lacks.
+        /// The path of a call starting now, `None` where bf16 storage is widened to f32.
+        /// The decision is [`crate::simd::bf16_path`]'s (the kernel path's one home, one
+        /// read of the mode and the instruction set); here it becomes the code that runs
+        /// it: `vdpbf16ps` (`Vnni`), or the AMX tiles' model or hardware, with the operands
+        /// packed by AVX512-BF16 or by scalar code.
         pub fn now() -> Option<DotPath> {
-            let vnni = bf16::enabled();
-            let engine = match super::amx_mode() {
-                AmxMode::Off => vnni.then_some(Engine::Vnni)?,
-                AmxMode::Model if super::mode::bf16_dot_switched_off() => return None,
+            let path = crate::simd::bf16_path()?;
+            let engine = match path.amx {
+                AmxMode::Off => Engine::Vnni,
                 AmxMode::Model => Engine::AmxModel,
-                AmxMode::Hardware => vnni.then_some(Engine::AmxHardware)?,
+                AmxMode::Hardware => Engine::AmxHardware,
             };
             Some(DotPath {
                 engine,
-                packing: Packing::now(),
+                packing: Packing::of(path),
             })
         }
     }

@@ -109,15 +109,6 @@ pub fn amx_tdpbf16ps_loop(rounds: u64) -> Option<f32> {
     None
 }
 
-/// `MASKATTN_BF16_DOT=0`: bf16 storage widened to f32 whatever the AMX mode (for
-/// comparison). `gemm::bf16::enabled()` reads it too, for the `vdpbf16ps` products; the model
-/// of the tiles needs no instruction, so its path asks here.
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn bf16_dot_switched_off() -> bool {
-    static OFF: OnceLock<bool> = OnceLock::new();
-    *OFF.get_or_init(|| std::env::var("MASKATTN_BF16_DOT").as_deref() == Ok("0"))
-}
-
 fn detect() -> AmxMode {
     match std::env::var("MASKATTN_AMX").as_deref() {
         Ok("0") | Ok("off") => AmxMode::Off,
