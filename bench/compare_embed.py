@@ -13,6 +13,7 @@ least 0.9999.
     MODEL=$(bash scripts/fetch-minilm.sh)
     cargo build --release
     python bench/compare_embed.py --model "$MODEL" --threads 2 --rounds 3
+    python bench/compare_embed.py --model "$MODEL" --threads 2 --isa avx2   # as on an AVX2 server
 
 PyTorch is never a dependency of the project or its tests; this script is run by hand.
 """
@@ -26,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import isa_switch
 
 WORDS = (
     "the a man woman child dog cat is was eating running playing with in on under over "
@@ -67,6 +70,8 @@ def main():
     ap.add_argument("--sentences", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--mixes", default="4-40,40-200", help="word-count ranges")
+    isa_switch.add_argument(ap)
+    isa_switch.apply_before_torch()
     a = ap.parse_args()
 
     import numpy as np
@@ -79,6 +84,8 @@ def main():
         f"threads {a.threads}, {a.sentences} sentences per mix, batch {a.batch_size}, "
         f"{a.rounds} rounds; torch {torch.__version__}; CPU: {cpu_name()}"
     )
+    print(isa_switch.ours_from_binary(a.maskattn))
+    print(isa_switch.torch_side(torch))
     print(f"{'words':>8}  {'maskattn s':>10}  {'s-t s':>8}  {'maskattn/s':>10}  {'s-t/s':>8}  ratio  min cosine")
     ok = True
     for i, mix in enumerate(a.mixes.split(",")):

@@ -5,6 +5,7 @@ square patch grid of L positions, at (1,8,4096,64) f32, against `maskattn bench`
 same cases.
 
     ~/venv-torch/bin/python bench/compare_flex.py --threads 2
+    ~/venv-torch/bin/python bench/compare_flex.py --threads 2 --isa avx2   # as on an AVX2 server
 
 FlexAttention is compiled with `torch.compile` (inductor, which needs a C++ compiler); the
 compile time of each new mask is reported apart from the run time. Its CPU backward is
@@ -20,6 +21,8 @@ import subprocess
 import sys
 import time
 
+import isa_switch
+
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,6 +32,7 @@ def parse_args():
     p.add_argument("--shape", default="1,8,4096,64", help="B,H,L,d; L a multiple of 4")
     p.add_argument("--masks", default="window,documents,chunks,neighbourhood",
                    help="comma-separated subset of window, documents, chunks, neighbourhood")
+    isa_switch.add_argument(p)
     return p.parse_args()
 
 
@@ -50,6 +54,7 @@ def timed(fn, reps):
 
 
 def main():
+    isa_switch.apply_before_torch()
     args = parse_args()
     try:
         import torch
@@ -94,6 +99,8 @@ def main():
         sys.exit(f"neighbourhood needs a square number of positions, not L = {l}")
 
     print(f"threads {args.threads}; PyTorch {torch.__version__}; shape {args.shape} f32")
+    print(isa_switch.ours_from_binary(args.bin))
+    print(isa_switch.torch_side(torch))
     print("| mask | pass | maskattn ms | FlexAttention ms | ratio | Flex compile s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, fn in chosen:

@@ -10,6 +10,7 @@
 
     python bench/compare_python.py --threads 2
     python bench/compare_python.py --threads 2 --grid 1,8,4096,64 --masks window,documents
+    python bench/compare_python.py --threads 2 --isa avx2   # both sides as on an AVX2 server
 
 Medians of --reps calls after two warm-ups; each cell runs ours and the peer back to back so
 both see the same state of a shared machine. Ratios are peer time / ours (above 1: ours is
@@ -22,12 +23,16 @@ import statistics
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+import isa_switch
 
-import maskattn
-from maskattn import _maskattn as native
-from maskattn.ops import _raw, _raw_out
+isa_switch.apply_before_torch()  # before torch reads ATEN_CPU_CAPABILITY
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import maskattn  # noqa: E402
+from maskattn import _maskattn as native  # noqa: E402
+from maskattn.ops import _raw, _raw_out  # noqa: E402
 
 GRID = "1,8,1024,64;1,8,2048,64;1,8,4096,64;4,8,512,64"
 MASKS = "full,causal,key-padding,window,documents"
@@ -42,6 +47,7 @@ def parse_args():
     p.add_argument("--flex-shape", default="1,8,4096,64", help="B,H,L,d for FlexAttention ('' skips it)")
     p.add_argument("--flex-masks", default="window,documents")
     p.add_argument("--overhead-reps", type=int, default=2000)
+    isa_switch.add_argument(p)
     return p.parse_args()
 
 
@@ -204,6 +210,8 @@ def main():
     torch.set_num_threads(args.threads)
     maskattn.set_num_threads(args.threads)
     print(f"threads {args.threads}; PyTorch {torch.__version__}; maskattn {maskattn.__version__}; f32")
+    print(isa_switch.ours_from_package(native))
+    print(isa_switch.torch_side(torch))
     if args.grid:
         grid(args)
     if args.flex_shape:

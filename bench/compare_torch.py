@@ -6,6 +6,7 @@ count, in one run.
     python3 -m venv ~/venv-torch && ~/venv-torch/bin/pip install torch
     cargo build --release
     ~/venv-torch/bin/python bench/compare_torch.py --threads 2 --rounds 3
+    ~/venv-torch/bin/python bench/compare_torch.py --threads 2 --isa avx2   # as on an AVX2 server
 
 Each cell is timed back to back (maskattn, then PyTorch) so that both see the same state of
 a shared machine; with --rounds N the whole grid is run N times and each side's median over
@@ -23,11 +24,14 @@ Ratios are PyTorch time / maskattn time (above 1: maskattn is faster).
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+
+import isa_switch
 
 
 def parse_args():
@@ -37,6 +41,7 @@ def parse_args():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=1, help="times the grid is run; medians are reported")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    isa_switch.add_argument(p)
     return p.parse_args()
 
 
@@ -137,6 +142,7 @@ def cpu_model(head):
 
 
 def main():
+    isa_switch.apply_before_torch()
     args = parse_args()
     started, t0 = datetime.datetime.now(datetime.timezone.utc), time.monotonic()
     try:
@@ -173,10 +179,10 @@ def main():
         f"({len(cases)} cells, {args.rounds} round(s) of {args.reps} reps each side, medians; took {took:.0f} s)",
         f"CPU: {cpu_model(head)}; AMX: {'yes' if paths.get('amx_bf16') else 'absent'}",
         f"threads: maskattn {head.get('threads', args.threads)}, PyTorch {torch.get_num_threads()}",
-        f"maskattn on {head['isa']} (bf16 {'on vdpbf16ps' if paths.get('bf16_dot') else 'widened to f32'}); "
+        f"maskattn kernels and matrix products on {head['isa']} (MASKATTN_ISA={os.environ.get('MASKATTN_ISA', 'unset')}; bf16 {'on vdpbf16ps' if paths.get('bf16_dot') else 'widened to f32'}); "
         f"limits GFLOP/s (median, range over the calls): {lim}; "
         f"2048^3 f32 product {statistics.median(peaks):.0f} GFLOP/s ({min(peaks):.0f}-{max(peaks):.0f})",
-        f"PyTorch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})",
+        isa_switch.torch_side(torch),
     ]
     for line in header:
         print(f"- {line}" if args.markdown else line)

@@ -17,6 +17,7 @@ Rounds alternate ours and theirs.
     pip install torch numpy   # in a virtual environment outside the repo
     cargo build --release
     python bench/compare_train.py --threads 2 --steps 30 --rounds 3
+    python bench/compare_train.py --threads 2 --isa avx2   # both sides as on an AVX2 server
 
 PyTorch is never a dependency of the project or its tests; this script is run by hand.
 """
@@ -29,6 +30,8 @@ import statistics
 import subprocess
 import tempfile
 import time
+
+import isa_switch
 
 VOCAB, D, LAYERS, HEADS = 259, 128, 3, 4
 
@@ -187,12 +190,16 @@ def main():
     ap.add_argument("--steps", type=int, default=30, help="timed steps per run")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=200, help="tokens to generate")
+    isa_switch.add_argument(ap)
+    isa_switch.apply_before_torch()
     a = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(a.threads)
     print(f"threads {a.threads}, {a.steps} steps per run, {a.rounds} rounds; torch {torch.__version__}")
+    print(isa_switch.ours_from_binary(a.maskattn))
+    print(isa_switch.torch_side(torch))
     tmp = tempfile.mkdtemp(prefix="maskattn-compare-train-")
     for batch, seq in [(16, 128), (4, 512)]:
         mine, theirs = [], []

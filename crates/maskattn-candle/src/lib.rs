@@ -48,6 +48,7 @@ pub mod model;
 mod mods;
 mod op;
 mod options;
+pub mod products;
 pub mod reference;
 mod rope;
 mod scores;

@@ -86,36 +86,27 @@ pub fn time(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 /// The practical peak: GFLOP/s of a 2048³ f32 matrix product (the `gemm` crate, which candle
-/// also uses) on the same threads.
+/// also uses, on the kernels' instruction set: `maskattn_candle::products`) on the same
+/// threads.
 pub fn practical_peak() -> f64 {
     let n = 2048;
     let a = data(n * n, 1);
     let b = data(n * n, 2);
     let mut c = vec![0f32; n * n];
     let threads = rayon::current_num_threads();
+    // On the kernels' instruction set, as the model path's products run (`MASKATTN_ISA`).
     // SAFETY: `a`, `b` and `c` each hold `n × n` f32, addressed row-major (rows `n` apart,
-    // columns 1 apart) exactly inside them; `c` is borrowed mutably here and aliases
-    // neither input; `read_dst` is false, so `c`'s old contents are not read.
+    // columns 1 apart) exactly inside them, which is `gemm_f32`'s contract; `c` is borrowed
+    // mutably here and aliases neither input; `read_dst` is false, so `c`'s old contents
+    // are not read.
     let ms = time(3, || unsafe {
-        gemm::gemm(
-            n,
-            n,
-            n,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            n as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
+        maskattn_candle::products::gemm_f32(
+            (n, n, n),
+            (c.as_mut_ptr(), 1, n as isize, false),
+            (a.as_ptr(), 1, n as isize),
+            (b.as_ptr(), 1, n as isize),
             0.0,
             1.0,
-            false,
-            false,
-            false,
             gemm::Parallelism::Rayon(threads),
         )
     });

@@ -5,6 +5,7 @@
 mod kernels;
 mod masks;
 mod mods;
+mod path;
 mod raw;
 mod threads;
 
@@ -27,5 +28,7 @@ fn _maskattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernels::allowed, m)?)?;
     m.add_function(wrap_pyfunction!(threads::set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(threads::get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(path::isa, m)?)?;
+    m.add_function(wrap_pyfunction!(path::kernel_path, m)?)?;
     Ok(())
 }

@@ -96,8 +96,11 @@ struct KvHead<'a, 'b, 'c, T> {
     kv: &'a PackedKv,
     g: Geom,
     b: usize,
-    /// bf16 storage on a CPU with bf16 dot products.
+    /// bf16 storage on the bf16 pair products (`gemm::bf16`, `gemm::amx`).
     dot: bool,
+    /// Their engine and packing, decided once for the call.
+    #[cfg(target_arch = "x86_64")]
+    path: Option<crate::gemm::amx::DotPath>,
 }
 
 /// Masked attention forward. `q [B, H_q, L_q, d]`, `k, v [B, H_kv, L_k, d]` (any strides),
@@ -163,7 +166,12 @@ pub fn forward_into<T: Element>(
     let AttnDims { lq, d, .. } = dims;
     let (tq, g) = (block.tile_q(), call.geom());
     let group = dims.group();
-    let dot = T::IS_BF16 && crate::simd::bf16_dot();
+    #[cfg(target_arch = "x86_64")]
+    let path = T::IS_BF16.then(crate::gemm::amx::DotPath::now).flatten();
+    #[cfg(target_arch = "x86_64")]
+    let dot = path.is_some();
+    #[cfg(not(target_arch = "x86_64"))]
+    let dot = false;
     // Outer tasks: one (b, kv head) each, owning the outputs of the query heads it serves.
     out.par_chunks_mut(group * lq * d)
         .zip(lse.par_chunks_mut(group * lq))
@@ -177,6 +185,8 @@ pub fn forward_into<T: Element>(
                 g,
                 b,
                 dot,
+                #[cfg(target_arch = "x86_64")]
+                path,
             };
             // Inner tasks: one (query head of the group, query tile) each.
             out.par_chunks_mut(lq * d)
@@ -259,6 +269,7 @@ fn query_tile<T: Element>(
         g,
         b,
         dot,
+        ..
     } = *head;
     let block = call.block;
     let rows = lse.len();
@@ -302,13 +313,11 @@ fn query_tile<T: Element>(
     st.reset(rows, g.d_pad, call.sink(h));
     // AMX or not: once per task; on AMX the tiles configured once for all its products.
     #[cfg(target_arch = "x86_64")]
-    let mut tiles = if dot {
-        // SAFETY: `Engine::now` returns `AmxHardware` only where the hardware is available;
-        // the task's products run on this thread, one after another, no other tile code
-        // between them.
-        unsafe { crate::gemm::amx::Engine::now().tiles() }
-    } else {
-        crate::gemm::amx::TaskTiles::Vnni
+    let (mut tiles, packing) = match head.path {
+        // SAFETY: the engine came from `DotPath::now`; the task's products run on this
+        // thread, one after another, no other tile code between them.
+        Some(p) => (unsafe { p.engine.tiles() }, Some(p.packing)),
+        None => (crate::gemm::amx::TaskTiles::Vnni, None),
     };
 
     for kt in 0..block.grid().1 {
@@ -320,7 +329,7 @@ fn query_tile<T: Element>(
         let job = call.tile_job(g, (b, h, i0, kt * g.tk), bits, bias, drop_keys);
         let cols = job.cols;
         #[cfg(target_arch = "x86_64")]
-        if dot {
+        if let Some(packing) = packing {
             let (kp_len, vp_len) = (g.d_pad * g.tk_pad / 2, g.tk_pad * g.d_pad / 2);
             let column = job.column_form().then(|| BfColumns {
                 k16: &kv.k16[kt * 2 * kp_len..(kt + 1) * 2 * kp_len],
@@ -330,6 +339,7 @@ fn query_tile<T: Element>(
             let t = BfStep {
                 job,
                 tiles: &mut tiles,
+                packing,
                 column,
                 q16,
                 kp: &kv.kp[kt * kp_len..(kt + 1) * kp_len],
@@ -338,10 +348,11 @@ fn query_tile<T: Element>(
                 p16,
                 unseen,
                 s,
+                st: &mut st,
             };
-            // SAFETY: `dot` is only set where `simd::bf16_dot()` found AVX512-BF16
-            // and AVX512-BW.
-            unsafe { step_bf16(t, &mut st) };
+            // SAFETY: the engine and packing came from `DotPath::now`; the operands were
+            // checked as they were made, `s` and `st` sized by `Scratch::new`.
+            unsafe { simd::run(t) };
             continue;
         }
         let (kt_len, v_len) = (g.d_pad * g.tk_pad, g.tk_pad * g.d_pad);
@@ -420,12 +431,15 @@ impl WithSimd for Step<'_, '_, '_> {
     }
 }
 
-/// One key tile for [`step_bf16`].
+/// One key tile of the bf16 [`Step`]: both products on bf16 pairs (see `gemm::bf16`), the
+/// softmax in f32 as everywhere else, on the kernels' instruction set.
 #[cfg(target_arch = "x86_64")]
-struct BfStep<'a> {
+struct BfStep<'a, 'b, 'c> {
     job: TileJob<'a>,
     /// Which code runs the pair products (`gemm::amx`), configured for the task.
     tiles: &'a mut crate::gemm::amx::TaskTiles,
+    /// Which code rounds `P̃` to bf16 for them.
+    packing: crate::gemm::pair_layouts::Packing,
     /// A full tile: the column form's operands.
     column: Option<BfColumns<'a>>,
     /// Q rows as bf16 (`rows × d_pad`); `Kᵀ` over features and V over keys in pairs.
@@ -436,6 +450,7 @@ struct BfStep<'a> {
     p16: &'a mut [u16],
     unseen: &'a mut Unseen,
     s: &'a mut [f32],
+    st: &'b mut Online<'c>,
 }
 
 /// The bf16 column form's operands (see [`Online::update_cols`]): the key tile's bf16 rows
@@ -448,19 +463,31 @@ struct BfColumns<'a> {
     pt: &'a mut [u32],
 }
 
-/// The f32 [`Step`] for bf16 storage on AVX512-BF16: both products on bf16 pairs (see
-/// `gemm::bf16`), the softmax in f32 as everywhere else.
+#[cfg(target_arch = "x86_64")]
+impl WithSimd for BfStep<'_, '_, '_> {
+    type Output = ();
+
+    /// # Safety
+    /// `tiles` was made from a [`DotPath::now`](crate::gemm::amx::DotPath::now) engine.
+    #[inline(always)]
+    unsafe fn with_simd<S: Simd>(self) {
+        // SAFETY: the contract.
+        unsafe { step_bf16::<S>(self) }
+    }
+}
+
+/// [`BfStep`]'s work.
 ///
 /// # Safety
-/// The CPU has AVX-512F, AVX512-BW and AVX512-BF16 (`simd::bf16_dot()`).
+/// As for its `with_simd`, and the CPU has `S`'s features.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
-unsafe fn step_bf16(t: BfStep, st: &mut Online) {
-    use crate::gemm::bf16::{self, Pairs};
-    use crate::simd::Avx512;
+#[inline(always)]
+unsafe fn step_bf16<S: Simd>(t: BfStep) {
+    use crate::gemm::bf16::Pairs;
     let BfStep {
         job,
         tiles,
+        packing,
         column,
         q16,
         kp,
@@ -469,30 +496,32 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
         p16,
         unseen,
         s,
+        st,
     } = t;
     let (rows, cols, tk_pad, d_pad) = (job.rows, job.cols, job.g.tk_pad, job.g.d_pad);
     if let Some(BfColumns { k16, qt, pt }) = column {
         let rows_pad = crate::pack::pad16(rows);
-        // SAFETY: AVX512-BF16 and -BW are this function's contract; operands checked when
-        // made (`s` holds `cols` rows of `rows_pad`, `p16` `rows` rows of `tk_pad`).
+        // SAFETY: the engine's and `S`'s features are this function's contract; operands
+        // checked when made (`s` holds `cols` rows of `rows_pad`, `p16` `rows` rows of
+        // `tk_pad`).
         unsafe {
             // xᵀ = K·Qᵀ (keys × query rows), then m, l, P̃ᵀ with the lanes over rows.
             let k = Pairs::of_u16(k16, cols, d_pad / 2, d_pad / 2);
             let q = Pairs::of_u32(qt, d_pad / 2, rows_pad, rows_pad);
             tiles.gemm(MatMut::new(s, cols, rows_pad, rows_pad), k, q, Update::Set);
-            st.update_cols::<Avx512>(&job, s, rows_pad);
+            st.update_cols::<S>(&job, s, rows_pad);
             // acc += bf16(P̃)·V. A full tile hides no pair, so no 0·NaN guard; P̃ past
             // `cols` is 0 and so are the padding keys of V.
             let p = if tiles.is_vnni() {
                 // P̃ᵀ interleaved over keys is P̃ read pair by pair.
-                bf16::interleave_rows(s, cols, rows_pad, rows_pad, pt);
+                packing.interleave_rows(s, cols, rows_pad, rows_pad, pt);
                 Pairs::by_pair(pt, rows, cols.div_ceil(2), rows_pad)
             } else {
                 // AMX tiles load rows of pairs: P̃ transposed back, rows of bf16.
                 if tiles.is_model() {
                     crate::gemm::amx::MODEL_COLUMN_TILES.bump();
                 }
-                bf16::transpose_rows(s, (cols, rows_pad), (rows, tk_pad), p16);
+                packing.transpose_rows(s, (cols, rows_pad), (rows, tk_pad), p16);
                 Pairs::of_u16(p16, rows, cols.div_ceil(2), tk_pad / 2)
             };
             let acc = MatMut::new(&mut *st.acc, rows, d_pad, d_pad);
@@ -501,7 +530,8 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
         }
         return;
     }
-    // SAFETY: AVX512-BF16 is this function's contract; operands checked when made.
+    // SAFETY: the engine's and `S`'s features are this function's contract; operands
+    // checked when made.
     unsafe {
         // x = Q·Kᵀ, scaled and masked in `update` as on every path
         let q = Pairs::of_u16(q16, rows, d_pad / 2, d_pad / 2);
@@ -513,14 +543,14 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
             Update::Set,
         );
         // m, l, P̃ = e^(x − m)
-        st.update::<Avx512>(&job, s);
+        st.update::<S>(&job, s);
         let acc = MatMut::new(&mut *st.acc, rows, d_pad, d_pad);
         // acc += P̃·V, with the guard against 0 · NaN: on the exact f32 values where a
         // non-finite value some rows see remains.
         match unseen.pairs(&job, vp, d_pad, v_finite) {
             Ok(vp) => {
                 // bf16(P̃) · V; P̃ past `cols` is 0 and so are the padding keys of V.
-                bf16::round_rows(s, rows, tk_pad, tk_pad, p16);
+                packing.round_rows(s, rows, tk_pad, tk_pad, p16);
                 let p = Pairs::of_u16(p16, rows, cols.div_ceil(2), tk_pad / 2);
                 tiles.gemm(
                     acc,
@@ -532,7 +562,7 @@ unsafe fn step_bf16(t: BfStep, st: &mut Online) {
             Err(v) => {
                 let p = MatRef::new(s, rows, cols, tk_pad);
                 let v = MatRef::new(v, cols, d_pad, d_pad);
-                gemm_add::<Avx512>(acc, p, v, Some(|r, c| job.visible(r, c)));
+                gemm_add::<S>(acc, p, v, Some(|r, c| job.visible(r, c)));
             }
         }
     }

@@ -84,6 +84,9 @@ pub use gemm::amx::{amx_mode, AmxMode};
 pub use gemm::amx::{
     amx_model_column_tiles, amx_model_configures, amx_model_products, amx_tdpbf16ps_loop, set_amx,
 };
+#[cfg(target_arch = "x86_64")]
+#[doc(hidden)]
+pub use gemm::pair_layouts::{bf16_packing, bf16_scalar_packings};
 /// The `half` crate, whose `bf16` and `f16` are storage types the kernels read.
 pub use half;
 pub use mask::{CausalAlign, DenseMask, Mask, MaskFn, MaskShape, Terms};

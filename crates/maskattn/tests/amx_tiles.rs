@@ -1,56 +1,87 @@
 //! The bf16 forward and backward with their products on AMX tiles: through the plain-Rust
-//! model of the tile instructions on every x86-64 CPU with the bf16 dot-product path
-//! (AVX512-BF16), and through the hardware as well where the CPU has AMX (else SKIPPED).
-//! Against the f64 reference under the accuracy rule; hidden NaN/∞ bit for bit; rows that
-//! see nothing; 1, 2 and 3 threads bit for bit.
+//! model of the tile instructions on every x86-64 CPU — its operands packed on AVX512-BF16
+//! where the kernels run on AVX-512 and the CPU has it, and in scalar code where not (run
+//! here as well on a CPU that has it, by forcing AVX2) — and through the hardware as well
+//! where the CPU has AMX (else SKIPPED). Against the f64 reference under the accuracy rule;
+//! hidden NaN/∞ bit for bit; rows that see nothing; 1, 2 and 3 threads bit for bit.
 
 mod common;
 
 use common::mods::ModCase;
 use common::{random_case, Case, Layout};
 use maskattn::half::bf16;
-use maskattn::{set_amx, AmxMode, Dropout, Mask, MaskShape};
+use maskattn::{set_amx, set_isa, AmxMode, Dropout, Isa, Mask, MaskShape};
 
-/// `set_amx` is process-wide: one test at a time chooses it.
+/// `set_amx` and `set_isa` are process-wide: one test at a time chooses them.
 static MODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Runs `f` once per AMX mode this CPU can run (the model always; the hardware where it
-/// exists), with that mode forced, and says which ran. Nothing runs where the bf16
-/// products are off (no AVX512-BF16), since AMX sits behind them.
+/// Runs `f` once per AMX mode this CPU can run, with that mode forced, and says which ran
+/// and where the operands were packed: the model always — with its operands packed on
+/// AVX512-BF16 where the CPU has it, and once more with a narrower instruction set forced
+/// (the kernels then have no bf16 instructions: scalar packing, as on an AVX2-only CPU) —
+/// and the hardware where it exists. Nothing runs with `MASKATTN_BF16_DOT=0` (bf16 widened).
 fn for_each_amx_mode(test: &str, f: impl Fn(AmxMode)) {
     let _one = MODE.lock().unwrap_or_else(|e| e.into_inner());
+    set_isa(None).unwrap();
+    set_amx(Some(AmxMode::Model)).unwrap();
     if !maskattn::bf16_dot_available() {
+        set_amx(None).unwrap();
         common::report(&format!(
-            "{test}: SKIPPED amx model and hardware (no bf16 dot-product path here: \
-             AVX512-BF16 absent, a narrower ISA forced, or MASKATTN_BF16_DOT=0)"
+            "{test}: SKIPPED amx model and hardware (bf16 widened: MASKATTN_BF16_DOT=0)"
         ));
         return;
     }
-    let mut modes = vec![AmxMode::Model];
+    // (mode, instruction set forced for the run, packing expected)
+    let mut runs = vec![(AmxMode::Model, None, maskattn::bf16_packing())];
+    if maskattn::bf16_packing() != "scalar" {
+        let narrower = [Isa::Avx2, Isa::Portable]
+            .into_iter()
+            .find(|i| Isa::available().contains(i))
+            .unwrap();
+        runs.push((AmxMode::Model, Some(narrower), "scalar"));
+    }
     if set_amx(Some(AmxMode::Hardware)).is_ok() {
-        modes.push(AmxMode::Hardware);
+        runs.push((AmxMode::Hardware, None, maskattn::bf16_packing()));
     } else {
         common::report(&format!(
             "{test}: SKIPPED amx hardware (this CPU lacks AMX)"
         ));
     }
-    for mode in modes {
+    for (mode, isa, packing) in runs {
         set_amx(Some(mode)).unwrap();
+        set_isa(isa).unwrap();
         let path = maskattn::kernel_path();
         assert_eq!(
             path.amx, mode,
             "kernel_path does not report the forced mode"
         );
-        common::report(&format!("{test}: ran {path}"));
-        let before = maskattn::amx_model_products();
+        assert!(
+            path.bf16_dot,
+            "{mode:?} on {isa:?}: bf16 not on the pair products"
+        );
+        assert_eq!(maskattn::bf16_packing(), packing, "{mode:?} on {isa:?}");
+        common::report(&format!(
+            "{test}: ran {path}; operands packed in {packing} code"
+        ));
+        let (products, scalar) = (
+            maskattn::amx_model_products(),
+            maskattn::bf16_scalar_packings(),
+        );
         f(mode);
         if mode == AmxMode::Model {
             assert!(
-                maskattn::amx_model_products() > before,
+                maskattn::amx_model_products() > products,
                 "{test}: the bf16 path did not go through the AMX kernel"
             );
         }
+        let scalar = maskattn::bf16_scalar_packings() - scalar;
+        if packing == "scalar" {
+            assert!(scalar > 0, "{test}: the scalar packing did not run");
+        } else {
+            assert_eq!(scalar, 0, "{test}: the scalar packing ran beside {packing}");
+        }
     }
+    set_isa(None).unwrap();
     set_amx(None).unwrap();
 }
 

@@ -10,8 +10,9 @@
 //!
 //! Shapes: `x [..., in]`, `W [out, in]`, `b [out]` → `y [..., out]`. The products are
 //! `gemm`'s (the same call, strides and thread count as candle's own matmul, so the forward
-//! gives candle's bits); the bias gradient is summed in fixed blocks of rows, so it does
-//! not depend on the number of threads.
+//! gives candle's bits), on the kernels' instruction set (`crate::products`: an AVX2 run
+//! forced with `MASKATTN_ISA=avx2` takes gemm's AVX2 kernels); the bias gradient is summed
+//! in fixed blocks of rows, so it does not depend on the number of threads.
 
 use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Error, Layout, Module, Result, Shape, Storage, Tensor,
@@ -134,25 +135,13 @@ fn matmul(lhs: Mat, rhs: Mat, dst: &mut [f32]) -> Result<()> {
     // `i·n + j`; `read_dst` is false, so `dst`'s old values are never read; the three
     // slices are distinct borrows (`dst` is `&mut`), so they do not overlap.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
+        crate::products::gemm_f32(
+            (m, n, k),
+            (dst.as_mut_ptr(), 1, n as isize, false),
+            (lhs.data.as_ptr(), lhs.cs as isize, lhs.rs as isize),
+            (rhs.data.as_ptr(), rhs.cs as isize, rhs.rs as isize),
             0.0,
             1.0,
-            false,
-            false,
-            false,
             par,
         )
     };

@@ -1,4 +1,4 @@
-//! The backward's five products on AVX512-BF16 pairs (see `gemm::bf16`), for bf16
+//! The backward's five products on bf16 pairs (see `gemm::bf16`, `gemm::amx`), for bf16
 //! storage whose output gradient `dO` is bf16 as well (every value exactly a bf16 — what a
 //! framework training in bf16 hands over). `P` and `dS` are rounded to bf16 for their
 //! products, as PyTorch's flash kernel does; everything else is f32 as on the f32 path.
@@ -23,18 +23,21 @@ use rayon::prelude::*;
 use super::score_grads::{self, ModGrads};
 use super::step::ds_rows;
 use crate::block::BlockMask;
-use crate::gemm::amx::Engine;
-use crate::gemm::bf16::{self as bf, Pairs};
+use crate::gemm::amx::{DotPath, Engine};
+use crate::gemm::bf16::Pairs;
+use crate::gemm::pair_layouts::Packing;
 use crate::gemm::{gemm_add, MatMut, MatRef, Update};
 use crate::pack::{self, Span};
-use crate::simd::Avx512;
+use crate::simd::{Simd, WithSimd};
 use crate::softmax::{self as sm, Geom, TileJob, Unseen};
 use crate::view::{Element, View};
 
 /// The query-side operands of every (b, query head, query tile), made once per call.
 pub(super) struct QuerySide {
-    /// Which code runs the pair products (`gemm::amx`), picked once per call.
+    /// Which code runs the pair products (`gemm::amx`) and rounds `P` and `dS` for them,
+    /// picked once per call (`DotPath::now`).
     pub engine: Engine,
+    pub packing: Packing,
     /// `[B·H_q·n_q] × (tq × d_pad)`: Q and dO rows.
     pub q: Vec<u16>,
     pub dout: Vec<u16>,
@@ -50,6 +53,7 @@ pub(super) fn query_side<T: Element>(
     dout: &View<f32>,
     block: &BlockMask,
     g: &Geom,
+    path: DotPath,
 ) -> QuerySide {
     let [batch, heads, lq, _] = q.shape();
     let (tq, nq) = (block.tile_q(), block.grid().0);
@@ -62,7 +66,8 @@ pub(super) fn query_side<T: Element>(
         qt: vec![0; tiles * n_t],
         doutt: vec![0; tiles * n_t],
         tq_pad,
-        engine: crate::gemm::amx::Engine::now(),
+        engine: path.engine,
+        packing: path.packing,
     };
     qs.q.par_chunks_mut(n_rows)
         .zip(qs.dout.par_chunks_mut(n_rows))
@@ -162,6 +167,7 @@ impl Work16 {
 pub(super) struct QueryTile<'a> {
     pub job: TileJob<'a>,
     pub engine: Engine,
+    pub packing: Packing,
     pub lse: &'a [f32],
     pub delta: &'a [f32],
     /// Q and dO rows as bf16 (`tile_q × d_pad`), and transposed (`d_pad × tq_pad`).
@@ -189,12 +195,33 @@ pub(super) struct F32Tiles<'a, 'b> {
 }
 
 /// The five products of one pair; `dq` receives `dS·K` (the caller applies `s`), `ks`
-/// accumulates `dKᵀ` (unscaled) and `dVᵀ`.
+/// accumulates `dKᵀ` (unscaled) and `dVᵀ`. Run by `simd::run` on the kernels' instruction
+/// set (the softmax's).
+pub(super) struct Step<'t, 'a, 'b> {
+    pub t: &'t QueryTile<'a>,
+    pub ks: &'t mut KeySide,
+    pub w: &'t mut Work16,
+    pub f: F32Tiles<'a, 'b>,
+}
+
+impl WithSimd for Step<'_, '_, '_> {
+    type Output = ();
+
+    /// # Safety
+    /// `t.engine` came from `DotPath::now`. (The operands are checked as they are made.)
+    #[inline(always)]
+    unsafe fn with_simd<S: Simd>(self) {
+        // SAFETY: the contract.
+        unsafe { step::<S>(self.t, self.ks, self.w, self.f) }
+    }
+}
+
+/// [`Step`]'s work.
 ///
 /// # Safety
-/// `simd::bf16_dot()`. (The operands are checked as they are made.)
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
-pub(super) unsafe fn step(t: &QueryTile, ks: &mut KeySide, w: &mut Work16, f: F32Tiles) {
+/// As for its `with_simd`, and the CPU has `S`'s features.
+#[inline(always)]
+unsafe fn step<S: Simd>(t: &QueryTile, ks: &mut KeySide, w: &mut Work16, f: F32Tiles) {
     let F32Tiles {
         p,
         pz,
@@ -209,7 +236,8 @@ pub(super) unsafe fn step(t: &QueryTile, ks: &mut KeySide, w: &mut Work16, f: F3
     let (rows, cols, tk_pad, d_pad) = (job.rows, job.cols, g.tk_pad, g.d_pad);
     let (fp, rp) = (d_pad / 2, t.tq_pad / 2);
     let scores = |x| MatMut::new(x, rows, tk_pad, tk_pad);
-    // SAFETY: AVX512-BF16 is this function's contract; operands checked when made.
+    // SAFETY: the engine's and `S`'s features are this function's contract; operands
+    // checked when made.
     unsafe {
         let (q, dout) = (
             Pairs::of_u16(t.q, rows, fp, fp),
@@ -227,12 +255,12 @@ pub(super) unsafe fn step(t: &QueryTile, ks: &mut KeySide, w: &mut Work16, f: F3
             Pairs::of_u32(&ks.vt, fp, tk_pad, tk_pad),
             Update::Set,
         ); // dP = dO·Vᵀ
-        sm::probs::<Avx512>(job, t.lse, p, tanh.as_deref_mut()); // P  = e^(x − LSE)
-        ds_rows::<Avx512>(job, (t.lse, t.delta), p, pz, ds); //     dS = P ∘ (z dP − D)
-                                                             // dbias, dslope, drel from dS; dS ∘ (1 − tanh²) under soft-capping
-        score_grads::take::<Avx512>(job, t.at, ds, tanh.as_deref(), mods);
+        sm::probs::<S>(job, t.lse, p, tanh.as_deref_mut()); // P  = e^(x − LSE)
+        ds_rows::<S>(job, (t.lse, t.delta), p, pz, ds); //     dS = P ∘ (z dP − D)
+                                                        // dbias, dslope, drel from dS; dS ∘ (1 − tanh²) under soft-capping
+        score_grads::take::<S>(job, t.at, ds, tanh.as_deref(), mods);
         let pv = if job.drop.is_some() { &*pz } else { &*p };
-        bf::round_rows(ds, rows, tk_pad, tk_pad, &mut w.ds16);
+        t.packing.round_rows(ds, rows, tk_pad, tk_pad, &mut w.ds16);
         let dvt = MatMut::new(&mut ks.dvt, g.d, tk_pad, tk_pad);
         let dkt = MatMut::new(&mut ks.dkt, g.d, tk_pad, tk_pad);
         if let (false, Some(bits)) = (t.rows_finite, job.bits) {
@@ -254,8 +282,10 @@ pub(super) unsafe fn step(t: &QueryTile, ks: &mut KeySide, w: &mut Work16, f: F3
         } else {
             // Over the query rows, in pairs; padding rows are 0.
             let pairs = rows.div_ceil(2);
-            bf::interleave_rows(pv, rows, tk_pad, tk_pad, &mut w.p_pairs);
-            bf::interleave_rows(ds, rows, tk_pad, tk_pad, &mut w.ds_pairs);
+            t.packing
+                .interleave_rows(pv, rows, tk_pad, tk_pad, &mut w.p_pairs);
+            t.packing
+                .interleave_rows(ds, rows, tk_pad, tk_pad, &mut w.ds_pairs);
             let (qt, doutt) = (
                 Pairs::of_u16(t.qt, g.d, pairs, rp),
                 Pairs::of_u16(t.doutt, g.d, pairs, rp),
@@ -287,7 +317,7 @@ pub(super) unsafe fn step(t: &QueryTile, ks: &mut KeySide, w: &mut Work16, f: F3
             Err(k) => {
                 let ds = MatRef::new(ds, rows, cols, tk_pad);
                 let k = MatRef::new(k, cols, d_pad, d_pad);
-                gemm_add::<Avx512>(dq, ds, k, Some(|r, c| job.visible(r, c)));
+                gemm_add::<S>(dq, ds, k, Some(|r, c| job.visible(r, c)));
             }
         }
     }

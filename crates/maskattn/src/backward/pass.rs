@@ -128,8 +128,10 @@ impl<'a, 'b, T: Element> Pass<'a, 'b, T> {
             .min(CHUNK_DQ_BYTES / dq_bytes.max(1))
             .clamp(1, call.block.grid().1);
         #[cfg(target_arch = "x86_64")]
-        let qs = (T::IS_BF16 && crate::simd::bf16_dot() && bf16::exactly_bf16(dout))
-            .then(|| bf16::query_side(call.q, dout, call.block, &g));
+        let qs = (T::IS_BF16 && bf16::exactly_bf16(dout))
+            .then(crate::gemm::amx::DotPath::now)
+            .flatten()
+            .map(|path| bf16::query_side(call.q, dout, call.block, &g, path));
         Pass {
             call,
             dout,
@@ -323,6 +325,7 @@ impl<T: Element> Pass<'_, '_, T> {
         let t = bf16::QueryTile {
             job,
             engine: qs.engine,
+            packing: qs.packing,
             lse: &self.lse[row0..row0 + rows],
             delta: &self.delta[row0..row0 + rows],
             q: &qs.q[idx * n_rows..(idx + 1) * n_rows],
@@ -345,9 +348,16 @@ impl<T: Element> Pass<'_, '_, T> {
             dq,
             mods,
         };
-        // SAFETY: `qs` exists only where `bf16_dot()` found AVX512-BF16; buffers sized by
-        // `QuerySide`, `KeySide::new`, `Work16::new` and `Scratch::new`.
-        unsafe { bf16::step(&t, ks, w, f32_tiles) };
+        // SAFETY: `qs.engine` came from `DotPath::now`; buffers sized by `QuerySide`,
+        // `KeySide::new`, `Work16::new` and `Scratch::new`.
+        unsafe {
+            simd::run(bf16::Step {
+                t: &t,
+                ks,
+                w,
+                f: f32_tiles,
+            })
+        };
     }
 
     /// One (query tile, key tile) pair: loads the query side, then runs the vector step.

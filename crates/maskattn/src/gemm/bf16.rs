@@ -84,7 +84,8 @@ impl<'a> Pairs<'a> {
 /// comment.
 ///
 /// # Safety
-/// [`bf16_dot`](crate::simd::bf16_dot) is true. (The operands' bounds were checked when they were made.)
+/// [`bf16_instructions`](crate::simd::bf16_instructions) is true. (The operands' bounds
+/// were checked when they were made.)
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub(crate) unsafe fn gemm(c: MatMut, a: Pairs, b: Pairs, update: Update) {
     check_sizes((c.rows, c.cols), (a.rows, a.pairs), (b.rows, b.pairs, b.cs));
@@ -94,7 +95,8 @@ pub(crate) unsafe fn gemm(c: MatMut, a: Pairs, b: Pairs, update: Update) {
     macro_rules! go {
         ($mr:literal, $nv:literal, $i:ident, $j:ident) => {{
             // SAFETY: `register_tiles!` hands out blocks with `i < m`, `j·W < n`: inside A, B
-            // and C as `check_sizes` matched them; AVX512-BF16 is present (`simd::bf16_dot()`).
+            // and C as `check_sizes` matched them; AVX512-BF16 is present
+            // (`simd::bf16_instructions()`).
             let (a_blk, b_blk, c_blk) = unsafe {
                 (
                     a.ptr.add($i * a.rs),
@@ -125,7 +127,8 @@ unsafe fn micro<const R: usize, const NV: usize>(
     accumulate: bool,
 ) {
     // SAFETY: the block is inside the operands (`gemm` hands out only such blocks); the
-    // caller (`gemm`, a `target_feature` function) runs only where `simd::bf16_dot()` is true.
+    // caller (`gemm`, a `target_feature` function) runs only where
+    // `simd::bf16_instructions()` is true.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); NV]; R];
         for p in 0..kp {
@@ -165,7 +168,8 @@ unsafe fn micro<const R: usize, const NV: usize>(
 /// nearest, ties to even) into `dst` (rows `n` apart).
 ///
 /// # Safety
-/// [`bf16_dot`](crate::simd::bf16_dot) is true; the buffers hold what the sizes say.
+/// [`bf16_instructions`](crate::simd::bf16_instructions) is true; the buffers hold what the sizes
+/// say.
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub(crate) unsafe fn round_rows(src: &[f32], rows: usize, ld: usize, n: usize, dst: &mut [u16]) {
     debug_assert!(n.is_multiple_of(W) && dst.len() >= rows * n);
@@ -187,7 +191,8 @@ pub(crate) unsafe fn round_rows(src: &[f32], rows: usize, ld: usize, n: usize, d
 /// last row is zero. This is the `B` layout of a product that reduces over `src`'s rows.
 ///
 /// # Safety
-/// [`bf16_dot`](crate::simd::bf16_dot) is true; the buffers hold what the sizes say.
+/// [`bf16_instructions`](crate::simd::bf16_instructions) is true; the buffers hold what the sizes
+/// say.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub(crate) unsafe fn interleave_rows(
     src: &[f32],
@@ -328,7 +333,7 @@ const SELECTORS: [[[u16; 32]; 2]; 3] = [
 /// never read.
 ///
 /// # Safety
-/// [`bf16_dot`](crate::simd::bf16_dot) is true (AVX512-BF16 and AVX512-BW).
+/// [`bf16_instructions`](crate::simd::bf16_instructions) is true (AVX512-BF16 and AVX512-BW).
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub(crate) unsafe fn transpose_rows(
     src: &[f32],
@@ -440,7 +445,7 @@ mod tests {
     use super::{round_rows, transpose_rows};
     use crate::pack::pad16;
     use crate::rng::SplitMix64;
-    use crate::simd::bf16_dot;
+    use crate::simd::bf16_instructions;
 
     /// Random f32 bits: normal numbers of either sign, a quarter of them exactly halfway
     /// between two bf16 (ties to even), some zeros; with `odd`, also denormals and NaNs
@@ -480,7 +485,7 @@ mod tests {
     /// `dst` of `transpose_rows` after a sentinel fill (rows past `rows` must keep it).
     fn run(src: &[f32], (cols, ld, rows, n): (usize, usize, usize, usize)) -> Vec<u16> {
         let mut dst = vec![0xdeadu16; (rows + 1) * n];
-        // SAFETY: the caller checked `bf16_dot()`.
+        // SAFETY: the caller checked `bf16_instructions()`.
         unsafe { transpose_rows(src, (cols, ld), (rows, n), &mut dst) };
         assert!(
             dst[rows * n..].iter().all(|&x| x == 0xdead),
@@ -491,7 +496,7 @@ mod tests {
 
     #[test]
     fn transpose_rows_transposes_and_rounds_as_the_row_form() {
-        if !bf16_dot() {
+        if !bf16_instructions() {
             eprintln!("transpose_rows: SKIPPED (no AVX512-BF16 path here)");
             return;
         }
@@ -523,7 +528,7 @@ mod tests {
                 }
             }
             let mut want = vec![0u16; rows * n];
-            // SAFETY: `bf16_dot()`; `t` and `want` hold `rows` rows of `n`.
+            // SAFETY: `bf16_instructions()`; `t` and `want` hold `rows` rows of `n`.
             unsafe { round_rows(&t, rows, n, n, &mut want) };
             assert!(
                 run(&src, size)[..rows * n] == want[..],

@@ -14,6 +14,8 @@
 pub(crate) mod amx;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod bf16;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod pair_layouts;
 
 use crate::simd::Simd;
 

@@ -122,26 +122,78 @@ pub(crate) unsafe fn run<Op: WithSimd>(op: Op) -> Op::Output {
     }
 }
 
-/// Whether bf16 storage goes to the CPU's bf16 dot products (AVX512-BF16, see `gemm::bf16`)
-/// instead of being widened to f32: the CPU has AVX512-BF16 (and BW), the kernels run on
-/// AVX-512 (so `set_isa`/`MASKATTN_ISA` forcing a narrower set also turns them off), and
-/// `MASKATTN_BF16_DOT=0` has not switched them off (for comparison).
-pub(crate) fn bf16_dot() -> bool {
+/// A call's bf16 dot-product path, as [`bf16_path`] decides it: where the pair products
+/// run, and whether AVX512-BF16 rounds their operands out of f32 tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only x86-64 has the path
+pub(crate) struct Bf16Path {
+    /// `Off`: `vdpbf16ps` on AVX-512 registers (`gemm::bf16`); `Model` or `Hardware`: AMX
+    /// tiles (`gemm::amx`).
+    pub amx: crate::AmxMode,
+    /// [`bf16_instructions`] held: the operands are rounded by `vcvtneps2bf16`, else by
+    /// scalar code giving the same bits (`gemm::pair_layouts`).
+    pub vector: bool,
+}
+
+/// The bf16 dot-product path of a call starting now, `None` where bf16 storage is widened to
+/// f32: `vdpbf16ps` where [`bf16_instructions`]; AMX tiles where `amx_mode` says so — their
+/// plain-Rust model on every x86-64 CPU (operands packed in scalar code where
+/// `bf16_instructions` is false: `MASKATTN_ISA=avx2 MASKATTN_AMX=model` runs it so on a CPU
+/// with AVX512-BF16), the hardware only alongside `bf16_instructions`; never with
+/// `MASKATTN_BF16_DOT=0`. One read of the mode and of the instruction set, so that a switch
+/// meanwhile cannot give a call an engine its CPU lacks.
+///
+/// The decision lives here, with the instruction set's, and `gemm::amx::DotPath::now` only
+/// turns it into the code that runs it: this file reads the AMX mode (`gemm/amx/mode.rs`,
+/// which imports nothing from `simd`) and `gemm` imports this file, never the other way
+/// round, so the imports form no cycle.
+pub(crate) fn bf16_path() -> Option<Bf16Path> {
     #[cfg(target_arch = "x86_64")]
     {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        current_isa() == Isa::Avx512
-            && *OK.get_or_init(|| {
-                is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512bf16")
-                    && std::env::var("MASKATTN_BF16_DOT").as_deref() != Ok("0")
-            })
+        use crate::AmxMode;
+        let vector = bf16_instructions();
+        let amx = crate::amx_mode();
+        let ok = match amx {
+            AmxMode::Off | AmxMode::Hardware => vector,
+            AmxMode::Model => !bf16_dot_switched_off(),
+        };
+        ok.then_some(Bf16Path { amx, vector })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        None
     }
+}
+
+/// Whether bf16 storage goes to bf16 pair products (AVX512-BF16, or AMX tiles: the
+/// hardware, or their model on any x86-64 CPU) instead of being widened to f32: whether
+/// [`bf16_path`] finds a path.
+pub(crate) fn bf16_dot() -> bool {
+    bf16_path().is_some()
+}
+
+/// Whether the kernels may use the CPU's bf16 instructions now (`vdpbf16ps`,
+/// `vcvtneps2bf16`; see `gemm::bf16`): the CPU has AVX512-BF16 (and BW), the kernels run on
+/// AVX-512 (so `set_isa`/`MASKATTN_ISA` forcing a narrower set also turns them off), and
+/// `MASKATTN_BF16_DOT=0` has not switched them off (for comparison).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn bf16_instructions() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    current_isa() == Isa::Avx512
+        && *OK.get_or_init(|| {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512bf16")
+                && !bf16_dot_switched_off()
+        })
+}
+
+/// `MASKATTN_BF16_DOT=0`: bf16 storage widened to f32 whatever the AMX mode (for
+/// comparison); read once.
+#[cfg(target_arch = "x86_64")]
+fn bf16_dot_switched_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("MASKATTN_BF16_DOT").as_deref() == Ok("0"))
 }
 
 /// The kernel code a call takes now: the instruction set of the f32 products, whether
@@ -170,21 +222,19 @@ impl std::fmt::Display for KernelPath {
 
 /// The kernel path calls take now (see [`KernelPath`]).
 pub fn kernel_path() -> KernelPath {
-    let bf16_dot = bf16_dot();
+    let path = bf16_path();
     KernelPath {
         isa: current_isa(),
-        bf16_dot,
-        amx: if bf16_dot {
-            crate::amx_mode()
-        } else {
-            crate::AmxMode::Off
-        },
+        bf16_dot: path.is_some(),
+        amx: path.map_or(crate::AmxMode::Off, |p| p.amx),
     }
 }
 
-/// Whether bf16 storage runs on the CPU's bf16 dot products now (AVX512-BF16 present, the
-/// kernels on AVX-512, and `MASKATTN_BF16_DOT=0` not set); otherwise bf16 is widened and
-/// computed in f32. Lets a test or a benchmark say which path it measured.
+/// Whether bf16 storage runs on bf16 pair products now: the CPU's (AVX512-BF16 present, the
+/// kernels on AVX-512), or the AMX tiles' plain-Rust model where `MASKATTN_AMX=model` or
+/// `set_amx` asks for it (any x86-64 CPU); never with `MASKATTN_BF16_DOT=0`. Otherwise
+/// bf16 is widened and computed in f32. Lets a test or a benchmark say which path it
+/// measured.
 pub fn bf16_dot_available() -> bool {
     bf16_dot()
 }

@@ -5,7 +5,7 @@
 //!
 //! The operands are the [`Pairs`](super::bf16::Pairs) of the AVX512-BF16 path, whose
 //! layouts already are the tiles' (see [`kernel`]), and the softmax between the products
-//! stays the f32 one: a call takes one [`Engine`] (picked once, [`Engine::now`]) for all
+//! stays the f32 one: a call takes one [`Engine`] (picked once, [`DotPath::now`]) for all
 //! its bf16 products, so a CPU without AMX pays one branch per product, no more.
 
 mod mode;
@@ -30,13 +30,42 @@ mod tests;
 pub(crate) mod tile;
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use engine::{Engine, TaskTiles};
+pub(crate) use engine::{DotPath, Engine, TaskTiles};
 
 #[cfg(target_arch = "x86_64")]
 mod engine {
     use super::super::bf16::{self, Pairs};
+    use super::super::pair_layouts::Packing;
     use super::super::{MatMut, Update};
     use super::{hardware::Hardware, kernel, kernel::Configured, model::Model, AmxMode};
+
+    /// A call's bf16 dot-product path, decided once per call ([`DotPath::now`]): which
+    /// code runs the pair products, and which rounds their operands out of f32 tiles.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) struct DotPath {
+        pub engine: Engine,
+        pub packing: Packing,
+    }
+
+    impl DotPath {
+        /// The path of a call starting now, `None` where bf16 storage is widened to f32.
+        /// The decision is [`crate::simd::bf16_path`]'s (the kernel path's one home, one
+        /// read of the mode and the instruction set); here it becomes the code that runs
+        /// it: `vdpbf16ps` (`Vnni`), or the AMX tiles' model or hardware, with the operands
+        /// packed by AVX512-BF16 or by scalar code.
+        pub fn now() -> Option<DotPath> {
+            let path = crate::simd::bf16_path()?;
+            let engine = match path.amx {
+                AmxMode::Off => Engine::Vnni,
+                AmxMode::Model => Engine::AmxModel,
+                AmxMode::Hardware => Engine::AmxHardware,
+            };
+            Some(DotPath {
+                engine,
+                packing: Packing::of(path),
+            })
+        }
+    }
 
     /// Which code computes a call's bf16 pair products.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,21 +79,13 @@ mod engine {
     }
 
     impl Engine {
-        /// The engine for a call starting now ([`super::amx_mode`]); one check per call.
-        pub fn now() -> Engine {
-            match super::amx_mode() {
-                AmxMode::Off => Engine::Vnni,
-                AmxMode::Model => Engine::AmxModel,
-                AmxMode::Hardware => Engine::AmxHardware,
-            }
-        }
-
         /// The pair products of one task (on AMX: the tiles configured once for all of
         /// them, released when the value is dropped).
         ///
         /// # Safety
-        /// For `AmxHardware`, what [`Engine::now`] only returns where
-        /// `hardware::available()`; the thread runs no other tile code while it lives.
+        /// `self` came from [`DotPath::now`] (`Vnni` only where AVX512-BF16 is present,
+        /// `AmxHardware` only where `hardware::available()`); the thread runs no other tile
+        /// code while the value lives.
         pub unsafe fn tiles(self) -> TaskTiles {
             // SAFETY: the contract.
             unsafe {
@@ -79,8 +100,8 @@ mod engine {
         /// `C = A·B` or `C += A·B` on pairs, as [`bf16::gemm`] defines it.
         ///
         /// # Safety
-        /// `simd::bf16_dot()` (the surrounding bf16 path's condition); for
-        /// `AmxHardware`, what [`Engine::now`] only returns where `hardware::available()`.
+        /// `self` came from [`DotPath::now`] (`Vnni` only where AVX512-BF16 is present,
+        /// `AmxHardware` only where `hardware::available()`).
         #[inline(always)]
         pub unsafe fn gemm(self, c: MatMut, a: Pairs, b: Pairs, update: Update) {
             // SAFETY: the contract; the AMX kernel reads only inside the checked operands.
@@ -121,7 +142,7 @@ mod engine {
         /// [`Engine::gemm`] without a configuration of its own on AMX.
         ///
         /// # Safety
-        /// `simd::bf16_dot()`.
+        /// `self` was made by [`Engine::tiles`] (whose contract covers the engine).
         #[inline(always)]
         pub unsafe fn gemm(&mut self, c: MatMut, a: Pairs, b: Pairs, update: Update) {
             // SAFETY: the contract; the tiles were configured when `self` was made.

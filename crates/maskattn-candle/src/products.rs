@@ -1,0 +1,249 @@
+//! The model path's f32 matrix products (the fused linear layer's, `bench`'s practical
+//! peak) on the `gemm` crate, at the instruction set the attention kernels use: with
+//! `MASKATTN_ISA=avx2` (or `maskattn::set_isa`) they take gemm's AVX2+FMA kernels on a CPU
+//! with AVX-512 as well, so that one switch runs the whole model path as an AVX2 server
+//! runs it; `portable` takes gemm's scalar kernels.
+//!
+//! `gemm` 0.19 picks its kernels itself, once per process, from
+//! `is_x86_feature_detected!("avx512f")` (with the `x86-v4` feature this workspace enables),
+//! and has no setting or environment variable to cap that. Its per-level pieces are public
+//! one crate down, though: `gemm_common::gemm::gemm_basic_generic` over a SIMD level
+//! (`gemm_common::simd::V3` = AVX2+FMA, `Scalar`) with the kernel tables of
+//! `gemm_f32::microkernel::{fma, scalar}::f32` — the very call `gemm::gemm` makes after its
+//! own choice (`gemm_common::gemm_def!` / `__inject_mod!`), made here at our level. These
+//! are gemm's internals, pinned by Cargo.lock (0.19.0); `tests/products_isa.rs` checks every
+//! level against an f64 product.
+//!
+//! candle's own matmuls (`Tensor::matmul`: `reference.rs`, `candle_nn::Linear` for dtypes
+//! other than f32) still call `gemm::gemm` and so keep its choice.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use maskattn::Isa;
+
+/// Products run per level in this process, indexed by [`slot`]: lets a test (and a
+/// benchmark) see which kernels ran.
+static RUN: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+
+fn slot(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 0,
+        Isa::Avx2 => 1,
+        Isa::Portable => 2,
+        Isa::Neon => 3,
+    }
+}
+
+/// The instruction set the f32 products take now: the kernels' ([`maskattn::current_isa`]),
+/// which is the widest the CPU has unless `MASKATTN_ISA` or `set_isa` forced a narrower one.
+pub fn products_isa() -> Isa {
+    maskattn::current_isa()
+}
+
+/// Products this process ran on `isa`'s gemm kernels.
+#[doc(hidden)]
+pub fn products_run(isa: Isa) -> u64 {
+    RUN[slot(isa)].load(Ordering::Relaxed)
+}
+
+/// `dst := alpha·dst + beta·lhs·rhs` (`dst` read only with `read_dst`), `dst [m × n]`,
+/// `lhs [m × k]`, `rhs [k × n]`, element `(i, j)` of each at `i·rs + j·cs`: `gemm::gemm`
+/// for f32, on the kernels of [`products_isa`].
+///
+/// # Safety
+/// As for `gemm::gemm`: every element of the three matrices lies in memory valid for the
+/// access (`dst` written, the others read), and `dst` overlaps neither operand.
+pub unsafe fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_cs, dst_rs, read_dst): (*mut f32, isize, isize, bool),
+    (lhs, lhs_cs, lhs_rs): (*const f32, isize, isize),
+    (rhs, rhs_cs, rhs_rs): (*const f32, isize, isize),
+    alpha: f32,
+    beta: f32,
+    par: gemm::Parallelism,
+) {
+    let isa = products_isa();
+    RUN[slot(isa)].fetch_add(1, Ordering::Relaxed);
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx2 | Isa::Portable) {
+        let call = Normalized::new(
+            (m, n, k),
+            (dst, dst_cs, dst_rs),
+            (lhs, lhs_cs, lhs_rs),
+            (rhs, rhs_cs, rhs_rs),
+        );
+        // SAFETY: the caller's contract; `Normalized` only reorders the same elements.
+        let done = unsafe {
+            if isa == Isa::Avx2 {
+                call.fma(read_dst, alpha, beta, par)
+            } else {
+                call.scalar(read_dst, alpha, beta, par)
+            }
+        };
+        if done {
+            return;
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs,
+            alpha, beta, false, false, false, par,
+        )
+    }
+}
+
+/// A product as `gemm::gemm` hands it to its kernels: `dst` column-oriented (else the
+/// transposed product), every stride of `dst` and the reduction non-negative (gemm 0.19's
+/// `gemm()`, line for line).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Normalized {
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (*mut f32, isize, isize),
+    lhs: (*const f32, isize, isize),
+    rhs: (*const f32, isize, isize),
+}
+
+/// `gemm_basic_generic` on SIMD level `$simd` (`N = $n` f32 lanes) with the kernel tables
+/// of `gemm_f32::microkernel::$kernels::f32`, as gemm-common's `__inject_mod!` calls it;
+/// `false` where the CPU lacks the level.
+#[cfg(target_arch = "x86_64")]
+macro_rules! at_level {
+    ($call:expr, $simd:ty, $kernels:ident, $n:literal, ($read_dst:expr, $alpha:expr, $beta:expr, $par:expr)) => {{
+        use gemm_common::simd::MixedSimd;
+        use gemm_f32::microkernel::$kernels::f32 as ukr;
+        const N: usize = $n;
+        match <$simd as MixedSimd<f32, f32, f32, f32>>::try_new() {
+            None => false,
+            Some(simd) => {
+                let Normalized {
+                    m,
+                    n,
+                    k,
+                    dst,
+                    lhs,
+                    rhs,
+                } = $call;
+                gemm_common::gemm::gemm_basic_generic::<
+                    _,
+                    f32,
+                    N,
+                    { ukr::MR_DIV_N * N },
+                    { ukr::NR },
+                    { ukr::MR_DIV_N },
+                    { ukr::H_M },
+                    { ukr::H_N },
+                >(
+                    simd,
+                    m,
+                    n,
+                    k,
+                    dst.0,
+                    dst.1,
+                    dst.2,
+                    $read_dst,
+                    lhs.0,
+                    lhs.1,
+                    lhs.2,
+                    rhs.0,
+                    rhs.1,
+                    rhs.2,
+                    $alpha,
+                    $beta,
+                    false,
+                    false,
+                    false,
+                    |a, b, c| a * b + c,
+                    &ukr::UKR,
+                    &ukr::H_UKR,
+                    false,
+                    $par,
+                );
+                true
+            }
+        }
+    }};
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Normalized {
+    fn new(
+        (m, n, k): (usize, usize, usize),
+        (mut dst, dst_cs, dst_rs): (*mut f32, isize, isize),
+        lhs: (*const f32, isize, isize),
+        rhs: (*const f32, isize, isize),
+    ) -> Self {
+        // The kernels prefer column-major destinations: transpose a row-major product.
+        let (m, n, mut dst_cs, mut dst_rs, lhs, rhs) = if dst_cs.abs() < dst_rs.abs() {
+            let t = |(p, cs, rs): (*const f32, isize, isize)| (p, rs, cs);
+            (n, m, dst_rs, dst_cs, t(rhs), t(lhs))
+        } else {
+            (m, n, dst_cs, dst_rs, lhs, rhs)
+        };
+        let ((mut lhs, mut lhs_cs, mut lhs_rs), (mut rhs, mut rhs_cs, mut rhs_rs)) = (lhs, rhs);
+        if dst_rs < 0 && m > 0 {
+            dst = dst.wrapping_offset((m - 1) as isize * dst_rs);
+            dst_rs = -dst_rs;
+            lhs = lhs.wrapping_offset((m - 1) as isize * lhs_rs);
+            lhs_rs = -lhs_rs;
+        }
+        if dst_cs < 0 && n > 0 {
+            dst = dst.wrapping_offset((n - 1) as isize * dst_cs);
+            dst_cs = -dst_cs;
+            rhs = rhs.wrapping_offset((n - 1) as isize * rhs_cs);
+            rhs_cs = -rhs_cs;
+        }
+        if lhs_cs < 0 && k > 0 {
+            lhs = lhs.wrapping_offset((k - 1) as isize * lhs_cs);
+            lhs_cs = -lhs_cs;
+            rhs = rhs.wrapping_offset((k - 1) as isize * rhs_rs);
+            rhs_rs = -rhs_rs;
+        }
+        Normalized {
+            m,
+            n,
+            k,
+            dst: (dst, dst_cs, dst_rs),
+            lhs: (lhs, lhs_cs, lhs_rs),
+            rhs: (rhs, rhs_cs, rhs_rs),
+        }
+    }
+
+    /// On gemm's AVX2+FMA kernels (`V3`, 8 lanes); `false` where the CPU lacks what `V3`
+    /// asks for (then nothing ran).
+    ///
+    /// # Safety
+    /// [`gemm_f32`]'s contract.
+    unsafe fn fma(self, read_dst: bool, alpha: f32, beta: f32, par: gemm::Parallelism) -> bool {
+        // SAFETY: the caller's contract.
+        unsafe {
+            at_level!(
+                self,
+                gemm_common::simd::V3,
+                fma,
+                8,
+                (read_dst, alpha, beta, par)
+            )
+        }
+    }
+
+    /// On gemm's scalar kernels (what it runs on a CPU without FMA).
+    ///
+    /// # Safety
+    /// [`gemm_f32`]'s contract.
+    unsafe fn scalar(self, read_dst: bool, alpha: f32, beta: f32, par: gemm::Parallelism) -> bool {
+        // SAFETY: the caller's contract.
+        unsafe {
+            at_level!(
+                self,
+                gemm_common::simd::Scalar,
+                scalar,
+                1,
+                (read_dst, alpha, beta, par)
+            )
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! The model path's f32 products (`maskattn_candle::products`) on every instruction set this
+//! CPU can run — gemm's AVX-512, AVX2+FMA and scalar kernels, forced with `set_isa` as
+//! `MASKATTN_ISA` forces them — against an f64 product: row- and column-major results,
+//! transposed operands, `dst` read and scaled, one thread and several. In a process of its
+//! own because the choice is process-wide.
+
+use maskattn::{set_isa, Isa};
+use maskattn_candle::products::{gemm_f32, products_isa, products_run};
+
+/// A line shown even when the test passes (the harness captures `eprintln!`).
+fn report(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// A product `dst = alpha·dst + beta·lhs·rhs` with its layouts: `(rs, cs)` of each matrix.
+struct Case {
+    m: usize,
+    n: usize,
+    k: usize,
+    dst_t: bool,
+    lhs_t: bool,
+    rhs_t: bool,
+    read_dst: bool,
+}
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = maskattn::SplitMix64::new(seed);
+    (0..n)
+        .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+        .collect()
+}
+
+/// `(rs, cs)` of an `rows × cols` matrix stored row-major, or column-major with `t`.
+fn strides(rows: usize, cols: usize, t: bool) -> (isize, isize) {
+    if t {
+        (1, rows as isize)
+    } else {
+        (cols as isize, 1)
+    }
+}
+
+/// Runs the case on the current instruction set and checks it against f64; returns the
+/// largest error relative to the f64 result's scale.
+fn run(c: &Case, par: gemm::Parallelism, seed: u64) -> f64 {
+    let (m, n, k) = (c.m, c.n, c.k);
+    let (lhs, rhs) = (data(m * k, seed), data(k * n, seed + 1));
+    let mut dst = data(m * n, seed + 2);
+    let old = dst.clone();
+    let (l_rs, l_cs) = strides(m, k, c.lhs_t);
+    let (r_rs, r_cs) = strides(k, n, c.rhs_t);
+    let (d_rs, d_cs) = strides(m, n, c.dst_t);
+    let (alpha, beta) = (if c.read_dst { 0.75 } else { 0.0 }, 1.25);
+    // SAFETY: every element of the three matrices is inside its vector (the strides of a
+    // dense `rows × cols` layout); `dst` is a distinct vector.
+    unsafe {
+        gemm_f32(
+            (m, n, k),
+            (dst.as_mut_ptr(), d_cs, d_rs, c.read_dst),
+            (lhs.as_ptr(), l_cs, l_rs),
+            (rhs.as_ptr(), r_cs, r_rs),
+            alpha,
+            beta,
+            par,
+        )
+    };
+    let at =
+        |rs: isize, cs: isize, i: usize, j: usize| (i as isize * rs + j as isize * cs) as usize;
+    let mut worst = 0f64;
+    for i in 0..m {
+        for j in 0..n {
+            let mut want = 0f64;
+            let mut scale = 0f64;
+            for p in 0..k {
+                let x = lhs[at(l_rs, l_cs, i, p)] as f64 * rhs[at(r_rs, r_cs, p, j)] as f64;
+                want += x;
+                scale += x.abs();
+            }
+            let d = at(d_rs, d_cs, i, j);
+            let prior = if c.read_dst { old[d] as f64 } else { 0.0 };
+            let want = alpha as f64 * prior + beta as f64 * want;
+            let scale = alpha as f64 * prior.abs() + beta as f64 * scale + 1e-30;
+            worst = worst.max((dst[d] as f64 - want).abs() / scale);
+        }
+    }
+    worst
+}
+
+#[test]
+fn products_run_on_the_kernels_instruction_set() {
+    let cases = [
+        (1, 1, 1),
+        (3, 5, 7),
+        (17, 33, 65),
+        (64, 384, 96),
+        (130, 40, 257),
+        (1, 1536, 384),
+        (300, 200, 100),
+    ];
+    for isa in Isa::ALL {
+        if set_isa(Some(isa)).is_err() {
+            report(&format!(
+                "products_isa: SKIPPED {isa:?} (this CPU lacks it)"
+            ));
+            continue;
+        }
+        assert_eq!(products_isa(), isa, "the products follow the kernels' set");
+        let before = products_run(isa);
+        let mut calls = 0;
+        for (n_case, &(m, n, k)) in cases.iter().enumerate() {
+            for layout in 0..16u32 {
+                let c = Case {
+                    m,
+                    n,
+                    k,
+                    dst_t: layout & 1 != 0,
+                    lhs_t: layout & 2 != 0,
+                    rhs_t: layout & 4 != 0,
+                    read_dst: layout & 8 != 0,
+                };
+                for par in [gemm::Parallelism::None, gemm::Parallelism::Rayon(3)] {
+                    let seed = 100 * n_case as u64 + layout as u64;
+                    let err = run(&c, par, seed);
+                    calls += 1;
+                    // f32 sums of k products: a few ulps of the sum of magnitudes.
+                    assert!(
+                        err <= 4.0 * k as f64 * f32::EPSILON as f64,
+                        "{isa:?} {m}×{n}×{k} layout {layout:04b}: error {err:.2e}"
+                    );
+                }
+            }
+        }
+        let ran = products_run(isa) - before;
+        assert_eq!(ran, calls, "{isa:?}: products not counted on their level");
+        report(&format!(
+            "products_isa: ran {calls} f32 products on gemm's {isa:?} kernels, each within \
+             f32 rounding of f64"
+        ));
+    }
+    set_isa(None).unwrap();
+}
