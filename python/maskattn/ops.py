@@ -41,6 +41,11 @@ def _raw_out(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t.numel())
 
 
+def _raw_opt(t: Optional[torch.Tensor]) -> Optional[tuple]:
+    """:func:`_raw_out` of an optional tensor."""
+    return None if t is None else _raw_out(t)
+
+
 def _shape(q: torch.Tensor, k: torch.Tensor) -> Tuple[int, int, int, int]:
     return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
@@ -198,11 +203,10 @@ def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def _native_mods(softcap, alibi, sinks, bias, rel, rel_cfg) -> tuple:
     """The ``Mods`` tuple the native module takes, from contiguous float32 tensors (which
     the caller holds for the call)."""
-    buf = lambda t: None if t is None else _raw_out(t)  # noqa: E731
     return (
         softcap,
-        buf(alibi),
-        buf(sinks),
+        _raw_opt(alibi),
+        _raw_opt(sinks),
         None if bias is None else (_raw_out(bias), tuple(bias.shape)),
         None if rel is None else (_raw_out(rel), rel.shape[0], int(rel_cfg[0]), bool(rel_cfg[1])),
     )
@@ -264,7 +268,6 @@ def _backward_native(q, k, v, out, lse, dout, dlse, mask_id, mask_data, scale, m
         torch.empty(t.shape, dtype=torch.float32) if (t is not None and w) else None
         for t, w in zip((alibi, sinks, bias, rel), want or (False,) * 4)
     ]
-    buf = lambda t: None if t is None else _raw_out(t)  # noqa: E731
     _native.backward(
         (_raw(q), _raw(k), _raw(v)),
         (_raw(out), _raw_out(lse), _raw(dout)),
@@ -272,7 +275,7 @@ def _backward_native(q, k, v, out, lse, dout, dlse, mask_id, mask_data, scale, m
         scale,
         _native_mods(softcap, alibi, sinks, bias, rel, rel_cfg),
         (_raw_out(dq), _raw_out(dk), _raw_out(dv)),
-        (buf(pgrads[2]), buf(pgrads[0]), buf(pgrads[1]), buf(pgrads[3])),
+        (_raw_opt(pgrads[2]), _raw_opt(pgrads[0]), _raw_opt(pgrads[1]), _raw_opt(pgrads[3])),
         None if dlse is None else _raw_out(dlse),
     )
     return dq, dk, dv, pgrads

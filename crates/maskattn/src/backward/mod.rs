@@ -40,11 +40,7 @@ pub fn backward<T: Element>(
     block: &BlockMask,
     params: &Params,
 ) -> Result<Grads> {
-    let dims = AttnDims::of(&qkv.q, &qkv.k, &qkv.v)?;
-    params.check_mods(dims.q_heads)?;
-    let mut grads = Grads::zeros(&dims, params);
-    backward_into(qkv, out, lse, dout, block, params, grads.as_mut())?;
-    Ok(grads)
+    backward_upstream(qkv, out, lse, Upstream::new(dout), block, params)
 }
 
 /// [`backward`] into buffers the caller owns (every value overwritten): for writing straight

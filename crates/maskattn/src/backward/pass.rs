@@ -223,6 +223,14 @@ impl<T: Element> Pass<'_, '_, T> {
                 len: cols,
             };
             let kv_tile = (g.tk_pad, g.d_pad);
+            // Where one (query head, query tile) pair of this key tile sits.
+            let at = |hi, qt, bits| PairAt {
+                b,
+                h: hk * group + hi,
+                qt,
+                kt,
+                bits,
+            };
             if let Some(m) = &mut mods {
                 m.start_tile();
             }
@@ -235,14 +243,7 @@ impl<T: Element> Pass<'_, '_, T> {
                 ks.dvt.fill(0.0);
                 for &(hi, qt, bits) in &pairs {
                     let dq = &mut dq[(hi * lq + qt * tq) * g.d_pad..];
-                    let at = PairAt {
-                        b,
-                        h: hk * group + hi,
-                        qt,
-                        kt,
-                        bits,
-                    };
-                    self.pair16(qs, (ks, w), &mut sc, dq, at, mods.as_mut());
+                    self.pair16(qs, (ks, w), &mut sc, dq, at(hi, qt, bits), mods.as_mut());
                 }
                 ks.transpose_into(&g, call.scale, &mut sc.dk, &mut sc.dv);
                 tiles.push((kt, sc.dk.clone(), sc.dv.clone()));
@@ -260,14 +261,7 @@ impl<T: Element> Pass<'_, '_, T> {
             sc.dv.fill(0.0);
             for &(hi, qt, bits) in &pairs {
                 let dq = &mut dq[(hi * lq + qt * tq) * g.d_pad..];
-                let at = PairAt {
-                    b,
-                    h: hk * group + hi,
-                    qt,
-                    kt,
-                    bits,
-                };
-                self.pair(&mut sc, dq, at, k_finite, mods.as_mut());
+                self.pair(&mut sc, dq, at(hi, qt, bits), k_finite, mods.as_mut());
             }
             // dK = s · dSᵀ·Q
             sc.dk.iter_mut().for_each(|x| *x *= call.scale);

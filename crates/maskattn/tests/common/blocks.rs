@@ -6,10 +6,11 @@
 
 use std::ops::Range;
 
+use maskattn::reference::{RefForward, RefGrads};
 use maskattn::{BlockMask, Element, Grads, Mask, MaskShape, Params, Qkv, Upstream, View};
 use num_traits::Float;
 
-use super::Rng;
+use super::{assert_close, Rng, EPS_F32};
 
 /// `q [B, H_q, L_q, d]`, `k, v [B, H_kv, L_k, d]` contiguous; `dout` like q; `dlse` `[B, H_q, L_q]`.
 pub struct Problem {
@@ -301,4 +302,34 @@ pub fn lse_loss_grads<T: Float>(p: &Problem, mask: &Mask) -> [Vec<T>; 3] {
         }
     }
     [dq, dk, dv]
+}
+
+impl Blocked {
+    /// Out, LSE and dq/dk/dv of the blocked run against the whole problem's f64 golden and
+    /// f32 naive results, under the accuracy rule; `at` names the case.
+    pub fn assert_matches(
+        &self,
+        at: &str,
+        (gold, naive): (&RefForward<f64>, &RefForward<f32>),
+        (gg, ng): (&RefGrads<f64>, &RefGrads<f32>),
+    ) {
+        assert_close(
+            &format!("out ({at})"),
+            &self.out,
+            &gold.out,
+            &naive.out,
+            EPS_F32,
+        );
+        assert_close(
+            &format!("lse ({at})"),
+            &self.lse,
+            &gold.lse,
+            &naive.lse,
+            EPS_F32,
+        );
+        let g = &self.grads;
+        assert_close(&format!("dq ({at})"), &g.dq, &gg.dq, &ng.dq, EPS_F32);
+        assert_close(&format!("dk ({at})"), &g.dk, &gg.dk, &ng.dk, EPS_F32);
+        assert_close(&format!("dv ({at})"), &g.dv, &gg.dv, &ng.dv, EPS_F32);
+    }
 }
