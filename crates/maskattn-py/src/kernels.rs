@@ -1,7 +1,9 @@
 //! The forward and backward kernels over tensors read in place, with the GIL released.
 
 use maskattn::half::{bf16, f16};
-use maskattn::{BlockMask, Element, GradsMut, Params, Tile};
+use std::sync::Arc;
+
+use maskattn::{BlockMask, Cancel, Element, GradsMut, Params, Tile};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -42,18 +44,9 @@ pub fn forward(
     let mut ins = vec![q, k, v];
     ins.extend(mods.inputs());
     check_disjoint(&ins, &[outs.0, outs.1]).map_err(PyValueError::new_err)?;
-    let call = Call {
-        q,
-        k,
-        v,
-        scale,
-        mods,
-    };
-    // The kernels touch no Python object: other Python threads run meanwhile.
+    let call = Call::new(qkv, scale, mods);
     let work = call.work();
-    py.detach(move || threads::run_sized(work, || call.dispatch(|c, t| c.forward(t, &block, outs))))
-        .and_then(|r| r)
-        .map_err(PyValueError::new_err)
+    call.run(py, work, |c, t| c.forward(t, &block, outs))
 }
 
 /// `dq` like q, `dk`, `dv` like k and v (contiguous f32) from the forward's `out` (f32, any
@@ -88,13 +81,7 @@ pub fn backward(
     let mut writes = vec![dq, dk, dv, lse];
     writes.extend(mod_grads.outputs());
     check_disjoint(&reads, &writes).map_err(PyValueError::new_err)?;
-    let call = Call {
-        q,
-        k,
-        v,
-        scale,
-        mods,
-    };
+    let call = Call::new(qkv, scale, mods);
     let back = BackwardCall {
         ins,
         grads,
@@ -102,11 +89,7 @@ pub fn backward(
         dlse,
     };
     let work = 2 * call.work();
-    py.detach(move || {
-        threads::run_sized(work, || call.dispatch(|c, t| c.backward(t, &block, back)))
-    })
-    .and_then(|r| r)
-    .map_err(PyValueError::new_err)
+    call.run(py, work, |c, t| c.backward(t, &block, back))
 }
 
 /// The compiled mask as a dense bool buffer `[B, H_q, L_q, L_k]` (contiguous, written in
@@ -159,6 +142,8 @@ struct Call {
     v: RawTensor,
     scale: Option<f32>,
     mods: Mods,
+    /// Set when Python interrupts the call (Ctrl-C): the kernels stop between tiles.
+    cancel: Arc<Cancel>,
 }
 
 /// What the backward adds to a [`Call`].
@@ -171,6 +156,41 @@ struct BackwardCall {
 }
 
 impl Call {
+    fn new(Qkv(q, k, v): Qkv, scale: Option<f32>, mods: Mods) -> Self {
+        Call {
+            q,
+            k,
+            v,
+            scale,
+            mods,
+            cancel: Arc::new(Cancel::new()),
+        }
+    }
+
+    /// Runs `kernel` (about `work` multiply-adds) with the GIL released — the kernels touch
+    /// no Python object, so other Python threads run meanwhile — and interruptible: a
+    /// signal handler that raises while it runs (Ctrl-C's `KeyboardInterrupt`) stops the
+    /// kernels between tiles and its exception is the call's result.
+    fn run<F>(self, py: Python<'_>, work: usize, kernel: F) -> PyResult<()>
+    where
+        F: FnOnce(&Call, Dtype) -> Result<(), String> + Send,
+    {
+        let cancel = self.cancel.clone();
+        let done = py.detach(move || {
+            threads::run_interruptible(
+                work,
+                &cancel,
+                || self.dispatch(kernel),
+                || Python::attach(|py| py.check_signals().err()),
+            )
+        });
+        match done {
+            Ok(Ok(r)) => r.map_err(PyValueError::new_err),
+            Ok(Err(interrupt)) => Err(interrupt),
+            Err(e) => Err(PyValueError::new_err(e)),
+        }
+    }
+
     /// Multiply-adds of the forward, `B·H_q·L_q·L_k·d` (saturating): what decides whether
     /// the call is worth the pool's hand-off.
     fn work(&self) -> usize {
@@ -200,9 +220,10 @@ impl Call {
 
     /// # Safety
     /// As [`Mods::params`].
-    unsafe fn params(&self) -> Result<Params<'static>, String> {
+    unsafe fn params(&self) -> Result<Params<'_>, String> {
         self.mods.params(Params {
             scale: self.scale,
+            cancel: Some(&self.cancel),
             ..Default::default()
         })
     }

@@ -16,7 +16,11 @@
 
 use std::cell::OnceCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use maskattn::Cancel;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -107,6 +111,59 @@ pub fn run_sized<R: Send>(work: usize, f: impl FnOnce() -> R + Send) -> Result<R
         Some(r) => Ok(r),
         None => run(f.take().expect("not yet run")),
     }
+}
+
+/// Calls of more than this many multiply-adds run on the pool even where it has one thread,
+/// so that they can be interrupted ([`run_interruptible`]): milliseconds of work, beside
+/// which the hand-off's tens of µs are lost.
+pub const INTERRUPTIBLE_WORK: usize = 1 << 27;
+
+/// How often a caller waiting on the pool asks whether it was interrupted.
+const POLL: Duration = Duration::from_millis(50);
+
+/// [`run_sized`], but a call that goes to the pool can be interrupted. The calling thread
+/// does not lend itself to the pool: it waits for `f` in slices of [`POLL`], asking
+/// `interrupted` between them (the kernels ask Python whether a signal handler raised, i.e.
+/// Ctrl-C). On `Some(e)` it sets `cancel`, which `f`'s kernels look at between tiles, waits
+/// for `f` to end, and returns `Err(e)`; `f`'s own result is dropped.
+///
+/// Why not `install`: the thread that waits inside `install` cannot run Python's signal
+/// handlers, so a long call held Ctrl-C back until it finished.
+pub fn run_interruptible<R: Send, E>(
+    work: usize,
+    cancel: &Cancel,
+    f: impl FnOnce() -> R + Send,
+    mut interrupted: impl FnMut() -> Option<E>,
+) -> Result<Result<R, E>, String> {
+    let pooled = work > INTERRUPTIBLE_WORK
+        || (work > INLINE_WORK && WANTED.load(Ordering::Relaxed) != 1);
+    if !pooled {
+        return run_sized(work, f).map(Ok);
+    }
+    let pool = pool()?;
+    let (tx, rx) = mpsc::channel();
+    let waited = pool.in_place_scope(|scope| {
+        scope.spawn(move |_| {
+            // The receiver is gone only if the caller stopped waiting, which it never does.
+            let _ = tx.send(f());
+        });
+        let mut caught = None;
+        loop {
+            match rx.recv_timeout(POLL) {
+                Ok(r) => return Some(caught.map_or(Ok(r), Err)),
+                Err(RecvTimeoutError::Timeout) if caught.is_none() => {
+                    caught = interrupted();
+                    if caught.is_some() {
+                        cancel.cancel();
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                // `f` panicked: the scope re-raises its panic as it ends.
+                Err(RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    });
+    waited.ok_or_else(|| "the kernel call panicked".to_string())
 }
 
 /// `n` threads for every later kernel call; 0 goes back to rayon's default (one per core).

@@ -3,6 +3,7 @@
 
 use crate::bias::Bias;
 use crate::block::BlockMask;
+use crate::cancel::Cancel;
 use crate::pack::pad16;
 use crate::params::{DropTile, Dropout, Params};
 use crate::score_mod::PosTable;
@@ -24,9 +25,16 @@ pub(crate) struct Call<'a, 'b, T> {
     pub sinks: Option<&'b [f32]>,
     /// ALiBi + relative positions per head and offset `j − i'` (with either of them).
     pub pos: Option<PosTable>,
+    /// Set from another thread to stop the call between tiles.
+    pub cancel: Option<&'b Cancel>,
 }
 
 impl<'a, 'b, T> Call<'a, 'b, T> {
+    /// Whether the caller has asked the call to stop.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.is_some_and(Cancel::is_cancelled)
+    }
+
     /// The call of `params` on checked inputs (`dims`, the resolved `scale`): builds the
     /// positional table once (O(H_q · (L_q + L_k)) values) where ALiBi or T5 buckets are on.
     pub fn new(
@@ -55,6 +63,7 @@ impl<'a, 'b, T> Call<'a, 'b, T> {
             softcap: params.softcap,
             sinks: params.sinks,
             pos,
+            cancel: params.cancel,
         }
     }
 

@@ -95,6 +95,11 @@ pub enum AttnError {
     /// The backward was handed an LSE of the wrong length.
     #[error("lse has {got} entries, expected {expected} (B * H_q * L_q)")]
     LseLength { got: usize, expected: usize },
+
+    /// The call's [`Cancel`](crate::Cancel) flag was set while it ran; its outputs are
+    /// unspecified.
+    #[error("the call was cancelled before it finished; its outputs are not valid")]
+    Cancelled,
 }
 
 pub type Result<T> = std::result::Result<T, AttnError>;

@@ -161,7 +161,7 @@ pub fn forward_into<T: Element>(
     let call = Call::new((q, k, v), block, params, dims, scale);
     if dims.lq <= crate::decode::DECODE_MAX_LQ {
         crate::decode::forward(&call, out, lse);
-        return Ok(());
+        return params.check_cancel();
     }
     let AttnDims { lq, d, .. } = dims;
     let (tq, g) = (block.tile_q(), call.geom());
@@ -200,10 +200,15 @@ pub fn forward_into<T: Element>(
                 })
                 .for_each_init(
                     || Scratch::new(tq, &g, call.bias.is_some(), dot),
-                    |sc, (h, qt, o, l)| query_tile(&head, (h, qt), o, l, sc),
+                    |sc, (h, qt, o, l)| {
+                        // A cancelled call skips its remaining tiles (cancel.rs).
+                        if !params.cancelled() {
+                            query_tile(&head, (h, qt), o, l, sc)
+                        }
+                    },
                 );
         });
-    Ok(())
+    params.check_cancel()
 }
 
 fn pack_kv<T: Element>(call: &Call<T>, g: &Geom, (b, hk): (usize, usize), dot: bool) -> PackedKv {

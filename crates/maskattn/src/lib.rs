@@ -48,6 +48,7 @@ mod backward;
 mod bias;
 mod block;
 mod call;
+mod cancel;
 mod classify;
 mod decode;
 mod error;
@@ -76,6 +77,7 @@ pub use backward::{
 };
 pub use bias::Bias;
 pub use block::{BlockMask, BlockStats, Tile, DEFAULT_TILE_K, DEFAULT_TILE_Q};
+pub use cancel::Cancel;
 pub use classify::TileClass;
 pub use error::{AttnError, Result};
 pub use forward::{forward, forward_into, Forward};

@@ -1,6 +1,7 @@
 //! What an attention call takes besides its tensors and its mask.
 
 use crate::bias::Bias;
+use crate::cancel::Cancel;
 use crate::error::{AttnError, Result};
 use crate::score_mod::RelBias;
 
@@ -25,6 +26,8 @@ pub struct Params<'a> {
     pub sinks: Option<&'a [f32]>,
     /// T5's learned relative-position bias `rel[bucket(j − i'), h]`.
     pub rel: Option<RelBias<'a>>,
+    /// A flag that stops the call between tiles when set ([`Cancel`]).
+    pub cancel: Option<&'a Cancel>,
 }
 
 impl<'a> Params<'a> {
@@ -67,6 +70,25 @@ impl<'a> Params<'a> {
     pub fn with_rel(mut self, rel: RelBias<'a>) -> Self {
         self.rel = Some(rel);
         self
+    }
+
+    /// Stops the call between tiles once `flag` is set.
+    pub fn with_cancel(mut self, flag: &'a Cancel) -> Self {
+        self.cancel = Some(flag);
+        self
+    }
+
+    /// Whether the call's cancellation flag is set.
+    pub(crate) fn cancelled(&self) -> bool {
+        self.cancel.is_some_and(Cancel::is_cancelled)
+    }
+
+    /// [`AttnError::Cancelled`] once the flag is set: the call's last word after its work.
+    pub(crate) fn check_cancel(&self) -> Result<()> {
+        if self.cancelled() {
+            return Err(AttnError::Cancelled);
+        }
+        Ok(())
     }
 
     /// Checks the score modifiers against the call's query heads: the soft-cap is positive

@@ -133,5 +133,5 @@ pub fn backward_upstream_into<T: Element>(
         params,
         pg,
     );
-    Ok(())
+    params.check_cancel()
 }

@@ -199,6 +199,9 @@ impl<T: Element> Pass<'_, '_, T> {
         // Every (query head of the group, query tile) that sees the current key tile.
         let mut pairs: Vec<(usize, usize, Option<&[u64]>)> = Vec::with_capacity(group * nq);
         for kt in (c..nk).step_by(chunks) {
+            if call.cancelled() {
+                break; // the call ends in `AttnError::Cancelled`: the partial sums are dropped
+            }
             let j0 = kt * g.tk;
             let cols = (lk - j0).min(g.tk);
             pairs.clear();
