@@ -11,8 +11,9 @@ Each measurement runs in fresh processes (so peak memory is the run's own):
   ``maskattn.distributed.context_parallel_attention`` forward + backward on zigzag shards.
 
 Time is the forward + backward of one call (the slowest rank's, after a barrier), the
-best of ``--reps``; memory is each process's peak resident set (``ru_maxrss``) less its
-resident set just before the inputs were made, i.e. what the attention itself took.
+best of ``--reps``; memory is each process's peak resident set during the runs (``VmHWM``, reset after the
+setup) less its resident set before the inputs were made: its inputs (the whole sequence, or
+its shards: each rank makes only its own) and all the attention took.
 For the documents mask the script also counts the work each rank does against the full
 mask: the pairs of tiles (64 × 64 query × key) the kernels visit, from the block masks.
 Prints the CPU and the machine's load beside the figures (other work on the machine
@@ -25,19 +26,30 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
 import time
 
 
-def rss_kib() -> int:
+def status_kib(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its peak) of this process, KiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def reset_peak() -> None:
+    """Starts ``VmHWM`` again from the resident set now (Linux: clear_refs 5), so that the
+    peak is the measured call's, not the setup's (a rank makes the whole inputs once)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_mib(base_kib: int) -> float:
+    return (status_kib("VmHWM") - base_kib) / 1024
 
 
 def inputs(args):
@@ -71,9 +83,10 @@ def run_single(args) -> dict:
 
     torch.set_num_threads(args.ranks)
     maskattn.set_num_threads(args.ranks)
-    base = rss_kib()
+    base = status_kib("VmRSS")
     q, k, v, dout = inputs(args)
     mask = make_mask(args)
+    reset_peak()
     best = float("inf")
     for _ in range(args.reps):
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
@@ -82,8 +95,7 @@ def run_single(args) -> dict:
         out.backward(dout)
         best = min(best, time.perf_counter() - t0)
         del out, leaves
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": best, "peak_mib": (peak - base) / 1024}
+    return {"seconds": best, "peak_mib": peak_mib(base)}
 
 
 def run_rank(args) -> dict:
@@ -97,11 +109,14 @@ def run_rank(args) -> dict:
     maskattn.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
     rank, world = dist.get_rank(), dist.get_world_size()
-    base = rss_kib()
-    # Every rank makes the whole inputs (small next to the attention's work) and keeps
-    # only its shards: what a model feeding the ring would hold.
-    q, k, v, dout = (md.shard(t, 2).clone() for t in inputs(args))
+    base = status_kib("VmRSS")
+    # Each rank makes only its shards (random values: the time does not depend on them),
+    # what a model feeding the ring would hold.
+    length = sum(b - a for a, b in md._pieces(args.length, world, "zigzag")[rank])
+    g = torch.Generator().manual_seed(rank)
+    q, k, v, dout = (torch.randn(1, args.heads, length, args.dim, generator=g) for _ in range(4))
     mask = make_mask(args)
+    reset_peak()
     best = float("inf")
     for _ in range(args.reps):
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
@@ -115,8 +130,7 @@ def run_rank(args) -> dict:
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         best = min(best, slowest.item())
         del out, leaves
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    res = {"rank": rank, "seconds": best, "peak_mib": (peak - base) / 1024, "stats": md.stats(),
+    res = {"rank": rank, "seconds": best, "peak_mib": peak_mib(base), "stats": md.stats(),
            "work": tile_work(args, rank, world)}
     dist.destroy_process_group()
     return res
@@ -155,13 +169,17 @@ def spawn(args, role: str) -> list:
     base = [sys.executable, __file__, "--role", role, "--length", str(args.length), "--heads", str(args.heads),
             "--dim", str(args.dim), "--mask", args.mask, "--docs", str(args.docs), "--reps", str(args.reps),
             "--ranks", str(args.ranks)]
+    # Large blocks straight from mmap and back on free (glibc's threshold otherwise grows
+    # after the first free and keeps freed tensors resident): the resident set then follows
+    # the live tensors, on both sides alike.
+    env0 = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     if role == "single":
-        out = subprocess.run(base, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(base, check=True, capture_output=True, text=True, env=env0).stdout
         return [json.loads(out.strip().splitlines()[-1])]
     port = free_port()
     procs = []
     for r in range(args.ranks):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
+        env = dict(env0, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
                    WORLD_SIZE=str(args.ranks), LOCAL_RANK=str(r))
         procs.append(subprocess.Popen(base, env=env, stdout=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=3600)[0] for p in procs]

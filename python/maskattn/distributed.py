@@ -409,15 +409,14 @@ def _ring_backward(plan: _Plan, q, k, v, out, lse, dout, dlse, scale, mods, want
     dalibi = torch.zeros_like(alibi) if want_alibi else None
     drel = torch.zeros_like(rel[0]) if want_rel else None
     home_kv = torch.zeros((2, *k.shape), dtype=torch.float32)
-    home = None
-    if plan.reach[rank] >= 1:
-        # This shard's gradient from the other ranks comes home from the last one that needs it.
-        home_buf = torch.empty_like(home_kv)
-        home = comms.recv(home_buf, (rank + plan.reach[rank]) % world, _TAG_BWD_HOME)
     native_mods = _native_mods(softcap, alibi, None, None, None if rel is None else rel[0], None if rel is None else rel[1:])
     cur = torch.stack([k, v])
-    pending_sends = []
+    pending_sends: list = []
     for t in range(world):
+        # Sends of two steps ago are done with (their receivers are past that step): free them.
+        for p in pending_sends[:-2]:
+            comms.wait(p)
+        pending_sends = pending_sends[-2:]
         s = (rank - t) % world
         posted = nxt = None
         if t + 1 < world:
@@ -430,16 +429,18 @@ def _ring_backward(plan: _Plan, q, k, v, out, lse, dout, dlse, scale, mods, want
             if t + 1 <= plan.reach[s_in]:
                 nxt = cur.new_empty((2, *k.shape[:2], plan.lens[s_in], k.shape[3]))
                 posted = comms.recv(nxt, (rank - 1) % world, _TAG_BWD_KV + t + 1)
-        # Shard s's gradient so far (from the ranks before this one on its way) is posted
-        # now and added after this rank's part is computed.
-        acc = before = None
+        # Shard s's gradient so far, from the ranks before this one on its way (sent as
+        # they finished the step before, while this rank worked on it), is received into
+        # the buffer this rank then adds its own part to: one buffer, not two.
+        acc = None
         if t == 0:
             acc = home_kv
         elif t <= plan.reach[s]:
-            acc = torch.zeros((2, *k.shape[:2], plan.lens[s], k.shape[3]), dtype=torch.float32)
             if t >= 2:
-                before_buf = torch.empty_like(acc)
-                before = comms.recv(before_buf, (rank - 1) % world, _TAG_BWD_DKV + t)
+                acc = torch.empty((2, *k.shape[:2], plan.lens[s], k.shape[3]), dtype=torch.float32)
+                comms.wait(comms.recv(acc, (rank - 1) % world, _TAG_BWD_DKV + t))
+            else:
+                acc = torch.zeros((2, *k.shape[:2], plan.lens[s], k.shape[3]), dtype=torch.float32)
         if acc is None:
             _stats["pairs_skipped"] += len(plan.blocks[s])
         else:
@@ -461,9 +462,6 @@ def _ring_backward(plan: _Plan, q, k, v, out, lse, dout, dlse, scale, mods, want
                     dalibi.add_(g[3])
                 if drel is not None:
                     drel.add_(g[4])
-            if before is not None:
-                comms.wait(before)
-                acc.add_(before_buf)
             if t >= 1:
                 if t < plan.reach[s]:
                     pending_sends.append(comms.send(acc, (rank + 1) % world, _TAG_BWD_DKV + t + 1))
@@ -471,8 +469,11 @@ def _ring_backward(plan: _Plan, q, k, v, out, lse, dout, dlse, scale, mods, want
                     pending_sends.append(comms.send(acc, s, _TAG_BWD_HOME))
         comms.wait(posted)
         cur = nxt
-    if home is not None:
-        comms.wait(home)
+    if plan.reach[rank] >= 1:
+        # This shard's gradient from the other ranks comes home from the last one that needs
+        # it; received last, once the ring's buffers are freed (its sender does not wait on it).
+        home_buf = torch.empty_like(home_kv)
+        comms.wait(comms.recv(home_buf, (rank + plan.reach[rank]) % world, _TAG_BWD_HOME))
         home_kv.add_(home_buf)
     for p in pending_sends:
         comms.wait(p)
