@@ -339,3 +339,16 @@ def test_bad_arguments_name_themselves():
             md.shard(x, 2)
     with pytest.raises(ValueError, match="dim"):
         md.shard(x, 7)
+
+
+def test_import_maskattn_leaves_distributed_for_later():
+    """``import maskattn`` does not import maskattn.distributed; the attribute does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, maskattn; a = 'maskattn.distributed' in sys.modules; "
+        "maskattn.distributed.shard; print(a, 'maskattn.distributed' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "True"], out.stderr
