@@ -361,7 +361,7 @@ def _ring_forward(plan: _Plan, q, k, v, scale, mods, sinks):
                 _stats["kv_not_sent"] += 1
             s_in = (rank - t - 1) % world
             if t + 1 <= plan.reach[s_in]:
-                nxt = cur.new_empty((2, *k.shape[:2], plan.lens[s_in], k.shape[3]))
+                nxt = k.new_empty((2, *k.shape[:2], plan.lens[s_in], k.shape[3]))
                 posted = comms.recv(nxt, (rank - 1) % world, _TAG_FWD_KV + t + 1)
         if t == 0 or t <= plan.reach[s]:
             for (qi, ki), blk in plan.blocks[s].items():
@@ -412,8 +412,10 @@ def _ring_backward(plan: _Plan, q, k, v, out, lse, dout, dlse, scale, mods, want
     native_mods = _native_mods(softcap, alibi, None, None, None if rel is None else rel[0], None if rel is None else rel[1:])
     cur = torch.stack([k, v])
     pending_sends: list = []
+    # Sent home, received after the owner's ring: waited on only at the end.
+    home_sends: list = []
     for t in range(world):
-        # Sends of two steps ago are done with (their receivers are past that step): free them.
+        # Sends to the next rank of two steps ago are done with (it is past that step).
         for p in pending_sends[:-2]:
             comms.wait(p)
         pending_sends = pending_sends[-2:]
@@ -427,7 +429,7 @@ def _ring_backward(plan: _Plan, q, k, v, out, lse, dout, dlse, scale, mods, want
                 _stats["kv_not_sent"] += 1
             s_in = (rank - t - 1) % world
             if t + 1 <= plan.reach[s_in]:
-                nxt = cur.new_empty((2, *k.shape[:2], plan.lens[s_in], k.shape[3]))
+                nxt = k.new_empty((2, *k.shape[:2], plan.lens[s_in], k.shape[3]))
                 posted = comms.recv(nxt, (rank - 1) % world, _TAG_BWD_KV + t + 1)
         # Shard s's gradient so far, from the ranks before this one on its way (sent as
         # they finished the step before, while this rank worked on it), is received into
@@ -466,7 +468,7 @@ def _ring_backward(plan: _Plan, q, k, v, out, lse, dout, dlse, scale, mods, want
                 if t < plan.reach[s]:
                     pending_sends.append(comms.send(acc, (rank + 1) % world, _TAG_BWD_DKV + t + 1))
                 else:  # the last rank that needs shard s: its gradient goes home
-                    pending_sends.append(comms.send(acc, s, _TAG_BWD_HOME))
+                    home_sends.append(comms.send(acc, s, _TAG_BWD_HOME))
         comms.wait(posted)
         cur = nxt
     if plan.reach[rank] >= 1:
@@ -475,7 +477,7 @@ def _ring_backward(plan: _Plan, q, k, v, out, lse, dout, dlse, scale, mods, want
         home_buf = torch.empty_like(home_kv)
         comms.wait(comms.recv(home_buf, (rank + plan.reach[rank]) % world, _TAG_BWD_HOME))
         home_kv.add_(home_buf)
-    for p in pending_sends:
+    for p in pending_sends + home_sends:
         comms.wait(p)
     return dq, home_kv[0], home_kv[1], dalibi, drel
 

@@ -126,6 +126,13 @@ def make_cases(world):
         spec = dict(mask)
         if spec["kind"] == "documents":
             spec["ids"] = doc_ids(L)
+            if spec.pop("apart", False):
+                # One document in the first and last thirds, another between: under
+                # contiguous shards of 3 ranks the last rank needs the first's keys and
+                # the middle rank needs neither other shard, so shard 0 passes through a
+                # rank that holds no shard at that step.
+                a, b, _ = (len(x) for x in torch.arange(L).tensor_split(3))
+                spec["ids"] = torch.tensor([[0] * a + [1] * b + [0] * (L - a - b)] * B)
         if spec["kind"] == "key_padding":
             spec["lengths"] = torch.tensor([L - 6, 19])
         c = {"name": name, "layout": layout, "mask": spec, "q": r(B, HQ, L, D), "k": r(B, HKV, L, D), "v": r(B, HKV, L, D),
@@ -137,6 +144,7 @@ def make_cases(world):
         for name, mask in MASKS.items():
             case(f"{name}-{layout}", layout, mask)
     case("mask_mod_block-zigzag", "zigzag", {"kind": "mask_mod_block"})
+    case("documents-apart-contiguous", "contiguous", {"kind": "documents", "apart": True})
     lengths = [L - 7 * (world - 1)] + [7] * (world - 1)
     case("causal-contiguous-own-lengths", "contiguous", MASKS["causal"], lengths=lengths)
     case("documents-contiguous-own-lengths", "contiguous", MASKS["documents"], lengths=lengths[::-1])
