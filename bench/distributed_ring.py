@@ -235,7 +235,8 @@ def main():
         mem = ", ".join(f"+{r['peak_mib']:.0f}" for r in ring)
         print(f"{mask:8s}{args.ranks} ranks x 1 thread (zigzag): {t:.2f} s, peak per rank {mem} MiB; "
               f"tile pairs per rank {[round(r['work']['mask']) for r in ring]} (full mask: {[round(r['work']['full']) for r in ring]}); "
-              f"pairs computed/skipped {[(r['stats']['pairs_computed'], r['stats']['pairs_skipped']) for r in ring]}")
+              f"pairs computed/skipped {[(r['stats']['pairs_computed'], r['stats']['pairs_skipped']) for r in ring]}, "
+              f"shard hops sent/left out {[(r['stats']['kv_sent'], r['stats']['kv_not_sent']) for r in ring]} (forward + backward)")
         print(f"  load now: {os.getloadavg()}")
     if "single" in rows and "causal" in rows:
         ring = rows["causal"]
