@@ -121,6 +121,41 @@ def ddp_losses(rank, world):
     return losses
 
 
+def hf_losses(rank=None, world=None):
+    """A tiny Llama with attn_implementation="maskattn" (the transformers plug-in), 3 SGD
+    steps on the whole batch (``rank`` None) or under DDP on a slice of it; the ranks'
+    mean loss per step. None where transformers is not installed."""
+    try:
+        import transformers
+
+        import maskattn.transformers as mt
+    except ImportError:
+        return None
+    mt.register()
+    cfg = transformers.LlamaConfig(
+        vocab_size=11, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="maskattn")
+    if rank is not None:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for tokens in train_data(steps=3):
+        mine = tokens if rank is None else tokens.tensor_split(world)[rank]
+        loss = model(input_ids=mine, labels=mine).loss  # equal slices: the mean of means is the mean
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total = loss.detach().clone()
+        if rank is not None:
+            dist.all_reduce(total)
+            total /= world
+        losses.append(total.item())
+    return losses
+
+
 def cp_losses(rank, world, layout="zigzag"):
     """Context parallel: each rank its shard of every sequence, the attention by
     context_parallel_attention; replicated parameters' gradients summed over the group."""
@@ -269,6 +304,7 @@ def main(rank, world, port, job, folder, timeout_s):
             if world == 2:
                 got["ddp"] = ddp_losses(rank, world)
                 got["cp_train"] = cp_losses(rank, world)
+                got["hf_ddp"] = hf_losses(rank, world)
         elif job in ("silent", "dies"):
             got = run_peer_failure(rank, world, job, folder)
         else:

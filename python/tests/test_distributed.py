@@ -320,6 +320,23 @@ def test_context_parallel_training_matches_one_process(group):
             assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"rank {r} step {step}: {a} vs {b}"
 
 
+def test_transformers_plugin_under_ddp_matches_one_process(group):
+    """A tiny Llama through the transformers plug-in (attn_implementation="maskattn") under
+    DistributedDataParallel on 2 ranks gives the single process's losses step for step."""
+    world, _, results = group
+    if world != 2:
+        pytest.skip("run in the 2-rank group")
+    want = dist_worker.hf_losses()
+    if want is None:
+        pytest.skip("transformers is not installed (pip install 'maskattn[transformers]')")
+    for r in range(world):
+        got = results[r]["hf_ddp"]
+        assert got is not None and len(got) == len(want)
+        for step, (a, b) in enumerate(zip(got, want)):
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"rank {r} step {step}: {a} vs {b}"
+    assert abs(want[-1] - want[0]) > 1e-3  # the weights moved: the comparison is not of constants
+
+
 @pytest.mark.parametrize("job", ["silent", "dies"])
 def test_a_failed_peer_ends_the_other_rank_with_an_error(job, tmp_path):
     """Rank 1 never calls (silent) or exits at once (dies): rank 0's call raises
