@@ -22,6 +22,16 @@ from .ops import RelativeBias, attention
 __version__ = "0.1.0"
 
 
+def __getattr__(name: str):
+    # `maskattn.distributed` (context parallelism over torch.distributed) is imported on
+    # first use, not with the package: most users never need it.
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module 'maskattn' has no attribute {name!r}")
+
+
 def set_num_threads(n: int) -> None:
     """Run the kernels on ``n`` threads (0: rayon's default, one per core), at most
     4 × the cores (as the CLI's ``--threads``): more only adds switching, and far more

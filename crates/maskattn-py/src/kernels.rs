@@ -92,6 +92,33 @@ pub fn backward(
     call.run(py, work, |c, t| c.backward(t, &block, back))
 }
 
+/// `(out, lse) ← (out, lse) ⊕ (part_out, part_lse)` in place (the kernel crate's
+/// `merge_partials`): the attention over the union of two disjoint key sets. Each buffer
+/// `(data_ptr, numel)` is contiguous f32, `out`/`part_out` rows of `d` values and
+/// `lse`/`part_lse` one value per row.
+#[pyfunction]
+pub fn merge_partials(
+    py: Python<'_>,
+    out: RawOut,
+    lse: RawOut,
+    part_out: RawOut,
+    part_lse: RawOut,
+    d: usize,
+) -> PyResult<()> {
+    check_disjoint(&[part_out.as_tensor(), part_lse.as_tensor()], &[out, lse])
+        .map_err(PyValueError::new_err)?;
+    // SAFETY: the Python caller passes live, contiguous f32 tensors of the given sizes,
+    // held until this call returns; the written ones are disjoint from the read ones.
+    let run = move || unsafe {
+        let (o, l) = (out.slice_mut("out")?, lse.slice_mut("lse")?);
+        let (po, pl) = (part_out.slice("part_out")?, part_lse.slice("part_lse")?);
+        maskattn::merge_partials(o, l, po, pl, d).map_err(|e| e.to_string())
+    };
+    py.detach(move || threads::run(run))
+        .and_then(|r| r)
+        .map_err(PyValueError::new_err)
+}
+
 /// The compiled mask as a dense bool buffer `[B, H_q, L_q, L_k]` (contiguous, written in
 /// place): what the differentiable torch formulation (second-order and forward-mode
 /// autograd, `ops.py`) needs. O(L²) memory, by design of its callers.

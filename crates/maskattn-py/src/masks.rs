@@ -210,6 +210,43 @@ impl NativeBlockMask {
         })
     }
 
+    /// `mask` compiled for the block `[q0, q1) × [k0, k1)` of the whole problem
+    /// `(B, H_q, L_q, L_k)`: evaluated at the global positions, seen by the kernels as a
+    /// `(q1 − q0) × (k1 − k0)` problem (positional score modifiers follow the global
+    /// positions). Context parallelism compiles one per pair of sequence shards.
+    #[staticmethod]
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        mask: &NativeMask,
+        batch: usize,
+        heads: usize,
+        lq: usize,
+        lk: usize,
+        q_range: (usize, usize),
+        k_range: (usize, usize),
+    ) -> PyResult<Self> {
+        let global = MaskShape::new(batch, heads, lq, lk);
+        let block = crate::threads::run(|| {
+            BlockMask::new_block(
+                &mask.inner,
+                global,
+                q_range.0..q_range.1,
+                k_range.0..k_range.1,
+            )
+        })
+        .map_err(PyValueError::new_err)?
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(NativeBlockMask {
+            inner: Arc::new(block),
+        })
+    }
+
+    /// Whether the mask hides every pair of this (block) mask: no kernel call needed.
+    #[getter]
+    fn all_empty(&self) -> bool {
+        self.inner.all_empty()
+    }
+
     /// `(B, H_q, L_q, L_k)`.
     #[getter]
     fn shape(&self) -> (usize, usize, usize, usize) {
