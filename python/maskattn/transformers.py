@@ -66,8 +66,10 @@ class TransformersMask:
     """The mask one forward hands every attention layer of one layer type.
 
     ``mask`` is the maskattn :class:`Mask` for ``(B, ·, L_q, L_k)``; ``analytic`` is
-    ``False`` where transformers' index function was not recognised and was evaluated into a
-    dense boolean mask instead (exact, but ``B × L_q × L_k`` bytes). ``shape`` is
+    ``False`` where transformers' index function was not recognised: it is then compiled by
+    :func:`maskattn.from_mask_mod` tile by tile (``mask`` is ``None``, ``mask_mod`` the
+    function in local indices, ``keep`` the key padding), or — for a function transformers
+    would ``vmap`` — evaluated into a dense boolean mask (exact, but ``B × L_q × L_k`` bytes). ``shape`` is
     ``(B, 1, L_q, L_k)``, as transformers' own 4-d masks, so a model that checks a mask's
     rank finds four dimensions.
     """
@@ -97,6 +99,9 @@ class TransformersMask:
         self._blocks: Dict[tuple, BlockMask] = {}
         self._late_source: Optional[torch.Tensor] = None
         self._late_ids: Optional[torch.Tensor] = None
+        # Set where the index function was not recognised: compiled tile by tile instead.
+        self.mask_mod: Optional[Callable] = None
+        self.keep: Optional[torch.Tensor] = None
 
     @property
     def shape(self) -> Tuple[int, int, int, int]:
@@ -107,6 +112,12 @@ class TransformersMask:
         query heads; compiled once per forward and reused by every layer."""
         key = (num_heads, None if documents is None else id(documents))
         block = self._blocks.get(key)
+        if block is None and self.mask_mod is not None:
+            # Documents are never added to such a mask (it is not `relative`).
+            block = _masks._from_mask_mod(
+                self.mask_mod, self.batch_size, num_heads, self.q_length, self.kv_length, keep=self.keep
+            )
+            self._blocks[key] = block
         if block is None:
             mask = self.mask if documents is None else self.mask & _masks.documents(documents)
             block = _compile(mask, self.batch_size, num_heads, self.q_length, self.kv_length)
@@ -148,7 +159,8 @@ def mask_interface(
     mask ``attention_mask`` ``[B, ≥ kv_offset + kv_length]`` (``True`` = a real token).
     Causal, sliding-window (causal and bidirectional), bidirectional, padding and packed
     documents, combined with ``and``, become maskattn's analytic masks; anything else is
-    evaluated by transformers' own ``sdpa_mask`` into a dense boolean mask.
+    compiled tile by tile by :func:`maskattn.from_mask_mod` (a function transformers would
+    ``vmap`` is evaluated by its own ``sdpa_mask`` into a dense boolean mask).
     """
     q_offset, kv_offset = int(q_offset), int(kv_offset)
     B, L_q, L_k = int(batch_size), int(q_length), int(kv_length)
@@ -175,7 +187,35 @@ def mask_interface(
             offsets=(q_offset, kv_offset),
             description=description,
         )
-    return _dense_fallback(B, L_q, L_k, q_offset, kv_offset, mask_function, attention_mask, use_vmap, kwargs)
+    if use_vmap:
+        # A function written for scalars (transformers vmaps it): evaluated as transformers does.
+        return _dense_fallback(B, L_q, L_k, q_offset, kv_offset, mask_function, attention_mask, use_vmap, kwargs)
+    return _tiled(B, L_q, L_k, q_offset, kv_offset, mask_function, padding, attention_mask is not None)
+
+
+def _tiled(B, L_q, L_k, q_offset, kv_offset, mask_function, padding, padded):
+    """An index function that is not recognised, evaluated tile by tile by
+    :func:`maskattn.from_mask_mod` (only the tiles it cuts through pair by pair; memory in
+    tiles, not ``L_q × L_k``), with the padding kept apart as a key keep vector."""
+
+    def local(b, h, q, kv):
+        # transformers' functions take absolute positions.
+        return mask_function(b, h, q + q_offset, kv + kv_offset)
+
+    name = getattr(mask_function, "__qualname__", type(mask_function).__name__)
+    local.__name__ = name
+    m = TransformersMask(
+        None,
+        (B, L_q, L_k),
+        analytic=False,
+        relative=False,
+        has_documents=False,
+        padded=padded,
+        offsets=(q_offset, kv_offset),
+        description=f"evaluated tile by tile from {name}",
+    )
+    m.mask_mod, m.keep = local, padding
+    return m
 
 
 def _dense_fallback(B, L_q, L_k, q_offset, kv_offset, mask_function, attention_mask, use_vmap, kwargs):

@@ -281,6 +281,28 @@ def test_mask_unrecognised_function_is_evaluated_densely():
     _assert_same_attention(ours, allowed, 2, 2, 40, 40)
 
 
+@pytest.mark.parametrize("pad", [None, "left", "holes", "empty_row"])
+@pytest.mark.parametrize("lengths", [(200, 200, 0, 0), (7, 47, 40, 0), (1, 30, 50, 20)], ids=["square", "chunk", "offsets"])
+def test_mask_unrecognised_function_is_compiled_tile_by_tile(pad, lengths):
+    # Without use_vmap: from_mask_mod's tile-by-tile compilation, never an L_q x L_k tensor.
+    def image_tokens(b, h, q, kv):
+        return (kv >= 10) & (kv < 20) & (q >= 10) & (q < 20)
+
+    L_q, L_k, q_off, kv_off = lengths
+    function = mu.and_masks(mu.or_masks(mu.causal_mask_function, image_tokens), mu.chunked_overlay(16, torch.zeros(2, dtype=torch.long)))
+    padding = _pad(pad, 2, kv_off + L_k)
+    args = dict(batch_size=2, q_length=L_q, kv_length=L_k, q_offset=q_off, kv_offset=kv_off)
+    ours = mt.mask_interface(mask_function=function, attention_mask=padding, **args)
+    assert not ours.analytic and ours.mask_mod is not None, ours.description
+    allowed = mu.sdpa_mask(mask_function=function, attention_mask=padding, allow_is_causal_skip=False, **args)
+    _assert_same_attention(ours, allowed, 2, 2, L_q, L_k)
+    block = ours.block(2)
+    assert torch.equal(maskattn.ops._allowed(block._id, [], (2, 2, L_q, L_k)), allowed.expand(2, 2, L_q, L_k))
+    if L_q == 200:
+        # The interval pass followed transformers' functions: not every tile was evaluated.
+        assert block._tiles_evaluated < 2 * 4 * 4
+
+
 # ---- models ----
 
 

@@ -23,6 +23,7 @@ fn _maskattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(masks::key_keep, m)?)?;
     m.add_function(wrap_pyfunction!(masks::documents, m)?)?;
     m.add_function(wrap_pyfunction!(masks::dense, m)?)?;
+    m.add_function(wrap_pyfunction!(masks::tile_sizes, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::forward, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::backward, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::allowed, m)?)?;
