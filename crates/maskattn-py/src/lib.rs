@@ -27,6 +27,7 @@ fn _maskattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernels::forward, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::backward, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::allowed, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::dropout_keep, m)?)?;
     m.add_function(wrap_pyfunction!(threads::set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(threads::get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(path::isa, m)?)?;
