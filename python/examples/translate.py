@@ -2,7 +2,7 @@
 """Train a small encoder-decoder translator with attn_implementation="maskattn".
 
     pip install "./python[transformers]"
-    python python/examples/translate.py                     # 300 steps, then SDPA's run
+    python python/examples/translate.py                     # 700 steps, then SDPA's run
     python python/examples/translate.py --steps 1000 --threads 2 --no-compare
 
 The "language pair" is generated: a source sentence is a random run of word tokens, its
@@ -33,7 +33,7 @@ FIRST_WORD = 3
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch", type=int, default=32, help="sentence pairs per step")
     p.add_argument("--words", type=int, default=40, help="words in each language")
     p.add_argument("--min-len", type=int, default=4)
