@@ -17,7 +17,7 @@ from .functional import scaled_dot_product_attention
 # of terms; masks.__all__ names every one.
 from .masks import *  # noqa: F401,F403
 from .masks import BlockMask, Mask, dense, documents, from_mask_mod, key_padding, mask
-from .ops import RelativeBias, attention
+from .ops import RelativeBias, attention, dropout_keep
 
 __version__ = "0.1.0"
 
@@ -52,6 +52,7 @@ def get_num_threads() -> int:
 
 __all__ = [
     "attention",
+    "dropout_keep",
     "RelativeBias",
     "scaled_dot_product_attention",
     "nn",

@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _intervals
 from . import _maskattn as _native
 
 # One id space for mask structures and compiled block masks, so an op argument names
@@ -485,17 +486,113 @@ def from_mask_mod(
 ) -> BlockMask:
     """A FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor`` compiled into a block mask.
 
-    ``mask_mod`` is evaluated once, vectorised, on broadcast index tensors (``b [B,1,1,1]``,
-    ``h [1,H,1,1]``, ``q_idx [1,1,L_q,1]``, ``kv_idx [1,1,1,L_k]``); a mask that ignores
-    ``b`` or ``h`` stays broadcast over them. As in FlexAttention it must return a bool
-    tensor (a Python ``bool`` is taken as a constant) whose shape broadcasts to
-    ``(B, H, L_q, L_k)``; anything else is a ``TypeError`` (``ValueError`` for the shape).
-    The result is classified tile by tile, so tiles it hides entirely are skipped.
+    ``mask_mod`` is evaluated tile by tile, never on all ``L_q × L_k`` pairs at once: memory
+    is the tile table plus the bits of the tiles the mask cuts through, so a causal or
+    sliding-window ``mask_mod`` at L = 131,072 compiles in a fraction of a second.
+
+    First it is called once with whole tiles' index ranges (interval arithmetic: ``+ - *
+    // % abs``, comparisons, ``& | ~ ^``, ``torch.where/minimum/maximum``, and indexing a
+    tensor by an index, as in ``doc_ids[q_idx] == doc_ids[kv_idx]``), which settles every
+    tile it must allow entirely (full) or cannot allow at all (empty). Then only the other
+    tiles are evaluated pair by pair, vectorised, on broadcast index tensors of shape
+    ``[P, 1, tile_q, 1]`` / ``[P, 1, 1, tile_k]`` (``b``, ``h`` ``[P, 1, 1, 1]``) for ``P``
+    tiles at a time. A ``mask_mod`` the interval pass cannot follow (a Python ``if`` on a
+    value, ``.item()``, other ops) is evaluated pair by pair on every tile — exact, just
+    slower (``L_q · L_k`` evaluations, still in bounded memory).
+
+    As in FlexAttention it must return a bool tensor (a Python ``bool`` is taken as a
+    constant) whose shape broadcasts to the index tensors'; anything else is a
+    ``TypeError`` (``ValueError`` for the shape). A mask that ignores ``b`` or ``h`` keeps
+    one tile table for all batch rows or heads.
     """
-    full_shape = (B, H, L_q, L_k)
-    idx = [torch.arange(n).view([n if i == d else 1 for i in range(4)]) for d, n in enumerate(full_shape)]
-    allowed = mask_mod(*idx)
+    for what, n in (("B", B), ("H", H), ("L_q", L_q), ("L_k", L_k)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"from_mask_mod: {what} must be an int ≥ 0, got {n!r}")
+    return _from_mask_mod(mask_mod, B, H, L_q, L_k)
+
+
+def _from_mask_mod(mask_mod, B: int, H: int, L_q: int, L_k: int, keep: Optional[torch.Tensor] = None) -> BlockMask:
+    """:func:`from_mask_mod`, with ``keep`` (a bool ``[B|1, L_k]`` key padding, ``True`` = a
+    real key) ANDed in: transformers' mask function keeps its padding apart."""
     name = getattr(mask_mod, "__name__", type(mask_mod).__name__)
+    tq, tk = _native.tile_sizes(L_q, L_k)
+    nq, nk = -(-L_q // tq), -(-L_k // tk)
+    shape = (B, H, L_q, L_k)
+    if B * H * nq * nk == 0:
+        # No pair to evaluate: the kernel crate's block mask of an empty problem.
+        block = BlockMask._from_native(_native.NativeBlockMask(_build(_FULL_ID, ()), *shape))
+        block._tiles_evaluated = 0
+        return block
+
+    classes = _interval_classes(mask_mod, B, H, L_q, L_k, (tq, tk), keep)
+    if classes is None:
+        # Not followed by the interval pass: learn which of b and h the mask reads from
+        # one row band (with the type and shape checks), then evaluate every tile.
+        probe = _checked(mask_mod, name, _band_indices(B, H, min(tq, L_q), L_k), (B, H, min(tq, L_q), L_k))
+        classes = torch.full((probe.shape[0], probe.shape[1], nq, nk), 2, dtype=torch.uint8)
+        if keep is not None and keep.shape[0] != 1 and classes.shape[0] == 1:
+            classes = classes.expand(B, -1, -1, -1).contiguous()
+    rows_b, rows_h = classes.shape[0], classes.shape[1]
+
+    # The tiles left undecided, pair by pair, a chunk of tiles at a time.
+    where = (classes == 2).nonzero()
+    chunk = max(1, (1 << 20) // (tq * tk))
+    bits = []
+    settled = []
+    for start in range(0, where.shape[0], chunk):
+        w = where[start : start + chunk]
+        P = w.shape[0]
+        b = w[:, 0].view(P, 1, 1, 1)
+        h = w[:, 1].view(P, 1, 1, 1)
+        q = (w[:, 2].view(P, 1) * tq + torch.arange(tq)).view(P, 1, tq, 1)
+        kv = (w[:, 3].view(P, 1) * tk + torch.arange(tk)).view(P, 1, 1, tk)
+        ragged = L_q % tq or L_k % tk
+        if ragged:
+            # Past a last tile's edge: evaluated at the last index (a mask_mod may index a
+            # tensor of length L), then cleared.
+            valid = ((q < L_q) & (kv < L_k)).reshape(P, tq, tk)
+            q, kv = q.clamp(max=L_q - 1), kv.clamp(max=L_k - 1)
+        allowed = _checked(mask_mod, name, (b, h, q, kv), (P, 1, tq, tk)).expand(P, 1, tq, tk)
+        if keep is not None:
+            allowed = allowed & keep[b if keep.shape[0] != 1 else 0, kv]
+        allowed = allowed.reshape(P, tq, tk)
+        if ragged:
+            allowed = allowed & valid
+            full = (allowed | ~valid).flatten(1).all(1)
+        else:
+            full = allowed.flatten(1).all(1)
+        cls = torch.where(full, 1, torch.where(allowed.flatten(1).any(1), 2, 0)).to(torch.uint8)
+        settled.append(cls)
+        bits.append(allowed[cls == 2])
+    if settled:
+        classes[tuple(where.T)] = torch.cat(settled)
+    partial = torch.cat(bits).contiguous() if bits else torch.zeros(0, dtype=torch.bool)
+    classes = classes.contiguous()
+    native = _native.NativeBlockMask.from_tiles(
+        shape,
+        (rows_b, rows_h),
+        (classes.data_ptr(), classes.numel()),
+        (partial.data_ptr(), partial.numel()),
+    )
+    block = BlockMask._from_native(native)
+    # How many tiles were evaluated pair by pair (the rest the interval pass settled).
+    block._tiles_evaluated = int(where.shape[0])
+    return block
+
+
+def _band_indices(B: int, H: int, rows: int, L_k: int):
+    return (
+        torch.arange(B).view(B, 1, 1, 1),
+        torch.arange(H).view(1, H, 1, 1),
+        torch.arange(rows).view(1, 1, rows, 1),
+        torch.arange(L_k).view(1, 1, 1, L_k),
+    )
+
+
+def _checked(mask_mod, name: str, idx, full_shape) -> torch.Tensor:
+    """``mask_mod(*idx)`` as a 4-d bool tensor broadcasting to ``full_shape`` (size-1 dims
+    kept), or the TypeError / ValueError FlexAttention users expect."""
+    allowed = mask_mod(*idx)
     if isinstance(allowed, bool):
         allowed = torch.tensor(allowed)
     if not isinstance(allowed, torch.Tensor):
@@ -509,6 +606,7 @@ def from_mask_mod(
             f"from_mask_mod: mask_mod {name!r} returned a {allowed.dtype} tensor; it must return a bool "
             "tensor (True = may attend), e.g. `q_idx >= kv_idx`"
         )
+    full_shape = tuple(full_shape)
     try:
         fits = allowed.dim() <= 4 and torch.broadcast_shapes(allowed.shape, full_shape) == full_shape
     except RuntimeError:
@@ -516,14 +614,53 @@ def from_mask_mod(
     if not fits:
         raise ValueError(
             f"from_mask_mod: mask_mod {name!r} returned shape {tuple(allowed.shape)}, which does not "
-            f"broadcast to (B, H, L_q, L_k) = {full_shape}"
+            f"broadcast to the index tensors' shape {full_shape}"
         )
     while allowed.dim() < 4:
         allowed = allowed.unsqueeze(0)
-    # Keep broadcast (size-1) dims as they are; only sizes in between are expanded.
-    target = [n if allowed.shape[i] != 1 else 1 for i, n in enumerate(full_shape)]
-    allowed = allowed.expand(target)
-    return BlockMask(dense(allowed), B, H, L_q, L_k)
+    return allowed
+
+
+def _interval_classes(mask_mod, B, H, L_q, L_k, tiles, keep) -> Optional[torch.Tensor]:
+    """The tile classes ``[rows_b, rows_h, nq, nk]`` (0 empty, 1 full, 2 undecided) the
+    interval pass settles, or ``None`` where it cannot follow ``mask_mod``."""
+    tq, tk = tiles
+    q_lo, q_hi = _intervals.tile_bounds(L_q, tq)
+    k_lo, k_hi = _intervals.tile_bounds(L_k, tk)
+    nq, nk = q_lo.numel(), k_lo.numel()
+    q = _intervals.Ival(q_lo.view(1, 1, nq, 1), q_hi.view(1, 1, nq, 1))
+    kv = _intervals.Ival(k_lo.view(1, 1, 1, nk), k_hi.view(1, 1, 1, nk))
+    b = torch.arange(B).view(B, 1, 1, 1)
+    h = torch.arange(H).view(1, H, 1, 1)
+    try:
+        out = mask_mod(b, h, q, kv)
+        if isinstance(out, bool):
+            out = _intervals.Tri.of(out)
+        if not isinstance(out, _intervals.Tri):
+            return None  # a plain tensor, or a wrong type: the exact pass checks it
+        must, may = torch.as_tensor(out.must), torch.as_tensor(out.may)
+        if must.dtype != torch.bool or may.dtype != torch.bool:
+            return None
+        target = (B, H, nq, nk)
+        dims = torch.broadcast_shapes(must.shape, may.shape)
+        if len(dims) > 4 or torch.broadcast_shapes(dims, target) != target:
+            return None
+    except Exception:  # noqa: BLE001 - whatever the pass cannot follow, the exact pass evaluates
+        return None
+    while must.dim() < 4:
+        must, may = must.unsqueeze(0), may.unsqueeze(0)
+    if keep is not None:
+        # Per key tile: all of it real, or none of it.
+        kk = keep.to(torch.bool)
+        pad = nk * tk - L_k
+        every = torch.nn.functional.pad(kk, (0, pad), value=True).view(kk.shape[0], nk, tk).all(-1)
+        some = torch.nn.functional.pad(kk, (0, pad), value=False).view(kk.shape[0], nk, tk).any(-1)
+        must = must & every.view(-1, 1, 1, nk)
+        may = may & some.view(-1, 1, 1, nk)
+    rows = [B if must.shape[0] != 1 or may.shape[0] != 1 else 1, H if must.shape[1] != 1 or may.shape[1] != 1 else 1]
+    shape = (rows[0], rows[1], nq, nk)
+    must, may = must.expand(shape), may.expand(shape)
+    return torch.where(must, 1, torch.where(may, 2, 0)).to(torch.uint8).contiguous()
 
 
 def _resolve(mask_id: int, data: List[torch.Tensor], shape: Tuple[int, int, int, int]):

@@ -200,7 +200,7 @@ def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else _plain(t).to(torch.float32).contiguous()
 
 
-def _native_mods(softcap, alibi, sinks, bias, rel, rel_cfg) -> tuple:
+def _native_mods(softcap, alibi, sinks, bias, rel, rel_cfg, dropout_p=0.0, dropout_seed=0) -> tuple:
     """The ``Mods`` tuple the native module takes, from contiguous float32 tensors (which
     the caller holds for the call)."""
     return (
@@ -209,6 +209,7 @@ def _native_mods(softcap, alibi, sinks, bias, rel, rel_cfg) -> tuple:
         _raw_opt(sinks),
         None if bias is None else (_raw_out(bias), tuple(bias.shape)),
         None if rel is None else (_raw_out(rel), rel.shape[0], int(rel_cfg[0]), bool(rel_cfg[1])),
+        (float(dropout_p), int(dropout_seed)) if dropout_p else None,
     )
 
 
@@ -225,6 +226,8 @@ def _forward_impl(
     bias: Optional[torch.Tensor] = None,
     rel: Optional[torch.Tensor] = None,
     rel_cfg: Optional[List[int]] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     block = _resolve(mask_id, mask_data, _shape(q, k))
     q, k, v = _plain(q), _plain(k), _plain(v)
@@ -232,7 +235,7 @@ def _forward_impl(
     B, H, L, _ = q.shape
     out = torch.empty((B, H, L, v.shape[3]), dtype=torch.float32)
     lse = torch.empty((B, H, L), dtype=torch.float32)
-    mods = _native_mods(softcap, alibi, sinks, bias, rel, rel_cfg)
+    mods = _native_mods(softcap, alibi, sinks, bias, rel, rel_cfg, dropout_p, dropout_seed)
     _native.forward((_raw(q), _raw(k), _raw(v)), block, scale, mods, (_raw_out(out), _raw_out(lse)))
     return out, lse
 
@@ -243,13 +246,13 @@ _attention_fwd = torch.library.custom_op("maskattn::attention_fwd", mutates_args
 
 
 @_attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, mask_id, mask_data, scale, softcap=None, alibi=None, sinks=None, bias=None, rel=None, rel_cfg=None):
+def _attention_fwd_fake(q, k, v, mask_id, mask_data, scale, softcap=None, alibi=None, sinks=None, bias=None, rel=None, rel_cfg=None, dropout_p=0.0, dropout_seed=0):
     B, H, L, _ = q.shape
     out = q.new_empty((B, H, L, v.shape[3]), dtype=torch.float32)
     return out, q.new_empty((B, H, L), dtype=torch.float32)
 
 
-def _backward_native(q, k, v, out, lse, dout, dlse, mask_id, mask_data, scale, mods, want):
+def _backward_native(q, k, v, out, lse, dout, dlse, mask_id, mask_data, scale, mods, want, drop=(0.0, 0)):
     """``(dq, dk, dv, [dalibi, dsinks, dbias, drel])`` float32 from the fused backward; a
     parameter gradient that ``want`` (alibi, sinks, bias, rel) does not ask for is None."""
     softcap, alibi, sinks, bias, rel, rel_cfg = mods
@@ -273,7 +276,7 @@ def _backward_native(q, k, v, out, lse, dout, dlse, mask_id, mask_data, scale, m
         (_raw(out), _raw_out(lse), _raw(dout)),
         block,
         scale,
-        _native_mods(softcap, alibi, sinks, bias, rel, rel_cfg),
+        _native_mods(softcap, alibi, sinks, bias, rel, rel_cfg, *drop),
         (_raw_out(dq), _raw_out(dk), _raw_out(dv)),
         (_raw_opt(pgrads[2]), _raw_opt(pgrads[0]), _raw_opt(pgrads[1]), _raw_opt(pgrads[3])),
         None if dlse is None else _raw_out(dlse),
@@ -299,12 +302,16 @@ def _backward_impl(
     rel: Optional[torch.Tensor] = None,
     rel_cfg: Optional[List[int]] = None,
     want: Optional[List[bool]] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dalibi, dsinks, dbias, drel)`` float32; a parameter gradient that
     ``want`` (alibi, sinks, bias, rel) does not ask for is an empty tensor (an op cannot
     return None)."""
     mods = (softcap, alibi, sinks, bias, rel, rel_cfg)
-    dq, dk, dv, pgrads = _backward_native(q, k, v, out, lse, dout, dlse, mask_id, mask_data, scale, mods, want)
+    dq, dk, dv, pgrads = _backward_native(
+        q, k, v, out, lse, dout, dlse, mask_id, mask_data, scale, mods, want, (dropout_p, dropout_seed)
+    )
     return (dq, dk, dv, *(torch.empty(0) if g is None else g for g in pgrads))
 
 
@@ -314,7 +321,7 @@ _attention_bwd = torch.library.custom_op("maskattn::attention_bwd", mutates_args
 
 
 @_attention_bwd.register_fake
-def _attention_bwd_fake(q, k, v, out, lse, dout, dlse, mask_id, mask_data, scale, softcap=None, alibi=None, sinks=None, bias=None, rel=None, rel_cfg=None, want=None):
+def _attention_bwd_fake(q, k, v, out, lse, dout, dlse, mask_id, mask_data, scale, softcap=None, alibi=None, sinks=None, bias=None, rel=None, rel_cfg=None, want=None, dropout_p=0.0, dropout_seed=0):
     f32 = torch.float32
     pgrads = [
         q.new_empty(t.shape, dtype=f32) if (t is not None and w) else q.new_empty((0,), dtype=f32)
@@ -332,10 +339,11 @@ def _cast_grads(dq, dk, dv, pgrads, q, k, v, params):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask_id, mask_data, scale, softcap, alibi, sinks, bias, rel, rel_cfg = inputs
+    q, k, v, mask_id, mask_data, scale, softcap, alibi, sinks, bias, rel, rel_cfg, dropout_p, dropout_seed = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi, sinks, bias, rel, *mask_data)
     ctx.mask_id, ctx.scale, ctx.softcap, ctx.rel_cfg = mask_id, scale, softcap, rel_cfg
+    ctx.drop = (dropout_p, dropout_seed)
     # A BlockMask is registered weakly; the backward must still find it.
     ctx.block = _blocks.get(mask_id) if isinstance(mask_id, int) else None
 
@@ -345,11 +353,11 @@ def _backward(ctx, dout, dlse):
     params = (alibi, sinks, bias, rel)
     want = [t is not None and ctx.needs_input_grad[i] for i, t in zip((7, 8, 9, 10), params)]
     dq, dk, dv, *pgrads = _attention_bwd(
-        q, k, v, out, lse, dout, dlse, ctx.mask_id, mask_data, ctx.scale, ctx.softcap, *params, ctx.rel_cfg, want
+        q, k, v, out, lse, dout, dlse, ctx.mask_id, mask_data, ctx.scale, ctx.softcap, *params, ctx.rel_cfg, want, *ctx.drop
     )
     dq, dk, dv, da, ds, db, dr = _cast_grads(dq, dk, dv, pgrads, q, k, v, params)
     no_grads = [None] * len(mask_data)
-    return dq, dk, dv, None, no_grads, None, None, da, ds, db, dr, None
+    return dq, dk, dv, None, no_grads, None, None, da, ds, db, dr, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -368,12 +376,13 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask_id, scale, mods, alibi, sinks, bias, rel, *mask_data):
-        softcap, rel_cfg = mods
-        out, lse = _forward_impl(q, k, v, mask_id, mask_data, scale, softcap, alibi, sinks, bias, rel, rel_cfg)
+        softcap, rel_cfg, *drop = mods
+        out, lse = _forward_impl(q, k, v, mask_id, mask_data, scale, softcap, alibi, sinks, bias, rel, rel_cfg, *drop)
         ctx.save_for_backward(q, k, v, out, lse, alibi, sinks, bias, rel, *mask_data)
         ctx.save_for_forward(q, k, v, *mask_data)
         ctx.mask_id, ctx.scale, ctx.softcap, ctx.rel_cfg = mask_id, scale, softcap, rel_cfg
-        ctx.has_mods = mods != (None, [0, 0]) or any(t is not None for t in (alibi, sinks, bias, rel))
+        ctx.has_mods = mods[:2] != (None, [0, 0]) or any(t is not None for t in (alibi, sinks, bias, rel))
+        ctx.drop = tuple(drop) if drop else (0.0, 0)
         ctx.block = _blocks.get(mask_id)
         ctx.set_materialize_grads(False)
         return out, lse
@@ -384,6 +393,11 @@ class _EagerAttention(torch.autograd.Function):
         params = (alibi, sinks, bias, rel)
         if dout is None:
             dout = torch.zeros_like(out)
+        if torch.is_grad_enabled() and ctx.drop[0]:
+            raise NotImplementedError(
+                "maskattn.attention: a differentiable backward (create_graph=True) with dropout_p > 0 "
+                "is not supported"
+            )
         if torch.is_grad_enabled() and (ctx.has_mods or dlse is not None):
             # create_graph=True with modifiers or an LSE gradient: the torch formulation,
             # differentiated by autograd itself (its result differentiable again).
@@ -396,13 +410,15 @@ class _EagerAttention(torch.autograd.Function):
         else:
             want = [t is not None and ctx.needs_input_grad[i] for i, t in zip((6, 7, 8, 9), params)]
             mods = (ctx.softcap, *params, ctx.rel_cfg)
-            dq, dk, dv, pgrads = _backward_native(q, k, v, out, lse, dout, dlse, ctx.mask_id, mask_data, ctx.scale, mods, want)
+            dq, dk, dv, pgrads = _backward_native(
+                q, k, v, out, lse, dout, dlse, ctx.mask_id, mask_data, ctx.scale, mods, want, ctx.drop
+            )
         grads = _cast_grads(dq, dk, dv, pgrads, q, k, v, params)
         return (*grads[:3], None, None, None, *grads[3:]) + (None,) * len(mask_data)
 
     @staticmethod
     def jvp(ctx, tq, tk, tv, *rest):
-        if ctx.has_mods:
+        if ctx.has_mods or ctx.drop[0]:
             raise NotImplementedError(
                 "maskattn.attention: forward-mode AD (dual tensors) with score modifiers is not "
                 "supported; use torch.func.jvp"
@@ -544,7 +560,7 @@ def _check_mods(q, k, softcap, alibi_slopes, sinks, bias, relative_bias):
     return softcap, alibi_slopes, sinks, bias, rel, rel_cfg
 
 
-def _call(q, k, v, mask_id: int, mask_data: List[torch.Tensor], scale: Optional[float], mods=_NO_MODS):
+def _call(q, k, v, mask_id: int, mask_data: List[torch.Tensor], scale: Optional[float], mods=_NO_MODS, drop=(0.0, 0)):
     """The op on a mask handle; ``(out in q's dtype, lse float32)``."""
     _check(q, k, v)
     if scale is None:
@@ -561,10 +577,14 @@ def _call(q, k, v, mask_id: int, mask_data: List[torch.Tensor], scale: Optional[
     if _plain_eager(q, k, v, *params, *mask_data):
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *params))
         if needs_grad or _forward_ad():
-            out, lse = _EagerAttention.apply(q, k, v, mask_id, scale, (softcap, rel_cfg), alibi, sinks, bias, rel, *mask_data)
+            out, lse = _EagerAttention.apply(
+                q, k, v, mask_id, scale, (softcap, rel_cfg, *drop), alibi, sinks, bias, rel, *mask_data
+            )
         else:
-            out, lse = _forward_impl(q, k, v, mask_id, mask_data, scale, softcap, alibi, sinks, bias, rel, rel_cfg)
+            out, lse = _forward_impl(q, k, v, mask_id, mask_data, scale, softcap, alibi, sinks, bias, rel, rel_cfg, *drop)
     elif not compiling and _functorch(q, k, v, *params):
+        if drop[0]:
+            raise NotImplementedError("maskattn.attention: dropout_p > 0 under torch.func transforms is not supported")
         allowed = _allowed(mask_id, mask_data, _shape(q, k))
         out, lse = _torch_attention(q, k, v, allowed, scale, mods)
     else:
@@ -576,7 +596,7 @@ def _call(q, k, v, mask_id: int, mask_data: List[torch.Tensor], scale: Optional[
                 "dispatch modes and tensor subclasses; call it eagerly on plain tensors, or "
                 "through torch.func.jvp"
             )
-        out, lse = _attention_fwd(q, k, v, mask_id, mask_data, scale, softcap, alibi, sinks, bias, rel, rel_cfg)
+        out, lse = _attention_fwd(q, k, v, mask_id, mask_data, scale, softcap, alibi, sinks, bias, rel, rel_cfg, *drop)
     return (out if out.dtype == q.dtype else out.to(q.dtype)), lse
 
 
@@ -597,6 +617,8 @@ def attention(
     sinks: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     relative_bias: Optional[RelativeBias] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[int] = None,
 ):
     """Exact masked attention.
 
@@ -622,6 +644,13 @@ def attention(
     with sinks), differentiable: its gradient enters the fused backward.
     A row that sees nothing has output 0 and zero gradients, never NaN.
 
+    ``dropout_p``: attention dropout, the kernels' own (``O_i = Σ_j P_ij z_ij v_j`` with
+    ``z_ij = keep_ij / (1 − p)``; the LSE is that of the undropped weights). Which pairs are
+    kept is a hash of ``(dropout_seed, b, h, i, j)``, so the backward regenerates exactly
+    the forward's pattern without storing it. ``dropout_seed`` (an int in ``[0, 2⁶³)``)
+    defaults to one drawn from torch's CPU generator, so ``torch.manual_seed`` makes a run
+    reproducible. ``maskattn.dropout_keep(p, seed, shape)`` gives the pattern itself.
+
     First-order gradients run the fused backward (O(L) memory). ``create_graph=True``
     (gradient penalties, Hessians), forward-mode AD (dual tensors) and ``torch.func``
     transforms run the same attention as differentiable torch ops instead: exact, with the
@@ -633,5 +662,31 @@ def attention(
     else:
         _check(q, k, v)
         mods = _check_mods(q, k, softcap, alibi_slopes, sinks, bias, relative_bias)
-    out, lse = _call(q, k, v, mask_id, data, scale, mods)
+    drop = _dropout(dropout_p, dropout_seed)
+    out, lse = _call(q, k, v, mask_id, data, scale, mods, drop)
     return (out, lse) if return_lse else out
+
+
+def _dropout(p, seed) -> Tuple[float, int]:
+    """``(p, seed)`` checked; a seed drawn from torch's generator when none is given."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {p!r}")
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p!r}")
+    if p == 0.0:
+        return (0.0, 0)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64))
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"dropout_seed must be an int in [0, 2**63), got {seed!r}")
+    return (p, seed)
+
+
+def dropout_keep(p: float, seed: int, shape: Tuple[int, int, int, int]) -> torch.Tensor:
+    """The pairs ``attention(..., dropout_p=p, dropout_seed=seed)`` keeps for a call of
+    ``(B, H_q, L_q, L_k)``, as a bool tensor of that shape (``True`` = kept)."""
+    p, seed = _dropout(p, seed)
+    out = torch.empty(tuple(shape), dtype=torch.bool)
+    _native.dropout_keep(p, seed, list(shape), (out.data_ptr(), out.numel()))
+    return out

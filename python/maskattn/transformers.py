@@ -29,6 +29,7 @@ import torch
 
 from . import masks as _masks
 from .masks import BlockMask, Mask
+from . import ops as _ops
 from .ops import attention as _attention
 
 __all__ = ["NAME", "register", "attention_forward", "mask_interface", "TransformersMask"]
@@ -66,8 +67,10 @@ class TransformersMask:
     """The mask one forward hands every attention layer of one layer type.
 
     ``mask`` is the maskattn :class:`Mask` for ``(B, ·, L_q, L_k)``; ``analytic`` is
-    ``False`` where transformers' index function was not recognised and was evaluated into a
-    dense boolean mask instead (exact, but ``B × L_q × L_k`` bytes). ``shape`` is
+    ``False`` where transformers' index function was not recognised: it is then compiled by
+    :func:`maskattn.from_mask_mod` tile by tile (``mask`` is ``None``, ``mask_mod`` the
+    function in local indices, ``keep`` the key padding), or — for a function transformers
+    would ``vmap`` — evaluated into a dense boolean mask (exact, but ``B × L_q × L_k`` bytes). ``shape`` is
     ``(B, 1, L_q, L_k)``, as transformers' own 4-d masks, so a model that checks a mask's
     rank finds four dimensions.
     """
@@ -97,6 +100,9 @@ class TransformersMask:
         self._blocks: Dict[tuple, BlockMask] = {}
         self._late_source: Optional[torch.Tensor] = None
         self._late_ids: Optional[torch.Tensor] = None
+        # Set where the index function was not recognised: compiled tile by tile instead.
+        self.mask_mod: Optional[Callable] = None
+        self.keep: Optional[torch.Tensor] = None
 
     @property
     def shape(self) -> Tuple[int, int, int, int]:
@@ -107,6 +113,12 @@ class TransformersMask:
         query heads; compiled once per forward and reused by every layer."""
         key = (num_heads, None if documents is None else id(documents))
         block = self._blocks.get(key)
+        if block is None and self.mask_mod is not None:
+            # Documents are never added to such a mask (it is not `relative`).
+            block = _masks._from_mask_mod(
+                self.mask_mod, self.batch_size, num_heads, self.q_length, self.kv_length, keep=self.keep
+            )
+            self._blocks[key] = block
         if block is None:
             mask = self.mask if documents is None else self.mask & _masks.documents(documents)
             block = _compile(mask, self.batch_size, num_heads, self.q_length, self.kv_length)
@@ -148,7 +160,8 @@ def mask_interface(
     mask ``attention_mask`` ``[B, ≥ kv_offset + kv_length]`` (``True`` = a real token).
     Causal, sliding-window (causal and bidirectional), bidirectional, padding and packed
     documents, combined with ``and``, become maskattn's analytic masks; anything else is
-    evaluated by transformers' own ``sdpa_mask`` into a dense boolean mask.
+    compiled tile by tile by :func:`maskattn.from_mask_mod` (a function transformers would
+    ``vmap`` is evaluated by its own ``sdpa_mask`` into a dense boolean mask).
     """
     q_offset, kv_offset = int(q_offset), int(kv_offset)
     B, L_q, L_k = int(batch_size), int(q_length), int(kv_length)
@@ -175,7 +188,35 @@ def mask_interface(
             offsets=(q_offset, kv_offset),
             description=description,
         )
-    return _dense_fallback(B, L_q, L_k, q_offset, kv_offset, mask_function, attention_mask, use_vmap, kwargs)
+    if use_vmap:
+        # A function written for scalars (transformers vmaps it): evaluated as transformers does.
+        return _dense_fallback(B, L_q, L_k, q_offset, kv_offset, mask_function, attention_mask, use_vmap, kwargs)
+    return _tiled(B, L_q, L_k, q_offset, kv_offset, mask_function, padding, attention_mask is not None)
+
+
+def _tiled(B, L_q, L_k, q_offset, kv_offset, mask_function, padding, padded):
+    """An index function that is not recognised, evaluated tile by tile by
+    :func:`maskattn.from_mask_mod` (only the tiles it cuts through pair by pair; memory in
+    tiles, not ``L_q × L_k``), with the padding kept apart as a key keep vector."""
+
+    def local(b, h, q, kv):
+        # transformers' functions take absolute positions.
+        return mask_function(b, h, q + q_offset, kv + kv_offset)
+
+    name = getattr(mask_function, "__qualname__", type(mask_function).__name__)
+    local.__name__ = name
+    m = TransformersMask(
+        None,
+        (B, L_q, L_k),
+        analytic=False,
+        relative=False,
+        has_documents=False,
+        padded=padded,
+        offsets=(q_offset, kv_offset),
+        description=f"evaluated tile by tile from {name}",
+    )
+    m.mask_mod, m.keep = local, padding
+    return m
 
 
 def _dense_fallback(B, L_q, L_k, q_offset, kv_offset, mask_function, attention_mask, use_vmap, kwargs):
@@ -469,7 +510,7 @@ def attention_forward(
     is_causal: Optional[bool] = None,
     sliding_window: Optional[int] = None,
     **kwargs,
-) -> Tuple[torch.Tensor, None]:
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """transformers' ``AttentionInterface`` entry for ``"maskattn"``.
 
     ``query [B, H_q, L_q, d]``, ``key, value [B, H_kv, L_k, d]`` (``H_kv`` divides ``H_q``;
@@ -488,8 +529,12 @@ def attention_forward(
     the gradient reaching ``relative_attention_bias``). Returns ``([B, L_q, H_q, d]``
     contiguous, ``None)``.
 
-    Not supported, each a ``NotImplementedError`` naming the argument: attention dropout
-    > 0, per-token ``sinks``, ``output_attentions``.
+    ``dropout`` (transformers passes the module's attention dropout while training): the
+    kernels' dropout, its pattern regenerated in the backward. ``output_attentions``
+    (the call's keyword or the config's): the weights are returned as the second value,
+    computed from the kernels' LSE (:func:`_weights`), else ``None``.
+
+    Not supported, a ``NotImplementedError`` naming the argument: per-token ``sinks``.
     """
     for name, what in _UNSUPPORTED.items():
         if kwargs.get(name) is not None:
@@ -497,15 +542,10 @@ def attention_forward(
                 f"attn_implementation='maskattn' does not support `{name}` ({what}) yet; "
                 "use attn_implementation='eager' for this model"
             )
-    if dropout is not None and float(dropout) > 0.0:
-        raise NotImplementedError(
-            f"attn_implementation='maskattn' does not support attention dropout yet (dropout={dropout}); "
-            "set the config's attention dropout to 0 (e.g. attention_dropout / attention_probs_dropout_prob) "
-            "or call model.eval()"
-        )
+    # transformers passes the module's attention dropout while training and 0 otherwise.
+    drop_p, drop_seed = _dropout(dropout)
     config = getattr(module, "config", None)
-    if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
-        raise NotImplementedError("attn_implementation='maskattn' does not return attention weights (output_attentions) yet")
+    want_weights = bool(kwargs.get("output_attentions", getattr(config, "output_attentions", False)))
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-d tensor [B, H, L, d]")
@@ -518,17 +558,62 @@ def attention_forward(
 
     mask, mask_bias = _layer_mask(module, attention_mask, B, H_q, L_q, L_k, is_causal, sliding_window, kwargs)
     bias = _bias(kwargs.get("position_bias"), mask_bias, B, H_q, L_q, L_k)
-    out = _attention(
+    softcap, sinks = _softcap(kwargs.get("softcap")), _sinks(kwargs.get("s_aux"), H_q)
+    out, lse = _attention(
         query,
         key,
         value,
         mask,
         scale=scaling,
-        softcap=_softcap(kwargs.get("softcap")),
-        sinks=_sinks(kwargs.get("s_aux"), H_q),
+        softcap=softcap,
+        sinks=sinks,
         bias=bias,
+        dropout_p=drop_p,
+        dropout_seed=drop_seed,
+        return_lse=True,
     )
-    return out.transpose(1, 2).contiguous(), None
+    weights = None
+    if want_weights:
+        mods = (softcap, None, sinks, bias, None, [0, 0])
+        weights = _weights(query, key, lse, mask, scaling, mods, (drop_p, drop_seed))
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def _dropout(dropout) -> Tuple[float, Optional[int]]:
+    """transformers' ``dropout`` as ``(p, seed)``: the seed drawn here from torch's generator
+    (``torch.manual_seed`` reproduces a run), so that returned weights can show the same
+    pattern."""
+    if dropout is None:
+        return 0.0, None
+    try:
+        p = float(dropout)
+    except (TypeError, ValueError):
+        raise TypeError(f"dropout must be a probability in [0, 1), got {dropout!r}") from None
+    if p == 0.0:
+        return 0.0, None
+    return _ops._dropout(p, None)
+
+
+def _weights(query, key, lse, mask, scaling, mods, drop) -> torch.Tensor:
+    """The attention weights ``[B, H_q, L_q, L_k]`` transformers returns with
+    ``output_attentions``, from the kernels' LSE: ``P = exp(x − LSE)`` with ``x`` the scores
+    with every modifier (a sink's share is left out, as GPT-OSS's eager attention drops its
+    column), 0 where the mask hides; after dropout (kept weights scaled by ``1/(1 − p)``) as
+    transformers' eager attention returns them. Differentiable (through ``x`` and the LSE);
+    ``L_q × L_k`` memory per layer, as eager's."""
+    B, H_q, L_q, _ = query.shape
+    L_k = key.shape[2]
+    mask_id, data = _masks._handle(mask)
+    shape = (B, H_q, L_q, L_k)
+    allowed = _ops._allowed(mask_id, data, shape)
+    scale = 1.0 / math.sqrt(query.shape[3]) if scaling is None else float(scaling)
+    x = _ops._scores(query, key, allowed, scale, mods)
+    finite = torch.isfinite(lse)
+    p = torch.exp(x - torch.where(finite, lse, torch.zeros(())).unsqueeze(-1))
+    p = torch.where(allowed & finite.unsqueeze(-1), p, torch.zeros(()))
+    if drop[0]:
+        p = p * _ops.dropout_keep(drop[0], drop[1], shape) / (1.0 - drop[0])
+    return p.to(query.dtype)
 
 
 def _softcap(softcap) -> Optional[float]:

@@ -281,6 +281,28 @@ def test_mask_unrecognised_function_is_evaluated_densely():
     _assert_same_attention(ours, allowed, 2, 2, 40, 40)
 
 
+@pytest.mark.parametrize("pad", [None, "left", "holes", "empty_row"])
+@pytest.mark.parametrize("lengths", [(200, 200, 0, 0), (7, 47, 40, 0), (1, 30, 50, 20)], ids=["square", "chunk", "offsets"])
+def test_mask_unrecognised_function_is_compiled_tile_by_tile(pad, lengths):
+    # Without use_vmap: from_mask_mod's tile-by-tile compilation, never an L_q x L_k tensor.
+    def image_tokens(b, h, q, kv):
+        return (kv >= 10) & (kv < 20) & (q >= 10) & (q < 20)
+
+    L_q, L_k, q_off, kv_off = lengths
+    function = mu.and_masks(mu.or_masks(mu.causal_mask_function, image_tokens), mu.chunked_overlay(16, torch.zeros(2, dtype=torch.long)))
+    padding = _pad(pad, 2, kv_off + L_k)
+    args = dict(batch_size=2, q_length=L_q, kv_length=L_k, q_offset=q_off, kv_offset=kv_off)
+    ours = mt.mask_interface(mask_function=function, attention_mask=padding, **args)
+    assert not ours.analytic and ours.mask_mod is not None, ours.description
+    allowed = mu.sdpa_mask(mask_function=function, attention_mask=padding, allow_is_causal_skip=False, **args)
+    _assert_same_attention(ours, allowed, 2, 2, L_q, L_k)
+    block = ours.block(2)
+    assert torch.equal(maskattn.ops._allowed(block._id, [], (2, 2, L_q, L_k)), allowed.expand(2, 2, L_q, L_k))
+    if L_q == 200:
+        # The interval pass followed transformers' functions: not every tile was evaluated.
+        assert block._tiles_evaluated < 2 * 4 * 4
+
+
 # ---- models ----
 
 
@@ -534,14 +556,71 @@ def test_score_modifier_arguments_are_checked():
         mt.attention_forward(torch.nn.Module(), q, q, q, None, position_bias=torch.zeros(1, 3, 5, 5))
 
 
-def test_dropout_and_output_attentions_are_refused():
-    model = _model(_llama(attention_dropout=0.1)).train()
-    with pytest.raises(NotImplementedError, match="dropout"):
-        model(_tokens(1, 10))
-    model.eval()
-    model(_tokens(1, 10))  # no dropout in eval mode
-    with pytest.raises(NotImplementedError, match="output_attentions"):
-        model(_tokens(1, 10), output_attentions=True)
+def test_attention_dropout_runs_while_training():
+    model = _model(_llama(attention_dropout=0.3)).train()
+    ids = _tokens(2, 30)
+    torch.manual_seed(5)
+    a = model(ids).logits
+    torch.manual_seed(5)
+    b = model(ids).logits
+    torch.manual_seed(6)
+    c = model(ids).logits
+    assert torch.equal(a, b) and not torch.equal(a, c), "dropout is not applied, or not from torch's generator"
+    a.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    # Eval mode: transformers passes dropout 0, the logits equal a model without dropout.
+    plain = _model(_llama(attention_dropout=0.0)).eval()
+    assert torch.equal(model.eval()(ids).logits, plain(ids).logits)
+
+
+def test_attention_dropout_is_the_kernels_dropout_with_its_weights():
+    # One call as transformers makes it: the same seed draw as maskattn.attention's, and the
+    # weights returned with output_attentions are the dropped ones that produced the output.
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 20, 8, generator=g) for h in (4, 2, 2))
+    module = torch.nn.Module()
+    module.is_causal = False
+    torch.manual_seed(3)
+    ours, weights = mt.attention_forward(module, q, k, v, None, dropout=0.4, output_attentions=True)
+    torch.manual_seed(3)
+    direct = maskattn.attention(q, k, v, dropout_p=0.4)
+    assert torch.equal(ours, direct.transpose(1, 2).contiguous())
+    assert (weights == 0).float().mean() > 0.3  # about p of the pairs dropped
+    again = (weights.double() @ v.double().repeat_interleave(2, dim=1)).transpose(1, 2)
+    assert max_err(ours, again) < 1e-5
+
+
+def _attentions(model, impl, dtype, inputs):
+    m = copy.deepcopy(model).to(dtype)
+    m.set_attn_implementation(impl)
+    with torch.no_grad():
+        out = m(**inputs, output_attentions=True)
+    return out.attentions
+
+
+@pytest.mark.parametrize("kind", ["llama_left_padding", "gpt_oss_sinks", "gemma2_softcap"])
+def test_output_attentions_equal_eager(kind):
+    if kind == "llama_left_padding":
+        model, pad = _model(_llama()), "left"
+    elif kind == "gpt_oss_sinks":
+        model, pad = _gpt_oss_model(), "right"
+    else:
+        model, pad = _model(_gemma2()), "left"
+    ids, am = _tokens(2, 21), _pad(pad, 2, 21).long()
+    inputs = {"input_ids": ids, "attention_mask": am}
+    ours = _attentions(model, "maskattn", torch.float32, inputs)
+    naive = _attentions(model, "eager", torch.float32, inputs)
+    # Left padding leaves query rows that see nothing: transformers' eager attention turns
+    # them into NaN in float64 (which then reaches the next layer), eager_f64 does not.
+    golden = _attentions(model, "eager" if kind == "gpt_oss_sinks" else "eager_f64", torch.float64, inputs)
+    assert len(ours) == model.config.num_hidden_layers and ours[0].shape == (2, 4, 21, 21)
+    # Rows of padding queries are compared nowhere: a left-padded one sees nothing, which eager
+    # spreads evenly over the masked keys (or turns into NaN in float64) and maskattn gives 0.
+    real = am.bool()[:, None, :, None]
+    for n, (o, nv, gd) in enumerate(zip(ours, naive, golden)):
+        assert torch.isfinite(o).all()
+        _assert_rule(f"attentions[{n}]", *(torch.where(real, t, torch.zeros((), dtype=t.dtype)) for t in (o, nv, gd)))
+        assert (o.sum(-1) <= 1 + 1e-5).all()
 
 
 def test_additive_float_mask_is_a_bias_with_its_gradient():

@@ -1,9 +1,9 @@
 //! The forward and backward kernels over tensors read in place, with the GIL released.
 
-use maskattn::half::{bf16, f16};
 use std::sync::Arc;
 
-use maskattn::{BlockMask, Cancel, Element, GradsMut, Params, Tile};
+use maskattn::half::{bf16, f16};
+use maskattn::{BlockMask, Cancel, Dropout, Element, GradsMut, Params, Tile};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -117,6 +117,37 @@ pub fn merge_partials(
     py.detach(move || threads::run(run))
         .and_then(|r| r)
         .map_err(PyValueError::new_err)
+}
+
+/// The pairs dropout with `(p, seed)` keeps, as a dense bool buffer `[B, H_q, L_q, L_k]`
+/// (contiguous, written in place): the kernels' own pattern, for tests and for
+/// attention weights returned with dropout.
+#[pyfunction]
+pub fn dropout_keep(p: f32, seed: u64, shape: [usize; 4], out: (usize, usize)) -> PyResult<()> {
+    let d = Dropout::new(p, seed).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let [b, h, lq, lk] = shape;
+    let (ptr, len) = out;
+    if len != b * h * lq * lk {
+        return Err(PyValueError::new_err(
+            "dropout_keep: the buffer does not match the shape",
+        ));
+    }
+    if len == 0 {
+        return Ok(());
+    }
+    if ptr == 0 {
+        return Err(PyValueError::new_err("dropout_keep: null data pointer"));
+    }
+    // SAFETY: the Python caller passes a fresh contiguous bool tensor of `len` elements,
+    // which it holds until this call returns; `bool` has size and alignment 1.
+    let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut bool, len) };
+    for (row, cells) in dst.chunks_mut(lk).enumerate() {
+        let (bi, h_i, i) = (row / (h * lq), row / lq % h, row % lq);
+        for (j, cell) in cells.iter_mut().enumerate() {
+            *cell = d.keep(bi, h_i, i, j, h, lq);
+        }
+    }
+    Ok(())
 }
 
 /// The compiled mask as a dense bool buffer `[B, H_q, L_q, L_k]` (contiguous, written in

@@ -23,10 +23,12 @@ fn _maskattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(masks::key_keep, m)?)?;
     m.add_function(wrap_pyfunction!(masks::documents, m)?)?;
     m.add_function(wrap_pyfunction!(masks::dense, m)?)?;
+    m.add_function(wrap_pyfunction!(masks::tile_sizes, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::forward, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::backward, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::allowed, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::merge_partials, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::dropout_keep, m)?)?;
     m.add_function(wrap_pyfunction!(threads::set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(threads::get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(path::isa, m)?)?;

@@ -5,7 +5,10 @@
 
 use std::sync::Arc;
 
-use maskattn::{BlockMask, DenseMask, Mask, MaskExpr, MaskShape, MaskTerm, MASK_TERMS};
+use maskattn::{
+    BlockMask, DenseMask, Mask, MaskExpr, MaskShape, MaskTerm, TileClass, DEFAULT_TILE_K,
+    DEFAULT_TILE_Q, MASK_TERMS,
+};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -174,20 +177,34 @@ pub fn dense(ptr: usize, dims: [usize; 4]) -> PyResult<NativeMask> {
     Ok(wrap(Mask::dense(m)))
 }
 
+/// The tile sizes a block mask of `L_q × L_k` has: the defaults, clamped to the sequence
+/// as [`BlockMask::new`] clamps them.
+#[pyfunction]
+pub fn tile_sizes(lq: usize, lk: usize) -> (usize, usize) {
+    (DEFAULT_TILE_Q.min(lq.max(1)), DEFAULT_TILE_K.min(lk.max(1)))
+}
+
+/// `len` bytes at `ptr`, borrowed.
+///
+/// # Safety
+/// `ptr` must point at `len` live bytes that outlive the borrow.
+unsafe fn bytes<'a>(ptr: usize, len: usize) -> PyResult<&'a [u8]> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if ptr == 0 {
+        return Err(PyValueError::new_err("mask data: null pointer"));
+    }
+    Ok(std::slice::from_raw_parts(ptr as *const u8, len))
+}
+
 /// Reads bytes as booleans (`!= 0`): a byte other than 0 or 1 read as a Rust `bool` would
 /// be undefined behaviour, so the bytes are never reinterpreted.
 ///
 /// # Safety
 /// `ptr` must point at `len` live bytes.
 unsafe fn bools(ptr: usize, len: usize) -> PyResult<Vec<bool>> {
-    if len == 0 {
-        return Ok(Vec::new());
-    }
-    if ptr == 0 {
-        return Err(PyValueError::new_err("mask data: null pointer"));
-    }
-    let bytes = std::slice::from_raw_parts(ptr as *const u8, len);
-    Ok(bytes.iter().map(|&x| x != 0).collect())
+    Ok(bytes(ptr, len)?.iter().map(|&x| x != 0).collect())
 }
 
 /// A mask compiled for one shape `(B, H_q, L_q, L_k)`.
@@ -236,6 +253,40 @@ impl NativeBlockMask {
         })
         .map_err(PyValueError::new_err)?
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(NativeBlockMask {
+            inner: Arc::new(block),
+        })
+    }
+
+    /// A block mask from tile classes decided in Python (`from_mask_mod`): `classes` a
+    /// contiguous uint8 tensor `[rows_b, rows_h, nq, nk]` (0 empty, 1 full, 2 partial),
+    /// `partial` a contiguous bool tensor of `tile_q × tile_k` values per partial tile, in
+    /// order (both copied). The tiles are [`tile_sizes`]'s for the shape.
+    #[staticmethod]
+    #[pyo3(signature = (shape, rows, classes, partial))]
+    fn from_tiles(
+        shape: (usize, usize, usize, usize),
+        rows: (usize, usize),
+        classes: (usize, usize),
+        partial: (usize, usize),
+    ) -> PyResult<Self> {
+        let (batch, heads, lq, lk) = shape;
+        let shape = MaskShape::new(batch, heads, lq, lk);
+        // SAFETY: the Python side passes live, contiguous uint8 / bool tensors of these lengths.
+        let classes = unsafe { bytes(classes.0, classes.1) }?
+            .iter()
+            .map(|&c| match c {
+                0 => Ok(TileClass::Empty),
+                1 => Ok(TileClass::Full),
+                2 => Ok(TileClass::Partial),
+                _ => Err(PyValueError::new_err(format!(
+                    "tile class {c}: expected 0, 1 or 2"
+                ))),
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let partial = unsafe { bools(partial.0, partial.1) }?;
+        let block = BlockMask::from_tiles(shape, tile_sizes(lq, lk), rows, &classes, &partial)
+            .map_err(value_error)?;
         Ok(NativeBlockMask {
             inner: Arc::new(block),
         })

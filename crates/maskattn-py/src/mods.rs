@@ -2,13 +2,13 @@
 //! hands them over: each parameter tensor a contiguous f32 buffer read in place, and the
 //! buffers for their gradients.
 
-use maskattn::{Bias, ParamGradsMut, Params, RelBias};
+use maskattn::{Bias, Dropout, ParamGradsMut, Params, RelBias};
 
 use crate::raw::{RawOut, RawTensor};
 
 /// `(softcap, alibi slopes [H_q], sinks [H_q], bias (data, dims), T5 table
-/// (data [num_buckets, H_q], num_buckets, max_distance, bidirectional))`, each `None` when
-/// the call does not have it.
+/// (data [num_buckets, H_q], num_buckets, max_distance, bidirectional), dropout (p, seed))`,
+/// each `None` when the call does not have it.
 #[derive(pyo3::FromPyObject, Clone, Copy, Default)]
 pub struct Mods(
     pub Option<f32>,
@@ -16,6 +16,7 @@ pub struct Mods(
     pub Option<RawOut>,
     pub Option<(RawOut, [usize; 4])>,
     pub Option<(RawOut, usize, usize, bool)>,
+    pub Option<(f32, u64)>,
 );
 
 /// Buffers for `(dbias, dalibi, dsinks, drel)`, `None` where autograd does not want one.
@@ -61,6 +62,9 @@ impl Mods {
             p.rel = Some(
                 RelBias::new(table, n, max_distance, bidirectional).map_err(|e| e.to_string())?,
             );
+        }
+        if let Some((prob, seed)) = self.5 {
+            p.dropout = Some(Dropout::new(prob, seed).map_err(|e| e.to_string())?);
         }
         Ok(p)
     }

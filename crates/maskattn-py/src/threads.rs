@@ -135,8 +135,8 @@ pub fn run_interruptible<R: Send, E>(
     f: impl FnOnce() -> R + Send,
     mut interrupted: impl FnMut() -> Option<E>,
 ) -> Result<Result<R, E>, String> {
-    let pooled = work > INTERRUPTIBLE_WORK
-        || (work > INLINE_WORK && WANTED.load(Ordering::Relaxed) != 1);
+    let pooled =
+        work > INTERRUPTIBLE_WORK || (work > INLINE_WORK && WANTED.load(Ordering::Relaxed) != 1);
     if !pooled {
         return run_sized(work, f).map(Ok);
     }

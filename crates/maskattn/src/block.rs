@@ -215,13 +215,151 @@ impl BlockMask {
             })
             .collect();
 
+        Self::assemble(
+            (shape, global, grid.q0, grid.k0),
+            (tile_q, tile_k, grid.nq, grid.nk, words),
+            (rows_b, rows_h),
+            tiles,
+            total_pairs,
+            rows.into_iter().flatten(),
+        )
+    }
+
+    /// A block mask from tile classes decided outside the kernel crate (the Python package
+    /// evaluates a user's `mask_mod` tile by tile and sends only what it found): `classes`
+    /// is `[rows_b, rows_h, nq, nk]` (`nq = ⌈L_q / tile_q⌉`, `nk = ⌈L_k / tile_k⌉`; `rows_b`
+    /// is 1 or `B`, `rows_h` 1 or `H`), and `partial` holds `tile_q × tile_k` booleans
+    /// (`true` = may attend, row-major) for each `Partial` class in order. Entries past the
+    /// sequence's end in a last tile are ignored. A `Partial` tile whose booleans are all
+    /// `true` (or all `false`) is stored as `Full` (`Empty`), as [`BlockMask::new`] does.
+    /// The tiles are taken as given: [`BlockMask::with_tiles`] clamps a tile larger than the
+    /// sequence to it, so pass clamped sizes for the same block mask. Wrong sizes are an
+    /// [`AttnError::ShapeMismatch`] naming what is wrong.
+    pub fn from_tiles(
+        shape: MaskShape,
+        (tile_q, tile_k): (usize, usize),
+        (rows_b, rows_h): (usize, usize),
+        classes: &[TileClass],
+        partial: &[bool],
+    ) -> Result<Self> {
+        if tile_q == 0 || tile_k == 0 {
+            return Err(AttnError::BadTiles { tile_q, tile_k });
+        }
+        let bad = |what: String| Err(AttnError::ShapeMismatch { what });
+        if rows_b != 1 && rows_b != shape.batch {
+            return bad(format!(
+                "tile table batch rows {rows_b}: must be 1 or B = {}",
+                shape.batch
+            ));
+        }
+        if rows_h != 1 && rows_h != shape.heads {
+            return bad(format!(
+                "tile table heads {rows_h}: must be 1 or H = {}",
+                shape.heads
+            ));
+        }
+        let (nq, nk) = (shape.lq.div_ceil(tile_q), shape.lk.div_ceil(tile_k));
+        let too_large = |what, factors: &[usize]| AttnError::SizeOverflow {
+            name: "block mask",
+            what,
+            factors: factors.to_vec(),
+        };
+        let dims = [rows_b, rows_h, nq, nk];
+        let n_tiles = dims
+            .iter()
+            .try_fold(1usize, |n, &x| n.checked_mul(x))
+            .ok_or_else(|| too_large("tiles", &dims))?;
+        if classes.len() != n_tiles {
+            return bad(format!(
+                "tile classes: {} given for [rows_b, rows_h, nq, nk] = {dims:?} ({n_tiles})",
+                classes.len()
+            ));
+        }
+        let area = tile_q
+            .checked_mul(tile_k)
+            .ok_or_else(|| too_large("tile area", &[tile_q, tile_k]))?;
+        let n_partial = classes.iter().filter(|&&c| c == TileClass::Partial).count();
+        if Some(partial.len()) != n_partial.checked_mul(area) {
+            return bad(format!(
+                "partial tiles: {} booleans given for {n_partial} partial tiles of {tile_q} x {tile_k}",
+                partial.len()
+            ));
+        }
+        let pairs = [shape.batch, shape.heads, shape.lq, shape.lk];
+        let total_pairs = pairs
+            .iter()
+            .try_fold(1u64, |n, &x| n.checked_mul(x as u64))
+            .ok_or_else(|| too_large("pairs B · H · L_q · L_k", &pairs))?;
+        let grid = Grid {
+            shape,
+            q0: 0,
+            k0: 0,
+            lq: shape.lq,
+            lk: shape.lk,
+            tile_q,
+            tile_k,
+            nq,
+            nk,
+        };
+        let words = tile_k.div_ceil(64);
+        let mut tiles: Vec<u32> = Vec::new();
+        tiles
+            .try_reserve_exact(n_tiles)
+            .map_err(|_| too_large("tiles", &dims))?;
+        let mut next = partial.chunks_exact(area);
+        let compiled = classes.iter().enumerate().map(|(n, &class)| {
+            let kt = n % nk;
+            let qt = (n / nk) % nq;
+            let r = grid.rect(qt, kt);
+            let (rows, cols) = (r.i1 - r.i0, r.j1 - r.j0);
+            match class {
+                TileClass::Empty => Compiled::uniform(class, 0),
+                TileClass::Full => Compiled::uniform(class, (rows * cols) as u64),
+                TileClass::Partial => {
+                    let given = next.next().expect("counted above");
+                    let mut bits = vec![0u64; tile_q * words];
+                    let mut allowed = 0u64;
+                    for i in 0..rows {
+                        let row = &mut bits[i * words..(i + 1) * words];
+                        for (c, _) in given[i * tile_k..i * tile_k + cols]
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, &x)| x)
+                        {
+                            row[c / 64] |= 1 << (c % 64);
+                            allowed += 1;
+                        }
+                    }
+                    Compiled::settled(bits, allowed, (rows * cols) as u64)
+                }
+            }
+        });
+        Self::assemble(
+            (shape, shape, 0, 0),
+            (tile_q, tile_k, nq, nk, words),
+            (rows_b, rows_h),
+            tiles,
+            total_pairs,
+            compiled,
+        )
+    }
+
+    /// The block mask from its compiled tiles, in `[rows_b, rows_h, nq, nk]` order.
+    fn assemble(
+        (shape, global, q0, k0): (MaskShape, MaskShape, usize, usize),
+        (tile_q, tile_k, nq, nk, words): (usize, usize, usize, usize, usize),
+        (rows_b, rows_h): (usize, usize),
+        mut tiles: Vec<u32>,
+        total_pairs: u64,
+        compiled: impl Iterator<Item = Compiled>,
+    ) -> Result<Self> {
         let repeat = ((shape.batch / rows_b) * (shape.heads / rows_h)) as u64;
         let mut stats = BlockStats {
             total_pairs,
             ..Default::default()
         };
         let mut bits = Vec::new();
-        for c in rows.into_iter().flatten() {
+        for c in compiled {
             stats.tiles += repeat;
             stats.allowed_pairs += repeat * c.allowed;
             tiles.push(match c.class {
@@ -247,12 +385,12 @@ impl BlockMask {
         Ok(BlockMask {
             shape,
             global,
-            q0: grid.q0,
-            k0: grid.k0,
+            q0,
+            k0,
             tile_q,
             tile_k,
-            nq: grid.nq,
-            nk: grid.nk,
+            nq,
+            nk,
             rows_b,
             rows_h,
             tiles,
@@ -361,6 +499,30 @@ impl BlockMask {
     }
 }
 
+impl Compiled {
+    fn uniform(class: TileClass, allowed: u64) -> Self {
+        Compiled {
+            class,
+            bits: Vec::new(),
+            allowed,
+        }
+    }
+
+    /// A scanned tile's bitmap, `allowed` of its `area` pairs set: a tile that turns out
+    /// all hidden or all allowed is stored as `Empty` or `Full`, without its bitmap.
+    fn settled(bits: Vec<u64>, allowed: u64, area: u64) -> Self {
+        match allowed {
+            0 => Self::uniform(TileClass::Empty, 0),
+            a if a == area => Self::uniform(TileClass::Full, area),
+            _ => Compiled {
+                class: TileClass::Partial,
+                bits,
+                allowed,
+            },
+        }
+    }
+}
+
 /// One tile `(b, h, query tile, key tile)` of the grid: its class and, if partial, bitmap.
 fn compile_tile(
     mask: &Mask,
@@ -371,12 +533,7 @@ fn compile_tile(
     let area = ((r.i1 - r.i0) * (r.j1 - r.j0)) as u64;
     let class = classifier.class(g, b, h, qt, kt);
     if class != TileClass::Partial {
-        let allowed = if class == TileClass::Full { area } else { 0 };
-        return Compiled {
-            class,
-            bits: Vec::new(),
-            allowed,
-        };
+        return Compiled::uniform(class, if class == TileClass::Full { area } else { 0 });
     }
     let mut bits = vec![0u64; g.tile_q * words];
     let mut allowed = 0u64;
@@ -391,19 +548,5 @@ fn compile_tile(
         }
     }
     // Composite masks can be classified Partial when they are not; the scan settles it.
-    let class = if allowed == 0 {
-        TileClass::Empty
-    } else if allowed == area {
-        TileClass::Full
-    } else {
-        TileClass::Partial
-    };
-    if class != TileClass::Partial {
-        bits = Vec::new();
-    }
-    Compiled {
-        class,
-        bits,
-        allowed,
-    }
+    Compiled::settled(bits, allowed, area)
 }
