@@ -62,6 +62,10 @@ pub struct State {
     pub evals: Vec<Eval>,
     /// FNV-1a of every file in the sub-folder, by name.
     pub hashes: BTreeMap<String, String>,
+    /// A run of a [`crate::task::Task`] (absent for the text tasks): its name, settings
+    /// and encoder, from which [`crate::task::TaskTrainer::resume`] rebuilds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<crate::task::TaskSpec>,
 }
 
 pub const FORMAT: u32 = 2;
@@ -438,6 +442,7 @@ mod tests {
                 metric_name: "perplexity".into(),
             }],
             hashes: BTreeMap::new(),
+            task: None,
         }
     }
 

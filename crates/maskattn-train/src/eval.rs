@@ -94,6 +94,8 @@ pub fn evaluate(
 pub fn format_metric(e: &Eval) -> String {
     if e.metric_name == "perplexity" {
         format!("{:.2}", e.metric)
+    } else if e.metric_name == "MSE" {
+        format!("{:.4}", e.metric)
     } else {
         format!("{:.1}%", 100.0 * e.metric)
     }

@@ -63,6 +63,7 @@ pub mod loss;
 pub mod optim;
 pub mod rng;
 pub mod settings;
+pub mod task;
 pub mod trainer;
 pub mod vocab;
 

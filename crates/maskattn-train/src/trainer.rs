@@ -206,13 +206,25 @@ fn open_vocab(state: &State, files: &Path) -> Result<Vocab> {
 /// An output folder: an existing folder or a new one, made now (so that a bad folder fails
 /// before training, not at the first checkpoint); its `config.json`, if any, must be a
 /// regular file (never a link to replace).
-fn prepare_out(out: &Path) -> Result<()> {
+pub(crate) fn prepare_out(out: &Path) -> Result<()> {
     if std::fs::metadata(out).is_ok_and(|m| !m.is_dir()) {
         bail!("--out {}: is not a folder", out.display());
     }
     std::fs::create_dir_all(out)
         .with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
     durable::refuse_special(&out.join("config.json"))
+}
+
+/// A checkpoint of a [`crate::task::Task`] holds no language model: refused by name.
+fn refuse_task(dir: &Path, state: &State) -> Result<()> {
+    match &state.task {
+        Some(t) => bail!(
+            "{}: a checkpoint of the `{}` task, not of a language model (its run resumes with `TaskTrainer::resume`, `maskattn train --resume`)",
+            dir.display(),
+            t.name
+        ),
+        None => Ok(()),
+    }
 }
 
 /// Opens a checkpoint for inference: the model, its vocabulary and its state.
@@ -223,6 +235,7 @@ pub fn open(dir: &Path) -> Result<(TinyLm, Vocab, State)> {
         files,
         ..
     } = checkpoint::load(dir)?;
+    refuse_task(dir, &state)?;
     let vocab = open_vocab(&state, &files)?;
     let (vars, model) = build_model(&state.model).context("building the checkpoint's model")?;
     checkpoint::restore(&vars, &model_t)?;
@@ -281,6 +294,7 @@ impl Trainer {
             losses: Vec::new(),
             evals: Vec::new(),
             hashes: Default::default(),
+            task: None,
         };
         Ok(Trainer {
             state,
@@ -306,6 +320,7 @@ impl Trainer {
             files,
             tokenizer,
         } = checkpoint::load(dir)?;
+        refuse_task(dir, &state)?;
         let vocab = open_vocab(&state, &files)?;
         let corpus = load_corpus(&state.run, &vocab)?;
         let (vars, model) = build_model(&state.model)?;

@@ -1,0 +1,179 @@
+//! `maskattn train --task NAME`: the library's [`Task`]s (items, series) with the text run's
+//! flags for the encoder and the optimiser, its progress bar, Ctrl-C and loss pictures.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use maskattn_candle::model::TinyLm;
+use maskattn_train::checkpoint::RunSettings;
+use maskattn_train::task::items::Items;
+use maskattn_train::task::series::{Series, SeriesSettings};
+use maskattn_train::task::{Task, TaskTrainer, Trunk};
+use maskattn_train::trainer::Outcome;
+
+use super::args::{TaskArg, TrainArgs};
+use super::progress::{new_bar, write_pictures, Progress};
+
+/// Which task the checkpoint in `dir` holds, if any.
+pub fn of_checkpoint(dir: &Path) -> Result<Option<String>> {
+    Ok(maskattn_train::checkpoint::load(dir)?
+        .state
+        .task
+        .map(|t| t.name))
+}
+
+/// Runs the task named by `--task`, or by the checkpoint of `--resume`.
+pub fn run(a: &TrainArgs, name: &str) -> Result<()> {
+    match name {
+        Items::NAME => go::<Items>(a, |a| Items::new(Default::default(), a.seed)),
+        Series::NAME => go::<Series>(a, |a| {
+            let mut s = SeriesSettings {
+                csv: a.csv.clone(),
+                ..SeriesSettings::default()
+            };
+            if let Some(p) = a.period {
+                s.period = p;
+            }
+            Series::new(s, a.seed)
+        }),
+        other => bail!("unknown task `{other}` (this program knows items, series)"),
+    }
+}
+
+/// The default steps of each task (its default run: under a minute on 2 cores).
+fn default_steps(task: TaskArg) -> u64 {
+    match task {
+        TaskArg::Items => 400,
+        TaskArg::Series => 400,
+    }
+}
+
+fn refuse_text_flags(a: &TrainArgs) -> Result<()> {
+    for (given, flag) in [
+        (a.text.is_some(), "--text"),
+        (a.tokenizer.is_some(), "--tokenizer"),
+        (a.kv_heads.is_some(), "--kv-heads"),
+        (a.softcap.is_some(), "--softcap"),
+        (a.sinks, "--sinks"),
+        (a.reference_attention, "--reference-attention"),
+    ] {
+        if given {
+            bail!("{flag}: a flag of the text tasks; --task trains its own model");
+        }
+    }
+    Ok(())
+}
+
+fn go<T: Task>(a: &TrainArgs, make: impl FnOnce(&TrainArgs) -> Result<T>) -> Result<()> {
+    refuse_text_flags(a)?;
+    if T::NAME != Series::NAME && (a.csv.is_some() || a.period.is_some()) {
+        bail!("--csv, --period: flags of --task series");
+    }
+    if a.period.is_some() && a.csv.is_none() {
+        bail!("--period: needs --csv (the generated series know their seasons)");
+    }
+    let mut t = match &a.resume {
+        Some(dir) => TaskTrainer::<T>::resume(dir, a.steps)?,
+        None => {
+            let task = make(a)?;
+            let kind = a.task.expect("a fresh task run names its task");
+            let run = RunSettings {
+                seed: a.seed,
+                steps: a.steps.unwrap_or(default_steps(kind)),
+                batch: a.batch,
+                lr: a.lr,
+                warmup: a.warmup,
+                min_lr_ratio: a.min_lr_ratio,
+                clip: a.clip,
+                weight_decay: a.weight_decay,
+                eval_every: a.eval_every,
+                ..RunSettings::default()
+            };
+            let d_model = a.d_model.unwrap_or(64);
+            let trunk = Trunk {
+                d_model,
+                layers: a.layers.unwrap_or(2),
+                heads: a.heads.unwrap_or(4),
+                d_ff: 4 * d_model,
+            };
+            TaskTrainer::new(task, trunk, run, &a.out)?
+        }
+    };
+    let out = t.out().to_path_buf();
+    let s = t.state().run.clone();
+    let trunk = t.state().task.as_ref().expect("a task run").trunk;
+    eprintln!(
+        "model: {} parameters ({} layers, d_model {}, {} heads); data: {}; {} rows × {} positions per step",
+        TinyLm::parameters(t.vars()),
+        trunk.layers,
+        trunk.d_model,
+        trunk.heads,
+        t.task().describe(),
+        s.batch,
+        s.seq_len,
+    );
+    {
+        let stop = t.stop_flag();
+        let _ = ctrlc::set_handler(move || stop.store(true, std::sync::atomic::Ordering::SeqCst));
+    }
+    let todo = s.steps.saturating_sub(t.state().step);
+    let mut progress = Progress::new(new_bar(a, s.steps, t.state().step), a.stop_after);
+    let report = t.run(&mut progress);
+    let bar = progress.bar;
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            bar.abandon();
+            return Err(e);
+        }
+    };
+    match report.outcome {
+        Outcome::Interrupted => {
+            bar.abandon_with_message("interrupted");
+            eprintln!(
+                "interrupted at step {}: checkpoint saved to {} (continue with --resume {})",
+                t.state().step,
+                out.display(),
+                out.display()
+            );
+            std::process::exit(130);
+        }
+        Outcome::Stopped => {
+            bar.abandon();
+            eprintln!(
+                "stopped after {} steps at step {}: checkpoint in {}",
+                report.steps,
+                t.state().step,
+                out.display()
+            );
+            return Ok(());
+        }
+        Outcome::Finished => {}
+    }
+    bar.finish_and_clear();
+    if todo > 0 {
+        let (secs, eval_secs) = (report.secs, report.eval_secs);
+        eprintln!(
+            "{todo} steps in {secs:.1} s: {:.0} ms/step training, {eval_secs:.1} s evaluating",
+            1e3 * (secs - eval_secs) / todo as f64,
+        );
+    }
+    let curve = write_pictures(t.state(), &out);
+    if !t.details().is_empty() {
+        println!("{}", t.details());
+    }
+    eprintln!(
+        "checkpoint {}; loss curve {}",
+        out.display(),
+        curve.display()
+    );
+    if let Some(e) = t.state().evals.last() {
+        println!(
+            "held-out {} after {} steps: {}",
+            e.metric_name,
+            e.step,
+            t.task().summary(e.metric)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,30 @@
+//! Tasks beyond text: a [`Task`] supplies its data, its input embedding, its head, loss and
+//! metric, and the mask; [`TaskTrainer`] trains the shared transformer encoder
+//! ([`Encoder`]) on it with the same optimiser, checkpoints, exact resume and [`Hooks`] as
+//! the text [`Trainer`](crate::Trainer).
+//!
+//! Two tasks come with the crate: [`items`] (next-item recommendation, SASRec-style) and
+//! [`series`] (multivariate forecasting on patches, PatchTST/Moirai-style). A task of your
+//! own implements [`Task`]; `tests/task_trait.rs` holds one written outside the crate.
+//!
+//! A step: [`Task::train_batch`] draws the batch of step `n` from the seed and `n` alone;
+//! [`Task::input`] embeds it (`[B, L, d_model]`, token ids or continuous vectors through
+//! the task's own layers) with the mask over `[B, heads, L, L]` and, optionally, a dense
+//! additive score bias `[B|1, heads|1, L, L]` that may carry gradients to the task's
+//! parameters; the encoder runs; [`Task::loss`] turns its output into the loss. The
+//! held-out figures come from [`Task::evaluate`], which runs the model through a closure.
+//!
+//! [`Hooks`]: crate::Hooks
+
+mod api;
+pub mod encoder;
+pub mod items;
+mod runner;
+pub mod series;
+pub mod series_csv;
+mod spec;
+
+pub use api::{Input, Task, TaskEval};
+pub use encoder::{Encoder, Trunk};
+pub use runner::TaskTrainer;
+pub use spec::TaskSpec;
