@@ -14,6 +14,7 @@ use candle_nn::{Embedding, Linear, VarBuilder};
 use maskattn::{BlockMask, Mask, MaskShape};
 use serde::Deserialize;
 
+use crate::fused;
 use crate::interop::WeightFormat;
 use crate::layer::{MaskedMultiHeadAttention, MhaConfig, MhaOptions};
 use crate::model::LayerNorm;
@@ -53,6 +54,20 @@ struct BertLayer {
     inter: Linear,
     out: Linear,
     ln_out: LayerNorm,
+}
+
+impl BertLayer {
+    /// `out(gelu_erf(inter(x)))` in two fused ops (the product, bias and GELU of `inter` are
+    /// one), on the products' instruction set (`crate::products`: `MASKATTN_ISA=avx2`
+    /// reaches them; `candle_nn::Linear` would keep gemm's own choice).
+    fn feed_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (inter, out) = (&self.inter, &self.out);
+        let h = match inter.bias() {
+            Some(b) => fused::linear_gelu_erf(x, inter.weight(), b)?,
+            None => fused::gelu_erf(&fused::linear(x, inter.weight(), None)?)?,
+        };
+        fused::linear(&h, out.weight(), out.bias())
+    }
 }
 
 pub struct Bert {
@@ -198,10 +213,7 @@ impl Bert {
         for layer in &self.layers {
             let a = layer.attn.forward(&x, &MhaOptions::new(block))?;
             x = layer.ln_attn.forward(&(x + a)?)?;
-            let f = layer
-                .out
-                .forward(&crate::fused::gelu_erf(&layer.inter.forward(&x)?)?)?;
-            x = layer.ln_out.forward(&(x + f)?)?;
+            x = layer.ln_out.forward(&(&x + layer.feed_forward(&x)?)?)?;
         }
         Ok(x)
     }

@@ -34,6 +34,8 @@ fn ops() -> Result<Vec<(&'static str, Op, Op, f32)>> {
     let lin_w = (tensor(&[n, n], 4)? / 16.0)?;
     let lin_b = tensor(&[n], 5)?;
     let (lin_w2, lin_b2) = (lin_w.clone(), lin_b.clone());
+    let (lin_w3, lin_b3) = (lin_w.clone(), lin_b.clone());
+    let (lin_w4, lin_b4) = (lin_w.clone(), lin_b.clone());
     // 256 rows of 250: over the size where the loops split across rayon's pool.
     let rows = 256;
     let targets: Vec<u32> = (0..rows as u32).map(|i| (i * 37) % n as u32).collect();
@@ -70,6 +72,12 @@ fn ops() -> Result<Vec<(&'static str, Op, Op, f32)>> {
             Box::new(move |x: &Tensor| fused::linear_ops(x, &lin_w2, Some(&lin_b2))?.gelu()),
             1e-3,
         ),
+        (
+            "linear_gelu_erf",
+            Box::new(move |x: &Tensor| fused::linear_gelu_erf(x, &lin_w3, &lin_b3)),
+            Box::new(move |x: &Tensor| fused::linear_ops(x, &lin_w4, Some(&lin_b4))?.gelu_erf()),
+            1e-3,
+        ),
     ])
 }
 
@@ -82,7 +90,7 @@ fn check_every_op_on(isa: Isa) -> Result<()> {
         let before = counts();
         let (y, dx) = value_and_grad(&x, &fused_op)?;
         let after = counts();
-        // `linear_gelu_tanh` runs only the tanh loops of GELU (the product is gemm's).
+        // `linear_gelu_*` run only the GELU loops (the product is gemm's).
         assert!(
             after[slot] > before[slot],
             "{isa:?}: {name} ran no loop on {isa:?} ({before:?} → {after:?})"

@@ -342,8 +342,19 @@ fn exp_stays_within_its_stated_relative_error() {
 
 #[test]
 fn linear_gelu_gives_the_bits_of_linear_then_gelu() -> Result<()> {
-    // Small (GELU on the calling thread) and the model's 2048 × 128 → 512 (parallel).
-    for (lead, inp, out) in [(vec![3, 5], 7, 11), (vec![16, 128], 128, 512)] {
+    type Fused = fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+    type Gelu = fn(&Tensor) -> Result<Tensor>;
+    let forms: [(&str, Fused, Gelu); 2] = [
+        ("tanh", fused::linear_gelu_tanh, fused::gelu_tanh),
+        ("erf", fused::linear_gelu_erf, fused::gelu_erf),
+    ];
+    // Small (GELU on the calling thread), the LM's 2048 × 128 → 512 and a MiniLM
+    // intermediate layer's 32 × 384 → 1536 (parallel).
+    for (lead, inp, out) in [
+        (vec![3, 5], 7, 11),
+        (vec![16, 128], 128, 512),
+        (vec![2, 16], 384, 1536),
+    ] {
         let mut xs = lead.clone();
         xs.push(inp);
         let mut ys = lead.clone();
@@ -352,31 +363,35 @@ fn linear_gelu_gives_the_bits_of_linear_then_gelu() -> Result<()> {
         let w = Var::from_tensor(&tensor(&[out, inp], 52)?)?;
         let b = Var::from_tensor(&tensor(&[out], 53)?)?;
         let dy = tensor(&ys, 54)?;
-        let run = |one_op: bool| -> Result<Vec<Vec<u32>>> {
-            let y = if one_op {
-                fused::linear_gelu_tanh(&x, &w, &b)?
-            } else {
-                fused::gelu_tanh(&fused::linear(&x, &w, Some(&b))?)?
+        for (form, one, gelu) in forms {
+            let run = |one_op: bool| -> Result<Vec<Vec<u32>>> {
+                let y = if one_op {
+                    one(&x, &w, &b)?
+                } else {
+                    gelu(&fused::linear(&x, &w, Some(&b))?)?
+                };
+                let g = (&y * &dy)?.sum_all()?.backward()?;
+                let mut res = vec![vec1(&y)];
+                for v in [&x, &w, &b] {
+                    res.push(vec1(g.get(v).expect("every input gets a gradient")));
+                }
+                // +0 and −0 are the same gradient.
+                Ok(res
+                    .iter()
+                    .map(|v| v.iter().map(|f| (f + 0.0).to_bits()).collect())
+                    .collect())
             };
-            let g = (&y * &dy)?.sum_all()?.backward()?;
-            let mut res = vec![vec1(&y)];
-            for v in [&x, &w, &b] {
-                res.push(vec1(g.get(v).expect("every input gets a gradient")));
+            let (f, o) = (run(true)?, run(false)?);
+            for (i, what) in ["y", "dx", "dW", "db"].iter().enumerate() {
+                assert!(
+                    f[i] == o[i],
+                    "{form} {lead:?}×{inp}→{out} {what}: not the same bits"
+                );
             }
-            // +0 and −0 are the same gradient.
-            Ok(res
-                .iter()
-                .map(|v| v.iter().map(|f| (f + 0.0).to_bits()).collect())
-                .collect())
-        };
-        let (f, o) = (run(true)?, run(false)?);
-        for (i, what) in ["y", "dx", "dW", "db"].iter().enumerate() {
-            assert!(
-                f[i] == o[i],
-                "{lead:?}×{inp}→{out} {what}: not the same bits"
+            println!(
+                "fused linear_gelu_{form} {lead:?}×{inp}→{out}: the bits of linear + gelu_{form}"
             );
         }
-        println!("fused linear_gelu_tanh {lead:?}×{inp}→{out}: the bits of linear + gelu_tanh");
     }
     Ok(())
 }

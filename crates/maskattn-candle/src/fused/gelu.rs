@@ -82,9 +82,9 @@ fn tanh_bwd(x: &[f32], g: &[f32], dx: &mut [f32]) {
     }
 }
 
-multiversion!(fn erf_fwd_mv(x: &[f32], y: &mut [f32]) => erf_fwd);
+multiversion!(pub(super) fn erf_fwd_mv(x: &[f32], y: &mut [f32]) => erf_fwd);
 multiversion!(pub(super) fn tanh_fwd_mv(x: &[f32], y: &mut [f32]) => tanh_fwd);
-multiversion!(fn erf_bwd_mv(x: &[f32], g: &[f32], dx: &mut [f32]) => erf_bwd);
+multiversion!(pub(super) fn erf_bwd_mv(x: &[f32], g: &[f32], dx: &mut [f32]) => erf_bwd);
 multiversion!(pub(super) fn tanh_bwd_mv(x: &[f32], g: &[f32], dx: &mut [f32]) => tanh_bwd);
 
 /// The f32 elements of a contiguous CPU storage.

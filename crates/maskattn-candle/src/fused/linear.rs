@@ -105,22 +105,22 @@ impl<'a> Mat<'a> {
 /// Products of fewer multiply-adds than this run on the calling thread.
 const SERIAL_PRODUCT: usize = 1 << 20;
 
-/// `dst [m, n] (row-major, contiguous) = lhs [m, k] · rhs [k, n]`, on rayon's threads.
-fn matmul(lhs: Mat, rhs: Mat, dst: &mut [f32]) -> Result<()> {
+/// `lhs [m, k] · rhs [k, n]` as a new row-major `[m, n]` buffer, on rayon's threads.
+///
+/// The buffer is not zero-filled first: gemm writes every element of `dst` and, with
+/// `read_dst` false, never reads one (BLAS's `beta = 0`: gemm's `alpha` is zero and its
+/// kernels store without loading). A zero fill would be one more pass over the widest
+/// activations of the model, and for a buffer fresh from the OS the page faults with it.
+fn matmul(lhs: Mat, rhs: Mat) -> Result<Vec<f32>> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    if rhs.rows != k || dst.len() != m * n {
+    if rhs.rows != k {
         return Err(Error::Msg(format!(
-            "linear: product of {m}×{k} and {}×{n} into {} values",
-            rhs.rows,
-            dst.len()
+            "linear: product of {m}×{k} and {}×{n}",
+            rhs.rows
         )));
     }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        dst.fill(0.0);
-        return Ok(());
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(vec![0f32; m * n]);
     }
     // A small product (a decoding step's one row) costs less than waking rayon's threads:
     // the split is over blocks of `dst`, so the result is the same bits either way.
@@ -130,10 +130,11 @@ fn matmul(lhs: Mat, rhs: Mat, dst: &mut [f32]) -> Result<()> {
     } else {
         gemm::Parallelism::None
     };
+    let mut dst: Vec<f32> = Vec::with_capacity(m * n);
     // SAFETY: `Mat::new` checked that every element `(i, j)` of both operands, at
-    // `i·rs + j·cs`, lies inside its slice; `dst` holds exactly `m·n` values written at
-    // `i·n + j`; `read_dst` is false, so `dst`'s old values are never read; the three
-    // slices are distinct borrows (`dst` is `&mut`), so they do not overlap.
+    // `i·rs + j·cs`, lies inside its slice; `dst` has room for exactly `m·n` values, written
+    // at `i·n + j`; `read_dst` is false, so none of them is read before it is written; `dst`
+    // is a fresh allocation, so it overlaps neither operand.
     unsafe {
         crate::products::gemm_f32(
             (m, n, k),
@@ -143,9 +144,11 @@ fn matmul(lhs: Mat, rhs: Mat, dst: &mut [f32]) -> Result<()> {
             0.0,
             1.0,
             par,
-        )
-    };
-    Ok(())
+        );
+        // SAFETY: gemm wrote all `m·n` elements (m, n, k > 0 here).
+        dst.set_len(m * n);
+    }
+    Ok(dst)
 }
 
 /// `y [rows, out] = x [rows, in] · Wᵀ (+ b)`.
@@ -154,8 +157,7 @@ pub(super) fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, out: usize) -> Re
     let rows = x.len().checked_div(inp).unwrap_or(0);
     let xm = Mat::new(x, rows, inp, inp, 1)?;
     let wm = Mat::new(w, out, inp, inp, 1)?;
-    let mut y = vec![0f32; rows * out];
-    matmul(xm, wm.t(), &mut y)?;
+    let mut y = matmul(xm, wm.t())?;
     if let Some(b) = b.filter(|_| out > 0) {
         // Added after the product, as `broadcast_add` does: the same rounding.
         let add = |y: &mut [f32]| {
@@ -229,10 +231,8 @@ pub(super) fn backward_from(x: &Tensor, w: &Tensor, gv: &[f32], bias: bool) -> R
     );
     let gm = Mat::new(gv, rows, out, out, 1)?;
     // dx [rows, in] = dy · W;  dW [out, in] = dyᵀ · x.
-    let mut dx = vec![0f32; rows * inp];
-    matmul(gm, wm, &mut dx)?;
-    let mut dw = vec![0f32; out * inp];
-    matmul(gm.t(), xm, &mut dw)?;
+    let dx = matmul(gm, wm)?;
+    let dw = matmul(gm.t(), xm)?;
     let dev = x.device();
     Ok((
         Tensor::from_vec(dx, x.shape(), dev)?,

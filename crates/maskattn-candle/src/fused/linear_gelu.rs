@@ -1,6 +1,7 @@
-//! The MLP's first half, `gelu_tanh(x·Wᵀ + b)`, as one candle op with a backward: the
-//! product, the bias and the GELU of [`linear`](super::linear) and
-//! [`gelu_tanh`](super::gelu_tanh) in one op, so that candle's backward zero-fills and adds
+//! The MLP's first half, `gelu(x·Wᵀ + b)` in either form (tanh: the LM's MLP; exact erf:
+//! BERT's intermediate layer), as one candle op with a backward: the product, the bias and
+//! the GELU of [`linear`](super::linear) and [`gelu_tanh`](super::gelu_tanh) /
+//! [`gelu_erf`](super::gelu_erf) in one op, so that candle's backward zero-fills and adds
 //! one `[rows, d_ff]` gradient buffer fewer (the widest activation of the model), and the
 //! pre-activation the GELU's derivative needs is kept by the op rather than as a tensor of
 //! the graph. The same arithmetic as the two ops, in the same order: the same bits.
@@ -11,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor, D};
 
-use super::gelu::{contiguous_f32, tanh_bwd_mv, tanh_fwd_mv};
+use super::gelu::{contiguous_f32, erf_bwd_mv, erf_fwd_mv, tanh_bwd_mv, tanh_fwd_mv};
 use super::linear::{backward_from, forward, shape_out};
 use super::par::{map1, map2};
 
@@ -19,14 +20,45 @@ use super::par::{map1, map2};
 /// CPU tensors take the fused op; others [`linear`](super::linear) and
 /// [`gelu_tanh`](super::gelu_tanh) one after the other.
 pub fn linear_gelu_tanh(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    linear_gelu(x, weight, bias, Form::Tanh)
+}
+
+/// `gelu_erf(x·Wᵀ + b)` (the exact GELU, BERT's `gelu`) over the last dimension of `x`;
+/// differentiable in all three. f32 CPU tensors take the fused op; others
+/// [`linear`](super::linear) and [`gelu_erf`](super::gelu_erf) one after the other.
+pub fn linear_gelu_erf(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    linear_gelu(x, weight, bias, Form::Erf)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Form {
+    Erf,
+    Tanh,
+}
+
+impl Form {
+    fn name(self) -> &'static str {
+        match self {
+            Form::Erf => "linear_gelu_erf",
+            Form::Tanh => "linear_gelu_tanh",
+        }
+    }
+}
+
+fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor, form: Form) -> Result<Tensor> {
     let all_f32 = [x, weight, bias].iter().all(|t| t.dtype() == DType::F32);
     if !all_f32 || !x.device().is_cpu() {
-        return super::gelu_tanh(&super::linear(x, weight, Some(bias))?);
+        let pre = super::linear(x, weight, Some(bias))?;
+        return match form {
+            Form::Erf => super::gelu_erf(&pre),
+            Form::Tanh => super::gelu_tanh(&pre),
+        };
     }
     let (out, inp) = weight.dims2()?;
     if x.dim(D::Minus1)? != inp || bias.dims() != [out] {
         return Err(Error::Msg(format!(
-            "linear_gelu_tanh: x {:?}, weight {:?}, bias {:?}: want x [..., {inp}], bias [{out}]",
+            "{}: x {:?}, weight {:?}, bias {:?}: want x [..., {inp}], bias [{out}]",
+            form.name(),
             x.dims(),
             weight.dims(),
             bias.dims()
@@ -36,12 +68,14 @@ pub fn linear_gelu_tanh(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
         &weight.contiguous()?,
         &bias.contiguous()?,
         LinearGelu {
+            form,
             pre: Arc::new(OnceLock::new()),
         },
     )
 }
 
 struct LinearGelu {
+    form: Form,
     /// `x·Wᵀ + b`, from the forward for the backward.
     pre: Arc<OnceLock<Vec<f32>>>,
 }
@@ -65,7 +99,10 @@ impl CustomOp3 for LinearGelu {
         let b = contiguous_f32("linear_gelu", s3, l3)?;
         let out = l2.dims()[0];
         let pre = forward(x, w, Some(b), out)?;
-        let y = map1(&pre, tanh_fwd_mv);
+        let y = match self.form {
+            Form::Erf => map1(&pre, erf_fwd_mv),
+            Form::Tanh => map1(&pre, tanh_fwd_mv),
+        };
         let _ = self.pre.set(pre);
         Ok((CpuStorage::F32(y), shape_out(l1, out)))
     }
@@ -91,7 +128,10 @@ impl CustomOp3 for LinearGelu {
         if g.len() != pre.len() {
             return Err(Error::Msg("linear_gelu: gradient of another shape".into()));
         }
-        let dpre = map2(pre, g, tanh_bwd_mv);
+        let dpre = match self.form {
+            Form::Erf => map2(pre, g, erf_bwd_mv),
+            Form::Tanh => map2(pre, g, tanh_bwd_mv),
+        };
         let (dx, dw, db) = backward_from(x, w, &dpre, true)?;
         Ok((Some(dx), Some(dw), db))
     }

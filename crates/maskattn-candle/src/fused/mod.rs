@@ -21,5 +21,5 @@ pub use gelu::{gelu_erf, gelu_tanh};
 pub use heads::{merge_heads, split_heads, RotaryTables};
 pub use layer_norm::{layer_norm, layer_norm_ops};
 pub use linear::{linear, linear_ops};
-pub use linear_gelu::linear_gelu_tanh;
+pub use linear_gelu::{linear_gelu_erf, linear_gelu_tanh};
 pub use par::calls_on;
