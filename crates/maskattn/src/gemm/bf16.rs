@@ -115,7 +115,7 @@ pub(crate) unsafe fn gemm(c: MatMut, a: Pairs, b: Pairs, update: Update) {
             }
         }};
     }
-    register_tiles!(m, n / W, NV_MAX, |i, j| go);
+    register_tiles!(m, n / W, super::MR, NV_MAX, |i, j| go);
 }
 
 #[inline(always)]

@@ -5,7 +5,7 @@
 //! Operands are [`MatRef`] / [`MatMut`] views, checked against their buffers when made, so
 //! a product reads as its formula: `gemm::<S>(dv, p.t(), dout, Update::Add)` is `dV += Pᵀ·dO`.
 //!
-//! Register tiling: an `MR × NV` block of C (MR rows, NV vectors of W lanes) stays in
+//! Register tiling: an `MR × NV` block of C (`Simd::MR` rows, NV vectors of W lanes) stays in
 //! registers while `k` runs; each step loads NV vectors of one B row and broadcasts MR
 //! elements of A. A is read through strides, so `Pᵀ` and `dSᵀ` need no transposed copy.
 //! B and C rows are contiguous and `n` is a multiple of 16: callers pad their buffers
@@ -122,22 +122,31 @@ pub(crate) enum Update {
     Add,
 }
 
-/// Rows of C per register tile.
+/// Rows of C per register tile of the bf16 products (`gemm::bf16`); the f32 products take
+/// their instruction set's [`Simd::MR`].
 pub(crate) const MR: usize = 4;
-/// The register-tile walk both micro-kernel families share: C in blocks of up to `MR` rows
-/// by up to `nv_max` vectors, each handed to the caller's macro `$go!(R, NV)` with the
+/// The register-tile walk both micro-kernel families share: C in blocks of up to `mr_max`
+/// rows by up to `nv_max` vectors, each handed to the caller's macro `$go!(R, NV)` with the
 /// block's size as literals (so that a micro-kernel is compiled per size and its loops
-/// unroll), and the block's first row and first vector as `$go!(R, NV, i, j)`.
+/// unroll), and the block's first row and first vector as `$go!(R, NV, i, j)`. Blocks of 5
+/// and 6 rows exist for AVX2's 6 × 2 tile only (see `simd/avx2.rs`): `mr_max ≤ 4` or
+/// `nv_max ≤ 2`, so every block has an arm (and with a constant `mr_max ≤ 4` the compiler
+/// drops the 5- and 6-row arms).
 macro_rules! register_tiles {
-    ($m:expr, $nvec:expr, $nv_max:expr, |$i:ident, $j:ident| $go:ident) => {{
-        let (m, nvec, nv_max): (usize, usize, usize) = ($m, $nvec, $nv_max);
+    ($m:expr, $nvec:expr, $mr_max:expr, $nv_max:expr, |$i:ident, $j:ident| $go:ident) => {{
+        let (m, nvec, mr_max, nv_max): (usize, usize, usize, usize) = ($m, $nvec, $mr_max, $nv_max);
+        debug_assert!(mr_max <= 4 && nv_max <= 4 || mr_max <= 6 && nv_max <= 2);
         let mut $j = 0;
         while $j < nvec {
             let nv = nv_max.min(nvec - $j);
             let mut $i = 0;
             while $i < m {
-                let mr = $crate::gemm::MR.min(m - $i);
+                let mr = mr_max.min(m - $i);
                 match (mr, nv) {
+                    (6, 2) => $go!(6, 2, $i, $j),
+                    (6, 1) => $go!(6, 1, $i, $j),
+                    (5, 2) => $go!(5, 2, $i, $j),
+                    (5, 1) => $go!(5, 1, $i, $j),
                     (4, 4) => $go!(4, 4, $i, $j),
                     (4, 3) => $go!(4, 3, $i, $j),
                     (4, 2) => $go!(4, 2, $i, $j),
@@ -153,7 +162,8 @@ macro_rules! register_tiles {
                     (1, 4) => $go!(1, 4, $i, $j),
                     (1, 3) => $go!(1, 3, $i, $j),
                     (1, 2) => $go!(1, 2, $i, $j),
-                    _ => $go!(1, 1, $i, $j),
+                    (1, 1) => $go!(1, 1, $i, $j),
+                    _ => unreachable!("register tile {mr} × {nv} vectors"),
                 }
                 $i += mr;
             }
@@ -174,21 +184,52 @@ pub(crate) unsafe fn gemm<S: Simd>(c: MatMut, a: MatRef, b: MatRef, update: Upda
     let accumulate = update == Update::Add;
     let (ap, bp, cp) = (a.data.as_ptr(), b.data.as_ptr(), c.data.as_mut_ptr());
     let (ldb, ldc) = (b.rs, c.rs);
+    // AVX2's tile (`Simd::MR` > `MR`, see `simd/avx2.rs`) reads B's block column through a
+    // contiguous copy. The kernels' tiles have rows a power of two apart (64 or 128 f32:
+    // 256 or 512 bytes), so a k walk down B and down a strided A lands in 16 (or 8) of the
+    // 64 sets of a 32 KiB 8-way L1: at d = 128 the two walks need 16 lines a set and evict
+    // each other for every block of rows. Copied once per block column (its `k × 16` f32,
+    // read by the `m / 6` blocks of rows that follow), B walks consecutive lines instead.
+    // Only the read order of B's values changes, not the sums: each entry is still summed
+    // from zero, `p` ascending, so the result is the same to the bit.
+    let panel_b = S::MR > MR && m > S::MR && k <= PANEL_K && S::NV_MAX * S::W <= PANEL_W;
+    let mut panel = std::mem::MaybeUninit::<[f32; PANEL_K * PANEL_W]>::uninit();
+    let pp = panel.as_mut_ptr() as *mut f32;
     macro_rules! go {
         ($mr:literal, $nv:literal, $i:ident, $j:ident) => {{
             // SAFETY: `register_tiles!` hands out blocks with `i < m`, `j·W < n`, inside the
-            // operands `check` matched against their buffers.
+            // operands `check` matched against their buffers; the panel holds `k ≤ PANEL_K`
+            // rows of `NV·W ≤ PANEL_W` values, written (at the first block of rows of each
+            // block column, `i == 0`) before they are read.
             let a_blk = Strided {
                 ptr: unsafe { ap.add($i * a.rs) },
                 rs: a.rs,
                 cs: a.cs,
             };
-            let (b_blk, c_blk) = unsafe { (bp.add($j * S::W), cp.add($i * ldc + $j * S::W)) };
+            let c_blk = unsafe { cp.add($i * ldc + $j * S::W) };
+            let (b_blk, ldb) = if panel_b {
+                if $i == 0 {
+                    for p in 0..k {
+                        for v in 0..$nv {
+                            let x = unsafe { S::load(bp.add(p * ldb + ($j + v) * S::W)) };
+                            unsafe { S::store(pp.add(p * PANEL_W + v * S::W), x) };
+                        }
+                    }
+                }
+                (pp as *const f32, PANEL_W)
+            } else {
+                (unsafe { bp.add($j * S::W) }, ldb)
+            };
             unsafe { micro::<S, $mr, $nv>(k, a_blk, b_blk, ldb, c_blk, ldc, accumulate) }
         }};
     }
-    register_tiles!(m, n / S::W, S::NV_MAX, |i, j| go);
+    register_tiles!(m, n / S::W, S::MR, S::NV_MAX, |i, j| go);
 }
+
+/// The longest reduction (`k`) whose B block column `gemm` copies, and the copy's row length
+/// in f32 (AVX2: 2 × 8 lanes): 16 KiB on the stack.
+const PANEL_K: usize = 256;
+const PANEL_W: usize = 16;
 
 /// The sizes of `C = A·B`, checked: `A` is `m × k`, `B` `k × n`, `C` `m × n`, `n` whole
 /// vectors, B and C rows contiguous.

@@ -11,7 +11,15 @@ pub(crate) struct Avx2;
 // SAFETY: every method enables exactly AVX2+FMA, and `dispatch!` reaches this set only
 // where `Isa::available` found them.
 unsafe impl Simd for Avx2 {
+    // The register tile is shaped for 16 ymm registers and two 256-bit FMA ports (Zen 2/3,
+    // Haswell–Skylake client), not copied from AVX-512's 4 × 4 zmm: 6 rows × 2 vectors is
+    // 12 accumulators + 2 B vectors + 1 broadcast = 15 of 16 registers. 12 independent FMA
+    // chains cover the FMA latency (4–5 cycles) × 2 ports with room to spare, where the old
+    // 4 × 2 (8 chains) sat exactly at the limit and stalled on any late load; and each
+    // k step issues 8 loads for 12 FMAs (4 × 2: 6 for 8), so the loads stay off the
+    // critical path on Haswell's 2 load ports too. (`llvm-mca` figures: docs/kernels.md.)
     const NV_MAX: usize = 2;
+    const MR: usize = 6;
     const W: usize = 8;
     type V = __m256;
 

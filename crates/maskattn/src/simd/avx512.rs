@@ -12,6 +12,8 @@ pub(crate) struct Avx512;
 // only where `Isa::available` found it.
 unsafe impl Simd for Avx512 {
     const NV_MAX: usize = 4;
+    /// 4 × 4 zmm accumulators + 4 B vectors + 1 broadcast: 21 of 32 registers.
+    const MR: usize = 4;
     const W: usize = 16;
     type V = __m512;
 

@@ -197,14 +197,36 @@ fn bf16_dot_switched_off() -> bool {
 }
 
 /// The kernel code a call takes now: the instruction set of the f32 products, whether
-/// bf16 storage goes to the bf16 dot products, and whether those run on AMX tiles (the
-/// hardware, or the plain-Rust model of it; `Off` when `bf16_dot` is false). `Display`
-/// names all three, for logs and tests.
+/// bf16 storage goes to the bf16 dot products, whether those run on AMX tiles (the
+/// hardware, or the plain-Rust model of it; `Off` when `bf16_dot` is false), and the f32
+/// register tile. `Display` names all four, for logs and tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelPath {
     pub isa: Isa,
     pub bf16_dot: bool,
     pub amx: crate::AmxMode,
+    /// The f32 products' register tile on `isa`: (rows, lanes) of C held in registers.
+    pub f32_tile: (usize, usize),
+}
+
+impl Isa {
+    /// The f32 products' register tile on this set (`gemm`): rows of C by lanes of C
+    /// (`Simd::MR` × `Simd::NV_MAX · W`), so that a test or benchmark names the tile shape
+    /// it ran.
+    pub fn f32_register_tile(self) -> (usize, usize) {
+        fn of<S: Simd>() -> (usize, usize) {
+            (S::MR, S::NV_MAX * S::W)
+        }
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => of::<Avx512>(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => of::<Avx2>(),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => of::<Neon>(),
+            _ => of::<Portable>(),
+        }
+    }
 }
 
 impl std::fmt::Display for KernelPath {
@@ -216,17 +238,24 @@ impl std::fmt::Display for KernelPath {
             (true, AmxMode::Hardware) => "bf16 on AMX tiles (tdpbf16ps)",
             (true, AmxMode::Model) => "bf16 on AMX tiles run by the plain-Rust model",
         };
-        write!(f, "f32 on {:?}; {bf16}", self.isa)
+        let (rows, lanes) = self.f32_tile;
+        write!(
+            f,
+            "f32 on {:?}; {bf16}; f32 register tiles {rows} × {lanes}",
+            self.isa
+        )
     }
 }
 
 /// The kernel path calls take now (see [`KernelPath`]).
 pub fn kernel_path() -> KernelPath {
     let path = bf16_path();
+    let isa = current_isa();
     KernelPath {
-        isa: current_isa(),
+        isa,
         bf16_dot: path.is_some(),
         amx: path.map_or(crate::AmxMode::Off, |p| p.amx),
+        f32_tile: isa.f32_register_tile(),
     }
 }
 

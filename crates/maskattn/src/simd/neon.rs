@@ -13,6 +13,7 @@ pub(crate) struct Neon;
 // SAFETY: NEON is part of every aarch64 target.
 unsafe impl Simd for Neon {
     const NV_MAX: usize = 4;
+    const MR: usize = 4;
     const W: usize = 4;
     type V = float32x4_t;
 

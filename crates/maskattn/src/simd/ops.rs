@@ -11,6 +11,9 @@ pub(crate) unsafe trait Simd: Copy + 'static {
     const W: usize;
     /// Vectors per row of the matrix-product register tile (what the register file holds).
     const NV_MAX: usize;
+    /// Rows of C per register tile (`gemm`): `MR × NV_MAX` accumulators, with the `NV_MAX`
+    /// vectors of one B row and a broadcast of A, fill the register file.
+    const MR: usize;
     type V: Copy;
     unsafe fn splat(x: f32) -> Self::V;
     unsafe fn load(p: *const f32) -> Self::V;

@@ -22,6 +22,7 @@ fn map2(a: V, b: V, f: impl Fn(f32, f32) -> f32) -> V {
 // SAFETY: plain Rust; no CPU feature is assumed.
 unsafe impl Simd for Portable {
     const NV_MAX: usize = 1;
+    const MR: usize = 4;
     const W: usize = W;
     type V = V;
 
