@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from . import _maskattn as _native
-from .masks import BlockMask, Mask, _build, _FULL_ID, from_mask_mod
+from .masks import BlockMask, Mask, _band_indices, _build, _checked, _FULL_ID, dense
 from .ops import (
     _DTYPES,
     RelativeBias,
@@ -312,16 +312,21 @@ def _native_mask(mask, B, H, total):
     if mask is None:
         return _build(_FULL_ID, ())
     if isinstance(mask, BlockMask):
-        if mask._mask is None:
+        mask_mod = getattr(mask, "_mask_mod", None)
+        if mask._mask is None and mask_mod is None:
             raise TypeError("mask: this BlockMask was made without a maskattn.Mask; pass the Mask itself")
         if mask.shape != (B, H, total, total):
             raise ValueError(
                 f"mask: the BlockMask was compiled for {mask.shape}, but the whole problem is "
                 f"(B, H_q, L, L) = {(B, H, total, total)}; pass the global mask"
             )
-        mask = mask._mask
-    elif callable(mask) and not isinstance(mask, Mask):
-        mask = from_mask_mod(mask, B, H, total, total)._mask
+        mask = mask._mask if mask._mask is not None else mask_mod
+    if callable(mask) and not isinstance(mask, Mask):
+        # A mask_mod: evaluated over the whole L × L once, so every block of it can be
+        # compiled at its global positions.
+        name = getattr(mask, "__name__", type(mask).__name__)
+        allowed = _checked(mask, name, _band_indices(B, H, total, total), (B, H, total, total))
+        mask = dense(allowed.expand(allowed.shape[0], allowed.shape[1], total, total).contiguous())
     if not isinstance(mask, Mask):
         raise TypeError(
             f"mask must be None, a maskattn.Mask, a BlockMask of the whole problem or a mask_mod, "

@@ -508,7 +508,11 @@ def from_mask_mod(
     for what, n in (("B", B), ("H", H), ("L_q", L_q), ("L_k", L_k)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"from_mask_mod: {what} must be an int ≥ 0, got {n!r}")
-    return _from_mask_mod(mask_mod, B, H, L_q, L_k)
+    block = _from_mask_mod(mask_mod, B, H, L_q, L_k)
+    # Kept for callers that must evaluate the mask elsewhere than its tiles (context
+    # parallelism compiles blocks of the whole problem from it).
+    block._mask_mod = mask_mod
+    return block
 
 
 def _from_mask_mod(mask_mod, B: int, H: int, L_q: int, L_k: int, keep: Optional[torch.Tensor] = None) -> BlockMask:
