@@ -346,6 +346,25 @@ def _forward_piece(q, k, v, blk, scale, mods):
     return out, lse
 
 
+def _next_hop(comms, plan, cur, k, t, tag):
+    """Step ``t``'s hop of the key/value shards, in both rings: ``cur`` (shard ``rank − t``)
+    sent on where a rank further on still needs it, and step ``t + 1``'s shard received where
+    this rank or one after it needs it. ``(send, recv, buffer)``, None where nothing travels."""
+    world, rank = plan.world, plan.rank
+    sent = posted = nxt = None
+    if t + 1 < world:
+        if t + 1 <= plan.reach[(rank - t) % world]:
+            sent = comms.send(cur, (rank + 1) % world, tag + t + 1)
+            _stats["kv_sent"] += 1
+        else:
+            _stats["kv_not_sent"] += 1
+        s_in = (rank - t - 1) % world
+        if t + 1 <= plan.reach[s_in]:
+            nxt = k.new_empty((2, *k.shape[:2], plan.lens[s_in], k.shape[3]))
+            posted = comms.recv(nxt, (rank - 1) % world, tag + t + 1)
+    return sent, posted, nxt
+
+
 def _ring_forward(plan: _Plan, q, k, v, scale, mods, sinks):
     """``(out f32, lse f32)`` of this rank's queries against every key, merged by LSE."""
     world, rank = plan.world, plan.rank
@@ -355,19 +374,8 @@ def _ring_forward(plan: _Plan, q, k, v, scale, mods, sinks):
     cur = torch.stack([k, v])  # one message per hop: [2, B, H_kv, L_s, d]
     for t in range(world):
         s = (rank - t) % world
-        sent = posted = None
-        nxt = None
-        if t + 1 < world:
-            # Post the next hop before computing on this one: the transfer overlaps the kernels.
-            if t + 1 <= plan.reach[s]:
-                sent = comms.send(cur, (rank + 1) % world, _TAG_FWD_KV + t + 1)
-                _stats["kv_sent"] += 1
-            else:
-                _stats["kv_not_sent"] += 1
-            s_in = (rank - t - 1) % world
-            if t + 1 <= plan.reach[s_in]:
-                nxt = k.new_empty((2, *k.shape[:2], plan.lens[s_in], k.shape[3]))
-                posted = comms.recv(nxt, (rank - 1) % world, _TAG_FWD_KV + t + 1)
+        # Post the next hop before computing on this one: the transfer overlaps the kernels.
+        sent, posted, nxt = _next_hop(comms, plan, cur, k, t, _TAG_FWD_KV)
         if t == 0 or t <= plan.reach[s]:
             for (qi, ki), blk in plan.blocks[s].items():
                 if blk is None:
@@ -425,17 +433,9 @@ def _ring_backward(plan: _Plan, q, k, v, out, lse, dout, dlse, scale, mods, want
             comms.wait(p)
         pending_sends = pending_sends[-2:]
         s = (rank - t) % world
-        posted = nxt = None
-        if t + 1 < world:
-            if t + 1 <= plan.reach[s]:
-                pending_sends.append(comms.send(cur, (rank + 1) % world, _TAG_BWD_KV + t + 1))
-                _stats["kv_sent"] += 1
-            else:
-                _stats["kv_not_sent"] += 1
-            s_in = (rank - t - 1) % world
-            if t + 1 <= plan.reach[s_in]:
-                nxt = k.new_empty((2, *k.shape[:2], plan.lens[s_in], k.shape[3]))
-                posted = comms.recv(nxt, (rank - 1) % world, _TAG_BWD_KV + t + 1)
+        sent, posted, nxt = _next_hop(comms, plan, cur, k, t, _TAG_BWD_KV)
+        if sent is not None:
+            pending_sends.append(sent)
         # Shard s's gradient so far, from the ranks before this one on its way (sent as
         # they finished the step before, while this rank worked on it), is received into
         # the buffer this rank then adds its own part to: one buffer, not two.
