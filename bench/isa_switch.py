@@ -6,11 +6,17 @@ without AVX-512) runs both sides:
 
 - maskattn reads `MASKATTN_ISA` (its attention kernels, the candle model's fused ops and its
   f32 matrix products: one switch);
-- PyTorch reads `ATEN_CPU_CAPABILITY` once, when torch is imported, so the script re-executes
-  itself with both variables set before it imports torch (child processes inherit them).
+- PyTorch has three: `ATEN_CPU_CAPABILITY` for its own vectorised kernels (SDPA's flash
+  kernel, element-wise ops), `MKL_ENABLE_INSTRUCTIONS` for MKL, which does its matrix products
+  (`nn.Linear`, `@`, and the blocks of SDPA's kernel), and `ONEDNN_MAX_CPU_ISA` for oneDNN.
+  ATen's switch alone leaves MKL on AVX-512: before 2026-12-06 13:00 UTC the `--isa avx2`
+  figures had PyTorch's products on AVX-512. All three are read when the libraries load, so
+  the script re-executes itself with them set before it imports torch (child processes
+  inherit them).
 
-What ran is read back, not assumed: `torch.backends.cpu.get_cpu_capability()` for PyTorch,
-and for maskattn the instruction set its kernels report (`maskattn bench --json` for the
+What ran is read back, not assumed: `torch.backends.cpu.get_cpu_capability()` for ATen,
+MKL's own banner (`MKL_VERBOSE=1` on one small product, in a child process) for MKL, and
+for maskattn the instruction set its kernels report (`maskattn bench --json` for the
 binary, `maskattn._maskattn.kernel_path()` for the Python package). A CPU without the asked
 set runs its own (PyTorch falls back silently, maskattn's detection ignores a set it lacks):
 the header then shows the difference.
@@ -23,8 +29,21 @@ import os
 import subprocess
 import sys
 
-# --isa value -> (MASKATTN_ISA, ATEN_CPU_CAPABILITY)
-SETS = {"avx2": ("avx2", "avx2"), "avx512": ("avx512", "avx512")}
+# --isa value -> the variables that force it on each side
+SETS = {
+    "avx2": {
+        "MASKATTN_ISA": "avx2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+    },
+    "avx512": {
+        "MASKATTN_ISA": "avx512",
+        "ATEN_CPU_CAPABILITY": "avx512",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+    },
+}
 
 
 def add_argument(parser):
@@ -32,7 +51,8 @@ def add_argument(parser):
         "--isa",
         choices=sorted(SETS),
         help="run both sides on this instruction set (MASKATTN_ISA for maskattn's kernels and "
-        "matrix products, ATEN_CPU_CAPABILITY for PyTorch); default: each side's own choice",
+        "matrix products; ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS and ONEDNN_MAX_CPU_ISA for "
+        "PyTorch's kernels and products); default: each side's own choice",
     )
 
 
@@ -47,12 +67,11 @@ def _asked(argv):
 
 def apply_before_torch():
     """Call before importing torch: with `--isa X` on the command line, makes sure this
-    process runs with both variables set, re-executing the script once if they were not."""
+    process runs with all the variables set, re-executing the script once if they were not."""
     isa = _asked(sys.argv[1:])
     if isa not in SETS:
         return  # absent, or invalid: argparse reports it later
-    ours, aten = SETS[isa]
-    want = {"MASKATTN_ISA": ours, "ATEN_CPU_CAPABILITY": aten}
+    want = SETS[isa]
     if all(os.environ.get(k) == v for k, v in want.items()):
         return
     os.environ.update(want)
@@ -64,9 +83,29 @@ def _env(name):
     return os.environ.get(name, "unset")
 
 
+def mkl_isa():
+    """The instruction set MKL's banner names for a product in a child process with this
+    process's environment ("unknown" where torch is not built with MKL or prints none)."""
+    code = "import torch; a = torch.ones(64, 64); a @ a"
+    env = dict(os.environ, MKL_VERBOSE="1")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unknown ({e})"
+    for line in out.splitlines():
+        if line.startswith("MKL_VERBOSE") and "(Intel(R) " in line:
+            # "... Intel(R) Advanced Vector Extensions 2 (Intel(R) AVX2) enabled processors ..."
+            return line.split("(Intel(R) ", 1)[1].split(")", 1)[0]
+    return "unknown (no MKL banner)"
+
+
 def torch_side(torch):
-    """PyTorch's kernels as it reports them."""
-    return f"PyTorch {torch.__version__} on {torch.backends.cpu.get_cpu_capability()} (ATEN_CPU_CAPABILITY={_env('ATEN_CPU_CAPABILITY')})"
+    """PyTorch's kernels (ATen) and matrix products (MKL) as they report them."""
+    return (
+        f"PyTorch {torch.__version__} on {torch.backends.cpu.get_cpu_capability()} "
+        f"(ATEN_CPU_CAPABILITY={_env('ATEN_CPU_CAPABILITY')}), its MKL products on {mkl_isa()} "
+        f"(MKL_ENABLE_INSTRUCTIONS={_env('MKL_ENABLE_INSTRUCTIONS')})"
+    )
 
 
 def ours_from_binary(binary):
