@@ -9,6 +9,7 @@ mod bench;
 mod bench_layer;
 mod demo;
 mod embed;
+mod forecast;
 mod infer;
 mod mask_expr;
 mod measure;
@@ -45,6 +46,8 @@ enum Command {
     /// Pre-train a small transformer self-supervised (masked-token or next-token) on the
     /// built-in task or a text file, with checkpoints, evaluation and a loss curve.
     Train(train::TrainArgs),
+    /// Forecast the next values of a CSV file's series with a `train --task series` checkpoint.
+    Forecast(forecast::ForecastArgs),
     /// Top candidates for each [MASK] in a text (an mlm checkpoint).
     FillMask(infer::FillMaskArgs),
     /// Continue a prompt with the KV cache (a clm checkpoint).
@@ -119,6 +122,7 @@ fn run(cli: Cli) -> Result<()> {
     }
     match &cli.command {
         Command::Train(a) => train::run(a),
+        Command::Forecast(a) => forecast::run(a),
         Command::FillMask(a) => infer::fill_mask(a),
         Command::Generate(a) => infer::generate(a),
         Command::AttentionMap(a) => infer::attention_map(a),

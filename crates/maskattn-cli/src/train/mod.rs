@@ -3,6 +3,7 @@
 //! AdamW, checkpoints, the loop) is the library's.
 
 mod args;
+pub mod figure;
 pub mod plot;
 mod progress;
 mod task;

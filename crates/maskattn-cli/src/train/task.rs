@@ -159,13 +159,24 @@ fn go<T: Task>(a: &TrainArgs, make: impl FnOnce(&TrainArgs) -> Result<T>) -> Res
         );
     }
     let curve = write_pictures(t.state(), &out);
+    let pictures = match t.figures() {
+        Ok(figs) => super::figure::write_figures(&figs, &out),
+        Err(e) => {
+            eprintln!("warning: no pictures of the task: {e:#}");
+            Vec::new()
+        }
+    };
     if !t.details().is_empty() {
         println!("{}", t.details());
     }
     eprintln!(
-        "checkpoint {}; loss curve {}",
+        "checkpoint {}; loss curve {}{}",
         out.display(),
-        curve.display()
+        curve.display(),
+        pictures
+            .iter()
+            .map(|p| format!("; {}", p.display()))
+            .collect::<String>()
     );
     if let Some(e) = t.state().evals.last() {
         println!(

@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::encoder::Trunk;
+use super::figure::Figure;
 
 /// What enters the encoder for one batch.
 pub struct Input {
@@ -68,6 +69,16 @@ pub trait Task: Sized {
         layers: &Self::Layers,
         forward: &mut dyn FnMut(&Self::Batch) -> Result<Tensor>,
     ) -> Result<TaskEval>;
+    /// Pictures worth looking at after a run (forecasts against the truth, a ranking's
+    /// hits against a baseline's), computed on held-out data with `forward` as in
+    /// [`evaluate`](Self::evaluate). None by default.
+    fn figures(
+        &self,
+        _layers: &Self::Layers,
+        _forward: &mut dyn FnMut(&Self::Batch) -> Result<Tensor>,
+    ) -> Result<Vec<Figure>> {
+        Ok(Vec::new())
+    }
     /// The value of the last line, `held-out <metric> after N steps: <this>` — the metric
     /// and, for instance, the baselines it is to be read against.
     fn summary(&self, metric: f64) -> String {

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::api::{Input, Task, TaskEval};
 use super::encoder::Trunk;
+use super::figure::{Figure, Line, Panel, Role};
 use crate::rng::Rng;
 
 /// The sizes of the generated data.
@@ -71,7 +72,7 @@ pub struct Items {
     /// Where each item sits: (genre, index in it).
     place: Vec<(usize, usize)>,
     held_out: Users,
-    /// The most frequent items of the training histories, most frequent first.
+    /// Every item, the most frequent in the training histories first.
     popular: Vec<u32>,
     /// hit@10 and NDCG@10 of `popular` on the held-out users.
     baseline: (f64, f64),
@@ -82,6 +83,8 @@ const WORLD: u64 = 101;
 const TRAIN: u64 = 102;
 const HELD_OUT: u64 = 103;
 const K: usize = 10;
+/// The largest k of the hit@k picture.
+const K_MAX: usize = 50;
 
 fn pick(cdf: &[f64], rng: &mut Rng) -> usize {
     let u = rng.unit() * cdf[cdf.len() - 1];
@@ -134,6 +137,39 @@ impl Items {
             }
         }
         Users { rows, items }
+    }
+
+    /// The rank of each held-out user's last item in the model's full ranking (0: first;
+    /// ties count in its favour), and the summed negative log-likelihood of those items.
+    fn held_out_ranks(
+        &self,
+        layers: &ItemLayers,
+        forward: &mut dyn FnMut(&Users) -> Result<Tensor>,
+    ) -> Result<(Vec<usize>, f64)> {
+        let (l, n) = (self.settings.history, self.settings.history + 1);
+        let (mut ranks, mut loss) = (Vec::new(), 0.0);
+        let h = &self.held_out;
+        for start in (0..h.rows).step_by(64) {
+            let rows = (h.rows - start).min(64);
+            let b = Users {
+                rows,
+                items: h.items[start * n..(start + rows) * n].to_vec(),
+            };
+            let hidden = forward(&b)?;
+            // The last position predicts the user's last item.
+            let last = hidden.narrow(1, l - 1, 1)?;
+            let logits = self.logits(layers, &last)?.squeeze(1)?;
+            let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let scores: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+            let lps: Vec<Vec<f32>> = lp.to_vec2()?;
+            for (r, row) in scores.iter().enumerate() {
+                let target = b.items[r * n + n - 1] as usize;
+                let t = row[target];
+                ranks.push(row.iter().filter(|&&s| s > t).count());
+                loss -= lps[r][target] as f64;
+            }
+        }
+        Ok((ranks, loss))
     }
 
     /// hit@10 and NDCG@10 of one ranking of the target.
@@ -210,7 +246,6 @@ impl Task for Items {
         }
         let mut popular: Vec<u32> = (0..me.settings.items as u32).collect();
         popular.sort_by_key(|&i| (std::cmp::Reverse(counts[i as usize]), i));
-        popular.truncate(K);
         let n = me.settings.history + 1;
         let (mut hit, mut ndcg) = (0.0, 0.0);
         for u in 0..me.held_out.rows {
@@ -283,33 +318,14 @@ impl Task for Items {
         layers: &ItemLayers,
         forward: &mut dyn FnMut(&Users) -> Result<Tensor>,
     ) -> Result<TaskEval> {
-        let (l, n) = (self.settings.history, self.settings.history + 1);
-        let (mut loss, mut hit, mut ndcg) = (0.0, 0.0, 0.0);
-        let h = &self.held_out;
-        for start in (0..h.rows).step_by(64) {
-            let rows = (h.rows - start).min(64);
-            let b = Users {
-                rows,
-                items: h.items[start * n..(start + rows) * n].to_vec(),
-            };
-            let hidden = forward(&b)?;
-            // The last position predicts the user's last item.
-            let last = hidden.narrow(1, l - 1, 1)?;
-            let logits = self.logits(layers, &last)?.squeeze(1)?;
-            let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let scores: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
-            let lps: Vec<Vec<f32>> = lp.to_vec2()?;
-            for (r, row) in scores.iter().enumerate() {
-                let target = b.items[r * n + n - 1] as usize;
-                let t = row[target];
-                let rank = row.iter().filter(|&&s| s > t).count();
-                let (hh, dd) = Items::score(rank);
-                hit += hh;
-                ndcg += dd;
-                loss -= lps[r][target] as f64;
-            }
+        let (ranks, loss) = self.held_out_ranks(layers, forward)?;
+        let (mut hit, mut ndcg) = (0.0, 0.0);
+        for &rank in &ranks {
+            let (hh, dd) = Items::score(rank);
+            hit += hh;
+            ndcg += dd;
         }
-        let users = h.rows as f64;
+        let users = ranks.len() as f64;
         Ok(TaskEval {
             loss: loss / users,
             metric: hit / users,
@@ -320,6 +336,53 @@ impl Task for Items {
                 self.baseline.1
             ),
         })
+    }
+
+    /// hit@k of the model and of the popularity ranking for k = 1 … 50.
+    fn figures(
+        &self,
+        layers: &ItemLayers,
+        forward: &mut dyn FnMut(&Users) -> Result<Tensor>,
+    ) -> Result<Vec<Figure>> {
+        let (model, _) = self.held_out_ranks(layers, forward)?;
+        let n = self.settings.history + 1;
+        let popular: Vec<usize> = (0..self.held_out.rows)
+            .map(|u| {
+                let target = self.held_out.items[u * n + n - 1];
+                let rank = self.popular.iter().position(|&p| p == target);
+                rank.expect("every item is ranked")
+            })
+            .collect();
+        let curve = |ranks: &[usize]| -> Vec<(f64, f64)> {
+            (1..=K_MAX.min(self.settings.items))
+                .map(|k| {
+                    let hits = ranks.iter().filter(|&&r| r < k).count();
+                    (k as f64, hits as f64 / ranks.len() as f64)
+                })
+                .collect()
+        };
+        let line = |label: &str, role, ranks: &[usize]| Line {
+            label: label.into(),
+            role,
+            points: curve(ranks),
+        };
+        Ok(vec![Figure {
+            name: "hits".into(),
+            title: format!(
+                "held-out hit@k: the target among the k best of {} items",
+                self.settings.items
+            ),
+            x_label: "k".into(),
+            y_label: "hit@k".into(),
+            panels: vec![Panel {
+                title: format!("{} users", self.held_out.rows),
+                lines: vec![
+                    line("model", Role::Model, &model),
+                    line("popularity", Role::Baseline, &popular),
+                ],
+                divider: Some(K as f64),
+            }],
+        }])
     }
 
     fn summary(&self, metric: f64) -> String {

@@ -12,19 +12,23 @@
 //! the task's own layers) with the mask over `[B, heads, L, L]` and, optionally, a dense
 //! additive score bias `[B|1, heads|1, L, L]` that may carry gradients to the task's
 //! parameters; the encoder runs; [`Task::loss`] turns its output into the loss. The
-//! held-out figures come from [`Task::evaluate`], which runs the model through a closure.
+//! held-out figures come from [`Task::evaluate`], which runs the model through a closure;
+//! the pictures worth drawing after a run from [`Task::figures`].
 //!
 //! [`Hooks`]: crate::Hooks
 
 mod api;
 pub mod encoder;
+pub mod figure;
 pub mod items;
 mod runner;
 pub mod series;
 pub mod series_csv;
+pub mod series_forecast;
 mod spec;
 
 pub use api::{Input, Task, TaskEval};
 pub use encoder::{Encoder, Trunk};
+pub use figure::{Figure, Line, Panel, Role};
 pub use runner::TaskTrainer;
 pub use spec::TaskSpec;

@@ -15,6 +15,7 @@ use maskattn_candle::model::{LmConfig, Positions};
 
 use super::api::{Task, TaskEval};
 use super::encoder::{Encoder, Trunk};
+use super::figure::Figure;
 use super::spec::TaskSpec;
 use crate::checkpoint::{self, Eval, RunSettings, State};
 use crate::optim::{self, AdamW};
@@ -242,6 +243,12 @@ impl<T: Task> TaskTrainer<T> {
     pub fn evaluate(&self) -> Result<TaskEval> {
         self.task
             .evaluate(&self.layers, &mut |b: &T::Batch| self.hidden(b))
+    }
+
+    /// The task's pictures of the current weights ([`Task::figures`]).
+    pub fn figures(&self) -> Result<Vec<Figure>> {
+        self.task
+            .figures(&self.layers, &mut |b: &T::Batch| self.hidden(b))
     }
 
     /// [`evaluate`](Self::evaluate) as the history keeps it; its details kept for

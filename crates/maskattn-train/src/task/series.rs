@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::api::{Input, Task, TaskEval};
 use super::encoder::Trunk;
+use super::figure::{Figure, Line, Panel, Role};
 use super::series_csv::{self, Table};
 use crate::rng::Rng;
 
@@ -121,13 +122,119 @@ pub struct Series {
 const TRAIN: u64 = 201;
 const HELD_OUT: u64 = 202;
 const PERIODS: [usize; 3] = [12, 16, 24];
+/// Held-out variates drawn in the picture of a run.
+const PANELS: usize = 6;
+
+/// `values` continuing a line that ended at `(x0 - 1, last)`: points from there on.
+pub(crate) fn continuation(x0: f64, last: f64, values: &[f64]) -> Vec<(f64, f64)> {
+    std::iter::once((x0 - 1.0, last))
+        .chain(values.iter().enumerate().map(|(i, &v)| (x0 + i as f64, v)))
+        .collect()
+}
+
+/// A panel of `history` (at x = −len … −1) and the `after` lines from x = 0 on, each
+/// joined to the history's last point.
+fn forecast_panel(title: String, history: &[f32], after: Vec<(&str, Role, &[f32])>) -> Panel {
+    let n = history.len() as f64;
+    let last = history.last().map_or(0.0, |&v| v as f64);
+    let wide = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    let mut lines = vec![Line {
+        label: "context".into(),
+        role: Role::History,
+        points: wide(history)
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (i as f64 - n, v))
+            .collect(),
+    }];
+    lines.extend(after.into_iter().map(|(label, role, v)| Line {
+        label: label.into(),
+        role,
+        points: continuation(0.0, last, &wide(v)),
+    }));
+    Panel {
+        title,
+        lines,
+        divider: Some(-0.5),
+    }
+}
+
+/// The mean and spread (at least 1e-3) a variate's values are normalised by.
+pub(crate) fn scale(context: &[f64]) -> (f64, f64) {
+    let mean = context.iter().sum::<f64>() / context.len() as f64;
+    let var = context.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / context.len() as f64;
+    (mean, var.sqrt().max(1e-3))
+}
+
+/// Where the next sample goes in a [`Packed`] being filled.
+#[derive(Default)]
+struct Cursor {
+    row: usize,
+    col: usize,
+    docs: i64,
+    vars: i64,
+}
+
+impl Packed {
+    fn empty(rows: usize, l: usize, p: usize) -> Packed {
+        Packed {
+            rows,
+            values: vec![0.0; rows * l * p],
+            forecast: vec![0.0; rows * l],
+            time: vec![0; rows * l],
+            doc: vec![-1; rows * l],
+            var: vec![-1; rows * l],
+            at: Vec::new(),
+            targets: Vec::new(),
+            naive: (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// Puts `sample` (one document) at the cursor, or in the next row if it does not fit;
+    /// false when no row is left.
+    fn place(&mut self, sample: &[Variate], l: usize, p: usize, at: &mut Cursor) -> bool {
+        let need: usize = sample.iter().map(|v| v.context.len() / p + 1).sum();
+        if at.col + need > l {
+            at.row += 1;
+            at.col = 0;
+        }
+        if at.row >= self.rows {
+            return false;
+        }
+        for v in sample {
+            let n = v.context.len() / p;
+            for k in 0..=n {
+                let pos = at.row * l + at.col;
+                self.doc[pos] = at.docs;
+                self.var[pos] = at.vars;
+                self.time[pos] = (n - k) as u32;
+                if k < n {
+                    self.values[pos * p..(pos + 1) * p]
+                        .copy_from_slice(&v.context[k * p..(k + 1) * p]);
+                } else {
+                    self.forecast[pos] = 1.0;
+                    self.at.push(pos as u32);
+                    self.targets.extend_from_slice(&v.target);
+                    let last = *v.context.last().expect("a context");
+                    self.naive.0.extend(std::iter::repeat_n(last, p));
+                    let c = v.context.len();
+                    // The last season repeated.
+                    let season = |h: usize| v.context[c - v.period + h % v.period];
+                    self.naive.1.extend((0..p).map(season));
+                }
+                at.col += 1;
+            }
+            at.vars += 1;
+        }
+        at.docs += 1;
+        true
+    }
+}
 
 impl Variate {
     /// `context` and `target` in the units of `context`'s mean and spread (RevIN-style).
     fn normalised(context: &[f64], target: &[f64], period: usize) -> Variate {
-        let mean = context.iter().sum::<f64>() / context.len() as f64;
-        let var = context.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / context.len() as f64;
-        let sd = var.sqrt().max(1e-3);
+        let (mean, sd) = scale(context);
         let norm = |x: &f64| ((x - mean) / sd) as f32;
         Variate {
             context: context.iter().map(norm).collect(),
@@ -213,56 +320,60 @@ impl Series {
     /// row is left out).
     fn pack(&self, rows: usize, rng: &mut Rng, limit: Option<usize>, held_out: bool) -> Packed {
         let (l, p) = (self.settings.row_len, self.settings.patch);
-        let mut b = Packed {
-            rows,
-            values: vec![0.0; rows * l * p],
-            forecast: vec![0.0; rows * l],
-            time: vec![0; rows * l],
-            doc: vec![-1; rows * l],
-            var: vec![-1; rows * l],
-            at: Vec::new(),
-            targets: Vec::new(),
-            naive: (Vec::new(), Vec::new()),
-        };
-        let (mut row, mut col, mut docs, mut vars) = (0, 0, 0i64, 0i64);
-        while limit.is_none_or(|n| (docs as usize) < n) {
+        let mut b = Packed::empty(rows, l, p);
+        let mut at = Cursor::default();
+        while limit.is_none_or(|n| (at.docs as usize) < n) {
             let sample = self.sample(rng, held_out);
-            let need: usize = sample.iter().map(|v| v.context.len() / p + 1).sum();
-            if col + need > l {
-                row += 1;
-                col = 0;
-            }
-            if row >= rows {
+            if !b.place(&sample, l, p, &mut at) {
                 break;
             }
-            for v in &sample {
-                let n = v.context.len() / p;
-                for k in 0..=n {
-                    let pos = row * l + col;
-                    b.doc[pos] = docs;
-                    b.var[pos] = vars;
-                    b.time[pos] = (n - k) as u32;
-                    if k < n {
-                        b.values[pos * p..(pos + 1) * p]
-                            .copy_from_slice(&v.context[k * p..(k + 1) * p]);
-                    } else {
-                        b.forecast[pos] = 1.0;
-                        b.at.push(pos as u32);
-                        b.targets.extend_from_slice(&v.target);
-                        let last = *v.context.last().expect("a context");
-                        b.naive.0.extend(std::iter::repeat_n(last, p));
-                        let c = v.context.len();
-                        // The last season repeated.
-                        let season = |h: usize| v.context[c - v.period + h % v.period];
-                        b.naive.1.extend((0..p).map(season));
-                    }
-                    col += 1;
-                }
-                vars += 1;
-            }
-            docs += 1;
         }
         b
+    }
+
+    /// A batch of `samples` to forecast, each a document of variates' contexts already
+    /// normalised (whole patches, 1 to `max_patches` of them); as many rows as they take.
+    /// The targets are unknown (zeros).
+    pub fn batch_of(&self, samples: &[Vec<Vec<f32>>]) -> Result<Packed> {
+        let s = &self.settings;
+        let (l, p) = (s.row_len, s.patch);
+        let mut all = Vec::new();
+        for (i, sample) in samples.iter().enumerate() {
+            let mut vs = Vec::new();
+            for c in sample {
+                let n = c.len() / p;
+                if c.len() % p != 0 || n == 0 || n > s.max_patches {
+                    bail!(
+                        "sample {i}: a context of {} values is not 1 to {} whole patches of {p}",
+                        c.len(),
+                        s.max_patches
+                    );
+                }
+                vs.push(Variate {
+                    context: c.clone(),
+                    target: vec![0.0; p],
+                    period: p,
+                });
+            }
+            let need: usize = vs.iter().map(|v| v.context.len() / p + 1).sum();
+            if need > l {
+                bail!("sample {i}: {need} tokens do not fit a row of {l}");
+            }
+            all.push(vs);
+        }
+        let mut b = Packed::empty(all.len(), l, p);
+        let mut at = Cursor::default();
+        for sample in &all {
+            b.place(sample, l, p, &mut at);
+        }
+        // Only the rows used (a placed sample leaves the cursor in its row).
+        b.rows = if all.is_empty() { 1 } else { at.row + 1 };
+        b.values.truncate(b.rows * l * p);
+        b.forecast.truncate(b.rows * l);
+        b.time.truncate(b.rows * l);
+        b.doc.truncate(b.rows * l);
+        b.var.truncate(b.rows * l);
+        Ok(b)
     }
 
     /// MSE of `pred` against `target`.
@@ -275,13 +386,56 @@ impl Series {
         s / target.len().max(1) as f64
     }
 
+    /// The settings' own consistency (the data aside).
+    fn check(s: &SeriesSettings) -> Result<()> {
+        if s.patch < 2 || s.patch > *PERIODS.iter().min().expect("periods") {
+            bail!("series: the patch must be 2 to {} values", PERIODS[0]);
+        }
+        if s.min_patches * s.patch < *PERIODS.iter().max().expect("periods")
+            || s.max_patches < s.min_patches
+        {
+            bail!("series: the shortest context must hold a season (24 values)");
+        }
+        if s.max_variates < 2 || s.max_variates * (s.max_patches + 1) > s.row_len {
+            bail!(
+                "series: a row of {} positions must hold a sample of up to {} variates",
+                s.row_len,
+                s.max_variates
+            );
+        }
+        if s.held_out == 0 {
+            bail!("series: some samples must be held out");
+        }
+        if s.period == 0 || s.period > s.min_patches * s.patch {
+            bail!(
+                "--period {}: must be 1 to the shortest context, {} values",
+                s.period,
+                s.min_patches * s.patch
+            );
+        }
+        Ok(())
+    }
+
+    /// The task without its data, for forecasting with a trained model
+    /// ([`super::series_forecast`]): the settings checked, no file read, nothing held out.
+    pub fn for_forecasting(settings: SeriesSettings) -> Result<Series> {
+        Series::check(&settings)?;
+        Ok(Series {
+            settings,
+            table: None,
+            held_out: Vec::new(),
+            baseline: (f64::NAN, f64::NAN),
+        })
+    }
+
     /// MSE of the last-value and the seasonal-naive forecasts on the held-out samples.
     pub fn naive_mse(&self) -> (f64, f64) {
         self.baseline
     }
 
-    /// The forecasts `[n, patch]` of the forecast tokens of `b`.
-    fn forecasts(&self, layers: &SeriesLayers, hidden: &Tensor, b: &Packed) -> Result<Tensor> {
+    /// The forecasts `[n, patch]` of the forecast tokens of `b` (in the order the samples
+    /// and their variates were packed), from the encoder's output `hidden`.
+    pub fn forecasts(&self, layers: &SeriesLayers, hidden: &Tensor, b: &Packed) -> Result<Tensor> {
         let d = hidden.dim(2)?;
         let flat = hidden.reshape((b.rows * self.settings.row_len, d))?;
         let idx = Tensor::from_slice(&b.at, b.at.len(), &Device::Cpu)?;
@@ -316,32 +470,8 @@ impl Task for Series {
     type Batch = Packed;
 
     fn new(settings: SeriesSettings, seed: u64) -> Result<Self> {
+        Series::check(&settings)?;
         let s = &settings;
-        if s.patch < 2 || s.patch > *PERIODS.iter().min().expect("periods") {
-            bail!("series: the patch must be 2 to {} values", PERIODS[0]);
-        }
-        if s.min_patches * s.patch < *PERIODS.iter().max().expect("periods")
-            || s.max_patches < s.min_patches
-        {
-            bail!("series: the shortest context must hold a season (24 values)");
-        }
-        if s.max_variates < 2 || s.max_variates * (s.max_patches + 1) > s.row_len {
-            bail!(
-                "series: a row of {} positions must hold a sample of up to {} variates",
-                s.row_len,
-                s.max_variates
-            );
-        }
-        if s.held_out == 0 {
-            bail!("series: some samples must be held out");
-        }
-        if s.period == 0 || s.period > s.min_patches * s.patch {
-            bail!(
-                "--period {}: must be 1 to the shortest context, {} values",
-                s.period,
-                s.min_patches * s.patch
-            );
-        }
         let table = match &s.csv {
             Some(path) => Some(series_csv::Table::read(
                 path,
@@ -466,6 +596,61 @@ impl Task for Series {
                 fmt(&vb[1])
             ),
         })
+    }
+
+    /// The first held-out samples' variates: context, truth, the model's forecast and the
+    /// seasonal-naive one.
+    fn figures(
+        &self,
+        layers: &SeriesLayers,
+        forward: &mut dyn FnMut(&Packed) -> Result<Tensor>,
+    ) -> Result<Vec<Figure>> {
+        let Some(b) = self.held_out.first() else {
+            return Ok(Vec::new());
+        };
+        let pred: Vec<f32> = self
+            .forecasts(layers, &forward(b)?, b)?
+            .flatten_all()?
+            .to_vec1()?;
+        let p = self.settings.patch;
+        let mut panels = Vec::new();
+        let mut context: Vec<f32> = Vec::new();
+        let (mut k, mut in_doc, mut doc) = (0usize, 0usize, -1i64);
+        // Positions in packing order: a variate's patches, then its forecast token.
+        for pos in 0..b.doc.len() {
+            if b.var[pos] < 0 {
+                continue;
+            }
+            if b.forecast[pos] == 0.0 {
+                context.extend_from_slice(&b.values[pos * p..(pos + 1) * p]);
+                continue;
+            }
+            if b.doc[pos] != doc {
+                (doc, in_doc) = (b.doc[pos], 0);
+            }
+            let f = k * p..(k + 1) * p;
+            panels.push(forecast_panel(
+                format!("sample {doc}, variate {in_doc}"),
+                &context,
+                vec![
+                    ("truth", Role::Truth, &b.targets[f.clone()]),
+                    ("model", Role::Model, &pred[f.clone()]),
+                    ("seasonal naive", Role::Baseline, &b.naive.1[f]),
+                ],
+            ));
+            if panels.len() == PANELS {
+                break;
+            }
+            (k, in_doc) = (k + 1, in_doc + 1);
+            context.clear();
+        }
+        Ok(vec![Figure {
+            name: "forecast".into(),
+            title: "held-out forecasts against the truth (seasonal naive dashed)".into(),
+            x_label: "steps from the forecast".into(),
+            y_label: "value (normalised by the context)".into(),
+            panels,
+        }])
     }
 
     fn summary(&self, metric: f64) -> String {

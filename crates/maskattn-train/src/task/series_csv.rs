@@ -2,6 +2,7 @@
 //! variate, read with the `csv` crate. A variate may start later than others (empty cells
 //! before its first value) but has no gaps after it. The first 80% of the rows train (a
 //! training sample's forecast ends there); held-out samples forecast values after them.
+//! `maskattn forecast` reads its file with the same rules ([`Table::read_all`]).
 
 use std::path::Path;
 
@@ -20,7 +21,23 @@ pub struct Table {
 }
 
 impl Table {
+    /// The file for training: its first 80% must hold a variate's `min_context` values and
+    /// `horizon` to forecast, the rest `horizon` more.
     pub fn read(path: &Path, min_context: usize, horizon: usize) -> Result<Table> {
+        let t = Table::read_all(path)?;
+        let (rows, split) = (t.rows, t.split);
+        let longest = t.start.iter().min().copied().unwrap_or(0);
+        if split < longest + min_context + horizon || rows - split < horizon {
+            bail!(
+                "--csv {}: {rows} rows are too few: the first 80% must hold a variate's {min_context} context values and {horizon} to forecast, the rest {horizon} more",
+                path.display()
+            );
+        }
+        Ok(t)
+    }
+
+    /// The file's columns, whatever their lengths (every variate ends at the last row).
+    pub fn read_all(path: &Path) -> Result<Table> {
         let what = || format!("--csv {}", path.display());
         let mut r = csv::ReaderBuilder::new()
             .has_headers(true)
@@ -77,20 +94,12 @@ impl Table {
             start.push(first);
             values.push(col[first..].iter().map(|v| v.expect("no gaps")).collect());
         }
-        let split = rows * 4 / 5;
-        let longest = start.iter().min().copied().unwrap_or(0);
-        if split < longest + min_context + horizon || rows - split < horizon {
-            bail!(
-                "{}: {rows} rows are too few: the first 80% must hold a variate's {min_context} context values and {horizon} to forecast, the rest {horizon} more",
-                what()
-            );
-        }
         Ok(Table {
             names,
             start,
             values,
             rows,
-            split,
+            split: rows * 4 / 5,
         })
     }
 
@@ -141,4 +150,16 @@ impl Table {
                 .collect();
         }
     }
+}
+
+/// `columns` (of equal length) as CSV text in the reader's format: a header of `names`,
+/// then a row per index; values as Rust prints them (the shortest that reads back exactly).
+pub fn to_csv(names: &[String], columns: &[Vec<f64>]) -> Result<String> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(names)?;
+    let rows = columns.first().map_or(0, Vec::len);
+    for r in 0..rows {
+        w.write_record(columns.iter().map(|c| c[r].to_string()))?;
+    }
+    Ok(String::from_utf8(w.into_inner()?)?)
 }
