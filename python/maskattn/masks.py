@@ -669,6 +669,16 @@ def _interval_classes(mask_mod, B, H, L_q, L_k, tiles, keep) -> Optional[torch.T
 
 def _resolve(mask_id: int, data: List[torch.Tensor], shape: Tuple[int, int, int, int]):
     """The compiled Rust block mask a mask handle names, for one call's shape."""
+    if not data:
+        # A tensor-free structure seen at this shape before (a decode step's every call):
+        # structures and block masks draw their ids from one counter, so no block mask's
+        # id is a key here.
+        key = (mask_id, *shape)
+        with _lock:
+            hit = _cache.get(key)
+            if hit is not None:
+                _cache.move_to_end(key)
+                return hit
     block = _blocks.get(mask_id)
     if block is not None:
         if block.shape != tuple(shape):

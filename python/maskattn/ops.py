@@ -32,8 +32,9 @@ _F32_MAX = torch.finfo(torch.float32).max
 
 
 def _raw(t: torch.Tensor) -> tuple:
-    """``(data_ptr, shape, strides, dtype code)`` of a 4-d CPU tensor, read in place by Rust."""
-    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), _DTYPES[t.dtype])
+    """``(data_ptr, shape, strides, dtype code)`` of a 4-d CPU tensor, read in place by Rust
+    (which reads the ``torch.Size`` as the sequence it is: no tuple is built per call)."""
+    return (t.data_ptr(), t.shape, t.stride(), _DTYPES[t.dtype])
 
 
 def _raw_out(t: torch.Tensor) -> tuple:
@@ -213,6 +214,10 @@ def _native_mods(softcap, alibi, sinks, bias, rel, rel_cfg, dropout_p=0.0, dropo
     )
 
 
+# `_native_mods` of a call without modifiers or dropout.
+_NATIVE_NO_MODS = (None,) * 6
+
+
 def _forward_impl(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -231,12 +236,21 @@ def _forward_impl(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     block = _resolve(mask_id, mask_data, _shape(q, k))
     q, k, v = _plain(q), _plain(k), _plain(v)
-    alibi, sinks, bias, rel = _f32(alibi), _f32(sinks), _f32(bias), _f32(rel)
+    return _forward_native(q, k, v, block, scale, softcap, alibi, sinks, bias, rel, rel_cfg, dropout_p, dropout_seed)
+
+
+def _forward_native(q, k, v, block, scale, softcap, alibi, sinks, bias, rel, rel_cfg, dropout_p, dropout_seed):
+    """``(out, lse)`` float32 from the fused forward on a compiled (native) block mask, for
+    q, k, v without lazy sign bits (:func:`_plain`)."""
+    if alibi is None and sinks is None and bias is None and rel is None and softcap is None and not dropout_p:
+        mods = _NATIVE_NO_MODS
+    else:
+        alibi, sinks, bias, rel = _f32(alibi), _f32(sinks), _f32(bias), _f32(rel)
+        mods = _native_mods(softcap, alibi, sinks, bias, rel, rel_cfg, dropout_p, dropout_seed)
     B, H, L, _ = q.shape
     out = torch.empty((B, H, L, v.shape[3]), dtype=torch.float32)
     lse = torch.empty((B, H, L), dtype=torch.float32)
-    mods = _native_mods(softcap, alibi, sinks, bias, rel, rel_cfg, dropout_p, dropout_seed)
-    _native.forward((_raw(q), _raw(k), _raw(v)), block, scale, mods, (_raw_out(out), _raw_out(lse)))
+    _native.forward((_raw(q), _raw(k), _raw(v)), block, scale, mods, ((out.data_ptr(), out.numel()), (lse.data_ptr(), lse.numel())))
     return out, lse
 
 
@@ -252,31 +266,40 @@ def _attention_fwd_fake(q, k, v, mask_id, mask_data, scale, softcap=None, alibi=
     return out, q.new_empty((B, H, L), dtype=torch.float32)
 
 
-def _backward_native(q, k, v, out, lse, dout, dlse, mask_id, mask_data, scale, mods, want, drop=(0.0, 0)):
+def _backward_native(q, k, v, out, lse, dout, dlse, mask_id, mask_data, scale, mods, want, drop=(0.0, 0), block=None):
     """``(dq, dk, dv, [dalibi, dsinks, dbias, drel])`` float32 from the fused backward; a
-    parameter gradient that ``want`` (alibi, sinks, bias, rel) does not ask for is None."""
+    parameter gradient that ``want`` (alibi, sinks, bias, rel) does not ask for is None.
+    ``block``: the forward's compiled mask, kept by the eager path (whose q, k, v are
+    already without lazy bits); else compiled again here."""
     softcap, alibi, sinks, bias, rel, rel_cfg = mods
-    q, k, v = _plain(q), _plain(k), _plain(v)
+    if block is None:
+        q, k, v = _plain(q), _plain(k), _plain(v)
+        block = _resolve(mask_id, mask_data, _shape(q, k))
     # Resolved before the cast: `.to` keeps a float32 tensor as it is, lazy bit and all.
     dout = _plain(dout).to(torch.float32)
     if dlse is not None:
         dlse = _plain(dlse).to(torch.float32).contiguous()
-    block = _resolve(mask_id, mask_data, _shape(q, k))
     lse = lse.contiguous()
-    alibi, sinks, bias, rel = _f32(alibi), _f32(sinks), _f32(bias), _f32(rel)
+    # The kernels overwrite every value of the gradient buffers: no zero fill here.
     dq = torch.empty(q.shape, dtype=torch.float32)
     dk = torch.empty(k.shape, dtype=torch.float32)
     dv = torch.empty(v.shape, dtype=torch.float32)
-    pgrads = [
-        torch.empty(t.shape, dtype=torch.float32) if (t is not None and w) else None
-        for t, w in zip((alibi, sinks, bias, rel), want or (False,) * 4)
-    ]
+    if alibi is None and sinks is None and bias is None and rel is None and softcap is None and not drop[0]:
+        pgrads = [None] * 4
+        native_mods = _NATIVE_NO_MODS
+    else:
+        alibi, sinks, bias, rel = _f32(alibi), _f32(sinks), _f32(bias), _f32(rel)
+        pgrads = [
+            torch.empty(t.shape, dtype=torch.float32) if (t is not None and w) else None
+            for t, w in zip((alibi, sinks, bias, rel), want or (False,) * 4)
+        ]
+        native_mods = _native_mods(softcap, alibi, sinks, bias, rel, rel_cfg, *drop)
     _native.backward(
         (_raw(q), _raw(k), _raw(v)),
         (_raw(out), _raw_out(lse), _raw(dout)),
         block,
         scale,
-        _native_mods(softcap, alibi, sinks, bias, rel, rel_cfg, *drop),
+        native_mods,
         (_raw_out(dq), _raw_out(dk), _raw_out(dv)),
         (_raw_opt(pgrads[2]), _raw_opt(pgrads[0]), _raw_opt(pgrads[1]), _raw_opt(pgrads[3])),
         None if dlse is None else _raw_out(dlse),
@@ -332,6 +355,8 @@ def _attention_bwd_fake(q, k, v, out, lse, dout, dlse, mask_id, mask_data, scale
 
 def _cast_grads(dq, dk, dv, pgrads, q, k, v, params):
     """The gradients in their inputs' dtypes, ``None`` for a parameter that has none."""
+    if q.dtype == torch.float32 and pgrads == [None] * 4:
+        return [dq, dk, dv, None, None, None, None]
     out = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)]
     for g, t in zip(pgrads, params):
         out.append(None if (t is None or g is None or g.numel() == 0 and t.numel() != 0) else g.to(t.dtype))
@@ -377,7 +402,12 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask_id, scale, mods, alibi, sinks, bias, rel, *mask_data):
         softcap, rel_cfg, *drop = mods
-        out, lse = _forward_impl(q, k, v, mask_id, mask_data, scale, softcap, alibi, sinks, bias, rel, rel_cfg, *drop)
+        # Kept for the backward: a mask with tensors (padding, documents) would otherwise
+        # be compiled twice per step. Autograd's saved-tensor check below still rejects a
+        # mask tensor modified in place in between.
+        native = _resolve(mask_id, mask_data, _shape(q, k))
+        out, lse = _forward_native(q, k, v, native, scale, softcap, alibi, sinks, bias, rel, rel_cfg, *drop)
+        ctx.native = native
         ctx.save_for_backward(q, k, v, out, lse, alibi, sinks, bias, rel, *mask_data)
         ctx.save_for_forward(q, k, v, *mask_data)
         ctx.mask_id, ctx.scale, ctx.softcap, ctx.rel_cfg = mask_id, scale, softcap, rel_cfg
@@ -411,7 +441,7 @@ class _EagerAttention(torch.autograd.Function):
             want = [t is not None and ctx.needs_input_grad[i] for i, t in zip((6, 7, 8, 9), params)]
             mods = (ctx.softcap, *params, ctx.rel_cfg)
             dq, dk, dv, pgrads = _backward_native(
-                q, k, v, out, lse, dout, dlse, ctx.mask_id, mask_data, ctx.scale, mods, want, ctx.drop
+                q, k, v, out, lse, dout, dlse, ctx.mask_id, mask_data, ctx.scale, mods, want, ctx.drop, ctx.native
             )
         grads = _cast_grads(dq, dk, dv, pgrads, q, k, v, params)
         return (*grads[:3], None, None, None, *grads[3:]) + (None,) * len(mask_data)
@@ -448,10 +478,10 @@ def _graph_backward(ctx, q, k, v, params, mask_data, dout, dlse):
 
 
 def _plain_eager(*ts) -> bool:
-    """True outside torch.compile / export and torch function or dispatch modes, on plain
-    tensors (not fake, not subclasses, not functorch-wrapped): where the op's dispatch
-    adds nothing but time."""
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+    """True outside torch function or dispatch modes, on plain tensors (not fake, not
+    subclasses, not functorch-wrapped): where the op's dispatch adds nothing but time. The
+    caller has ruled out torch.compile / export (``torch.compiler.is_compiling()``)."""
+    if torch._C._is_torch_function_mode_enabled():
         return False
     if torch._C._len_torch_dispatch_stack() != 0:
         return False
@@ -570,18 +600,22 @@ def _call(q, k, v, mask_id: int, mask_data: List[torch.Tensor], scale: Optional[
         raise ValueError(f"scale must be finite and within float32's range, got {scale!r}")
     compiling = torch.compiler.is_compiling()
     softcap, alibi, sinks, bias, rel, rel_cfg = mods
-    params = [t for t in (alibi, sinks, bias, rel) if t is not None]
+    params = [t for t in (alibi, sinks, bias, rel) if t is not None] if mods is not _NO_MODS else []
     if not compiling:
-        # Lazy sign bits applied before autograd saves anything (a no-op when unset).
-        q, k, v = _plain(q), _plain(k), _plain(v)
-    if _plain_eager(q, k, v, *params, *mask_data):
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *params))
+        # Lazy sign bits applied before autograd saves anything (a no-op when unset). The
+        # conjugation bit exists only on complex tensors, which `_check` turned away.
+        q, k, v = q.resolve_neg(), k.resolve_neg(), v.resolve_neg()
+    if not compiling and _plain_eager(q, k, v, *params, *mask_data):
+        needs_grad = torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad or any(t.requires_grad for t in params)
+        )
         if needs_grad or _forward_ad():
             out, lse = _EagerAttention.apply(
                 q, k, v, mask_id, scale, (softcap, rel_cfg, *drop), alibi, sinks, bias, rel, *mask_data
             )
         else:
-            out, lse = _forward_impl(q, k, v, mask_id, mask_data, scale, softcap, alibi, sinks, bias, rel, rel_cfg, *drop)
+            block = _resolve(mask_id, mask_data, _shape(q, k))
+            out, lse = _forward_native(q, k, v, block, scale, softcap, alibi, sinks, bias, rel, rel_cfg, *drop)
     elif not compiling and _functorch(q, k, v, *params):
         if drop[0]:
             raise NotImplementedError("maskattn.attention: dropout_p > 0 under torch.func transforms is not supported")

@@ -111,17 +111,15 @@ pub fn backward_upstream_into<T: Element>(
     let call = Call::new((&qkv.q, &qkv.k, &qkv.v), block, params, dims, scale);
     let pass = Pass::new(call, (dout, lse), rows, params, &pg);
     let (group, lq, lk, d) = (dims.group(), dims.lq, dims.lk, dims.d);
-    // Key tiles no query sees give no result (`chunk` skips them): their gradients are 0.
-    dk.fill(0.0);
-    dv.fill(0.0);
     let head_mods: Vec<_> = dq
         .par_chunks_mut(group * lq * d)
         .zip(dk.par_chunks_mut(lk * d))
         .zip(dv.par_chunks_mut(lk * d))
         .enumerate()
         .map(|(bhk, ((dq, dk), dv))| {
-            let results = pass.tasks(bhk);
-            reduce::inputs(&results, &pass.g, (scale, lk), (dq, dk, dv));
+            // The tasks write `dk`, `dv` (zeros for key tiles no query sees).
+            let results = pass.tasks(bhk, (dk, dv));
+            reduce::dq(&results, &pass.g, scale, dq);
             reduce::head_mods(&pass.mods(), &pass.g, &results)
         })
         .collect();

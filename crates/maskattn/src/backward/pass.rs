@@ -90,14 +90,16 @@ impl Scratch {
     }
 }
 
-/// What one task hands back: its `dQ` buffer (`group · L_q × d_pad`), its key tiles'
-/// gradients and its sums for the parameter gradients.
+/// What one task hands back: its `dQ` buffer (`group · L_q × d_pad`) and its sums for the
+/// parameter gradients (its key tiles' `dK`, `dV` it writes straight into the caller's
+/// buffers, which it owns outright).
 pub(super) struct ChunkResult<'a> {
     pub dq: Vec<f32>,
-    /// (key tile, its `dK`, its `dV`), `tk_pad × d_pad` each.
-    pub tiles: Vec<(usize, Vec<f32>, Vec<f32>)>,
     pub mods: Option<ModGrads<'a>>,
 }
+
+/// The caller's `dK` and `dV` rows of one key tile (`cols × d` each).
+type TileOut<'o> = (&'o mut [f32], &'o mut [f32]);
 
 impl<'a, 'b, T: Element> Pass<'a, 'b, T> {
     /// The tasks of a checked call, given its row terms and the parameter gradients the
@@ -150,13 +152,20 @@ impl<'a, 'b, T: Element> Pass<'a, 'b, T> {
 
 impl<T: Element> Pass<'_, '_, T> {
     /// The tasks of kv head `bhk = b · H_kv + hk`, one per chunk of its key tiles, run in
-    /// parallel and returned in chunk order.
-    pub fn tasks(&self, bhk: usize) -> Vec<ChunkResult<'_>> {
+    /// parallel and returned in chunk order; each writes its key tiles' rows of the head's
+    /// `dk` and `dv` (`L_k × d` each, every value overwritten unless the call is cancelled).
+    pub fn tasks(&self, bhk: usize, (dk, dv): (&mut [f32], &mut [f32])) -> Vec<ChunkResult<'_>> {
         let kv_heads = self.call.dims.kv_heads;
         let (b, hk) = (bhk / kv_heads, bhk % kv_heads);
-        (0..self.chunks)
-            .into_par_iter()
-            .map(|c| self.chunk((b, hk), c, self.chunks))
+        // Key tile `kt` belongs to chunk `kt % chunks` (see `chunk`).
+        let rows = self.g.tk * self.call.dims.d;
+        let mut outs: Vec<Vec<TileOut>> = (0..self.chunks).map(|_| Vec::new()).collect();
+        for (kt, tile) in dk.chunks_mut(rows).zip(dv.chunks_mut(rows)).enumerate() {
+            outs[kt % self.chunks].push(tile);
+        }
+        outs.into_par_iter()
+            .enumerate()
+            .map(|(c, tiles)| self.chunk((b, hk), c, self.chunks, tiles))
             .collect()
     }
 
@@ -174,15 +183,22 @@ impl<T: Element> Pass<'_, '_, T> {
     }
 
     /// Key tiles `c, c + chunks, …` of kv head `(b, hk)` (interleaved, so that a causal
-    /// mask's work is shared evenly).
-    fn chunk(&self, (b, hk): (usize, usize), c: usize, chunks: usize) -> ChunkResult<'_> {
+    /// mask's work is shared evenly), whose `dK`, `dV` rows are `outs`, in that order.
+    fn chunk(
+        &self,
+        (b, hk): (usize, usize),
+        c: usize,
+        chunks: usize,
+        outs: Vec<TileOut>,
+    ) -> ChunkResult<'_> {
         let (g, call) = (self.g, &self.call);
         let (tq, lq, lk) = (call.block.tile_q(), call.dims.lq, call.dims.lk);
         let group = call.dims.group();
         let (nq, nk) = call.block.grid();
+        // A call of fewer query rows than a tile (a decode step's one) needs no more.
         let mut sc = Scratch::new(
             &g,
-            tq,
+            tq.min(lq),
             call.bias.is_some(),
             call.dropout.is_some(),
             call.softcap.is_some(),
@@ -190,7 +206,6 @@ impl<T: Element> Pass<'_, '_, T> {
         let spec = self.mods();
         let mut mods = spec.any().then(|| ModGrads::new(spec, tq, g.tk, g.tk_pad));
         let mut dq = vec![0f32; group * lq * g.d_pad];
-        let mut tiles = Vec::new();
         #[cfg(target_arch = "x86_64")]
         let mut bf = self
             .qs
@@ -198,7 +213,7 @@ impl<T: Element> Pass<'_, '_, T> {
             .map(|qs| (bf16::KeySide::new(&g), bf16::Work16::new(&g, qs.tq_pad)));
         // Every (query head of the group, query tile) that sees the current key tile.
         let mut pairs: Vec<(usize, usize, Option<&[u64]>)> = Vec::with_capacity(group * nq);
-        for kt in (c..nk).step_by(chunks) {
+        for (kt, (dk_out, dv_out)) in (c..nk).step_by(chunks).zip(outs) {
             if call.cancelled() {
                 break; // the call ends in `AttnError::Cancelled`: the partial sums are dropped
             }
@@ -217,7 +232,10 @@ impl<T: Element> Pass<'_, '_, T> {
                     ),
             );
             if pairs.is_empty() {
-                continue; // no query sees these keys: their gradients stay the caller's zeros
+                // No query sees these keys: their gradients are 0.
+                dk_out.fill(0.0);
+                dv_out.fill(0.0);
+                continue;
             }
             let keys = Span {
                 b,
@@ -249,7 +267,8 @@ impl<T: Element> Pass<'_, '_, T> {
                     self.pair16(qs, (ks, w), &mut sc, dq, at(hi, qt, bits), mods.as_mut());
                 }
                 ks.transpose_into(&g, call.scale, &mut sc.dk, &mut sc.dv);
-                tiles.push((kt, sc.dk.clone(), sc.dv.clone()));
+                unpad(&sc.dk, (g.d, g.d_pad), dk_out);
+                unpad(&sc.dv, (g.d, g.d_pad), dv_out);
                 if let Some(m) = &mut mods {
                     m.end_tile(kt);
                 }
@@ -268,12 +287,13 @@ impl<T: Element> Pass<'_, '_, T> {
             }
             // dK = s · dSᵀ·Q
             sc.dk.iter_mut().for_each(|x| *x *= call.scale);
-            tiles.push((kt, sc.dk.clone(), sc.dv.clone()));
+            unpad(&sc.dk, (g.d, g.d_pad), dk_out);
+            unpad(&sc.dv, (g.d, g.d_pad), dv_out);
             if let Some(m) = &mut mods {
                 m.end_tile(kt);
             }
         }
-        ChunkResult { dq, tiles, mods }
+        ChunkResult { dq, mods }
     }
 
     /// The job of one (query tile, key tile) pair, with its bias tile and dropout keys
@@ -451,6 +471,14 @@ struct PairAt<'a> {
     kt: usize,
     /// The pair's block-mask bitmap; `None` for a full tile.
     bits: Option<&'a [u64]>,
+}
+
+/// The key tile's gradient rows of `d_pad` values in `src` into `dst`'s rows of `d` (as
+/// many as `dst` holds: the tile's keys).
+fn unpad(src: &[f32], (d, d_pad): (usize, usize), dst: &mut [f32]) {
+    for (o, s) in dst.chunks_exact_mut(d).zip(src.chunks(d_pad)) {
+        o.copy_from_slice(&s[..d]);
+    }
 }
 
 /// Rows read in place when they hold exactly the padded number of features.

@@ -1,6 +1,6 @@
 //! The backward's reductions, in a fixed order (so the gradients are bit-identical run to
-//! run): per (b, kv head), its chunks' `dQ` summed in chunk order and their key tiles'
-//! `dK`, `dV` copied out; then the parameter-gradient sums over (b, kv head).
+//! run): per (b, kv head), its chunks' `dQ` summed in chunk order (their key tiles' `dK`,
+//! `dV` the chunks write themselves); then the parameter-gradient sums over (b, kv head).
 
 use super::grads::ParamGradsMut;
 use super::pass::ChunkResult;
@@ -8,29 +8,15 @@ use super::score_grads::ModSpec;
 use crate::params::Params;
 use crate::softmax::Geom;
 
-/// `dQ = s · Σ_chunks (dS · K)`, summed in chunk order, and every key tile's `dK`, `dV`,
-/// into the (b, kv head)'s rows of the caller's buffers (`lk` keys).
-pub(super) fn inputs(
-    results: &[ChunkResult],
-    g: &Geom,
-    (scale, lk): (f32, usize),
-    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
-) {
+/// `dQ = s · Σ_chunks (dS · K)`, summed in chunk order, into the (b, kv head)'s rows of
+/// the caller's buffer.
+pub(super) fn dq(results: &[ChunkResult], g: &Geom, scale: f32, dq: &mut [f32]) {
     let d = g.d;
     for (r, dst) in dq.chunks_exact_mut(d).enumerate() {
         let row = r * g.d_pad;
         for (x, o) in dst.iter_mut().enumerate() {
             let sum = results.iter().fold(0f32, |a, c| a + c.dq[row + x]);
             *o = scale * sum;
-        }
-    }
-    for (kt, dkt, dvt) in results.iter().flat_map(|c| &c.tiles) {
-        let j0 = kt * g.tk;
-        let cols = (lk - j0).min(g.tk);
-        for c in 0..cols {
-            let src = c * g.d_pad..c * g.d_pad + d;
-            dk[(j0 + c) * d..(j0 + c + 1) * d].copy_from_slice(&dkt[src.clone()]);
-            dv[(j0 + c) * d..(j0 + c + 1) * d].copy_from_slice(&dvt[src]);
         }
     }
 }
