@@ -15,6 +15,7 @@ mod measure;
 /// Every program output file goes through this module (attend, attention-map, tensors).
 mod output;
 mod peak;
+mod stream;
 mod tensors;
 mod train;
 
@@ -65,6 +66,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// The candle layer and attention op against the same in plain candle ops.
     BenchLayer(bench_layer::BenchLayerArgs),
+    /// Stream a WAV file (or a synthesised utterance) through a speech checkpoint chunk by
+    /// chunk with a key/value cache, printing each chunk's phonemes as they come.
+    Stream(stream::StreamArgs),
 }
 
 fn main() -> ExitCode {
@@ -128,5 +132,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchLayer(a) => bench_layer::run(a),
+        Command::Stream(a) => stream::run(a),
     }
 }
