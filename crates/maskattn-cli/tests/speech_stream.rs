@@ -65,7 +65,7 @@ fn write_wav(path: &Path, rate: u32, float_stereo: bool) {
     let n = rate as usize * 3 / 4;
     for i in 0..n {
         let t = i as f64 / rate as f64;
-        let on = (t * 4.0) as usize % 2 == 0;
+        let on = ((t * 4.0) as usize).is_multiple_of(2);
         let x = if on {
             0.2 * (std::f64::consts::TAU * (200.0 + 400.0 * t) * t).sin()
         } else {

@@ -301,48 +301,6 @@ where
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// An infinite perplexity (or loss) must not send the axes to infinity: the picture
-    /// is drawn, with the finite points.
-    #[test]
-    fn non_finite_points_are_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let eval = |step, loss, metric| Eval {
-            step,
-            loss,
-            metric,
-            metric_name: "perplexity".into(),
-        };
-        let evals = [
-            eval(0, 5.0, 150.0),
-            eval(2, 800.0, f64::INFINITY),
-            eval(3, f64::NAN, f64::NAN),
-        ];
-        let losses = [5.0, f32::INFINITY, f32::NAN, 3.0];
-        let c = Curve {
-            losses: &losses,
-            evals: &evals,
-            objective: "CLM".into(),
-        };
-        for name in ["loss.svg", "loss.png"] {
-            let path = dir.path().join(name);
-            draw(&path, (900, 500), |r| curve(r, &c), |r| curve(r, &c)).unwrap();
-            assert!(std::fs::metadata(&path).unwrap().len() > 1000, "{name}");
-        }
-        let nothing = [f32::NAN; 3];
-        let c = Curve {
-            losses: &nothing,
-            evals: &[],
-            objective: "CLM".into(),
-        };
-        let path = dir.path().join("nothing.svg");
-        draw(&path, (900, 500), |r| curve(r, &c), |r| curve(r, &c)).unwrap();
-    }
-}
-
 /// One run of the speech task, as the latency picture shows it.
 pub struct ChunkPoint {
     /// Frames per chunk (the utterance's length for full attention).
@@ -415,4 +373,46 @@ where
         }))
         .map_err(|e| anyhow!("{e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An infinite perplexity (or loss) must not send the axes to infinity: the picture
+    /// is drawn, with the finite points.
+    #[test]
+    fn non_finite_points_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let eval = |step, loss, metric| Eval {
+            step,
+            loss,
+            metric,
+            metric_name: "perplexity".into(),
+        };
+        let evals = [
+            eval(0, 5.0, 150.0),
+            eval(2, 800.0, f64::INFINITY),
+            eval(3, f64::NAN, f64::NAN),
+        ];
+        let losses = [5.0, f32::INFINITY, f32::NAN, 3.0];
+        let c = Curve {
+            losses: &losses,
+            evals: &evals,
+            objective: "CLM".into(),
+        };
+        for name in ["loss.svg", "loss.png"] {
+            let path = dir.path().join(name);
+            draw(&path, (900, 500), |r| curve(r, &c), |r| curve(r, &c)).unwrap();
+            assert!(std::fs::metadata(&path).unwrap().len() > 1000, "{name}");
+        }
+        let nothing = [f32::NAN; 3];
+        let c = Curve {
+            losses: &nothing,
+            evals: &[],
+            objective: "CLM".into(),
+        };
+        let path = dir.path().join("nothing.svg");
+        draw(&path, (900, 500), |r| curve(r, &c), |r| curve(r, &c)).unwrap();
+    }
 }
