@@ -16,6 +16,7 @@ mod measure;
 /// Every program output file goes through this module (attend, attention-map, tensors).
 mod output;
 mod peak;
+mod stream;
 mod tensors;
 mod train;
 
@@ -41,6 +42,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per run: the size of the largest variant (train's flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Pre-train a small transformer self-supervised (masked-token or next-token) on the
@@ -68,6 +71,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// The candle layer and attention op against the same in plain candle ops.
     BenchLayer(bench_layer::BenchLayerArgs),
+    /// Stream a WAV file (or a synthesised utterance) through a speech checkpoint chunk by
+    /// chunk with a key/value cache, printing each chunk's phonemes as they come.
+    Stream(stream::StreamArgs),
 }
 
 fn main() -> ExitCode {
@@ -132,5 +138,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchLayer(a) => bench_layer::run(a),
+        Command::Stream(a) => stream::run(a),
     }
 }

@@ -6,8 +6,8 @@ use clap::Args;
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
-    /// Train a task other than text: items (next-item recommendation) or series
-    /// (multivariate forecasting). Without it: the text tasks (--objective, --text).
+    /// Train a task other than text: items (next-item recommendation), series
+    /// (multivariate forecasting) or speech (framewise phoneme classification, streaming). Without it: the text tasks (--objective, --text).
     #[arg(long, value_enum, conflicts_with = "resume")]
     pub task: Option<TaskArg>,
     /// --task series: train on this CSV file (a header row, one column per variate; a
@@ -19,6 +19,13 @@ pub struct TrainArgs {
     /// forecast [default: 24].
     #[arg(long, conflicts_with = "resume")]
     pub period: Option<usize>,
+    /// --task speech: frames (10 ms each) per chunk of the streaming mask
+    /// `chunked(C, left)` — the latency [default: 8].
+    #[arg(long, conflicts_with = "resume")]
+    pub chunk: Option<usize>,
+    /// --task speech: chunks of history each chunk sees; -1: all of them [default: 2].
+    #[arg(long, allow_hyphen_values = true, conflicts_with = "resume")]
+    pub left: Option<i64>,
     /// mlm: predict masked tokens (bidirectional attention); clm: predict the next token (causal).
     #[arg(long, value_enum, default_value = "clm", conflicts_with = "resume")]
     pub objective: ObjectiveArg,
@@ -106,6 +113,8 @@ pub enum TaskArg {
     Items,
     /// Multivariate forecasting: patches of several series packed with a documents mask.
     Series,
+    /// Framewise phoneme classification of synthesised speech under WeNet's chunk mask.
+    Speech,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

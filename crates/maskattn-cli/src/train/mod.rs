@@ -77,6 +77,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             match t {
                 TaskArg::Items => "items",
                 TaskArg::Series => "series",
+                TaskArg::Speech => "speech",
             }
             .to_string(),
         ),
@@ -88,6 +89,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     }
     if a.csv.is_some() || a.period.is_some() {
         anyhow::bail!("--csv, --period: flags of --task series");
+    }
+    if a.chunk.is_some() || a.left.is_some() {
+        anyhow::bail!("--chunk, --left: flags of --task speech");
     }
     let mut t = match &a.resume {
         Some(dir) => Trainer::resume(dir, a.steps)?,

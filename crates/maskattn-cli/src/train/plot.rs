@@ -301,6 +301,80 @@ where
     Ok(())
 }
 
+/// One run of the speech task, as the latency picture shows it.
+pub struct ChunkPoint {
+    /// Frames per chunk (the utterance's length for full attention).
+    pub chunk: usize,
+    /// What the point is called: `8 (left 2)`, `full`.
+    pub label: String,
+    /// Held-out framewise accuracy, 0 to 1.
+    pub accuracy: f64,
+}
+
+/// Held-out accuracy against chunk size (latency), a chunk of 10 ms frames on a log axis.
+pub fn accuracy_by_chunk(points: &[ChunkPoint], caption: &str, path: &Path) -> Result<()> {
+    if points.is_empty() {
+        bail!("no runs to draw");
+    }
+    draw(
+        path,
+        (800, 480),
+        |r| chunk_chart(r, points, caption),
+        |r| chunk_chart(r, points, caption),
+    )
+}
+
+fn chunk_chart<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    points: &[ChunkPoint],
+    caption: &str,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let most = points.iter().map(|p| p.chunk).max().unwrap_or(1) as f32;
+    let lowest = points
+        .iter()
+        .map(|p| p.accuracy as f32)
+        .fold(1f32, f32::min);
+    let bottom = ((lowest - 0.05).max(0.0) * 20.0).floor() / 20.0;
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, ("sans-serif", 18))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(55)
+        .build_cartesian_2d((0.7f32..most * 1.6).log_scale(), bottom..1f32)
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("chunk (frames of 10 ms): the latency")
+        .y_desc("held-out framewise accuracy")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{:.0}%", 100.0 * v))
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    let pts: Vec<(f32, f32)> = points
+        .iter()
+        .map(|p| (p.chunk as f32, p.accuracy as f32))
+        .collect();
+    chart
+        .draw_series(LineSeries::new(pts.clone(), BLUE.stroke_width(2)))
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .draw_series(pts.iter().map(|&p| Circle::new(p, 5, BLUE.filled())))
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .draw_series(points.iter().map(|p| {
+            Text::new(
+                format!("{} {:.1}%", p.label, 100.0 * p.accuracy),
+                (p.chunk as f32, p.accuracy as f32),
+                ("sans-serif", 14).into_font(),
+            )
+        }))
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

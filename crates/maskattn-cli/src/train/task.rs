@@ -1,4 +1,4 @@
-//! `maskattn train --task NAME`: the library's [`Task`]s (items, series) with the text run's
+//! `maskattn train --task NAME`: the library's [`Task`]s (items, series, speech) with the text run's
 //! flags for the encoder and the optimiser, its progress bar, Ctrl-C and loss pictures.
 
 use std::path::Path;
@@ -8,6 +8,7 @@ use maskattn_candle::model::TinyLm;
 use maskattn_train::checkpoint::RunSettings;
 use maskattn_train::task::items::Items;
 use maskattn_train::task::series::{Series, SeriesSettings};
+use maskattn_train::task::speech::{Speech, SpeechSettings};
 use maskattn_train::task::{Task, TaskTrainer, Trunk};
 use maskattn_train::trainer::Outcome;
 
@@ -36,8 +37,25 @@ pub fn run(a: &TrainArgs, name: &str) -> Result<()> {
             }
             Series::new(s, a.seed)
         }),
-        other => bail!("unknown task `{other}` (this program knows items, series)"),
+        Speech::NAME => go::<Speech>(a, |a| Speech::new(speech_settings(a)?, a.seed)),
+        other => bail!("unknown task `{other}` (this program knows items, series, speech)"),
     }
+}
+
+/// `--chunk`, `--left` (−1: every earlier chunk) as the speech task takes them.
+fn speech_settings(a: &TrainArgs) -> Result<SpeechSettings> {
+    let d = SpeechSettings::default();
+    let chunk = a.chunk.unwrap_or(d.chunk);
+    if chunk == 0 {
+        bail!("--chunk 0: a chunk must hold at least one frame");
+    }
+    let left = match a.left {
+        None => d.left,
+        Some(-1) => None,
+        Some(k) if k >= 0 => Some(k as usize),
+        Some(k) => bail!("--left {k}: must be -1 (every earlier chunk) or 0 or more"),
+    };
+    Ok(SpeechSettings { chunk, left, ..d })
 }
 
 /// The default steps of each task (its default run: under a minute on 2 cores).
@@ -45,6 +63,7 @@ fn default_steps(task: TaskArg) -> u64 {
     match task {
         TaskArg::Items => 400,
         TaskArg::Series => 400,
+        TaskArg::Speech => 300,
     }
 }
 
@@ -68,6 +87,9 @@ fn go<T: Task>(a: &TrainArgs, make: impl FnOnce(&TrainArgs) -> Result<T>) -> Res
     refuse_text_flags(a)?;
     if T::NAME != Series::NAME && (a.csv.is_some() || a.period.is_some()) {
         bail!("--csv, --period: flags of --task series");
+    }
+    if T::NAME != Speech::NAME && (a.chunk.is_some() || a.left.is_some()) {
+        bail!("--chunk, --left: flags of --task speech");
     }
     if a.period.is_some() && a.csv.is_none() {
         bail!("--period: needs --csv (the generated series know their seasons)");

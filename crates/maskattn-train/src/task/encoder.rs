@@ -105,23 +105,41 @@ impl Encoder {
     pub fn forward(&self, x: &Tensor, mask: &Mask, bias: Option<&Tensor>) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let block = self.compile(mask, b, l)?;
-        let h = self.trunk.heads;
         let mut x = x.clone();
-        for blk in &self.blocks {
-            let n = blk.ln1.forward(&x)?;
-            let q = fused::split_heads(&lin(&n, &blk.q)?, h, None)?;
-            let k = fused::split_heads(&lin(&n, &blk.k)?, h, None)?;
-            let v = fused::split_heads(&lin(&n, &blk.v)?, h, None)?;
-            let opts = AttnOptions {
-                bias: bias.cloned(),
-                ..AttnOptions::default()
-            };
-            let a = attention_with_block(&q, &k, &v, block.clone(), opts)?;
-            x = (x + lin(&fused::merge_heads(&a.out)?, &blk.o)?)?;
-            let m = blk.ln2.forward(&x)?;
-            let m = fused::linear_gelu_tanh(&m, blk.fc1.weight(), blk.fc1.bias().expect("bias"))?;
-            x = (&x + lin(&m, &blk.fc2)?)?;
+        for i in 0..self.blocks.len() {
+            x = self.block(i, &x, |q, k, v| {
+                let opts = AttnOptions {
+                    bias: bias.cloned(),
+                    ..AttnOptions::default()
+                };
+                Ok(attention_with_block(&q, &k, &v, block.clone(), opts)?.out)
+            })?;
         }
-        self.ln_f.forward(&x)
+        self.final_norm(&x)
+    }
+
+    /// Block `i` on `x [B, L, d_model]`, its attention computed by `attend(q, k, v)` from
+    /// the heads `[B, heads, L, d_head]` (a stream attends over cached keys and values too).
+    pub fn block(
+        &self,
+        i: usize,
+        x: &Tensor,
+        attend: impl FnOnce(Tensor, Tensor, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let (blk, h) = (&self.blocks[i], self.trunk.heads);
+        let n = blk.ln1.forward(x)?;
+        let q = fused::split_heads(&lin(&n, &blk.q)?, h, None)?;
+        let k = fused::split_heads(&lin(&n, &blk.k)?, h, None)?;
+        let v = fused::split_heads(&lin(&n, &blk.v)?, h, None)?;
+        let a = attend(q, k, v)?;
+        let x = (x + lin(&fused::merge_heads(&a)?, &blk.o)?)?;
+        let m = blk.ln2.forward(&x)?;
+        let m = fused::linear_gelu_tanh(&m, blk.fc1.weight(), blk.fc1.bias().expect("bias"))?;
+        &x + lin(&m, &blk.fc2)?
+    }
+
+    /// The norm after the last block.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.ln_f.forward(x)
     }
 }

@@ -3,8 +3,9 @@
 //! ([`Encoder`]) on it with the same optimiser, checkpoints, exact resume and [`Hooks`] as
 //! the text [`Trainer`](crate::Trainer).
 //!
-//! Two tasks come with the crate: [`items`] (next-item recommendation, SASRec-style) and
-//! [`series`] (multivariate forecasting on patches, PatchTST/Moirai-style). A task of your
+//! Three tasks come with the crate: [`items`] (next-item recommendation, SASRec-style),
+//! [`series`] (multivariate forecasting on patches, PatchTST/Moirai-style) and [`speech`]
+//! (framewise phoneme classification by a streaming encoder, WeNet's chunk mask). A task of your
 //! own implements [`Task`]; `tests/task_trait.rs` holds one written outside the crate.
 //!
 //! A step: [`Task::train_batch`] draws the batch of step `n` from the seed and `n` alone;
@@ -26,6 +27,7 @@ pub mod series;
 pub mod series_csv;
 pub mod series_forecast;
 mod spec;
+pub mod speech;
 
 pub use api::{Input, Task, TaskEval};
 pub use encoder::{Encoder, Trunk};
