@@ -6,8 +6,9 @@ use clap::Args;
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
-    /// Train a task other than text: items (next-item recommendation) or series
-    /// (multivariate forecasting). Without it: the text tasks (--objective, --text).
+    /// Train a task other than text: items (next-item recommendation), series
+    /// (multivariate forecasting) or vision (image classification). Without it: the text
+    /// tasks (--objective, --text).
     #[arg(long, value_enum, conflicts_with = "resume")]
     pub task: Option<TaskArg>,
     /// --task series: train on this CSV file (a header row, one column per variate; a
@@ -19,6 +20,16 @@ pub struct TrainArgs {
     /// forecast [default: 24].
     #[arg(long, conflicts_with = "resume")]
     pub period: Option<usize>,
+    /// --task vision: the attention over the patch grid [default: natten].
+    #[arg(long, value_enum, conflicts_with = "resume")]
+    pub mask: Option<MaskArg>,
+    /// --task vision: NATTEN's window k (odd; k × k patches) [default: 5] or Swin's window
+    /// w (dividing the 24 × 24 patch grid) [default: 6].
+    #[arg(long, conflicts_with = "resume")]
+    pub window: Option<usize>,
+    /// --task vision with --mask natten: the dilation [default: 1].
+    #[arg(long, conflicts_with = "resume")]
+    pub dilation: Option<usize>,
     /// mlm: predict masked tokens (bidirectional attention); clm: predict the next token (causal).
     #[arg(long, value_enum, default_value = "clm", conflicts_with = "resume")]
     pub objective: ObjectiveArg,
@@ -106,6 +117,19 @@ pub enum TaskArg {
     Items,
     /// Multivariate forecasting: patches of several series packed with a documents mask.
     Series,
+    /// Image classification: patches of generated images, ViT-style, under --mask.
+    Vision,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskArg {
+    /// Every patch sees every patch.
+    Full,
+    /// NATTEN neighbourhood attention: a --window × --window window (centre clamped at the
+    /// borders), --dilation apart.
+    Natten,
+    /// Swin windows of --window × --window patches, shifted by half a window on odd layers.
+    Swin,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

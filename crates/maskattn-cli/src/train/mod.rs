@@ -3,6 +3,7 @@
 //! AdamW, checkpoints, the loop) is the library's.
 
 mod args;
+mod image_plot;
 pub mod plot;
 mod progress;
 mod task;
@@ -76,6 +77,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             match t {
                 TaskArg::Items => "items",
                 TaskArg::Series => "series",
+                TaskArg::Vision => "vision",
             }
             .to_string(),
         ),
@@ -88,6 +90,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     if a.csv.is_some() || a.period.is_some() {
         anyhow::bail!("--csv, --period: flags of --task series");
     }
+    task::refuse_vision_flags(a, "the text tasks")?;
     let mut t = match &a.resume {
         Some(dir) => Trainer::resume(dir, a.steps)?,
         None => fresh(a)?,

@@ -40,7 +40,7 @@ fn font() -> Result<()> {
 }
 
 /// Draws with an SVG or PNG backend chosen by the file's extension.
-fn draw(
+pub(super) fn draw(
     path: &Path,
     size: (u32, u32),
     f: impl FnOnce(&DrawingArea<SVGBackend, Shift>) -> Result<()>,

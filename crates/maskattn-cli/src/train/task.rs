@@ -1,5 +1,6 @@
-//! `maskattn train --task NAME`: the library's [`Task`]s (items, series) with the text run's
-//! flags for the encoder and the optimiser, its progress bar, Ctrl-C and loss pictures.
+//! `maskattn train --task NAME`: the library's [`Task`]s (items, series, vision) with the
+//! text run's flags for the encoder and the optimiser, its progress bar, Ctrl-C and loss
+//! pictures (and a task's own pictures: [`Pictures`]).
 
 use std::path::Path;
 
@@ -8,10 +9,12 @@ use maskattn_candle::model::TinyLm;
 use maskattn_train::checkpoint::RunSettings;
 use maskattn_train::task::items::Items;
 use maskattn_train::task::series::{Series, SeriesSettings};
+use maskattn_train::task::vision::{Vision, VisionMask, VisionSettings};
 use maskattn_train::task::{Task, TaskTrainer, Trunk};
 use maskattn_train::trainer::Outcome;
 
-use super::args::{TaskArg, TrainArgs};
+use super::args::{MaskArg, TaskArg, TrainArgs};
+use super::image_plot;
 use super::progress::{new_bar, write_pictures, Progress};
 
 /// Which task the checkpoint in `dir` holds, if any.
@@ -36,7 +39,84 @@ pub fn run(a: &TrainArgs, name: &str) -> Result<()> {
             }
             Series::new(s, a.seed)
         }),
-        other => bail!("unknown task `{other}` (this program knows items, series)"),
+        Vision::NAME => go::<Vision>(a, |a| Vision::new(vision_settings(a)?, a.seed)),
+        other => bail!("unknown task `{other}` (this program knows items, series, vision)"),
+    }
+}
+
+/// The vision task's settings from --mask, --window, --dilation.
+fn vision_settings(a: &TrainArgs) -> Result<VisionSettings> {
+    let mask = match a.mask.unwrap_or(MaskArg::Natten) {
+        MaskArg::Full => {
+            if a.window.is_some() || a.dilation.is_some() {
+                bail!("--window, --dilation: full attention has no window");
+            }
+            VisionMask::Full
+        }
+        MaskArg::Natten => VisionMask::Natten {
+            kernel: a.window.unwrap_or(5),
+            dilation: a.dilation.unwrap_or(1),
+        },
+        MaskArg::Swin => {
+            if a.dilation.is_some() {
+                bail!("--dilation: a flag of --mask natten");
+            }
+            VisionMask::Swin {
+                window: a.window.unwrap_or(6),
+            }
+        }
+    };
+    Ok(VisionSettings {
+        mask,
+        ..VisionSettings::default()
+    })
+}
+
+/// Refuses --mask, --window, --dilation where they would be ignored (`what`: the run).
+pub fn refuse_vision_flags(a: &TrainArgs, what: &str) -> Result<()> {
+    let given: Vec<&str> = [
+        (a.mask.is_some(), "--mask"),
+        (a.window.is_some(), "--window"),
+        (a.dilation.is_some(), "--dilation"),
+    ]
+    .into_iter()
+    .filter_map(|(g, flag)| g.then_some(flag))
+    .collect();
+    if !given.is_empty() {
+        bail!(
+            "{}: flags of --task vision, not of {what}",
+            given.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// What a task draws beside the loss pictures at the end of a run.
+trait Pictures: Task {
+    /// Writes the task's pictures into `out`, returning their paths; a failure is a warning
+    /// (the pictures are a convenience).
+    fn pictures(_t: &TaskTrainer<Self>, _out: &Path) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
+}
+
+impl Pictures for Items {}
+impl Pictures for Series {}
+
+impl Pictures for Vision {
+    /// `attention.png`: the first held-out image, and the last layer's attention (mean over
+    /// the heads) of the patch at its object's centre, hidden patches hatched.
+    fn pictures(t: &TaskTrainer<Self>, out: &Path) -> Vec<std::path::PathBuf> {
+        let path = out.join("attention.png");
+        let res = image_plot::PatchAttention::of(t, 0)
+            .and_then(|p| maskattn_train::durable::replace_with(&path, |tmp| p.write(tmp)));
+        match res {
+            Ok(()) => vec![path],
+            Err(e) => {
+                eprintln!("warning: no {}: {e:#}", path.display());
+                Vec::new()
+            }
+        }
     }
 }
 
@@ -45,6 +125,7 @@ fn default_steps(task: TaskArg) -> u64 {
     match task {
         TaskArg::Items => 400,
         TaskArg::Series => 400,
+        TaskArg::Vision => 300,
     }
 }
 
@@ -64,8 +145,11 @@ fn refuse_text_flags(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn go<T: Task>(a: &TrainArgs, make: impl FnOnce(&TrainArgs) -> Result<T>) -> Result<()> {
+fn go<T: Pictures>(a: &TrainArgs, make: impl FnOnce(&TrainArgs) -> Result<T>) -> Result<()> {
     refuse_text_flags(a)?;
+    if T::NAME != Vision::NAME {
+        refuse_vision_flags(a, &format!("--task {}", T::NAME))?;
+    }
     if T::NAME != Series::NAME && (a.csv.is_some() || a.period.is_some()) {
         bail!("--csv, --period: flags of --task series");
     }
@@ -159,6 +243,9 @@ fn go<T: Task>(a: &TrainArgs, make: impl FnOnce(&TrainArgs) -> Result<T>) -> Res
         );
     }
     let curve = write_pictures(t.state(), &out);
+    for p in T::pictures(&t, &out) {
+        eprintln!("picture {}", p.display());
+    }
     if !t.details().is_empty() {
         println!("{}", t.details());
     }

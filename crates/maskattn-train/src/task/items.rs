@@ -263,6 +263,7 @@ impl Task for Items {
         Ok(Input {
             x,
             mask: Mask::causal(),
+            layer_masks: None,
             bias: None,
         })
     }
