@@ -44,7 +44,8 @@ struct Cli {
 enum Command {
     /// Pre-train a small transformer self-supervised (masked-token or next-token) on the
     /// built-in task or a text file, with checkpoints, evaluation and a loss curve.
-    Train(train::TrainArgs),
+    // Boxed: the largest set of flags by far (clippy::large_enum_variant).
+    Train(Box<train::TrainArgs>),
     /// Top candidates for each [MASK] in a text (an mlm checkpoint).
     FillMask(infer::FillMaskArgs),
     /// Continue a prompt with the KV cache (a clm checkpoint).
