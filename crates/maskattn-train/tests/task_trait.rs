@@ -88,6 +88,7 @@ impl Task for Largest {
         Ok(Input {
             x: l.embed.forward(&x)?,
             mask: Mask::full(),
+            layer_masks: None,
             bias: None,
         })
     }

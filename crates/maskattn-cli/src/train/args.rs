@@ -7,7 +7,8 @@ use clap::Args;
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
     /// Train a task other than text: items (next-item recommendation), series
-    /// (multivariate forecasting) or speech (framewise phoneme classification, streaming). Without it: the text tasks (--objective, --text).
+    /// (multivariate forecasting), speech (framewise phoneme classification, streaming) or
+    /// vision (image classification). Without it: the text tasks (--objective, --text).
     #[arg(long, value_enum, conflicts_with = "resume")]
     pub task: Option<TaskArg>,
     /// --task series: train on this CSV file (a header row, one column per variate; a
@@ -26,6 +27,16 @@ pub struct TrainArgs {
     /// --task speech: chunks of history each chunk sees; -1: all of them [default: 2].
     #[arg(long, allow_hyphen_values = true, conflicts_with = "resume")]
     pub left: Option<i64>,
+    /// --task vision: the attention over the patch grid [default: natten].
+    #[arg(long, value_enum, conflicts_with = "resume")]
+    pub mask: Option<MaskArg>,
+    /// --task vision: NATTEN's window k (odd; k × k patches) [default: 5] or Swin's window
+    /// w (dividing the 24 × 24 patch grid) [default: 6].
+    #[arg(long, conflicts_with = "resume")]
+    pub window: Option<usize>,
+    /// --task vision with --mask natten: the dilation [default: 1].
+    #[arg(long, conflicts_with = "resume")]
+    pub dilation: Option<usize>,
     /// mlm: predict masked tokens (bidirectional attention); clm: predict the next token (causal).
     #[arg(long, value_enum, default_value = "clm", conflicts_with = "resume")]
     pub objective: ObjectiveArg,
@@ -115,6 +126,19 @@ pub enum TaskArg {
     Series,
     /// Framewise phoneme classification of synthesised speech under WeNet's chunk mask.
     Speech,
+    /// Image classification: patches of generated images, ViT-style, under --mask.
+    Vision,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskArg {
+    /// Every patch sees every patch.
+    Full,
+    /// NATTEN neighbourhood attention: a --window × --window window (centre clamped at the
+    /// borders), --dilation apart.
+    Natten,
+    /// Swin windows of --window × --window patches, shifted by half a window on odd layers.
+    Swin,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

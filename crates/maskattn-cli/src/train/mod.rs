@@ -4,6 +4,7 @@
 
 mod args;
 pub mod figure;
+mod image_plot;
 pub mod plot;
 mod progress;
 mod task;
@@ -78,6 +79,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 TaskArg::Items => "items",
                 TaskArg::Series => "series",
                 TaskArg::Speech => "speech",
+                TaskArg::Vision => "vision",
             }
             .to_string(),
         ),
@@ -93,6 +95,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     if a.chunk.is_some() || a.left.is_some() {
         anyhow::bail!("--chunk, --left: flags of --task speech");
     }
+    task::refuse_vision_flags(a, "the text tasks")?;
     let mut t = match &a.resume {
         Some(dir) => Trainer::resume(dir, a.steps)?,
         None => fresh(a)?,

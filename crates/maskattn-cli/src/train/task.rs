@@ -1,5 +1,6 @@
-//! `maskattn train --task NAME`: the library's [`Task`]s (items, series, speech) with the text run's
-//! flags for the encoder and the optimiser, its progress bar, Ctrl-C and loss pictures.
+//! `maskattn train --task NAME`: the library's [`Task`]s (items, series, speech, vision) with the
+//! text run's flags for the encoder and the optimiser, its progress bar, Ctrl-C and loss
+//! pictures (and a task's own pictures: [`Pictures`]).
 
 use std::path::Path;
 
@@ -9,10 +10,12 @@ use maskattn_train::checkpoint::RunSettings;
 use maskattn_train::task::items::Items;
 use maskattn_train::task::series::{Series, SeriesSettings};
 use maskattn_train::task::speech::{Speech, SpeechSettings};
+use maskattn_train::task::vision::{Vision, VisionMask, VisionSettings};
 use maskattn_train::task::{Task, TaskTrainer, Trunk};
 use maskattn_train::trainer::Outcome;
 
-use super::args::{TaskArg, TrainArgs};
+use super::args::{MaskArg, TaskArg, TrainArgs};
+use super::image_plot;
 use super::progress::{new_bar, write_pictures, Progress};
 
 /// Which task the checkpoint in `dir` holds, if any.
@@ -38,7 +41,85 @@ pub fn run(a: &TrainArgs, name: &str) -> Result<()> {
             Series::new(s, a.seed)
         }),
         Speech::NAME => go::<Speech>(a, |a| Speech::new(speech_settings(a)?, a.seed)),
-        other => bail!("unknown task `{other}` (this program knows items, series, speech)"),
+        Vision::NAME => go::<Vision>(a, |a| Vision::new(vision_settings(a)?, a.seed)),
+        other => bail!("unknown task `{other}` (this program knows items, series, speech, vision)"),
+    }
+}
+
+/// The vision task's settings from --mask, --window, --dilation.
+fn vision_settings(a: &TrainArgs) -> Result<VisionSettings> {
+    let mask = match a.mask.unwrap_or(MaskArg::Natten) {
+        MaskArg::Full => {
+            if a.window.is_some() || a.dilation.is_some() {
+                bail!("--window, --dilation: full attention has no window");
+            }
+            VisionMask::Full
+        }
+        MaskArg::Natten => VisionMask::Natten {
+            kernel: a.window.unwrap_or(5),
+            dilation: a.dilation.unwrap_or(1),
+        },
+        MaskArg::Swin => {
+            if a.dilation.is_some() {
+                bail!("--dilation: a flag of --mask natten");
+            }
+            VisionMask::Swin {
+                window: a.window.unwrap_or(6),
+            }
+        }
+    };
+    Ok(VisionSettings {
+        mask,
+        ..VisionSettings::default()
+    })
+}
+
+/// Refuses --mask, --window, --dilation where they would be ignored (`what`: the run).
+pub fn refuse_vision_flags(a: &TrainArgs, what: &str) -> Result<()> {
+    let given: Vec<&str> = [
+        (a.mask.is_some(), "--mask"),
+        (a.window.is_some(), "--window"),
+        (a.dilation.is_some(), "--dilation"),
+    ]
+    .into_iter()
+    .filter_map(|(g, flag)| g.then_some(flag))
+    .collect();
+    if !given.is_empty() {
+        bail!(
+            "{}: flags of --task vision, not of {what}",
+            given.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// What a task draws beside the loss pictures at the end of a run.
+trait Pictures: Task {
+    /// Writes the task's pictures into `out`, returning their paths; a failure is a warning
+    /// (the pictures are a convenience).
+    fn pictures(_t: &TaskTrainer<Self>, _out: &Path) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
+}
+
+impl Pictures for Items {}
+impl Pictures for Series {}
+impl Pictures for Speech {}
+
+impl Pictures for Vision {
+    /// `attention.png`: the first held-out image, and the last layer's attention (mean over
+    /// the heads) of the patch at its object's centre, hidden patches hatched.
+    fn pictures(t: &TaskTrainer<Self>, out: &Path) -> Vec<std::path::PathBuf> {
+        let path = out.join("attention.png");
+        let res = image_plot::PatchAttention::of(t, 0)
+            .and_then(|p| maskattn_train::durable::replace_with(&path, |tmp| p.write(tmp)));
+        match res {
+            Ok(()) => vec![path],
+            Err(e) => {
+                eprintln!("warning: no {}: {e:#}", path.display());
+                Vec::new()
+            }
+        }
     }
 }
 
@@ -64,6 +145,7 @@ fn default_steps(task: TaskArg) -> u64 {
         TaskArg::Items => 400,
         TaskArg::Series => 400,
         TaskArg::Speech => 300,
+        TaskArg::Vision => 300,
     }
 }
 
@@ -83,8 +165,11 @@ fn refuse_text_flags(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn go<T: Task>(a: &TrainArgs, make: impl FnOnce(&TrainArgs) -> Result<T>) -> Result<()> {
+fn go<T: Pictures>(a: &TrainArgs, make: impl FnOnce(&TrainArgs) -> Result<T>) -> Result<()> {
     refuse_text_flags(a)?;
+    if T::NAME != Vision::NAME {
+        refuse_vision_flags(a, &format!("--task {}", T::NAME))?;
+    }
     if T::NAME != Series::NAME && (a.csv.is_some() || a.period.is_some()) {
         bail!("--csv, --period: flags of --task series");
     }
@@ -181,13 +266,14 @@ fn go<T: Task>(a: &TrainArgs, make: impl FnOnce(&TrainArgs) -> Result<T>) -> Res
         );
     }
     let curve = write_pictures(t.state(), &out);
-    let pictures = match t.figures() {
+    let mut pictures = match t.figures() {
         Ok(figs) => super::figure::write_figures(&figs, &out),
         Err(e) => {
             eprintln!("warning: no pictures of the task: {e:#}");
             Vec::new()
         }
     };
+    pictures.extend(T::pictures(&t, &out));
     if !t.details().is_empty() {
         println!("{}", t.details());
     }

@@ -14,11 +14,26 @@ use super::figure::Figure;
 pub struct Input {
     /// `[B, L, d_model]`: the task's embedding of its inputs (positions included).
     pub x: Tensor,
-    /// The attention mask over `[B, heads, L, L]`.
+    /// The attention mask over `[B, heads, L, L]`, in every layer unless `layer_masks`
+    /// says otherwise.
     pub mask: Mask,
+    /// Masks that take turns over the layers instead (layer `i` attends under
+    /// `layer_masks[i % n]`), for models whose layers differ — Swin's windows, shifted on
+    /// every other layer. `None`: `mask` everywhere.
+    pub layer_masks: Option<Vec<Mask>>,
     /// A dense additive bias on the scores, `[B|1, heads|1, L, L]` (f32); gradients reach
     /// whatever parameters it was computed from.
     pub bias: Option<Tensor>,
+}
+
+impl Input {
+    /// The mask of each of `layers` layers.
+    pub fn masks(&self, layers: usize) -> Vec<Mask> {
+        match &self.layer_masks {
+            Some(m) if !m.is_empty() => (0..layers).map(|i| m[i % m.len()].clone()).collect(),
+            _ => vec![self.mask.clone(); layers],
+        }
+    }
 }
 
 /// The held-out figures of one evaluation.

@@ -8,11 +8,11 @@
 
 use std::sync::Arc;
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use maskattn::{BlockMask, Mask, MaskShape};
 use maskattn_candle::model::LayerNorm;
-use maskattn_candle::{attention_with_block, fused, AttnOptions};
+use maskattn_candle::{attention_with_block, fused, reference, AttnOptions};
 use serde::{Deserialize, Serialize};
 
 /// The encoder's shape.
@@ -103,17 +103,22 @@ impl Encoder {
     /// `x [B, L, d_model]` under `mask` (compiled once for all layers), with the additive
     /// score `bias` in every layer → `[B, L, d_model]` after the final norm.
     pub fn forward(&self, x: &Tensor, mask: &Mask, bias: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_layers(x, std::slice::from_ref(mask), bias)
+    }
+
+    /// [`forward`](Self::forward) with layer `i` under `masks[i % masks.len()]` (each
+    /// distinct mask compiled once).
+    pub fn forward_layers(
+        &self,
+        x: &Tensor,
+        masks: &[Mask],
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
-        let block = self.compile(mask, b, l)?;
+        let compiled = self.compile_layers(masks, b, l)?;
         let mut x = x.clone();
-        for i in 0..self.blocks.len() {
-            x = self.block(i, &x, |q, k, v| {
-                let opts = AttnOptions {
-                    bias: bias.cloned(),
-                    ..AttnOptions::default()
-                };
-                Ok(attention_with_block(&q, &k, &v, block.clone(), opts)?.out)
-            })?;
+        for (i, block) in compiled.iter().enumerate() {
+            x = self.block(i, &x, |q, k, v| attend(&q, &k, &v, block.clone(), bias))?;
         }
         self.final_norm(&x)
     }
@@ -142,4 +147,82 @@ impl Encoder {
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
         self.ln_f.forward(x)
     }
+
+    /// The compiled mask of each layer: layer `i` gets `masks[i % masks.len()]`; equal masks
+    /// share one compilation.
+    pub fn compile_layers(
+        &self,
+        masks: &[Mask],
+        rows: usize,
+        len: usize,
+    ) -> Result<Vec<Arc<BlockMask>>> {
+        if masks.is_empty() {
+            candle_core::bail!("the encoder needs at least one mask");
+        }
+        let mut done: Vec<(&Mask, Arc<BlockMask>)> = Vec::new();
+        (0..self.blocks.len())
+            .map(|i| {
+                let m = &masks[i % masks.len()];
+                if let Some((_, c)) = done.iter().find(|(d, _)| *d == m) {
+                    return Ok(c.clone());
+                }
+                let c = self.compile(m, rows, len)?;
+                done.push((m, c.clone()));
+                Ok(c)
+            })
+            .collect()
+    }
+
+    /// The attention weights of layer `layer` (`[B, heads, L, L]`, each row summing to 1
+    /// over the pairs its mask allows, 0 on the others), for pictures: the scores are
+    /// materialised with candle ops, detached.
+    pub fn attention_weights(
+        &self,
+        x: &Tensor,
+        masks: &[Mask],
+        bias: Option<&Tensor>,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        if layer >= self.blocks.len() {
+            candle_core::bail!("layer {layer}: the encoder has {}", self.blocks.len());
+        }
+        let compiled = self.compile_layers(masks, b, l)?;
+        let mut x = x.detach();
+        for (i, block) in compiled.iter().enumerate().take(layer) {
+            x = self.block(i, &x, |q, k, v| attend(&q, &k, &v, block.clone(), bias))?;
+        }
+        let blk = &self.blocks[layer];
+        let h = self.trunk.heads;
+        let n = blk.ln1.forward(&x)?;
+        let q = fused::split_heads(&lin(&n, &blk.q)?, h, None)?;
+        let k = fused::split_heads(&lin(&n, &blk.k)?, h, None)?;
+        let opts = AttnOptions {
+            bias: bias.map(|t| t.detach()),
+            ..AttnOptions::default()
+        };
+        let s = reference::scores(&q, &k, &opts)?;
+        let mask = &masks[layer % masks.len()];
+        let keep = reference::dense_mask(mask, MaskShape::new(b, h, l, l), DType::F32, x.device())?
+            .broadcast_as(s.shape())?;
+        // Hidden pairs out of the softmax, and exactly 0 after it.
+        let s = (s + ((&keep - 1.0)? * 1e9)?)?;
+        candle_nn::ops::softmax_last_dim(&s)? * keep
+    }
+}
+
+/// The maskattn op on heads `[B, heads, L, d_head]` under a compiled mask, with the optional
+/// dense score bias.
+fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Arc<BlockMask>,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let opts = AttnOptions {
+        bias: bias.cloned(),
+        ..AttnOptions::default()
+    };
+    Ok(attention_with_block(q, k, v, mask, opts)?.out)
 }

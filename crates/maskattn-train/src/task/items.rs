@@ -298,6 +298,7 @@ impl Task for Items {
         Ok(Input {
             x,
             mask: Mask::causal(),
+            layer_masks: None,
             bias: None,
         })
     }

@@ -194,9 +194,21 @@ impl<T: Task> TaskTrainer<T> {
     pub fn hidden(&self, batch: &T::Batch) -> Result<Tensor> {
         let trunk = self.encoder.trunk();
         let input = self.task.input(&self.layers, batch, trunk)?;
+        let masks = input.masks(trunk.layers);
         Ok(self
             .encoder
-            .forward(&input.x, &input.mask, input.bias.as_ref())?)
+            .forward_layers(&input.x, &masks, input.bias.as_ref())?)
+    }
+
+    /// Layer `layer`'s attention weights `[B, heads, L, L]` for `batch` (detached; for
+    /// pictures).
+    pub fn attention_weights(&self, batch: &T::Batch, layer: usize) -> Result<Tensor> {
+        let trunk = self.encoder.trunk();
+        let input = self.task.input(&self.layers, batch, trunk)?;
+        let masks = input.masks(trunk.layers);
+        Ok(self
+            .encoder
+            .attention_weights(&input.x, &masks, input.bias.as_ref(), layer)?)
     }
 
     fn diverged(&self, step: u64, what: String) -> anyhow::Error {

@@ -553,6 +553,7 @@ impl Task for Series {
         Ok(Input {
             x,
             mask: Mask::documents(b.doc.clone(), b.rows),
+            layer_masks: None,
             bias: Some(bias),
         })
     }

@@ -230,6 +230,7 @@ impl Task for Speech {
         Ok(Input {
             x: self.embed(layers, &feats, &b.start)?,
             mask: self.settings.mask(),
+            layer_masks: None,
             bias: None,
         })
     }
