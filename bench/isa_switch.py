@@ -9,8 +9,8 @@ without AVX-512) runs both sides:
 - PyTorch has three: `ATEN_CPU_CAPABILITY` for its own vectorised kernels (SDPA's flash
   kernel, element-wise ops), `MKL_ENABLE_INSTRUCTIONS` for MKL, which does its matrix products
   (`nn.Linear`, `@`, and the blocks of SDPA's kernel), and `ONEDNN_MAX_CPU_ISA` for oneDNN.
-  ATen's switch alone leaves MKL on AVX-512: until 2026-12-06 14:10 UTC the `--isa avx2`
-  figures had PyTorch's products on AVX-512. All three are read when the libraries load, so
+  ATen's switch alone leaves MKL free to pick AVX-512 (it does on an Intel Xeon): until
+  2026-12-06 14:10 UTC the `--isa avx2` figures did not force PyTorch's products. All three are read when the libraries load, so
   the script re-executes itself with them set before it imports torch (child processes
   inherit them).
 
