@@ -1,6 +1,7 @@
-//! The vision task: a resumed run is the uninterrupted one bit for bit, Swin's layers really alternate between the plain and the
-//! shifted windows (checked against Swin's own construction, written out here), and bad
-//! windows are refused naming the flag.
+//! The vision task: a short run learns beyond chance, a resumed run is the uninterrupted
+//! one bit for bit, Swin's layers really alternate between the plain and the shifted
+//! windows (checked against Swin's own construction, written out here), and bad windows
+//! are refused naming the flag.
 
 use maskattn::{BlockMask, Mask, MaskShape};
 use maskattn_train::task::vision::{Vision, VisionMask, VisionSettings};
@@ -48,6 +49,36 @@ fn weights<T: Task>(t: &TaskTrainer<T>) -> Vec<(String, Vec<f32>)> {
         .collect();
     all.sort_by(|a, b| a.0.cmp(&b.0));
     all
+}
+
+#[test]
+fn a_short_vision_run_learns_beyond_chance() {
+    // 48 × 48 images in 4 × 4 patches (a 12 × 12 grid), NATTEN 5 × 5: 120 steps of 8
+    // images reached 44–56% held-out accuracy for seeds 0–2 (chance: 12.5%).
+    let s = VisionSettings {
+        image: 48,
+        patch: 4,
+        held_out: 128,
+        mask: VisionMask::Natten {
+            kernel: 5,
+            dilation: 1,
+        },
+        ..VisionSettings::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut t =
+        TaskTrainer::new(Vision::new(s, 0).unwrap(), TRUNK, run(120, 8), dir.path()).unwrap();
+    let before = t.evaluate().unwrap();
+    t.run(&mut ()).unwrap();
+    let after = t.evaluate().unwrap();
+    assert!(
+        after.metric >= 0.3 && after.loss < before.loss - 0.2,
+        "before: {:.3} ({:.1}%), after: {:.3} ({:.1}%)",
+        before.loss,
+        100.0 * before.metric,
+        after.loss,
+        100.0 * after.metric
+    );
 }
 
 #[test]

@@ -60,9 +60,9 @@ pub struct TrainArgs {
     /// Optimisation steps in all [default: 500; on --resume: the checkpoint's, or more to extend it].
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Rows per batch.
-    #[arg(long, default_value_t = 16, conflicts_with = "resume")]
-    pub batch: usize,
+    /// Rows per batch [default: 16; --task vision: 8].
+    #[arg(long, conflicts_with = "resume")]
+    pub batch: Option<usize>,
     #[arg(long, default_value_t = 128, conflicts_with = "resume")]
     pub seq_len: usize,
     /// Model width [default: 128; --task: 64].

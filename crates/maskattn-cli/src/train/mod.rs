@@ -36,7 +36,7 @@ fn fresh(a: &TrainArgs) -> Result<Trainer> {
         text: a.text.clone(),
         seed: a.seed,
         steps: a.steps.unwrap_or(DEFAULT_STEPS),
-        batch: a.batch,
+        batch: a.batch.unwrap_or(16),
         seq_len: a.seq_len,
         lr: a.lr,
         warmup: a.warmup,

@@ -1,7 +1,9 @@
 //! `vision`: image classification by a small ViT-style encoder. An image is cut into
-//! `patch × patch` patches, each one token (a linear patch embedding plus a learned
-//! position per patch), in raster order on the patch grid; the encoder's outputs are
-//! mean-pooled (no class token, which would leave the grid) into a linear classifier.
+//! `patch × patch` patches, each one token in raster order on the patch grid: a linear
+//! embedding of the patch and `overlap` pixels around it (overlapping windows, as the
+//! convolutional tokenizers of NAT and CvT see), plus a learned position; the outputs are
+//! max-pooled over the patches (no class token, which would leave the grid) into a linear
+//! classifier.
 //!
 //! The mask is the image's: full attention, NATTEN's neighbourhood attention (a clamped
 //! `k × k` window, optionally dilated; Hassani et al. 2023) or Swin's windows (Liu et al.
@@ -10,8 +12,9 @@
 //!
 //! The images are generated (no download): eight classes — disk, square, triangle, cross,
 //! ring, horizontal stripes, vertical stripes, checkerboard — at a random position and
-//! size, with a random background level and contrast (of either sign), under Gaussian
-//! noise. Held out: fixed images never trained on; accuracy and cross-entropy.
+//! size, against a background of random level with a contrast of random size and sign, under Gaussian
+//! noise; each image is standardised (zero mean, unit spread) before it is cut into
+//! patches. Held out: fixed images never trained on; accuracy and cross-entropy.
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Module, Tensor, D};
@@ -44,6 +47,10 @@ pub struct VisionSettings {
     pub image: usize,
     /// Patch side in pixels (`image / patch` patches a side).
     pub patch: usize,
+    /// Pixels around each patch that its token's embedding also sees (zeros beyond the
+    /// image): windows of `patch + 2 · overlap` pixels at a stride of `patch`.
+    #[serde(default)]
+    pub overlap: usize,
     /// Spread of the Gaussian pixel noise.
     pub noise: f64,
     /// Held-out images.
@@ -54,8 +61,9 @@ pub struct VisionSettings {
 impl Default for VisionSettings {
     fn default() -> Self {
         VisionSettings {
-            image: 48,
-            patch: 2,
+            image: 96,
+            patch: 4,
+            overlap: 2,
             noise: 0.3,
             held_out: 512,
             mask: VisionMask::Natten {
@@ -244,28 +252,60 @@ impl Vision {
         (px, (cy as usize, cx as usize))
     }
 
-    /// `[rows, L, patch²]`: each patch's pixels in raster order, patches in raster order.
+    /// Side of a token's window: the patch and `overlap` pixels on each side.
+    fn window(&self) -> usize {
+        self.settings.patch + 2 * self.settings.overlap
+    }
+
+    /// `[rows, L, window²]`: each token's window of pixels in raster order (zeros beyond the
+    /// image), tokens in raster order, each image standardised first (zero mean, unit
+    /// spread: the background level and the contrast vary between images, the shapes do
+    /// not).
     fn patches(&self, b: &Images) -> Result<Tensor> {
         let (n, p, g) = (self.settings.image, self.settings.patch, self.grid());
-        let mut out = Vec::with_capacity(b.pixels.len());
+        let (m, w) = (self.settings.overlap as isize, self.window());
+        let mut out = Vec::with_capacity(b.rows * g * g * w * w);
         for r in 0..b.rows {
-            let img = &b.pixels[r * n * n..(r + 1) * n * n];
+            let img = standardised(&b.pixels[r * n * n..(r + 1) * n * n]);
+            let pixel = |y: isize, x: isize| -> f32 {
+                let inside = (0..n as isize).contains(&y) && (0..n as isize).contains(&x);
+                if inside {
+                    img[y as usize * n + x as usize]
+                } else {
+                    0.0
+                }
+            };
             for gy in 0..g {
                 for gx in 0..g {
-                    for y in 0..p {
-                        let row = (gy * p + y) * n + gx * p;
-                        out.extend_from_slice(&img[row..row + p]);
+                    let (top, left) = ((gy * p) as isize - m, (gx * p) as isize - m);
+                    for y in 0..w as isize {
+                        for x in 0..w as isize {
+                            out.push(pixel(top + y, left + x));
+                        }
                     }
                 }
             }
         }
-        Ok(Tensor::from_vec(out, (b.rows, g * g, p * p), &Device::Cpu)?)
+        Ok(Tensor::from_vec(out, (b.rows, g * g, w * w), &Device::Cpu)?)
     }
 
-    /// Class scores `[B, classes]` from the encoder's output (mean over the patches).
+    /// Class scores `[B, classes]` from the encoder's output, its maximum over the patches
+    /// per channel. A mean lets the few patches on an outline (all that tells a disk from
+    /// a square) drown in the background's (docs/domains.md has the runs).
     fn logits(&self, layers: &VisionLayers, hidden: &Tensor) -> Result<Tensor> {
-        Ok(layers.head.forward(&hidden.mean(1)?)?)
+        Ok(layers.head.forward(&hidden.max(1)?)?)
     }
+}
+
+/// `img` with zero mean and unit spread (a flat image: only the mean removed).
+fn standardised(img: &[f32]) -> Vec<f32> {
+    let n = img.len() as f64;
+    let mean = img.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = img.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let scale = if var > 1e-12 { 1.0 / var.sqrt() } else { 1.0 };
+    img.iter()
+        .map(|&v| ((v as f64 - mean) * scale) as f32)
+        .collect()
 }
 
 impl Task for Vision {
@@ -280,6 +320,13 @@ impl Task for Vision {
             bail!(
                 "vision: the patch ({} pixels) must divide the image ({} pixels, at least 8)",
                 s.patch,
+                s.image
+            );
+        }
+        if s.overlap > s.image / 2 {
+            bail!(
+                "vision: the overlap ({} pixels) must be at most half the image ({} pixels)",
+                s.overlap,
                 s.image
             );
         }
@@ -332,9 +379,9 @@ impl Task for Vision {
     }
 
     fn layers(&self, vb: VarBuilder, trunk: &Trunk) -> candle_core::Result<VisionLayers> {
-        let (d, p) = (trunk.d_model, self.settings.patch);
+        let d = trunk.d_model;
         Ok(VisionLayers {
-            patch_in: candle_nn::linear(p * p, d, vb.pp("patch_in"))?,
+            patch_in: candle_nn::linear(self.window() * self.window(), d, vb.pp("patch_in"))?,
             pos: candle_nn::embedding(self.row_len(), d, vb.pp("pos_emb"))?,
             head: candle_nn::linear(d, CLASSES.len(), vb.pp("head"))?,
         })
@@ -427,16 +474,84 @@ impl Task for Vision {
 
     fn describe(&self) -> String {
         let s = &self.settings;
+        let (p, w) = (s.patch, self.window());
+        let tokens = if w == p {
+            format!("{p}×{p} patches as tokens")
+        } else {
+            format!("{p}×{p} patches as tokens, each embedded from the {w}×{w} pixels around it")
+        };
         format!(
-            "generated {}×{} images of {} classes (shapes and textures, noise {}), {}×{} patches as tokens; {}; {} held-out images",
+            "generated {}×{} images of {} classes (shapes and textures, noise {}), {tokens}; {}; {} held-out images",
             s.image,
             s.image,
             CLASSES.len(),
             s.noise,
-            s.patch,
-            s.patch,
             self.mask_words(),
             s.held_out
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each token's window: its patch and `overlap` pixels around it, from the image
+    /// standardised (mean and spread computed here), zeros beyond the border.
+    #[test]
+    fn token_windows_overlap_their_neighbours_and_are_zero_beyond_the_image() {
+        let s = VisionSettings {
+            image: 8,
+            patch: 2,
+            overlap: 1,
+            held_out: 1,
+            mask: VisionMask::Full,
+            ..VisionSettings::default()
+        };
+        let v = Vision::new(s, 0).unwrap();
+        let pixels: Vec<f32> = (0..64).map(|i| (i * i % 37) as f32).collect();
+        let mean = pixels.iter().sum::<f32>() / 64.0;
+        let spread = (pixels.iter().map(|p| (p - mean).powi(2)).sum::<f32>() / 64.0).sqrt();
+        let b = Images {
+            rows: 1,
+            pixels: pixels.clone(),
+            labels: vec![0],
+            centre: vec![0],
+        };
+        let t = v.patches(&b).unwrap();
+        assert_eq!(t.dims(), &[1, 16, 16]);
+        let got: Vec<Vec<f32>> = t.get(0).unwrap().to_vec2().unwrap();
+        for gy in 0..4 {
+            for gx in 0..4 {
+                for y in 0..4 {
+                    for x in 0..4 {
+                        let (py, px) = (2 * gy + y, 2 * gx + x);
+                        let want = if (1..=8).contains(&py) && (1..=8).contains(&px) {
+                            (pixels[(py - 1) * 8 + px - 1] - mean) / spread
+                        } else {
+                            0.0
+                        };
+                        let g = got[gy * 4 + gx][y * 4 + x];
+                        assert!(
+                            (g - want).abs() < 1e-5,
+                            "token ({gy},{gx}) pixel ({y},{x}): {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_overlap_past_half_the_image_is_refused() {
+        let s = VisionSettings {
+            image: 16,
+            patch: 4,
+            overlap: 9,
+            held_out: 1,
+            ..VisionSettings::default()
+        };
+        let e = Vision::new(s, 0).err().unwrap().to_string();
+        assert!(e.contains("overlap (9 pixels)"), "{e}");
     }
 }
