@@ -442,24 +442,23 @@ impl Series {
         Ok(layers.head.forward(&flat.index_select(&idx, 0)?)?)
     }
 
-    /// Same-variate indicator `[B, 1, L, L]` (1 where both tokens are of one variate).
+    /// Which of the two biases each pair takes, one-hot `[B, 2, L·L]`: row 0 is 1 where
+    /// both tokens are of one variate, row 1 is 1 elsewhere.
     fn same_variate(&self, b: &Packed) -> Result<Tensor> {
         let l = self.settings.row_len;
-        let mut same = vec![0f32; b.rows * l * l];
+        let mut onehot = vec![0f32; b.rows * 2 * l * l];
         for r in 0..b.rows {
+            let (same, other) = onehot[r * 2 * l * l..(r + 1) * 2 * l * l].split_at_mut(l * l);
             for i in 0..l {
                 let vi = b.var[r * l + i];
-                if vi < 0 {
-                    continue;
-                }
                 for j in 0..l {
-                    if b.var[r * l + j] == vi {
-                        same[(r * l + i) * l + j] = 1.0;
-                    }
+                    let s = vi >= 0 && b.var[r * l + j] == vi;
+                    same[i * l + j] = s as u8 as f32;
+                    other[i * l + j] = (!s) as u8 as f32;
                 }
             }
         }
-        Ok(Tensor::from_vec(same, (b.rows, 1, l, l), &Device::Cpu)?)
+        Ok(Tensor::from_vec(onehot, (b.rows, 2, l * l), &Device::Cpu)?)
     }
 }
 
@@ -543,13 +542,15 @@ impl Task for Series {
             .forward(&values)?
             .broadcast_add(&flag.broadcast_mul(&layers.forecast)?)?
             .broadcast_add(&layers.time.forward(&time)?)?;
-        // bias = different + same_variate · (same − different), per head.
-        let same_b = layers.variate_bias.get(0)?.reshape((1, h, 1, 1))?;
-        let diff_b = layers.variate_bias.get(1)?.reshape((1, h, 1, 1))?;
-        let bias = self
-            .same_variate(b)?
-            .broadcast_mul(&(same_b - &diff_b)?)?
-            .broadcast_add(&diff_b)?;
+        // bias[b, h, ·] = table[h, ·] @ onehot[b]: [H, 2] @ [B, 2, L·L] → [B, H, L·L]. As a
+        // product, the gradient's sum over the B·L·L pairs runs in the matrix product's
+        // kernel; as broadcast element-wise ops it ran in candle's single-threaded
+        // reductions (a fifth of a step on the AVX2 path).
+        let bias = layers
+            .variate_bias
+            .t()?
+            .broadcast_matmul(&self.same_variate(b)?)?
+            .reshape((b.rows, h, l, l))?;
         Ok(Input {
             x,
             mask: Mask::documents(b.doc.clone(), b.rows),
