@@ -16,8 +16,14 @@
 //!
 //! candle's own matmuls (`Tensor::matmul`: `reference.rs`, `candle_nn::Linear` for dtypes
 //! other than f32) still call `gemm::gemm` and so keep its choice.
+//!
+//! With several threads a product is split into one band of `dst`'s rows (or columns) per
+//! thread, each band a single-threaded product ([`gemm_f32`] says why and when), for the
+//! same bits as the whole product on one thread (`tests/products_isa.rs`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use rayon::prelude::*;
 
 use maskattn::Isa;
 
@@ -38,6 +44,15 @@ fn slot(isa: Isa) -> usize {
 /// which is the widest the CPU has unless `MASKATTN_ISA` or `set_isa` forced a narrower one.
 pub fn products_isa() -> Isa {
     maskattn::current_isa()
+}
+
+/// Products of this process that [`gemm_f32`] split into bands, one per thread: lets a test
+/// see that the split ran.
+static SPLIT: AtomicU64 = AtomicU64::new(0);
+
+#[doc(hidden)]
+pub fn products_split() -> u64 {
+    SPLIT.load(Ordering::Relaxed)
 }
 
 /// Products this process ran on `isa`'s gemm kernels.
@@ -64,6 +79,93 @@ pub unsafe fn gemm_f32(
 ) {
     let isa = products_isa();
     RUN[slot(isa)].fetch_add(1, Ordering::Relaxed);
+    let threads = match par {
+        gemm::Parallelism::Rayon(t) => t,
+        _ => 1,
+    };
+    // gemm's own threads helped little at the model's shapes (k of 128–512; on an Ice Lake
+    // Xeon's AVX2 path, 2 threads: 28–45 GFLOP/s against 34–42 on one): split `dst` into
+    // one band of rows (or columns) per thread, each band one single-threaded product. A
+    // training step was 5–10% faster so (docs/performance.md, "The model path's products").
+    let (along_m, len, other) = if m >= n { (true, m, n) } else { (false, n, m) };
+    let band = len.div_ceil(threads.max(1)).next_multiple_of(16);
+    if threads > 1 && band < len && splits_alike(band, other, k) && m * n * k >= SPLIT_WORK {
+        SPLIT.fetch_add(1, Ordering::Relaxed);
+        let (dst, lhs, rhs) = (dst as usize, lhs as usize, rhs as usize);
+        let bands = len.div_ceil(band);
+        (0..bands).into_par_iter().for_each(|i| {
+            let (start, size) = (i * band, band.min(len - i * band));
+            let f = std::mem::size_of::<f32>() as isize;
+            // SAFETY: band `i` is the rows (columns) `start..start + size` of `dst` and
+            // of `lhs` (columns of `rhs`): inside the caller's matrices, and the bands of
+            // `dst` are disjoint.
+            unsafe {
+                let at =
+                    |p: usize, stride: isize| (p as isize + start as isize * stride * f) as usize;
+                let (d, l, r, dims) = if along_m {
+                    (at(dst, dst_rs), lhs, rhs, (size, n, k))
+                } else {
+                    (at(dst, dst_cs), lhs, at(rhs, rhs_cs), (m, size, k))
+                };
+                let l = if along_m { at(l, lhs_rs) } else { l };
+                one_product(
+                    isa,
+                    dims,
+                    (d as *mut f32, dst_cs, dst_rs, read_dst),
+                    (l as *const f32, lhs_cs, lhs_rs),
+                    (r as *const f32, rhs_cs, rhs_rs),
+                    alpha,
+                    beta,
+                    gemm::Parallelism::None,
+                )
+            }
+        });
+        return;
+    }
+    // SAFETY: the caller's contract.
+    unsafe {
+        one_product(
+            isa,
+            (m, n, k),
+            (dst, dst_cs, dst_rs, read_dst),
+            (lhs, lhs_cs, lhs_rs),
+            (rhs, rhs_cs, rhs_rs),
+            alpha,
+            beta,
+            par,
+        )
+    }
+}
+
+/// Multiply-adds of a product at least, for [`gemm_f32`] to split it.
+const SPLIT_WORK: usize = 1 << 20;
+
+/// Whether bands of `band` rows (or columns) by `other` of a product over `k` run the same
+/// arithmetic as the whole product, element for element: the same bits. gemm 0.19
+/// (`gemm_common::gemm::gemm_basic_generic`) sums every element over `k` in blocks whose
+/// size depends on `k` alone (`gemm_common::cache::kernel_params`), except in its special
+/// cases, which depend on the shape: `k ≤ 2` (gevv), a side of 1 (gemv), `m·n ≤ 256`
+/// (the horizontal kernels) and both sides ≤ 64 (blocks of `min(k, 512)`). A band over 64
+/// with the other side at least 4 and `k > 2` stays out of all of them, as does the whole.
+fn splits_alike(band: usize, other: usize, k: usize) -> bool {
+    band > 64 && other >= 4 && k > 2
+}
+
+/// [`gemm_f32`] as one call of gemm's kernels on `isa`.
+///
+/// # Safety
+/// [`gemm_f32`]'s contract.
+#[allow(clippy::too_many_arguments)]
+unsafe fn one_product(
+    isa: Isa,
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_cs, dst_rs, read_dst): (*mut f32, isize, isize, bool),
+    (lhs, lhs_cs, lhs_rs): (*const f32, isize, isize),
+    (rhs, rhs_cs, rhs_rs): (*const f32, isize, isize),
+    alpha: f32,
+    beta: f32,
+    par: gemm::Parallelism,
+) {
     #[cfg(target_arch = "x86_64")]
     if matches!(isa, Isa::Avx2 | Isa::Portable) {
         let call = Normalized::new(

@@ -1,11 +1,16 @@
 //! The model path's f32 products (`maskattn_candle::products`) on every instruction set this
 //! CPU can run — gemm's AVX-512, AVX2+FMA and scalar kernels, forced with `set_isa` as
 //! `MASKATTN_ISA` forces them — against an f64 product: row- and column-major results,
-//! transposed operands, `dst` read and scaled, one thread and several. In a process of its
-//! own because the choice is process-wide.
+//! transposed operands, `dst` read and scaled, one thread and several; a product split into
+//! one band per thread gives the bits of the whole. In a process of its own because the
+//! choice is process-wide.
 
 use maskattn::{set_isa, Isa};
-use maskattn_candle::products::{gemm_f32, products_isa, products_run};
+use maskattn_candle::products::{gemm_f32, products_isa, products_run, products_split};
+
+/// The tests set the process-wide instruction set and read process-wide counters: one at
+/// a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A line shown even when the test passes (the harness captures `eprintln!`).
 fn report(line: &str) {
@@ -38,6 +43,30 @@ fn strides(rows: usize, cols: usize, t: bool) -> (isize, isize) {
     } else {
         (cols as isize, 1)
     }
+}
+
+/// The case's `dst` after the product on the current instruction set.
+fn product(c: &Case, par: gemm::Parallelism, seed: u64) -> Vec<f32> {
+    let (m, n, k) = (c.m, c.n, c.k);
+    let (lhs, rhs) = (data(m * k, seed), data(k * n, seed + 1));
+    let mut dst = data(m * n, seed + 2);
+    let (l_rs, l_cs) = strides(m, k, c.lhs_t);
+    let (r_rs, r_cs) = strides(k, n, c.rhs_t);
+    let (d_rs, d_cs) = strides(m, n, c.dst_t);
+    let (alpha, beta) = (if c.read_dst { 0.75 } else { 0.0 }, 1.25);
+    // SAFETY: as in `run`.
+    unsafe {
+        gemm_f32(
+            (m, n, k),
+            (dst.as_mut_ptr(), d_cs, d_rs, c.read_dst),
+            (lhs.as_ptr(), l_cs, l_rs),
+            (rhs.as_ptr(), r_cs, r_rs),
+            alpha,
+            beta,
+            par,
+        )
+    };
+    dst
 }
 
 /// Runs the case on the current instruction set and checks it against f64; returns the
@@ -88,6 +117,7 @@ fn run(c: &Case, par: gemm::Parallelism, seed: u64) -> f64 {
 
 #[test]
 fn products_run_on_the_kernels_instruction_set() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let cases = [
         (1, 1, 1),
         (3, 5, 7),
@@ -135,6 +165,98 @@ fn products_run_on_the_kernels_instruction_set() {
         report(&format!(
             "products_isa: ran {calls} f32 products on gemm's {isa:?} kernels, each within \
              f32 rounding of f64"
+        ));
+    }
+    set_isa(None).unwrap();
+}
+
+#[test]
+fn a_product_split_over_threads_gives_the_bits_of_the_whole() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // The model's shapes (rows × out × in, and the weight gradient's), shapes just past
+    // the split's limits (a side of 4, k = 3, each at least 2²⁰ multiply-adds), and a
+    // reduction of several blocks.
+    let cases = [
+        (2048, 512, 128),
+        (512, 128, 2048),
+        (4608, 64, 64),
+        (87_400, 4, 3),
+        (4, 160, 1700),
+        (300, 70, 1300),
+    ];
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    for isa in Isa::ALL {
+        if set_isa(Some(isa)).is_err() {
+            report(&format!(
+                "products_isa: SKIPPED {isa:?} split (this CPU lacks it)"
+            ));
+            continue;
+        }
+        let before = products_split();
+        let mut calls = 0u64;
+        for (n_case, &(m, n, k)) in cases.iter().enumerate() {
+            for layout in [0u32, 0b0111, 0b1000, 0b1010] {
+                let c = Case {
+                    m,
+                    n,
+                    k,
+                    dst_t: layout & 1 != 0,
+                    lhs_t: layout & 2 != 0,
+                    rhs_t: layout & 4 != 0,
+                    read_dst: layout & 8 != 0,
+                };
+                let seed = 7 + 10 * n_case as u64 + layout as u64;
+                let whole = product(&c, gemm::Parallelism::None, seed);
+                let split = pool.install(|| product(&c, gemm::Parallelism::Rayon(2), seed));
+                calls += 1;
+                let same = whole
+                    .iter()
+                    .zip(&split)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{isa:?} {m}×{n}×{k} layout {layout:04b}: split ≠ whole"
+                );
+            }
+        }
+        assert_eq!(
+            products_split() - before,
+            calls,
+            "{isa:?}: not every product split"
+        );
+        // Bands of 64 or fewer rows by ≤ 64 would take gemm's small-shape blocks (k in
+        // blocks of 512) where the whole product takes its cache-sized ones: other bits.
+        // These stay whole, and give the bits of one thread.
+        let before = products_split();
+        for &(m, n, k) in &[(128usize, 64usize, 700usize), (96, 64, 700)] {
+            let c = Case {
+                m,
+                n,
+                k,
+                dst_t: false,
+                lhs_t: false,
+                rhs_t: true,
+                read_dst: false,
+            };
+            let whole = product(&c, gemm::Parallelism::None, 3);
+            let par = pool.install(|| product(&c, gemm::Parallelism::Rayon(2), 3));
+            let same = whole
+                .iter()
+                .zip(&par)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{isa:?} {m}×{n}×{k}: two threads ≠ one");
+        }
+        assert_eq!(
+            products_split(),
+            before,
+            "{isa:?}: a product with narrow bands split"
+        );
+        report(&format!(
+            "products_isa: {calls} products split over 2 threads on gemm's {isa:?} kernels, \
+             each the bits of the unsplit product"
         ));
     }
     set_isa(None).unwrap();
