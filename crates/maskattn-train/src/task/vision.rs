@@ -12,9 +12,9 @@
 //!
 //! The images are generated (no download): eight classes — disk, square, triangle, cross,
 //! ring, horizontal stripes, vertical stripes, checkerboard — at a random position and
-//! size, against a background of random level with a contrast of random size and sign, under Gaussian
-//! noise; each image is standardised (zero mean, unit spread) before it is cut into
-//! patches. Held out: fixed images never trained on; accuracy and cross-entropy.
+//! size, on a background of random level with a contrast of random size and sign, under
+//! Gaussian noise; each image is standardised (zero mean, unit spread) before it is cut
+//! into patches. Held out: fixed images never trained on; accuracy and cross-entropy.
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Module, Tensor, D};
