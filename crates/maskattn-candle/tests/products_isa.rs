@@ -45,33 +45,9 @@ fn strides(rows: usize, cols: usize, t: bool) -> (isize, isize) {
     }
 }
 
-/// The case's `dst` after the product on the current instruction set.
-fn product(c: &Case, par: gemm::Parallelism, seed: u64) -> Vec<f32> {
-    let (m, n, k) = (c.m, c.n, c.k);
-    let (lhs, rhs) = (data(m * k, seed), data(k * n, seed + 1));
-    let mut dst = data(m * n, seed + 2);
-    let (l_rs, l_cs) = strides(m, k, c.lhs_t);
-    let (r_rs, r_cs) = strides(k, n, c.rhs_t);
-    let (d_rs, d_cs) = strides(m, n, c.dst_t);
-    let (alpha, beta) = (if c.read_dst { 0.75 } else { 0.0 }, 1.25);
-    // SAFETY: as in `run`.
-    unsafe {
-        gemm_f32(
-            (m, n, k),
-            (dst.as_mut_ptr(), d_cs, d_rs, c.read_dst),
-            (lhs.as_ptr(), l_cs, l_rs),
-            (rhs.as_ptr(), r_cs, r_rs),
-            alpha,
-            beta,
-            par,
-        )
-    };
-    dst
-}
-
-/// Runs the case on the current instruction set and checks it against f64; returns the
-/// largest error relative to the f64 result's scale.
-fn run(c: &Case, par: gemm::Parallelism, seed: u64) -> f64 {
+/// The case's operands and `dst` before and after the product on the current instruction
+/// set: `(lhs, rhs, dst before, dst after)`.
+fn product(c: &Case, par: gemm::Parallelism, seed: u64) -> [Vec<f32>; 4] {
     let (m, n, k) = (c.m, c.n, c.k);
     let (lhs, rhs) = (data(m * k, seed), data(k * n, seed + 1));
     let mut dst = data(m * n, seed + 2);
@@ -79,7 +55,7 @@ fn run(c: &Case, par: gemm::Parallelism, seed: u64) -> f64 {
     let (l_rs, l_cs) = strides(m, k, c.lhs_t);
     let (r_rs, r_cs) = strides(k, n, c.rhs_t);
     let (d_rs, d_cs) = strides(m, n, c.dst_t);
-    let (alpha, beta) = (if c.read_dst { 0.75 } else { 0.0 }, 1.25);
+    let (alpha, beta) = scales(c);
     // SAFETY: every element of the three matrices is inside its vector (the strides of a
     // dense `rows × cols` layout); `dst` is a distinct vector.
     unsafe {
@@ -93,6 +69,23 @@ fn run(c: &Case, par: gemm::Parallelism, seed: u64) -> f64 {
             par,
         )
     };
+    [lhs, rhs, old, dst]
+}
+
+/// `(alpha, beta)` of the case: `dst` scaled by 0.75 when read.
+fn scales(c: &Case) -> (f32, f32) {
+    (if c.read_dst { 0.75 } else { 0.0 }, 1.25)
+}
+
+/// Runs the case on the current instruction set and checks it against f64; returns the
+/// largest error relative to the f64 result's scale.
+fn run(c: &Case, par: gemm::Parallelism, seed: u64) -> f64 {
+    let (m, n, k) = (c.m, c.n, c.k);
+    let [lhs, rhs, old, dst] = product(c, par, seed);
+    let (l_rs, l_cs) = strides(m, k, c.lhs_t);
+    let (r_rs, r_cs) = strides(k, n, c.rhs_t);
+    let (d_rs, d_cs) = strides(m, n, c.dst_t);
+    let (alpha, beta) = scales(c);
     let at =
         |rs: isize, cs: isize, i: usize, j: usize| (i as isize * rs + j as isize * cs) as usize;
     let mut worst = 0f64;
@@ -209,8 +202,8 @@ fn a_product_split_over_threads_gives_the_bits_of_the_whole() {
                     read_dst: layout & 8 != 0,
                 };
                 let seed = 7 + 10 * n_case as u64 + layout as u64;
-                let whole = product(&c, gemm::Parallelism::None, seed);
-                let split = pool.install(|| product(&c, gemm::Parallelism::Rayon(2), seed));
+                let [.., whole] = product(&c, gemm::Parallelism::None, seed);
+                let [.., split] = pool.install(|| product(&c, gemm::Parallelism::Rayon(2), seed));
                 calls += 1;
                 let same = whole
                     .iter()
@@ -241,8 +234,8 @@ fn a_product_split_over_threads_gives_the_bits_of_the_whole() {
                 rhs_t: true,
                 read_dst: false,
             };
-            let whole = product(&c, gemm::Parallelism::None, 3);
-            let par = pool.install(|| product(&c, gemm::Parallelism::Rayon(2), 3));
+            let [.., whole] = product(&c, gemm::Parallelism::None, 3);
+            let [.., par] = pool.install(|| product(&c, gemm::Parallelism::Rayon(2), 3));
             let same = whole
                 .iter()
                 .zip(&par)
