@@ -5,12 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-fn maskattn(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_maskattn"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+mod common;
+use common::maskattn;
 
 /// A one-step checkpoint of a tiny model, trained once for all the tests here.
 fn checkpoint() -> &'static Path {

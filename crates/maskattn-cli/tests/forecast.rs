@@ -6,7 +6,6 @@
 
 use std::f64::consts::TAU;
 use std::path::Path;
-use std::process::{Command, Output};
 
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
@@ -14,25 +13,12 @@ use maskattn_train::checkpoint;
 use maskattn_train::task::series::{Series, SeriesSettings};
 use maskattn_train::task::{Encoder, Task};
 
-fn maskattn(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_maskattn"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = maskattn(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "maskattn {args:?} failed:\n{err}");
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+mod common;
+use common::ok;
 
 /// The error line of a command that must fail.
 fn fails(args: &[&str]) -> String {
-    let o = maskattn(args);
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(!o.status.success(), "maskattn {args:?} succeeded");
+    let err = common::fails(args);
     assert!(err.starts_with("error: "), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     err

@@ -4,27 +4,9 @@
 //! `--compare` with its picture.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn maskattn(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_maskattn"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = maskattn(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "maskattn {args:?} failed:\n{err}");
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn fails(args: &[&str]) -> String {
-    let o = maskattn(args);
-    assert!(!o.status.success(), "maskattn {args:?} succeeded");
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{fails, ok};
 
 fn train(out: &str, extra: &[&str]) -> String {
     let mut args = vec![

@@ -3,21 +3,9 @@
 //! resume exactly, and the checkpoints generate.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn maskattn(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_maskattn"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = maskattn(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "maskattn {args:?} failed:\n{err}");
-    String::from_utf8_lossy(&o.stdout).into_owned() + &err
-}
+mod common;
+use common::{maskattn, ok_all as ok};
 
 fn train(out: &Path, extra: &[&str]) -> String {
     let mut args = vec!["train", "--out", out.to_str().unwrap()];

@@ -2,21 +2,8 @@
 //! `--resume` of a stopped task run ending where the whole run ends, and the text tasks'
 //! flags refused with a task.
 
-use std::process::{Command, Output};
-
-fn maskattn(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_maskattn"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = maskattn(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "maskattn {args:?} failed:\n{err}");
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+mod common;
+use common::{maskattn, ok};
 
 const SMALL: [&str; 11] = [
     "--d-model",

@@ -2,14 +2,8 @@
 //! picture, the tiles-skipped figure against the compiled mask's, and bad --mask/--window/
 //! --dilation flags refused naming the flag.
 
-use std::process::{Command, Output};
-
-fn maskattn(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_maskattn"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+mod common;
+use common::maskattn;
 
 const SMALL: [&str; 13] = [
     "--d-model",
