@@ -4,25 +4,11 @@
 
 use maskattn_train::task::items::{Items, ItemsSettings};
 use maskattn_train::task::series::{Series, SeriesSettings};
-use maskattn_train::task::{Task, TaskTrainer, Trunk};
-use maskattn_train::{Outcome, RunSettings};
+use maskattn_train::task::{Task, TaskTrainer};
+use maskattn_train::Outcome;
 
-const TRUNK: Trunk = Trunk {
-    d_model: 32,
-    layers: 2,
-    heads: 2,
-    d_ff: 64,
-};
-
-fn run(steps: u64, batch: usize) -> RunSettings {
-    RunSettings {
-        steps,
-        batch,
-        warmup: 10,
-        eval_every: steps,
-        ..RunSettings::default()
-    }
-}
+mod common;
+use common::{run, weights, StopAt, TRUNK};
 
 fn small_items() -> Items {
     let s = ItemsSettings {
@@ -45,17 +31,6 @@ fn small_series() -> Series {
         ..SeriesSettings::default()
     };
     Series::new(s, 5).unwrap()
-}
-
-/// The variables of a run, by name, as f32 vectors.
-fn weights<T: Task>(t: &TaskTrainer<T>) -> Vec<(String, Vec<f32>)> {
-    let data = t.vars().data().lock().unwrap();
-    let mut all: Vec<_> = data
-        .iter()
-        .map(|(k, v)| (k.clone(), v.flatten_all().unwrap().to_vec1().unwrap()))
-        .collect();
-    all.sort_by(|a, b| a.0.cmp(&b.0));
-    all
 }
 
 #[test]
@@ -97,12 +72,6 @@ fn a_resumed_task_run_is_the_uninterrupted_run() {
     let mut whole = TaskTrainer::new(small_series(), TRUNK, run(8, 4), a.path()).unwrap();
     whole.run(&mut ()).unwrap();
 
-    struct StopAt(u64);
-    impl maskattn_train::Hooks for StopAt {
-        fn stop(&mut self, s: &maskattn_train::State) -> bool {
-            s.step == self.0
-        }
-    }
     let mut part = TaskTrainer::new(small_series(), TRUNK, run(8, 4), b.path()).unwrap();
     assert_eq!(part.run(&mut StopAt(3)).unwrap().outcome, Outcome::Stopped);
     drop(part);

@@ -6,24 +6,10 @@
 use maskattn::{BlockMask, Mask, MaskShape};
 use maskattn_train::task::vision::{Vision, VisionMask, VisionSettings};
 use maskattn_train::task::{Task, TaskTrainer, Trunk};
-use maskattn_train::{Outcome, RunSettings};
+use maskattn_train::Outcome;
 
-const TRUNK: Trunk = Trunk {
-    d_model: 32,
-    layers: 2,
-    heads: 2,
-    d_ff: 64,
-};
-
-fn run(steps: u64, batch: usize) -> RunSettings {
-    RunSettings {
-        steps,
-        batch,
-        warmup: 10,
-        eval_every: steps,
-        ..RunSettings::default()
-    }
-}
+mod common;
+use common::{run, weights, StopAt, TRUNK};
 
 /// 24 × 24 images in 2 × 2 patches: a 12 × 12 grid.
 fn small(mask: VisionMask) -> Vision {
@@ -39,17 +25,6 @@ fn small(mask: VisionMask) -> Vision {
 }
 
 const SWIN: VisionMask = VisionMask::Swin { window: 4 };
-
-/// The variables of a run, by name, as f32 vectors.
-fn weights<T: Task>(t: &TaskTrainer<T>) -> Vec<(String, Vec<f32>)> {
-    let data = t.vars().data().lock().unwrap();
-    let mut all: Vec<_> = data
-        .iter()
-        .map(|(k, v)| (k.clone(), v.flatten_all().unwrap().to_vec1().unwrap()))
-        .collect();
-    all.sort_by(|a, b| a.0.cmp(&b.0));
-    all
-}
 
 #[test]
 fn a_short_vision_run_learns_beyond_chance() {
@@ -87,12 +62,6 @@ fn a_resumed_vision_run_is_the_uninterrupted_run() {
     let mut whole = TaskTrainer::new(small(SWIN), TRUNK, run(8, 4), a.path()).unwrap();
     whole.run(&mut ()).unwrap();
 
-    struct StopAt(u64);
-    impl maskattn_train::Hooks for StopAt {
-        fn stop(&mut self, s: &maskattn_train::State) -> bool {
-            s.step == self.0
-        }
-    }
     let mut part = TaskTrainer::new(small(SWIN), TRUNK, run(8, 4), b.path()).unwrap();
     assert_eq!(part.run(&mut StopAt(3)).unwrap().outcome, Outcome::Stopped);
     drop(part);
