@@ -85,8 +85,9 @@ pub unsafe fn gemm_f32(
     };
     // gemm's own threads helped little at the model's shapes (k of 128–512; on an Ice Lake
     // Xeon's AVX2 path, 2 threads: 28–45 GFLOP/s against 34–42 on one): split `dst` into
-    // one band of rows (or columns) per thread, each band one single-threaded product. A
-    // training step was 5–10% faster so (docs/performance.md, "The model path's products").
+    // one band of rows (or columns) per thread, each band one single-threaded product.
+    // Training steps' medians were 5–10% faster so, within the runs' noise
+    // (docs/performance.md, "The model path's products").
     let (along_m, len, other) = if m >= n { (true, m, n) } else { (false, n, m) };
     let band = len.div_ceil(threads.max(1)).next_multiple_of(16);
     if threads > 1 && band < len && splits_alike(band, other, k) && m * n * k >= SPLIT_WORK {
