@@ -4,6 +4,7 @@ the shapes where fixed per-call costs dominate (a decode step of an L-layer mode
 calls of one query each), forward alone and forward + backward, same threads.
 
     python bench/compare_small_calls.py --threads 2 --reps 60
+    python bench/compare_small_calls.py --threads 2 --isa avx2   # both sides as on an AVX2 server
 
 Shapes ``B,H_q,L_q,L_k,d[,causal]``. Each cell times ours and SDPA alternately, call by
 call, so both see the same state of a shared machine; medians of --reps calls after
@@ -21,10 +22,15 @@ import platform
 import statistics
 import time
 
-import torch
-import torch.nn.functional as F
+import isa_switch
 
-import maskattn
+isa_switch.apply_before_torch()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import maskattn  # noqa: E402
+from maskattn import _maskattn as native  # noqa: E402
 
 SHAPES = "1,1,48,48,64;2,4,96,96,32,causal;1,12,1,700,64"
 
@@ -69,11 +75,14 @@ def main():
     p.add_argument("--reps", type=int, default=60)
     p.add_argument("--shapes", default=SHAPES, help="';'-separated B,H_q,L_q,L_k,d[,causal]")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall-clock or process CPU time")
+    isa_switch.add_argument(p)
     args = p.parse_args()
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     maskattn.set_num_threads(args.threads)
     print(f"# {cpu_model()}; torch {torch.__version__}; {args.threads} threads each; median of {args.reps} calls, {args.clock} time")
+    print(f"# {isa_switch.ours_from_package(native)}")
+    print(f"# {isa_switch.torch_side(torch)}")
     # The minima show how much a busy machine inflated the medians.
     print(f"{'shape (B,H,Lq,Lk,d)':<26} {'autograd':<9} {'ours µs':>9} {'SDPA µs':>9} {'ratio':>6}   {'min ours':>9} {'min SDPA':>9}")
     for text in args.shapes.split(";"):

@@ -29,6 +29,7 @@ __all__ = ["attention", "RelativeBias"]
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _F32_MAX = torch.finfo(torch.float32).max
+_F32 = torch.float32
 
 
 def _raw(t: torch.Tensor) -> tuple:
@@ -248,8 +249,10 @@ def _forward_native(q, k, v, block, scale, softcap, alibi, sinks, bias, rel, rel
         alibi, sinks, bias, rel = _f32(alibi), _f32(sinks), _f32(bias), _f32(rel)
         mods = _native_mods(softcap, alibi, sinks, bias, rel, rel_cfg, dropout_p, dropout_seed)
     B, H, L, _ = q.shape
-    out = torch.empty((B, H, L, v.shape[3]), dtype=torch.float32)
-    lse = torch.empty((B, H, L), dtype=torch.float32)
+    # Sizes as separate ints: torch parses them faster than a tuple (a decode step's
+    # calls are this small).
+    out = torch.empty(B, H, L, v.shape[3], dtype=_F32)
+    lse = torch.empty(B, H, L, dtype=_F32)
     _native.forward((_raw(q), _raw(k), _raw(v)), block, scale, mods, ((out.data_ptr(), out.numel()), (lse.data_ptr(), lse.numel())))
     return out, lse
 
@@ -281,9 +284,9 @@ def _backward_native(q, k, v, out, lse, dout, dlse, mask_id, mask_data, scale, m
         dlse = _plain(dlse).to(torch.float32).contiguous()
     lse = lse.contiguous()
     # The kernels overwrite every value of the gradient buffers: no zero fill here.
-    dq = torch.empty(q.shape, dtype=torch.float32)
-    dk = torch.empty(k.shape, dtype=torch.float32)
-    dv = torch.empty(v.shape, dtype=torch.float32)
+    dq = torch.empty(*q.shape, dtype=_F32)
+    dk = torch.empty(*k.shape, dtype=_F32)
+    dv = torch.empty(*v.shape, dtype=_F32)
     if alibi is None and sinks is None and bias is None and rel is None and softcap is None and not drop[0]:
         pgrads = [None] * 4
         native_mods = _NATIVE_NO_MODS
@@ -409,7 +412,9 @@ class _EagerAttention(torch.autograd.Function):
         out, lse = _forward_native(q, k, v, native, scale, softcap, alibi, sinks, bias, rel, rel_cfg, *drop)
         ctx.native = native
         ctx.save_for_backward(q, k, v, out, lse, alibi, sinks, bias, rel, *mask_data)
-        ctx.save_for_forward(q, k, v, *mask_data)
+        if _forward_ad():
+            # Only `jvp` reads these, and only inside a forward-AD level.
+            ctx.save_for_forward(q, k, v, *mask_data)
         ctx.mask_id, ctx.scale, ctx.softcap, ctx.rel_cfg = mask_id, scale, softcap, rel_cfg
         ctx.has_mods = mods[:2] != (None, [0, 0]) or any(t is not None for t in (alibi, sinks, bias, rel))
         ctx.drop = tuple(drop) if drop else (0.0, 0)
@@ -511,7 +516,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         and q.dtype in _DTYPES and q.dtype == k.dtype == v.dtype
         and q.dim() == 4 and k.dim() == 4 and v.dim() == 4
         and q.shape[3] == v.shape[3] and q.shape[3] != 0
-        and q.device.type == "cpu" and k.device.type == "cpu" and v.device.type == "cpu"
+        and q.is_cpu and k.is_cpu and v.is_cpu
         and not (q.is_nested or k.is_nested or v.is_nested)
     ):
         return
