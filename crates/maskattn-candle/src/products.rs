@@ -79,6 +79,14 @@ pub unsafe fn gemm_f32(
 ) {
     let isa = products_isa();
     RUN[slot(isa)].fetch_add(1, Ordering::Relaxed);
+    let product = Product {
+        dims: (m, n, k),
+        dst: (dst, dst_cs, dst_rs, read_dst),
+        lhs: (lhs, lhs_cs, lhs_rs),
+        rhs: (rhs, rhs_cs, rhs_rs),
+        alpha,
+        beta,
+    };
     let threads = match par {
         gemm::Parallelism::Rayon(t) => t,
         _ => 1,
@@ -92,49 +100,106 @@ pub unsafe fn gemm_f32(
     let band = len.div_ceil(threads.max(1)).next_multiple_of(16);
     if threads > 1 && band < len && splits_alike(band, other, k) && m * n * k >= SPLIT_WORK {
         SPLIT.fetch_add(1, Ordering::Relaxed);
-        let (dst, lhs, rhs) = (dst as usize, lhs as usize, rhs as usize);
-        let bands = len.div_ceil(band);
-        (0..bands).into_par_iter().for_each(|i| {
+        (0..len.div_ceil(band)).into_par_iter().for_each(|i| {
             let (start, size) = (i * band, band.min(len - i * band));
-            let f = std::mem::size_of::<f32>() as isize;
-            // SAFETY: band `i` is the rows (columns) `start..start + size` of `dst` and
-            // of `lhs` (columns of `rhs`): inside the caller's matrices, and the bands of
+            // SAFETY: band `i` is the rows (columns) `start..start + size` of `dst` and of
+            // `lhs` (columns of `rhs`): inside the caller's matrices, and the bands of
             // `dst` are disjoint.
             unsafe {
-                let at =
-                    |p: usize, stride: isize| (p as isize + start as isize * stride * f) as usize;
-                let (d, l, r, dims) = if along_m {
-                    (at(dst, dst_rs), lhs, rhs, (size, n, k))
-                } else {
-                    (at(dst, dst_cs), lhs, at(rhs, rhs_cs), (m, size, k))
-                };
-                let l = if along_m { at(l, lhs_rs) } else { l };
-                one_product(
-                    isa,
-                    dims,
-                    (d as *mut f32, dst_cs, dst_rs, read_dst),
-                    (l as *const f32, lhs_cs, lhs_rs),
-                    (r as *const f32, rhs_cs, rhs_rs),
-                    alpha,
-                    beta,
-                    gemm::Parallelism::None,
-                )
+                product
+                    .band(along_m, start, size)
+                    .run(isa, gemm::Parallelism::None)
             }
         });
         return;
     }
     // SAFETY: the caller's contract.
-    unsafe {
-        one_product(
-            isa,
-            (m, n, k),
-            (dst, dst_cs, dst_rs, read_dst),
-            (lhs, lhs_cs, lhs_rs),
-            (rhs, rhs_cs, rhs_rs),
+    unsafe { product.run(isa, par) }
+}
+
+/// One call of [`gemm_f32`], its arguments as it takes them.
+#[derive(Clone, Copy)]
+struct Product {
+    dims: (usize, usize, usize),
+    dst: (*mut f32, isize, isize, bool),
+    lhs: (*const f32, isize, isize),
+    rhs: (*const f32, isize, isize),
+    alpha: f32,
+    beta: f32,
+}
+
+// SAFETY: a `Product` only carries the caller's pointers to the bands of rayon's tasks;
+// `gemm_f32`'s contract makes them valid for the call, and each task writes its own
+// band of `dst` (`Product::band`) and only reads `lhs` and `rhs`.
+unsafe impl Send for Product {}
+unsafe impl Sync for Product {}
+
+impl Product {
+    /// Rows (`along_m`) or columns `start .. start + size` of `dst`, with the rows of `lhs`
+    /// (or the columns of `rhs`) they read.
+    fn band(self, along_m: bool, start: usize, size: usize) -> Self {
+        let (m, n, k) = self.dims;
+        let (dst, dst_cs, dst_rs, read_dst) = self.dst;
+        let (lhs, lhs_cs, lhs_rs) = self.lhs;
+        let (rhs, rhs_cs, rhs_rs) = self.rhs;
+        let skip = start as isize;
+        if along_m {
+            Product {
+                dims: (size, n, k),
+                dst: (dst.wrapping_offset(skip * dst_rs), dst_cs, dst_rs, read_dst),
+                lhs: (lhs.wrapping_offset(skip * lhs_rs), lhs_cs, lhs_rs),
+                ..self
+            }
+        } else {
+            Product {
+                dims: (m, size, k),
+                dst: (dst.wrapping_offset(skip * dst_cs), dst_cs, dst_rs, read_dst),
+                rhs: (rhs.wrapping_offset(skip * rhs_cs), rhs_cs, rhs_rs),
+                ..self
+            }
+        }
+    }
+
+    /// The product as one call of gemm's kernels on `isa`.
+    ///
+    /// # Safety
+    /// [`gemm_f32`]'s contract.
+    unsafe fn run(self, isa: Isa, par: gemm::Parallelism) {
+        let Product {
+            dims: (m, n, k),
+            dst: (dst, dst_cs, dst_rs, read_dst),
+            lhs: (lhs, lhs_cs, lhs_rs),
+            rhs: (rhs, rhs_cs, rhs_rs),
             alpha,
             beta,
-            par,
-        )
+        } = self;
+        #[cfg(target_arch = "x86_64")]
+        if matches!(isa, Isa::Avx2 | Isa::Portable) {
+            let call = Normalized::new(
+                (m, n, k),
+                (dst, dst_cs, dst_rs),
+                (lhs, lhs_cs, lhs_rs),
+                (rhs, rhs_cs, rhs_rs),
+            );
+            // SAFETY: the caller's contract; `Normalized` only reorders the same elements.
+            let done = unsafe {
+                if isa == Isa::Avx2 {
+                    call.fma(read_dst, alpha, beta, par)
+                } else {
+                    call.scalar(read_dst, alpha, beta, par)
+                }
+            };
+            if done {
+                return;
+            }
+        }
+        // SAFETY: the caller's contract.
+        unsafe {
+            gemm::gemm(
+                m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs,
+                alpha, beta, false, false, false, par,
+            )
+        }
     }
 }
 
@@ -150,50 +215,6 @@ const SPLIT_WORK: usize = 1 << 20;
 /// with the other side at least 4 and `k > 2` stays out of all of them, as does the whole.
 fn splits_alike(band: usize, other: usize, k: usize) -> bool {
     band > 64 && other >= 4 && k > 2
-}
-
-/// [`gemm_f32`] as one call of gemm's kernels on `isa`.
-///
-/// # Safety
-/// [`gemm_f32`]'s contract.
-#[allow(clippy::too_many_arguments)]
-unsafe fn one_product(
-    isa: Isa,
-    (m, n, k): (usize, usize, usize),
-    (dst, dst_cs, dst_rs, read_dst): (*mut f32, isize, isize, bool),
-    (lhs, lhs_cs, lhs_rs): (*const f32, isize, isize),
-    (rhs, rhs_cs, rhs_rs): (*const f32, isize, isize),
-    alpha: f32,
-    beta: f32,
-    par: gemm::Parallelism,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if matches!(isa, Isa::Avx2 | Isa::Portable) {
-        let call = Normalized::new(
-            (m, n, k),
-            (dst, dst_cs, dst_rs),
-            (lhs, lhs_cs, lhs_rs),
-            (rhs, rhs_cs, rhs_rs),
-        );
-        // SAFETY: the caller's contract; `Normalized` only reorders the same elements.
-        let done = unsafe {
-            if isa == Isa::Avx2 {
-                call.fma(read_dst, alpha, beta, par)
-            } else {
-                call.scalar(read_dst, alpha, beta, par)
-            }
-        };
-        if done {
-            return;
-        }
-    }
-    // SAFETY: the caller's contract.
-    unsafe {
-        gemm::gemm(
-            m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs,
-            alpha, beta, false, false, false, par,
-        )
-    }
 }
 
 /// A product as `gemm::gemm` hands it to its kernels: `dst` column-oriented (else the
