@@ -93,27 +93,19 @@ unsafe impl Simd for Avx2 {
         // operand where one is NaN, so e^NaN = NaN.
         let keep = _mm256_cmp_ps::<_CMP_NLT_UQ>(x, _mm256_set1_ps(MIN_X));
         let x = _mm256_min_ps(_mm256_set1_ps(MAX_X), x);
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
-        );
+        // `n = round(x / ln 2)` and `2^n` from one fused add (see `exp.rs`, `ROUND_BIAS`):
+        // no round, no float-to-int conversion, no integer add.
+        let a = _mm256_fmadd_ps(x, _mm256_set1_ps(LOG2E), _mm256_set1_ps(ROUND_BIAS));
+        let n = _mm256_sub_ps(a, _mm256_set1_ps(ROUND_BIAS));
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
         let mut p = _mm256_set1_ps(P0);
-        for c in [P1, P2, P3, P4, P5] {
+        for c in [P1, P2, P3, P4, P5, 1.0, 1.0] {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
-        let y = _mm256_fmadd_ps(
-            _mm256_mul_ps(p, r),
-            r,
-            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-        );
-        // 2^n from the exponent bits; n ≥ −126 wherever the lane is kept.
-        let n = _mm256_max_ps(n, _mm256_set1_ps(-126.0));
-        let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(n),
-            _mm256_set1_epi32(127),
-        )));
-        _mm256_and_ps(_mm256_mul_ps(y, pow2), keep)
+        // The exponent bits of `a` hold `n + 127` wherever the lane is kept (`n ≥ −126`).
+        let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_castps_si256(a)));
+        _mm256_and_ps(_mm256_mul_ps(p, pow2), keep)
     }
     #[inline]
     #[target_feature(enable = "avx2,fma")]

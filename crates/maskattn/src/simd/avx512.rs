@@ -80,21 +80,18 @@ unsafe impl Simd for Avx512 {
         let zero = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(MIN_X));
         // `min` returns its second operand where one is NaN: NaN stays NaN (e^NaN = NaN).
         let x = _mm512_min_ps(_mm512_set1_ps(MAX_X), x);
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
+        // `n = round(x / ln 2)` from one fused add (see `exp.rs`, `ROUND_BIAS`).
+        let n = _mm512_sub_ps(
+            _mm512_fmadd_ps(x, _mm512_set1_ps(LOG2E), _mm512_set1_ps(ROUND_BIAS)),
+            _mm512_set1_ps(ROUND_BIAS),
         );
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
         let mut p = _mm512_set1_ps(P0);
-        for c in [P1, P2, P3, P4, P5] {
+        for c in [P1, P2, P3, P4, P5, 1.0, 1.0] {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
         }
-        let y = _mm512_fmadd_ps(
-            _mm512_mul_ps(p, r),
-            r,
-            _mm512_add_ps(r, _mm512_set1_ps(1.0)),
-        );
-        _mm512_maskz_mov_ps(!zero, _mm512_scalef_ps(y, n))
+        _mm512_maskz_scalef_ps(!zero, p, n)
     }
     #[inline]
     #[target_feature(enable = "avx512f")]

@@ -300,4 +300,6 @@ pub fn set_isa(isa: Option<Isa>) -> Result<(), Isa> {
 }
 
 #[cfg(test)]
+mod exp_tests;
+#[cfg(test)]
 mod tanh_tests;
