@@ -2,21 +2,8 @@
 //! and the edges documented on [`Simd::exp`] (exactly 0 below `MIN_X` and at −∞, NaN for
 //! NaN).
 
+use super::every_set::{on_every_set, Op};
 use super::exp::{MAX_X, MIN_X};
-use super::*;
-
-/// `e^x` of `xs` on set `S`, `W` lanes at a time.
-///
-/// # Safety
-/// The CPU has `S`'s features.
-unsafe fn exp_all<S: Simd>(xs: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; xs.len()];
-    for (src, dst) in xs.chunks_exact(S::W).zip(out.chunks_exact_mut(S::W)) {
-        // SAFETY: both chunks hold exactly `W` values; the features are the caller's.
-        unsafe { S::store(dst.as_mut_ptr(), S::exp(S::load(src.as_ptr()))) };
-    }
-    out
-}
 
 /// The bound stated on [`Simd::exp`], in units of `2⁻²⁴` relative to the exact value.
 const BOUND: f64 = 3.0;
@@ -78,24 +65,7 @@ fn inputs() -> Vec<f32> {
 #[test]
 fn exp_within_its_bound_on_every_set() {
     let xs = inputs();
-    // SAFETY: the portable set needs no feature.
-    check("Portable", &xs, &unsafe { exp_all::<Portable>(&xs) });
-    for isa in Isa::available() {
-        let got = match isa {
-            // SAFETY: `available` lists only sets the CPU has.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { exp_all::<Avx512>(&xs) },
-            // SAFETY: as above.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { exp_all::<Avx2>(&xs) },
-            // SAFETY: as above.
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon => unsafe { exp_all::<Neon>(&xs) },
-            _ => continue,
-        };
-        check(&format!("{isa:?}"), &xs, &got);
-    }
-    for isa in Isa::ALL.iter().filter(|i| !Isa::available().contains(i)) {
-        println!("{isa:?}: SKIPPED (not on this CPU)");
+    for (name, got) in on_every_set(Op::Exp, &xs) {
+        check(&name, &xs, &got);
     }
 }

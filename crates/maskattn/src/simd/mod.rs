@@ -300,6 +300,8 @@ pub fn set_isa(isa: Option<Isa>) -> Result<(), Isa> {
 }
 
 #[cfg(test)]
+mod every_set;
+#[cfg(test)]
 mod exp_tests;
 #[cfg(test)]
 mod tanh_tests;

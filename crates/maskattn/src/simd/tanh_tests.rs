@@ -1,20 +1,8 @@
 //! The vector `tanh` of every instruction set against `f64::tanh`: its stated error bound,
 //! and NaN / ±∞ as documented on [`Simd::tanh`].
 
+use super::every_set::{map_on, on_every_set, Op};
 use super::*;
-
-/// `tanh` of `xs` on set `S`, `W` lanes at a time.
-///
-/// # Safety
-/// The CPU has `S`'s features.
-unsafe fn tanh_all<S: Simd>(xs: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; xs.len()];
-    for (src, dst) in xs.chunks_exact(S::W).zip(out.chunks_exact_mut(S::W)) {
-        // SAFETY: both chunks hold exactly `W` values; the features are the caller's.
-        unsafe { S::store(dst.as_mut_ptr(), S::tanh(S::load(src.as_ptr()))) };
-    }
-    out
-}
 
 fn check(name: &str, xs: &[f32], got: &[f32]) {
     let (mut worst_abs, mut worst_rel) = (0f64, 0f64);
@@ -68,39 +56,25 @@ fn inputs() -> Vec<f32> {
 #[test]
 fn tanh_within_its_bound_on_every_set() {
     let xs = inputs();
-    // SAFETY: the portable set needs no feature.
-    check("Portable", &xs, &unsafe { tanh_all::<Portable>(&xs) });
-    for isa in Isa::available() {
-        let got = match isa {
-            // SAFETY: `available` lists only sets the CPU has.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { tanh_all::<Avx512>(&xs) },
-            // SAFETY: as above.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { tanh_all::<Avx2>(&xs) },
-            // SAFETY: as above.
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon => unsafe { tanh_all::<Neon>(&xs) },
-            _ => continue,
-        };
-        check(&format!("{isa:?}"), &xs, &got);
-    }
-    for isa in Isa::ALL.iter().filter(|i| !Isa::available().contains(i)) {
-        println!("{isa:?}: SKIPPED (not on this CPU)");
+    for (name, got) in on_every_set(Op::Tanh, &xs) {
+        check(&name, &xs, &got);
     }
     // ±∞ → ±1.
     // SAFETY: the portable set needs no feature.
     let s = unsafe {
-        tanh_all::<Portable>(&[
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            -0.0,
-            0.0,
-            1.0,
-            1.0,
-            1.0,
-            1.0,
-        ])
+        map_on::<Portable>(
+            Op::Tanh,
+            &[
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                -0.0,
+                0.0,
+                1.0,
+                1.0,
+                1.0,
+                1.0,
+            ],
+        )
     };
     assert_eq!(&s[..3], &[1.0, -1.0, 0.0]);
 }
