@@ -220,7 +220,22 @@ pub(crate) unsafe fn gemm<S: Simd>(c: MatMut, a: MatRef, b: MatRef, update: Upda
             } else {
                 (unsafe { bp.add($j * S::W) }, ldb)
             };
-            unsafe { micro::<S, $mr, $nv>(k, a_blk, b_blk, ldb, c_blk, ldc, accumulate) }
+            // A read along its rows (`Q·Kᵀ`, `dO·Vᵀ`, `dS·K`) at the kernels' common row
+            // strides gets the stride as a constant (see `micro`) in the full tile, which
+            // does nearly all the work; the edge tiles keep the general kernel, so that the
+            // code (inlined at every product) does not triple.
+            let full = $mr == S::MR && $nv == S::NV_MAX;
+            match (full, a.cs, a.rs) {
+                (true, 1, 64) => unsafe {
+                    micro::<S, $mr, $nv, 64>(k, a_blk, b_blk, ldb, c_blk, ldc, accumulate)
+                },
+                (true, 1, 128) => unsafe {
+                    micro::<S, $mr, $nv, 128>(k, a_blk, b_blk, ldb, c_blk, ldc, accumulate)
+                },
+                _ => unsafe {
+                    micro::<S, $mr, $nv, 0>(k, a_blk, b_blk, ldb, c_blk, ldc, accumulate)
+                },
+            }
         }};
     }
     register_tiles!(m, n / S::W, S::MR, S::NV_MAX, |i, j| go);
@@ -257,8 +272,14 @@ struct Strided {
     cs: usize,
 }
 
+/// One `R × NV·W` block of C. `RS > 0`: A's rows are `RS` apart and contiguous (`a.rs ==
+/// RS`, `a.cs == 1`), so that its `R` elements of one `p` sit at constant offsets from one
+/// pointer. Why: with a run-time row stride LLVM keeps one address per row and adds to each
+/// at every `p` (an `add`/`lea` chain beside the `R · NV` FMAs, on Intel sharing their
+/// ports); hoisting row pointers by hand is undone by its loop strength reduction. `RS =
+/// 0`: any strides, read at run time.
 #[inline(always)]
-unsafe fn micro<S: Simd, const R: usize, const NV: usize>(
+unsafe fn micro<S: Simd, const R: usize, const NV: usize, const RS: usize>(
     k: usize,
     a: Strided,
     b: *const f32,
@@ -267,6 +288,8 @@ unsafe fn micro<S: Simd, const R: usize, const NV: usize>(
     ldc: usize,
     accumulate: bool,
 ) {
+    debug_assert!(RS == 0 || (a.rs == RS && a.cs == 1));
+    let (rs, cs) = if RS == 0 { (a.rs, a.cs) } else { (RS, 1) };
     // SAFETY: the block is inside the operands (`gemm` hands out only such blocks): A rows
     // `< R`, B and C vectors `< NV`, `p < k`.
     unsafe {
@@ -277,8 +300,9 @@ unsafe fn micro<S: Simd, const R: usize, const NV: usize>(
             for (v, x) in bv.iter_mut().enumerate() {
                 *x = S::load(bp.add(v * S::W));
             }
+            let ap = a.ptr.add(p * cs);
             for (r, row) in acc.iter_mut().enumerate() {
-                let av = S::splat(*a.ptr.add(r * a.rs + p * a.cs));
+                let av = S::splat(*ap.add(r * rs));
                 for v in 0..NV {
                     row[v] = S::fma(av, bv[v], row[v]);
                 }
