@@ -32,7 +32,7 @@ def ours(args):
     for line in out.splitlines():
         f = line.split()
         if f[0] == "isa":
-            isa = f[1]
+            isa = " ".join(f[1:])
         else:
             rows[tuple(int(x) for x in f[:3])] = float(f[3])
     return rows, isa

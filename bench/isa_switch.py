@@ -5,7 +5,9 @@ On a machine with AVX-512, `--isa avx2` measures as an AVX2-only server (AMD Zen
 without AVX-512) runs both sides:
 
 - maskattn reads `MASKATTN_ISA` (its attention kernels, the candle model's fused ops and its
-  f32 matrix products: one switch);
+  f32 matrix products: one switch); where the system has OpenBLAS, the AVX2 products take
+  its AVX2 kernels, which OpenBLAS picks when it loads: `OPENBLAS_CORETYPE=Haswell` makes it
+  pick them on a CPU with AVX-512 too (else maskattn takes gemm's AVX2 kernels);
 - PyTorch has three: `ATEN_CPU_CAPABILITY` for its own vectorised kernels (SDPA's flash
   kernel, element-wise ops), `MKL_ENABLE_INSTRUCTIONS` for MKL, which does its matrix products
   (`nn.Linear`, `@`, and the blocks of SDPA's kernel), and `ONEDNN_MAX_CPU_ISA` for oneDNN.
@@ -36,6 +38,7 @@ SETS = {
         "ATEN_CPU_CAPABILITY": "avx2",
         "MKL_ENABLE_INSTRUCTIONS": "AVX2",
         "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "OPENBLAS_CORETYPE": "Haswell",
     },
     "avx512": {
         "MASKATTN_ISA": "avx512",
@@ -113,10 +116,11 @@ def ours_from_binary(binary):
     cmd = [binary, "--threads", "1", "bench", "--json", "--reps", "1", "--shape", "1,1,64,16", "--mask", "full", "--pass", "fwd"]
     try:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        isa = json.loads(out.splitlines()[0])["isa"]
+        head = json.loads(out.splitlines()[0])
+        isa = f"{head['isa']}, matrix products on {head.get('products', 'gemm')}"
     except (OSError, subprocess.CalledProcessError, ValueError, KeyError, IndexError) as e:
         isa = f"unknown ({e})"
-    return f"maskattn kernels and matrix products on {isa} (MASKATTN_ISA={_env('MASKATTN_ISA')})"
+    return f"maskattn kernels on {isa} (MASKATTN_ISA={_env('MASKATTN_ISA')}, OPENBLAS_CORETYPE={_env('OPENBLAS_CORETYPE')})"
 
 
 def ours_from_package(native):

@@ -94,5 +94,9 @@ fn main() {
         let median = times[times.len() / 2];
         println!("{m} {k} {n} {:.1}", 2.0 * (m * k * n) as f64 / median / 1e9);
     }
-    println!("isa {:?}", maskattn_candle::products::products_isa());
+    println!(
+        "isa {:?} on {}",
+        maskattn_candle::products::products_isa(),
+        maskattn_candle::products::products_backend()
+    );
 }

@@ -47,6 +47,7 @@ pub mod mask_convert;
 pub mod model;
 mod mods;
 mod op;
+mod openblas;
 mod options;
 pub mod products;
 pub mod reference;

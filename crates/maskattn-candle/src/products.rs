@@ -14,6 +14,9 @@
 //! are gemm's internals, pinned by Cargo.lock (0.19.0); `tests/products_isa.rs` checks every
 //! level against an f64 product.
 //!
+//! On AVX2, where the system has OpenBLAS with an AVX2 core, the products take its kernels
+//! instead (`openblas.rs` says why and how to tell).
+//!
 //! candle's own matmuls (`Tensor::matmul`: `reference.rs`, `candle_nn::Linear` for dtypes
 //! other than f32) still call `gemm::gemm` and so keep its choice.
 //!
@@ -44,6 +47,35 @@ fn slot(isa: Isa) -> usize {
 /// which is the widest the CPU has unless `MASKATTN_ISA` or `set_isa` forced a narrower one.
 pub fn products_isa() -> Isa {
     maskattn::current_isa()
+}
+
+/// Products of this process that ran on OpenBLAS (`openblas.rs`).
+static BLAS_RUN: AtomicU64 = AtomicU64::new(0);
+
+/// Products this process ran on OpenBLAS's kernels.
+#[doc(hidden)]
+pub fn products_run_blas() -> u64 {
+    BLAS_RUN.load(Ordering::Relaxed)
+}
+
+/// What runs the f32 products now: `"OpenBLAS <core>"` where OpenBLAS takes them (the
+/// products on AVX2, the library present with an AVX2 core), else `"gemm"`; and, where
+/// OpenBLAS loaded but does not take them, why not, for a benchmark's header.
+pub fn products_backend() -> String {
+    let isa = products_isa();
+    match (crate::openblas::for_isa(isa), crate::openblas::core()) {
+        (Some(_), Some(core)) => format!("OpenBLAS {core}"),
+        (None, Some(core)) if isa == Isa::Avx2 => format!(
+            "gemm (OpenBLAS chose its {core} kernels, not AVX2 ones: OPENBLAS_CORETYPE=Haswell)"
+        ),
+        _ => "gemm".into(),
+    }
+}
+
+/// The core OpenBLAS chose where it loaded (`openblas.rs`), whether or not it takes the
+/// products now.
+pub fn openblas_core() -> Option<&'static str> {
+    crate::openblas::core()
 }
 
 /// Products of this process that [`gemm_f32`] split into bands, one per thread: lets a test
@@ -96,25 +128,44 @@ pub unsafe fn gemm_f32(
     // one band of rows (or columns) per thread, each band one single-threaded product.
     // Training steps' medians were 5–10% faster so, within the runs' noise
     // (docs/performance.md, "The model path's products").
-    let (along_m, len, other) = if m >= n { (true, m, n) } else { (false, n, m) };
-    let band = len.div_ceil(threads.max(1)).next_multiple_of(16);
-    if threads > 1 && band < len && splits_alike(band, other, k) && m * n * k >= SPLIT_WORK {
+    let blas = crate::openblas::for_isa(isa).is_some();
+    let (along_m, len, other, unit) = if blas {
+        // OpenBLAS sums an element over `k` in blocks that depend on `k` alone, but the
+        // edges of its register tiles sum in another order: the bits of the whole come
+        // only from bands of the rows of the row-major result it computes, a multiple of
+        // `OPENBLAS_BAND` long.
+        let rows = crate::openblas::result_rows_are_dst_rows(m, n, dst_rs, dst_cs);
+        let (len, other) = if rows { (m, n) } else { (n, m) };
+        (rows, len, other, crate::openblas::OPENBLAS_BAND)
+    } else if m >= n {
+        (true, m, n, 16)
+    } else {
+        (false, n, m, 16)
+    };
+    let band = len.div_ceil(threads.max(1)).next_multiple_of(unit);
+    let alike = blas || splits_alike(band, other, k);
+    if threads > 1 && band < len && alike && m * n * k >= SPLIT_WORK {
         SPLIT.fetch_add(1, Ordering::Relaxed);
-        (0..len.div_ceil(band)).into_par_iter().for_each(|i| {
-            let (start, size) = (i * band, band.min(len - i * band));
-            // SAFETY: band `i` is the rows (columns) `start..start + size` of `dst` and of
-            // `lhs` (columns of `rhs`): inside the caller's matrices, and the bands of
-            // `dst` are disjoint.
-            unsafe {
-                product
-                    .band(along_m, start, size)
-                    .run(isa, gemm::Parallelism::None)
-            }
-        });
+        let on_blas = (0..len.div_ceil(band))
+            .into_par_iter()
+            .map(|i| {
+                let (start, size) = (i * band, band.min(len - i * band));
+                // SAFETY: band `i` is the rows (columns) `start..start + size` of `dst` and
+                // of `lhs` (columns of `rhs`): inside the caller's matrices, and the bands
+                // of `dst` are disjoint.
+                unsafe {
+                    product
+                        .band(along_m, start, size)
+                        .run(isa, gemm::Parallelism::None)
+                }
+            })
+            .reduce(|| true, |a, b| a && b);
+        BLAS_RUN.fetch_add(on_blas as u64, Ordering::Relaxed);
         return;
     }
     // SAFETY: the caller's contract.
-    unsafe { product.run(isa, par) }
+    let on_blas = unsafe { product.run(isa, par) };
+    BLAS_RUN.fetch_add(on_blas as u64, Ordering::Relaxed);
 }
 
 /// One call of [`gemm_f32`], its arguments as it takes them.
@@ -160,11 +211,12 @@ impl Product {
         }
     }
 
-    /// The product as one call of gemm's kernels on `isa`.
+    /// The product as one call of OpenBLAS (where it takes `isa`'s products: then `true`)
+    /// or of gemm's kernels on `isa`.
     ///
     /// # Safety
     /// [`gemm_f32`]'s contract.
-    unsafe fn run(self, isa: Isa, par: gemm::Parallelism) {
+    unsafe fn run(self, isa: Isa, par: gemm::Parallelism) -> bool {
         let Product {
             dims: (m, n, k),
             dst: (dst, dst_cs, dst_rs, read_dst),
@@ -173,6 +225,22 @@ impl Product {
             alpha,
             beta,
         } = self;
+        if let Some(blas) = crate::openblas::for_isa(isa) {
+            // SAFETY: the caller's contract.
+            let done = unsafe {
+                blas.sgemm(
+                    (m, n, k),
+                    (dst, dst_cs, dst_rs, read_dst),
+                    (lhs, lhs_cs, lhs_rs),
+                    (rhs, rhs_cs, rhs_rs),
+                    alpha,
+                    beta,
+                )
+            };
+            if done {
+                return true;
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         if matches!(isa, Isa::Avx2 | Isa::Portable) {
             let call = Normalized::new(
@@ -190,7 +258,7 @@ impl Product {
                 }
             };
             if done {
-                return;
+                return false;
             }
         }
         // SAFETY: the caller's contract.
@@ -200,6 +268,7 @@ impl Product {
                 alpha, beta, false, false, false, par,
             )
         }
+        false
     }
 }
 

@@ -3,10 +3,37 @@
 //! `MASKATTN_ISA` forces them — against an f64 product: row- and column-major results,
 //! transposed operands, `dst` read and scaled, one thread and several; a product split into
 //! one band per thread gives the bits of the whole. In a process of its own because the
-//! choice is process-wide.
+//! choice is process-wide. Where the system has OpenBLAS, the same tests run again in a
+//! child process with `OPENBLAS_CORETYPE=Haswell`, where the AVX2 products take OpenBLAS's
+//! AVX2 kernels (`openblas.rs`), and check that they did.
 
 use maskattn::{set_isa, Isa};
-use maskattn_candle::products::{gemm_f32, products_isa, products_run, products_split};
+use maskattn_candle::products::{
+    gemm_f32, openblas_core, products_backend, products_isa, products_run, products_run_blas,
+    products_split,
+};
+
+/// Set in the child process that runs these tests on OpenBLAS's Haswell kernels.
+const CHILD: &str = "MASKATTN_TEST_OPENBLAS_CHILD";
+
+/// Whether this process must run its AVX2 products on OpenBLAS (the child).
+fn blas_child() -> bool {
+    std::env::var_os(CHILD).is_some()
+}
+
+/// Checks, where this is the OpenBLAS child and `isa` AVX2, that `ran` products ran on
+/// OpenBLAS; names what ran them, for the report.
+fn backend_ran(isa: Isa, blas_before: u64, ran: u64) -> String {
+    let blas = products_run_blas() - blas_before;
+    if blas_child() && isa == Isa::Avx2 {
+        assert_eq!(blas, ran, "Avx2: not every product ran on OpenBLAS");
+    }
+    if blas > 0 {
+        format!("{} ({blas} of them)", products_backend())
+    } else {
+        "gemm".into()
+    }
+}
 
 /// The tests set the process-wide instruction set and read process-wide counters: one at
 /// a time.
@@ -128,7 +155,7 @@ fn products_run_on_the_kernels_instruction_set() {
             continue;
         }
         assert_eq!(products_isa(), isa, "the products follow the kernels' set");
-        let before = products_run(isa);
+        let (before, blas_before) = (products_run(isa), products_run_blas());
         let mut calls = 0;
         for (n_case, &(m, n, k)) in cases.iter().enumerate() {
             for layout in 0..16u32 {
@@ -155,9 +182,10 @@ fn products_run_on_the_kernels_instruction_set() {
         }
         let ran = products_run(isa) - before;
         assert_eq!(ran, calls, "{isa:?}: products not counted on their level");
+        let backend = backend_ran(isa, blas_before, ran);
         report(&format!(
-            "products_isa: ran {calls} f32 products on gemm's {isa:?} kernels, each within \
-             f32 rounding of f64"
+            "products_isa: ran {calls} f32 products on {isa:?} on {backend}, each within f32 \
+             rounding of f64"
         ));
     }
     set_isa(None).unwrap();
@@ -188,10 +216,15 @@ fn a_product_split_over_threads_gives_the_bits_of_the_whole() {
             ));
             continue;
         }
-        let before = products_split();
-        let mut calls = 0u64;
+        let (before, blas_before) = (products_split(), products_run_blas());
+        let (mut calls, mut thin) = (0u64, 0u64);
         for (n_case, &(m, n, k)) in cases.iter().enumerate() {
             for layout in [0u32, 0b0111, 0b1000, 0b1010] {
+                // OpenBLAS splits only the rows of the row-major result it computes (`dst`,
+                // or `dstᵀ` where `dst` is column-major), in bands of 48: of two bands, one
+                // must be shorter than the whole.
+                let rows: usize = if layout & 1 != 0 { n } else { m };
+                thin += (rows.div_ceil(2).next_multiple_of(48) >= rows) as u64;
                 let c = Case {
                     m,
                     n,
@@ -215,14 +248,18 @@ fn a_product_split_over_threads_gives_the_bits_of_the_whole() {
                 );
             }
         }
+        // Each product ran whole once and split once.
+        let backend = backend_ran(isa, blas_before, 2 * calls);
+        let on_blas = backend != "gemm";
         assert_eq!(
             products_split() - before,
-            calls,
+            calls - if on_blas { thin } else { 0 },
             "{isa:?}: not every product split"
         );
         // Bands of 64 or fewer rows by ≤ 64 would take gemm's small-shape blocks (k in
         // blocks of 512) where the whole product takes its cache-sized ones: other bits.
-        // These stay whole, and give the bits of one thread.
+        // On gemm these stay whole; on OpenBLAS they split. Either way, the bits of one
+        // thread.
         let before = products_split();
         for &(m, n, k) in &[(128usize, 64usize, 700usize), (96, 64, 700)] {
             let c = Case {
@@ -243,14 +280,59 @@ fn a_product_split_over_threads_gives_the_bits_of_the_whole() {
             assert!(same, "{isa:?} {m}×{n}×{k}: two threads ≠ one");
         }
         assert_eq!(
-            products_split(),
-            before,
-            "{isa:?}: a product with narrow bands split"
+            products_split() - before,
+            if on_blas { 2 } else { 0 },
+            "{isa:?}: narrow bands split on gemm, or not on OpenBLAS"
         );
         report(&format!(
-            "products_isa: {calls} products split over 2 threads on gemm's {isa:?} kernels, \
+            "products_isa: {calls} products split over 2 threads on {isa:?} on {backend}, \
              each the bits of the unsplit product"
         ));
     }
     set_isa(None).unwrap();
+}
+
+/// The two tests above again, in a child process whose OpenBLAS (where the system has it)
+/// chose its Haswell (AVX2) kernels, so that the AVX2 products run on OpenBLAS on any
+/// x86-64 CPU with AVX2, this one's AVX-512 included.
+#[test]
+fn the_same_on_openblas_avx2_kernels() {
+    if blas_child() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(core) = openblas_core() else {
+        report(
+            "products_isa: SKIPPED OpenBLAS (not installed: Debian's libopenblas0-pthread; \
+             or MASKATTN_BLAS=off)",
+        );
+        return;
+    };
+    if set_isa(Some(Isa::Avx2)).is_err() {
+        report("products_isa: SKIPPED OpenBLAS's AVX2 kernels (this CPU lacks AVX2)");
+        return;
+    }
+    set_isa(None).unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "products_run_on_the_kernels_instruction_set",
+            "a_product_split_over_threads_gives_the_bits_of_the_whole",
+            "--test-threads",
+            "1",
+        ])
+        .env(CHILD, "1")
+        .env("OPENBLAS_CORETYPE", "Haswell")
+        .output()
+        .expect("the test binary runs again");
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the OpenBLAS child failed:\n{text}");
+    // Both tests ran in the child, each with its AVX2 products on OpenBLAS.
+    assert!(text.contains("2 passed"), "{text}");
+    let on_blas = text.matches("on Avx2 on OpenBLAS Haswell").count();
+    assert_eq!(on_blas, 2, "{text}");
+    report(&format!(
+        "products_isa: the AVX2 products on OpenBLAS Haswell in a child process (this \
+         process's OpenBLAS chose {core}), within f32 rounding of f64, splits the bits of the whole"
+    ));
 }

@@ -672,12 +672,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"practical_peak_gflops": peak, "bandwidth_gb_per_s": bw, "threads": rayon::current_num_threads(), "isa": format!("{:?}", paths.isa), "peaks": crate::peak::header_json(&limits, &paths)})
+            serde_json::json!({"practical_peak_gflops": peak, "bandwidth_gb_per_s": bw, "threads": rayon::current_num_threads(), "isa": format!("{:?}", paths.isa), "products": maskattn_candle::products::products_backend(), "peaks": crate::peak::header_json(&limits, &paths)})
         );
     } else {
         println!("{}", crate::peak::header(&limits, &paths));
         println!(
-            "practical peak: {peak:.1} GFLOP/s (2048^3 f32 matrix product, {} threads); kernels on {:?}; GFLOP/s columns: dense counts every pair, useful only allowed ones (fwd+bwd = 3.5x fwd)",
+            "practical peak: {peak:.1} GFLOP/s (2048^3 f32 matrix product on {}, {} threads); kernels on {:?}; GFLOP/s columns: dense counts every pair, useful only allowed ones (fwd+bwd = 3.5x fwd)",
+            maskattn_candle::products::products_backend(),
             rayon::current_num_threads(),
             paths.isa
         );
