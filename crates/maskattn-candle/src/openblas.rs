@@ -141,11 +141,12 @@ fn operand(rows: usize, cols: usize, rs: isize, cs: isize) -> Option<(bool, c_in
 }
 
 /// Band length (a multiple of it) for a product split over threads to give the bits of the
-/// whole: OpenBLAS's AVX2 `sgemm` tiles the rows of a row-major result by 24 and sums the
-/// leftover rows in another order (measured on OpenBLAS 0.3.21's Haswell kernels: bands of
-/// 48, 96, 384 or 768 rows gave the whole product's bits, bands of 16, 32, 64 or 128 did
-/// not, nor did bands of columns of any width); 48 is also a multiple of gemm's 16.
-pub(crate) const OPENBLAS_BAND: usize = 48;
+/// whole: OpenBLAS's AVX2 `sgemm` tiles the rows of a row-major result by 12 and sums the
+/// leftover rows in another order. Measured on OpenBLAS 0.3.21's Haswell kernels, bands of
+/// 12, 24, 48, 72, 96, 120, 144, 384 or 768 rows gave the whole product's bits; bands of 8,
+/// 16, 32, 40, 56, 64 or 128 did not, nor did bands of columns of any width
+/// (`tests/products_isa.rs` checks the split in a child process on those kernels).
+pub(crate) const OPENBLAS_BAND: usize = 12;
 
 /// Whether [`OpenBlas::sgemm`] computes `dst` itself as its row-major result (else `dstᵀ`).
 pub(crate) fn result_rows_are_dst_rows(m: usize, n: usize, dst_rs: isize, dst_cs: isize) -> bool {

@@ -132,8 +132,8 @@ pub unsafe fn gemm_f32(
     let (along_m, len, other, unit) = if blas {
         // OpenBLAS sums an element over `k` in blocks that depend on `k` alone, but the
         // edges of its register tiles sum in another order: the bits of the whole come
-        // only from bands of the rows of the row-major result it computes, a multiple of
-        // `OPENBLAS_BAND` long.
+        // only from bands of the rows of the row-major result it computes, starting at
+        // multiples of `OPENBLAS_BAND`.
         let rows = crate::openblas::result_rows_are_dst_rows(m, n, dst_rs, dst_cs);
         let (len, other) = if rows { (m, n) } else { (n, m) };
         (rows, len, other, crate::openblas::OPENBLAS_BAND)
