@@ -148,50 +148,83 @@ fn operand(rows: usize, cols: usize, rs: isize, cs: isize) -> Option<(bool, c_in
 /// (`tests/products_isa.rs` checks the split in a child process on those kernels).
 pub(crate) const OPENBLAS_BAND: usize = 12;
 
-/// Whether [`OpenBlas::sgemm`] computes `dst` itself as its row-major result (else `dstᵀ`).
-pub(crate) fn result_rows_are_dst_rows(m: usize, n: usize, dst_rs: isize, dst_cs: isize) -> bool {
-    matches!(operand(m, n, dst_rs, dst_cs), Some((false, _)))
+/// A product as one `cblas_sgemm` call computes it: the row-major result `C [m × n]` is
+/// `dst` itself, or `dstᵀ = rhsᵀ · lhsᵀ` where `dst` is column-major (`swapped`).
+struct Plan {
+    swapped: bool,
+    dims: (c_int, c_int, c_int),
+    a: (bool, c_int),
+    b: (bool, c_int),
+    ldc: c_int,
+}
+
+/// The [`Plan`] of `dst [m × n] := … lhs [m × k] · rhs [k × n]` (each `(rs, cs)`), `None`
+/// where a size is 0 or past `c_int`, or a layout does not fit `cblas_sgemm`.
+fn plan(
+    (m, n, k): (usize, usize, usize),
+    dst: (isize, isize),
+    lhs: (isize, isize),
+    rhs: (isize, isize),
+) -> Option<Plan> {
+    if m == 0 || n == 0 || k == 0 {
+        return None;
+    }
+    let t = |(rs, cs): (isize, isize)| (cs, rs);
+    let (swapped, (m, n), lhs, rhs, ldc) = match operand(m, n, dst.0, dst.1) {
+        Some((false, ldc)) => (false, (m, n), lhs, rhs, ldc),
+        _ => match operand(n, m, dst.1, dst.0) {
+            Some((false, ldc)) => (true, (n, m), t(rhs), t(lhs), ldc),
+            _ => return None,
+        },
+    };
+    Some(Plan {
+        swapped,
+        dims: (
+            c_int::try_from(m).ok()?,
+            c_int::try_from(n).ok()?,
+            c_int::try_from(k).ok()?,
+        ),
+        a: operand(m, k, lhs.0, lhs.1)?,
+        b: operand(k, n, rhs.0, rhs.1)?,
+        ldc,
+    })
+}
+
+/// Where [`OpenBlas::sgemm`] runs the product: `Some(true)` when the rows of its row-major
+/// result are `dst`'s rows, `Some(false)` when they are `dst`'s columns (`dst` is
+/// column-major), `None` when it leaves the product to gemm.
+pub(crate) fn result_rows(
+    dims: (usize, usize, usize),
+    (dst_rs, dst_cs): (isize, isize),
+    (lhs_rs, lhs_cs): (isize, isize),
+    (rhs_rs, rhs_cs): (isize, isize),
+) -> Option<bool> {
+    plan(dims, (dst_rs, dst_cs), (lhs_rs, lhs_cs), (rhs_rs, rhs_cs)).map(|p| !p.swapped)
 }
 
 impl OpenBlas {
     /// `dst := alpha·dst + beta·lhs·rhs` (`dst` read only with `read_dst`), as
-    /// `products::gemm_f32` takes it; `false` (nothing written) where a layout or a size
-    /// does not fit `cblas_sgemm`: the caller then runs gemm's kernels.
+    /// `products::gemm_f32` takes it; `false` (nothing written) where [`result_rows`] is
+    /// `None`: the caller then runs gemm's kernels.
     ///
     /// # Safety
     /// `products::gemm_f32`'s contract.
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn sgemm(
         &self,
-        (m, n, k): (usize, usize, usize),
+        dims: (usize, usize, usize),
         (dst, dst_cs, dst_rs, read_dst): (*mut f32, isize, isize, bool),
         (lhs, lhs_cs, lhs_rs): (*const f32, isize, isize),
         (rhs, rhs_cs, rhs_rs): (*const f32, isize, isize),
         alpha: f32,
         beta: f32,
     ) -> bool {
-        if m == 0 || n == 0 || k == 0 {
-            return false;
-        }
-        // A column-major `dst` is the row-major `dstᵀ = rhsᵀ · lhsᵀ`
-        // ([`result_rows_are_dst_rows`]).
-        let c_row = operand(m, n, dst_rs, dst_cs);
-        let ((m, n), (a, a_rs, a_cs), (b, b_rs, b_cs), ldc) = match c_row {
-            Some((false, ldc)) => ((m, n), (lhs, lhs_rs, lhs_cs), (rhs, rhs_rs, rhs_cs), ldc),
-            _ => match operand(n, m, dst_cs, dst_rs) {
-                Some((false, ldc)) => ((n, m), (rhs, rhs_cs, rhs_rs), (lhs, lhs_cs, lhs_rs), ldc),
-                _ => return false,
-            },
-        };
-        let (Some((ta, lda)), Some((tb, ldb))) =
-            (operand(m, k, a_rs, a_cs), operand(k, n, b_rs, b_cs))
-        else {
+        let Some(p) = plan(dims, (dst_rs, dst_cs), (lhs_rs, lhs_cs), (rhs_rs, rhs_cs)) else {
             return false;
         };
-        let (Ok(mi), Ok(ni), Ok(ki)) = (c_int::try_from(m), c_int::try_from(n), c_int::try_from(k))
-        else {
-            return false;
-        };
+        // A column-major `dst` is the row-major `dstᵀ = rhsᵀ · lhsᵀ`.
+        let (a, b) = if p.swapped { (rhs, lhs) } else { (lhs, rhs) };
+        let ((ta, lda), (tb, ldb), (mi, ni, ki), ldc) = (p.a, p.b, p.dims, p.ldc);
         let t = |transposed: bool| if transposed { TRANS } else { NO_TRANS };
         // cblas: `C := α·A·B + β·C`, with C not read where β = 0.
         let c_beta = if read_dst { alpha } else { 0.0 };
@@ -238,6 +271,16 @@ mod tests {
         assert_eq!(operand(1, 5, 1, 1), Some((false, 5)));
         assert_eq!(operand(5, 1, 1, 1), Some((false, 1)));
         assert_eq!(operand(1, 5, 0, 7), Some((true, 7)));
+    }
+
+    #[test]
+    fn column_major_results_are_computed_transposed() {
+        // `dst [3 × 5]` row-major, then column-major; `lhs [3 × 4]`, `rhs [4 × 5]` row-major.
+        assert_eq!(result_rows((3, 5, 4), (5, 1), (4, 1), (5, 1)), Some(true));
+        assert_eq!(result_rows((3, 5, 4), (1, 3), (4, 1), (5, 1)), Some(false));
+        // An operand with no unit stride, or an empty product: left to gemm.
+        assert_eq!(result_rows((3, 5, 4), (5, 1), (8, 2), (5, 1)), None);
+        assert_eq!(result_rows((0, 5, 4), (5, 1), (4, 1), (5, 1)), None);
     }
 
     #[test]

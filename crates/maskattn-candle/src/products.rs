@@ -128,13 +128,20 @@ pub unsafe fn gemm_f32(
     // one band of rows (or columns) per thread, each band one single-threaded product.
     // Training steps' medians were 5–10% faster so, within the runs' noise
     // (docs/performance.md, "The model path's products").
-    let blas = crate::openblas::for_isa(isa).is_some();
-    let (along_m, len, other, unit) = if blas {
+    let blas_rows = crate::openblas::for_isa(isa).and_then(|_| {
+        crate::openblas::result_rows(
+            (m, n, k),
+            (dst_rs, dst_cs),
+            (lhs_rs, lhs_cs),
+            (rhs_rs, rhs_cs),
+        )
+    });
+    let blas = blas_rows.is_some();
+    let (along_m, len, other, unit) = if let Some(rows) = blas_rows {
         // OpenBLAS sums an element over `k` in blocks that depend on `k` alone, but the
         // edges of its register tiles sum in another order: the bits of the whole come
         // only from bands of the rows of the row-major result it computes, starting at
         // multiples of `OPENBLAS_BAND`.
-        let rows = crate::openblas::result_rows_are_dst_rows(m, n, dst_rs, dst_cs);
         let (len, other) = if rows { (m, n) } else { (n, m) };
         (rows, len, other, crate::openblas::OPENBLAS_BAND)
     } else if m >= n {
