@@ -179,7 +179,7 @@ def main():
         f"({len(cases)} cells, {args.rounds} round(s) of {args.reps} reps each side, medians; took {took:.0f} s)",
         f"CPU: {cpu_model(head)}; AMX: {'yes' if paths.get('amx_bf16') else 'absent'}",
         f"threads: maskattn {head.get('threads', args.threads)}, PyTorch {torch.get_num_threads()}",
-        f"maskattn kernels and matrix products on {head['isa']} (MASKATTN_ISA={os.environ.get('MASKATTN_ISA', 'unset')}; bf16 {'on vdpbf16ps' if paths.get('bf16_dot') else 'widened to f32'}); "
+        f"maskattn kernels on {head['isa']}, matrix products on {head.get('products', 'gemm')} (MASKATTN_ISA={os.environ.get('MASKATTN_ISA', 'unset')}; bf16 {'on vdpbf16ps' if paths.get('bf16_dot') else 'widened to f32'}); "
         f"limits GFLOP/s (median, range over the calls): {lim}; "
         f"2048^3 f32 product {statistics.median(peaks):.0f} GFLOP/s ({min(peaks):.0f}-{max(peaks):.0f})",
         isa_switch.torch_side(torch),
