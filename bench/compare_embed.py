@@ -73,6 +73,13 @@ def main():
     isa_switch.add_argument(ap)
     isa_switch.apply_before_torch()
     a = ap.parse_args()
+    # The folder that holds the model's config.json (what scripts/fetch-minilm.sh prints);
+    # its parent, holding it as `model/`, is taken too, where transformers would fail with
+    # "Unrecognized model".
+    if not os.path.isfile(os.path.join(a.model, "config.json")) and os.path.isfile(os.path.join(a.model, "model", "config.json")):
+        a.model = os.path.join(a.model, "model")
+    if not os.path.isfile(os.path.join(a.model, "config.json")):
+        ap.error(f"--model {a.model}: no config.json there; give the folder scripts/fetch-minilm.sh prints")
 
     import numpy as np
     import torch
