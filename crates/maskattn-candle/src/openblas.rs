@@ -2,10 +2,10 @@
 //! library: loaded at run time (`libopenblas.so.0`, Debian's `libopenblas0-pthread`), so
 //! that the project builds and runs without it and takes gemm's kernels instead.
 //!
-//! Why: on AVX2 gemm 0.19's f32 kernels reach 38–72 GFLOP/s on one thread at the model's
-//! shapes (`k` of 128–512) where OpenBLAS's Haswell kernels reach 80–90 (Intel Xeon family 6
-//! model 106 forced to AVX2, docs/performance.md, "The model path's products on
-//! OpenBLAS"). On AVX-512 gemm's kernels beat OpenBLAS's SkylakeX ones at the same shapes,
+//! Why: at the model's shapes (`k` of 128–512), 2 threads, run alternately with gemm 0.19's
+//! AVX2 kernels, OpenBLAS's Haswell kernels had medians 1.0–1.7× gemm's (Intel Xeon family
+//! 6 model 106 forced to AVX2, 2026-12-07; docs/performance.md, "The model path's products
+//! on OpenBLAS"). On AVX-512 gemm's kernels beat OpenBLAS's SkylakeX ones at the same shapes,
 //! so OpenBLAS is taken only where the products run on AVX2 *and* the core OpenBLAS chose
 //! is an AVX2 one (`Haswell`, `Zen`): on a CPU with AVX-512, `MASKATTN_ISA=avx2` gets
 //! OpenBLAS only with `OPENBLAS_CORETYPE=Haswell` beside it (OpenBLAS picks its core once,
@@ -108,7 +108,7 @@ pub(crate) fn for_isa(isa: Isa) -> Option<&'static OpenBlas> {
 }
 
 /// The core OpenBLAS chose (`"Haswell"`, `"SkylakeX"`, …), `None` where it did not load.
-pub fn core() -> Option<&'static str> {
+pub(crate) fn core() -> Option<&'static str> {
     loaded().map(|b| b.core.as_str())
 }
 
@@ -195,11 +195,11 @@ fn plan(
 /// column-major), `None` when it leaves the product to gemm.
 pub(crate) fn result_rows(
     dims: (usize, usize, usize),
-    (dst_rs, dst_cs): (isize, isize),
-    (lhs_rs, lhs_cs): (isize, isize),
-    (rhs_rs, rhs_cs): (isize, isize),
+    dst: (isize, isize),
+    lhs: (isize, isize),
+    rhs: (isize, isize),
 ) -> Option<bool> {
-    plan(dims, (dst_rs, dst_cs), (lhs_rs, lhs_cs), (rhs_rs, rhs_cs)).map(|p| !p.swapped)
+    plan(dims, dst, lhs, rhs).map(|p| !p.swapped)
 }
 
 impl OpenBlas {

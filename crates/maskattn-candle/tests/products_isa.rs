@@ -252,8 +252,9 @@ fn a_product_split_over_threads_gives_the_bits_of_the_whole() {
         // Each product ran whole once and split once.
         let backend = backend_ran(isa, blas_before, 2 * calls);
         let on_blas = backend != "gemm";
+        let split = products_split() - before;
         assert_eq!(
-            products_split() - before,
+            split,
             calls - if on_blas { thin } else { 0 },
             "{isa:?}: not every product split"
         );
@@ -286,7 +287,7 @@ fn a_product_split_over_threads_gives_the_bits_of_the_whole() {
             "{isa:?}: narrow bands split on gemm, or not on OpenBLAS"
         );
         report(&format!(
-            "products_isa: {calls} products split over 2 threads on {isa:?} on {backend}, \
+            "products_isa: {split} of {calls} products split over 2 threads on {isa:?} on {backend}, \
              each the bits of the unsplit product"
         ));
     }
